@@ -1,0 +1,40 @@
+# make demo   installs what is missing, starts Docker and Redis, runs the MapReduce example
+# make test   the same set-up, then every test
+VENV ?= .venv
+PY := $(VENV)/bin/python
+AGENTAINER := $(VENV)/bin/agentainer
+
+.PHONY: demo test test-unit setup docker redis image venv bench lint clean
+
+demo: setup redis
+	$(AGENTAINER) run examples/mapreduce.yaml
+
+test: setup
+	$(PY) -m pytest tests
+
+test-unit: venv
+	$(PY) -m pytest tests/unit
+
+setup:
+	scripts/setup.sh all
+
+docker:
+	scripts/setup.sh docker
+
+redis:
+	PYTHON=$(PY) scripts/setup.sh redis
+
+image:
+	scripts/setup.sh image
+
+venv:
+	scripts/setup.sh venv
+
+bench: setup
+	$(PY) benchmarks/engine_overhead.py
+
+lint: venv
+	$(PY) -m mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache images/busybox/busybox

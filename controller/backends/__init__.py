@@ -1,0 +1,1 @@
+"""Backends launch agents: Docker containers on a node, or Kubernetes pods."""

@@ -1,0 +1,74 @@
+"""What every backend offers the engine: start an agent, wait for it, stop it, remove it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+LABEL_PREFIX = "agentainer.dev/"
+LABEL_WORKFLOW = LABEL_PREFIX + "workflow"
+LABEL_WORKFLOW_UID = LABEL_PREFIX + "workflow-uid"
+LABEL_STEP = LABEL_PREFIX + "step"
+LABEL_AGENT_ID = LABEL_PREFIX + "agent-id"
+LABEL_INDEX = LABEL_PREFIX + "index"
+LABEL_ATTEMPT = LABEL_PREFIX + "attempt"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGED_BY = "agentainer"
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    """Everything needed to start one agent, whatever the backend. Built by the engine."""
+
+    name: str
+    image: str
+    command: list[str] | None
+    args: list[str] | None
+    env: dict[str, str]
+    labels: dict[str, str]
+    nano_cpus: int | None = None
+    memory_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class AgentHandle:
+    """A started agent, as the backend knows it."""
+
+    id: str
+    name: str
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AgentResult:
+    """How an agent ended."""
+
+    exit_code: int
+    stdout: str
+    stderr: str
+    oom_killed: bool = False
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class Backend(Protocol):
+    """A place where agents run. Every method raises only the project's own errors."""
+
+    async def start(self, spec: AgentSpec) -> AgentHandle:
+        """Create and start an agent (pulling its image when allowed)."""
+
+    async def wait(self, agent: AgentHandle) -> AgentResult:
+        """Wait until the agent stops; return its exit status and output."""
+
+    async def stop(self, agent: AgentHandle, grace_seconds: float) -> None:
+        """Ask the agent to stop, killing it after ``grace_seconds``; no error if it has."""
+
+    async def remove(self, agent: AgentHandle) -> None:
+        """Remove the stopped agent; no error if it is already gone."""
+
+    async def list_agents(self, labels: dict[str, str]) -> list[AgentHandle]:
+        """Agents, running or stopped, that carry all of these labels."""
+
+    async def close(self) -> None:
+        """Release connections and threads."""

@@ -1,0 +1,229 @@
+"""Agents as Docker containers on one engine (docker-py); the only module that imports docker."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any, TypeVar
+
+import docker
+import docker.errors
+import requests.exceptions
+from docker.models.containers import Container
+
+from controller.backends.base import AgentHandle, AgentResult, AgentSpec
+from controller.config import Settings
+from controller.errors import (
+    AgentSpecError,
+    BackendError,
+    BackendUnavailableError,
+    ImageNotFoundError,
+)
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Docker refuses memory limits below this (it needs room for the runtime itself).
+DOCKER_MIN_MEMORY_BYTES = 6 * 1024 * 1024
+
+
+def container_config(spec: AgentSpec, network_mode: str) -> dict[str, Any]:
+    """The ``containers.create`` arguments for an agent: a pure function, tested directly."""
+    config: dict[str, Any] = {
+        "image": spec.image,
+        "name": spec.name,
+        "labels": dict(spec.labels),
+        "environment": dict(spec.env),
+        "detach": True,
+        "network_mode": network_mode,
+        "privileged": False,
+        "security_opt": ["no-new-privileges:true"],
+        # A tiny init as PID 1 forwards SIGTERM and reaps zombies, so a stop is prompt.
+        "init": True,
+    }
+    if spec.command is not None:
+        config["entrypoint"] = list(spec.command)
+    if spec.args is not None:
+        config["command"] = list(spec.args)
+    if spec.command is not None and spec.args is None:
+        # As in a pod: a command without args replaces the image's CMD too.
+        config["command"] = []
+    if spec.nano_cpus is not None:
+        config["nano_cpus"] = spec.nano_cpus
+    if spec.memory_bytes is not None:
+        if spec.memory_bytes < DOCKER_MIN_MEMORY_BYTES:
+            raise AgentSpecError(
+                f"memory limit {spec.memory_bytes} bytes is below Docker's minimum of 6Mi"
+            )
+        config["mem_limit"] = spec.memory_bytes
+        # Equal to the memory limit: no swap, so the limit means what it says, as in a pod.
+        config["memswap_limit"] = spec.memory_bytes
+    return config
+
+
+@contextmanager
+def docker_errors(action: str, image: str = "") -> Iterator[None]:
+    """Turn docker-py and connection errors into the project's errors, naming the action."""
+    try:
+        yield
+    except docker.errors.ImageNotFound as error:
+        raise ImageNotFoundError(
+            f"{action}: image '{image}' is not on the Docker engine ({error.explanation})"
+        ) from error
+    except docker.errors.APIError as error:
+        explanation = error.explanation or str(error)
+        if error.is_client_error():
+            raise AgentSpecError(f"{action}: Docker refused it: {explanation}") from error
+        raise BackendError(f"{action}: Docker engine error: {explanation}") from error
+    except (requests.exceptions.ConnectionError, docker.errors.DockerException) as error:
+        raise BackendUnavailableError(
+            f"{action}: cannot reach the Docker engine ({error}); is dockerd running and "
+            "DOCKER_HOST right? (`make docker` starts one)"
+        ) from error
+
+
+class DockerBackend:
+    """Runs each agent as a container; blocking docker-py calls go to a private thread pool."""
+
+    def __init__(self, client: docker.DockerClient, settings: Settings) -> None:
+        self._client = client
+        self._settings = settings
+        self._executor = ThreadPoolExecutor(
+            max_workers=settings.docker_threads, thread_name_prefix="docker"
+        )
+
+    @classmethod
+    async def connect(cls, settings: Settings) -> DockerBackend:
+        """Connect to the engine named by DOCKER_HOST (or the default socket) and check it."""
+
+        def make_client() -> docker.DockerClient:
+            with docker_errors("connecting to Docker"):
+                client = docker.from_env(max_pool_size=settings.docker_threads)
+                client.ping()
+                return client
+
+        return cls(await asyncio.to_thread(make_client), settings)
+
+    async def _call(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._executor, functools.partial(function, *args, **kwargs)
+        )
+
+    # --- blocking parts, run in the pool -------------------------------------------------------
+
+    def _create(self, spec: AgentSpec) -> Container:
+        config = container_config(spec, self._settings.docker_network)
+        try:
+            with docker_errors(f"creating agent {spec.name}", spec.image):
+                return self._client.containers.create(**config)
+        except ImageNotFoundError:
+            if self._settings.image_pull_policy == "Never":
+                raise ImageNotFoundError(
+                    f"image '{spec.image}' is not on the Docker engine and the pull policy is "
+                    "Never; build it (`make image` builds agentainer/busybox) or `docker load` it"
+                ) from None
+        self._pull(spec.image)
+        with docker_errors(f"creating agent {spec.name}", spec.image):
+            return self._client.containers.create(**config)
+
+    def _pull(self, image: str) -> None:
+        logger.info("pulling image %s", image)
+        try:
+            self._client.images.pull(image)
+        except docker.errors.APIError as error:
+            raise ImageNotFoundError(
+                f"image '{image}' is not on the Docker engine and pulling it failed "
+                f"({error.explanation}); build it (`make image` builds agentainer/busybox) "
+                "or `docker load` it"
+            ) from error
+
+    def _start(self, spec: AgentSpec) -> AgentHandle:
+        container = self._create(spec)
+        try:
+            with docker_errors(f"starting agent {spec.name}", spec.image):
+                container.start()
+        except Exception:
+            self._remove(container.id)
+            raise
+        return AgentHandle(id=container.id, name=spec.name, labels=dict(spec.labels))
+
+    def _wait(self, agent: AgentHandle) -> AgentResult:
+        with docker_errors(f"waiting for agent {agent.name}"):
+            status = self._client.api.wait(agent.id)
+            exit_code = int(status.get("StatusCode", -1))
+            stdout = self._client.api.logs(agent.id, stdout=True, stderr=False)
+            stderr = self._client.api.logs(agent.id, stdout=False, stderr=True)
+            state = self._client.api.inspect_container(agent.id)["State"]
+        return AgentResult(
+            exit_code=exit_code,
+            stdout=stdout.decode("utf-8", errors="replace"),
+            stderr=stderr.decode("utf-8", errors="replace"),
+            oom_killed=bool(state.get("OOMKilled")),
+            started_at=_docker_time(state.get("StartedAt")),
+            finished_at=_docker_time(state.get("FinishedAt")),
+        )
+
+    def _stop(self, agent_id: str, grace_seconds: float) -> None:
+        try:
+            with docker_errors("stopping agent"):
+                self._client.api.stop(agent_id, timeout=max(0, round(grace_seconds)))
+        except AgentSpecError:
+            pass  # 404/409: already gone or already stopped
+
+    def _remove(self, agent_id: str) -> None:
+        try:
+            with docker_errors("removing agent"):
+                self._client.api.remove_container(agent_id, v=True, force=True)
+        except AgentSpecError:
+            pass  # 404: already gone; 409: removal already in progress
+
+    def _list(self, labels: dict[str, str]) -> list[AgentHandle]:
+        filters = {"label": [f"{key}={value}" for key, value in labels.items()]}
+        with docker_errors("listing agents"):
+            containers = self._client.api.containers(all=True, filters=filters)
+        return [
+            AgentHandle(
+                id=c["Id"], name=c["Names"][0].lstrip("/"), labels=dict(c.get("Labels") or {})
+            )
+            for c in containers
+        ]
+
+    # --- the Backend protocol ------------------------------------------------------------------
+
+    async def start(self, spec: AgentSpec) -> AgentHandle:
+        return await self._call(self._start, spec)
+
+    async def wait(self, agent: AgentHandle) -> AgentResult:
+        return await self._call(self._wait, agent)
+
+    async def stop(self, agent: AgentHandle, grace_seconds: float) -> None:
+        await self._call(self._stop, agent.id, grace_seconds)
+
+    async def remove(self, agent: AgentHandle) -> None:
+        await self._call(self._remove, agent.id)
+
+    async def list_agents(self, labels: dict[str, str]) -> list[AgentHandle]:
+        return await self._call(self._list, labels)
+
+    async def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        await asyncio.to_thread(self._client.close)
+
+
+def _docker_time(value: str | None) -> datetime | None:
+    """Docker's RFC 3339 times carry nanoseconds, which fromisoformat does not take."""
+    if not value or value.startswith("0001-"):
+        return None
+    head, _, fraction = value.rstrip("Z").partition(".")
+    micros = (fraction + "000000")[:6] if fraction else "000000"
+    try:
+        return datetime.fromisoformat(f"{head}.{micros}+00:00")
+    except ValueError:
+        return None

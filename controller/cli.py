@@ -1,0 +1,227 @@
+"""The ``agentainer`` command: run a Workflow file on Docker, validate manifests."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from datetime import datetime
+from typing import TextIO
+
+from controller import __version__
+from controller.config import Settings
+from controller.engine import Engine, Event, EventKind, WorkflowRun
+from controller.errors import AgentainerError, InvalidSpecError
+from controller.manifests import load_workflow, parse, read_documents
+from controller.models import Backend, Workflow, WorkflowPhase, WorkflowStatus
+
+EXIT_SUCCEEDED = 0
+EXIT_FAILED = 1
+EXIT_UNUSABLE = 2
+EXIT_CANCELLED = 130
+
+EXIT_CODES = {
+    WorkflowPhase.SUCCEEDED: EXIT_SUCCEEDED,
+    WorkflowPhase.FAILED: EXIT_FAILED,
+    WorkflowPhase.CANCELLED: EXIT_CANCELLED,
+}
+
+
+def _seconds(start: str | None, end: str | None) -> float | None:
+    if not start or not end:
+        return None
+    parse_time = datetime.fromisoformat
+    return (parse_time(end.replace("Z", "+00:00")) - parse_time(start.replace("Z", "+00:00"))
+            ).total_seconds()
+
+
+def _short(text: str | None, width: int = 60) -> str:
+    if text is None:
+        return ""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 3] + "..."
+
+
+class Progress:
+    """Prints a run's progress as it goes, one line per event."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+
+    def __call__(self, event: Event, status: WorkflowStatus) -> None:
+        step = event.step
+        line: str | None = None
+        match event.kind:
+            case EventKind.STEP_STARTED if step:
+                line = f"  start  {step.name}: {event.message.split(': ', 1)[1]}"
+            case EventKind.AGENT_FINISHED if step and event.agent:
+                agent = event.agent
+                total = len({a.index for a in step.agents})
+                running = sum(1 for a in step.agents if a.phase.value in ("Created", "Running"))
+                took = _seconds(agent.started_at, agent.finished_at)
+                line = (f"         {step.name}: agent {agent.id} {agent.phase.value.lower()}"
+                        f" exit={agent.exit_code if agent.exit_code is not None else '-'}"
+                        + (f" in {took:.2f}s" if took is not None else "")
+                        + f" ({running} running, {total} started, progress {status.progress})")
+            case EventKind.AGENT_RETRYING if step:
+                line = f"  retry  {step.name}: {event.message}"
+            case EventKind.STEP_FINISHED if step:
+                took = _seconds(step.started_at, step.finished_at)
+                word = {"Succeeded": "done", "Failed": "FAILED", "Skipped": "skip",
+                        "Cancelled": "cancel"}.get(step.phase.value, step.phase.value)
+                detail = (f"output {_short(step.output)!r}" if step.phase.value == "Succeeded"
+                          else step.message or "")
+                line = (f"  {word:<6} {step.name}"
+                        + (f" in {took:.2f}s" if took is not None else "") + f": {detail}")
+        if line is not None:
+            print(line, file=self.out, flush=True)
+
+
+def summary(workflow: Workflow, status: WorkflowStatus) -> str:
+    took = _seconds(status.started_at, status.finished_at)
+    lines = [f"{workflow.metadata.name}: {status.phase.value}"
+             + (f" in {took:.2f}s" if took is not None else "")
+             + f" ({status.progress} agents)" + (f": {status.message}" if status.message else "")]
+    width = max(len(step.name) for step in status.steps)
+    for step in status.steps:
+        took = _seconds(step.started_at, step.finished_at)
+        lines.append(f"  {step.name:<{width}}  {step.phase.value:<9}  "
+                     + (f"{took:6.2f}s" if took is not None else "       ")
+                     + f"  attempts={step.attempts:<2} "
+                     + (_short(step.output) if step.output is not None else step.message or ""))
+    return "\n".join(lines)
+
+
+async def _run(workflow: Workflow, settings: Settings, output: str) -> int:
+    backend_name = workflow.spec.backend or Backend(settings.default_backend)
+    if backend_name is not Backend.DOCKER:
+        print(f"agentainer run: spec.backend is {backend_name.value}; `agentainer run` uses the "
+              "docker backend (the kubernetes backend runs under the controller)",
+              file=sys.stderr)
+        return EXIT_UNUSABLE
+    # Imported here so that `agentainer validate` needs neither docker nor redis installed.
+    from controller.backends.docker import DockerBackend
+    from controller.store import open_store
+
+    progress_out = sys.stdout if output == "text" else sys.stderr
+    store = await open_store(settings)
+    try:
+        backend = await DockerBackend.connect(settings)
+    except AgentainerError:
+        await store.close()
+        raise
+    try:
+        run = Engine(backend, store, settings).prepare(workflow, Progress(progress_out))
+        title = workflow.spec.description or workflow.metadata.name
+        steps = workflow.spec.steps
+        print(f"{title}: {len(steps)} steps, {run.units_total} agents, uid {run.uid}, "
+              f"state in {settings.store}", file=progress_out, flush=True)
+        _cancel_on_signals(run, progress_out)
+        status = await run.execute()
+    finally:
+        await backend.close()
+        await store.close()
+    if output == "json":
+        print(json.dumps(status.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        print(summary(workflow, status))
+    return EXIT_CODES.get(status.phase, EXIT_FAILED)
+
+
+def _cancel_on_signals(run: WorkflowRun, out: TextIO) -> None:
+    loop = asyncio.get_running_loop()
+
+    def cancel(name: str) -> None:
+        print(f"\n{name}: cancelling, stopping running agents "
+              "(press Ctrl-C again to quit at once, leaving them behind)", file=out, flush=True)
+        run.cancel()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, cancel, sig.name)
+
+
+def command_run(args: argparse.Namespace) -> int:
+    settings = Settings.from_env(store=args.store, redis_url=args.redis_url)
+    workflow = load_workflow(args.file)
+    return asyncio.run(_run(workflow, settings, args.output))
+
+
+def command_validate(args: argparse.Namespace) -> int:
+    failed = False
+    for path in args.files:
+        try:
+            documents = read_documents(path)
+        except AgentainerError as error:
+            print(f"error: {error}", file=sys.stderr)
+            failed = True
+            continue
+        for document in documents:
+            try:
+                model = parse(document)
+            except InvalidSpecError as error:
+                failed = True
+                print(f"{document.source}: invalid", file=sys.stderr)
+                for problem in error.problems:
+                    print(f"  {problem}", file=sys.stderr)
+            except AgentainerError as error:
+                failed = True
+                print(f"error: {error}", file=sys.stderr)
+            else:
+                print(f"{document.source}: {model.kind} {model.metadata.name} is valid")
+    return EXIT_FAILED if failed else EXIT_SUCCEEDED
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="agentainer", description="Run workflows of agent containers."
+    )
+    top.add_argument("--version", action="version", version=f"agentainer {__version__}")
+    top.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
+    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run a Workflow file on the local Docker engine")
+    run.add_argument("file", help="YAML file with one Workflow")
+    run.add_argument("-o", "--output", choices=["text", "json"], default="text",
+                     help="text: progress and a summary; json: the final status (progress "
+                          "goes to stderr)")
+    run.add_argument("--store", choices=["redis", "memory"], default=None,
+                     help="where state goes (default: $AGENTAINER_STORE or redis)")
+    run.add_argument("--redis-url", default=None,
+                     help="Redis URL (default: $AGENTAINER_REDIS_URL or redis://localhost:6379/0)")
+    run.set_defaults(handler=command_run)
+
+    validate = commands.add_parser("validate", help="check Workflow and AgentPool manifests")
+    validate.add_argument("files", nargs="+", metavar="FILE")
+    validate.set_defaults(handler=command_validate)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        code: int = args.handler(args)
+    except InvalidSpecError as error:
+        print(f"error: {error.source or 'manifest'} is invalid:", file=sys.stderr)
+        for problem in error.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    except AgentainerError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_CANCELLED
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Settings of the engine, the CLI and the controller, read from the environment in one place."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+from controller.errors import ConfigError
+
+ENV_PREFIX = "AGENTAINER_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob, each read from ``AGENTAINER_<FIELD NAME IN CAPITALS>``."""
+
+    redis_url: str = "redis://localhost:6379/0"
+    """Where workflow state, agent records and full outputs are kept."""
+
+    store: str = "redis"
+    """``redis`` or ``memory``; memory keeps state only for the life of one process (CLI runs)."""
+
+    state_ttl_seconds: int = 7 * 24 * 3600
+    """How long a finished workflow's state stays in Redis, in seconds; 0 keeps it forever.
+    A week lets people read results after a weekend without Redis growing without bound."""
+
+    default_backend: str = "docker"
+    """Backend of a Workflow whose ``spec.backend`` is not set: ``docker`` or ``kubernetes``."""
+
+    docker_network: str = "bridge"
+    """Docker network mode of agents: ``bridge``, ``none``, ``host`` or a network's name."""
+
+    image_pull_policy: str = "IfNotPresent"
+    """``IfNotPresent`` pulls a missing image once; ``Never`` only uses images already present."""
+
+    docker_threads: int = 64
+    """Threads for blocking Docker API calls; each running agent holds one while it is awaited,
+    so this bounds how many agents one process can watch at once."""
+
+    stop_grace_seconds: int = 2
+    """On cancellation, seconds an agent gets after SIGTERM before it is killed."""
+
+    status_output_limit: int = 1024
+    """Characters of a step's output copied into the resource's status; the rest stays in the
+    store. Kept small because a custom resource must stay far below etcd's 1.5 MB limit."""
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from ``AGENTAINER_*`` variables, then apply explicit overrides."""
+        environ = dict(os.environ) if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = environ.get(ENV_PREFIX + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            if f.type == "int":
+                try:
+                    values[f.name] = int(raw)
+                except ValueError:
+                    raise ConfigError(
+                        f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a whole number"
+                    ) from None
+            else:
+                values[f.name] = raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Refuse settings that cannot work, naming the variable."""
+        choices = {
+            "store": ("redis", "memory"),
+            "default_backend": ("docker", "kubernetes"),
+            "image_pull_policy": ("IfNotPresent", "Never"),
+        }
+        for name, allowed in choices.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ConfigError(
+                    f"{ENV_PREFIX}{name.upper()}={value!r}: must be one of {', '.join(allowed)}"
+                )
+        if self.docker_threads < 1:
+            raise ConfigError(f"{ENV_PREFIX}DOCKER_THREADS must be at least 1")
+

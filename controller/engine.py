@@ -1,0 +1,612 @@
+"""The workflow engine: runs a Workflow's steps as a DAG of agents on a backend.
+
+The same code runs a Workflow for the kopf controller and for ``agentainer run``; it imports no
+kopf. Semantics worth knowing (the README says the same to users):
+
+- A step waits for the steps it depends on; steps whose dependencies are met run at once.
+- A fan-out runs one agent per item (or replica), at most ``maxWorkers`` at a time.
+- A failed agent is run again, as a new agent, up to ``retries.limit`` times, with backoff.
+- ``timeoutSeconds`` of a step bounds each attempt: the agent is killed and the attempt fails
+  with reason DeadlineExceeded.
+- Fail fast, as Argo's DAGs do: once a step fails, no new step (and no new agent of the failing
+  step) is started; agents already running are allowed to finish. Steps that depend on the
+  failed one, and steps that never got to start, end as Skipped. The workflow is Failed.
+- Workflow ``timeoutSeconds`` and cancellation stop every running agent (SIGTERM, then SIGKILL
+  after ``stop_grace_seconds``); the workflow ends Failed (DeadlineExceeded) or Cancelled.
+- Cleanup: ``Always`` removes every agent once it stops, ``OnSuccess`` removes the agents that
+  succeeded and keeps the others for debugging, ``Never`` keeps all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from controller import templating
+from controller.backends.base import (
+    LABEL_AGENT_ID,
+    LABEL_ATTEMPT,
+    LABEL_INDEX,
+    LABEL_MANAGED_BY,
+    LABEL_STEP,
+    LABEL_WORKFLOW,
+    LABEL_WORKFLOW_UID,
+    MANAGED_BY,
+    AgentHandle,
+    AgentResult,
+    AgentSpec,
+    Backend,
+)
+from controller.config import Settings
+from controller.errors import AgentainerError, PoolUnavailableError
+from controller.models import (
+    AgentPhase,
+    AgentReason,
+    AgentStatus,
+    CleanupPolicy,
+    Condition,
+    ConditionStatus,
+    Step,
+    StepPhase,
+    StepStatus,
+    Workflow,
+    WorkflowPhase,
+    WorkflowStatus,
+    dns_safe,
+)
+from controller.store import Record, Store
+
+logger = logging.getLogger(__name__)
+
+UID_SUFFIX_LENGTH = 5
+
+
+def now() -> str:
+    """The current time as RFC 3339 in UTC, to the millisecond."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# --- pure builders ------------------------------------------------------------------------------
+
+
+def agent_id(step: str, index: int, attempt: int) -> str:
+    """An agent's id within its workflow: ``step.index.attempt`` (a step name has no dots)."""
+    return f"{step}.{index}.{attempt}"
+
+
+def agent_name(workflow: str, uid: str, step: Step, index: int, attempt: int) -> str:
+    """``<workflow>-<step>[-<index>][-r<retry>]-<uid prefix>``, DNS-safe and at most 63 long."""
+    base = f"{workflow}-{step.name}"
+    if step.width > 1:
+        base += f"-{index}"
+    if attempt > 1:
+        base += f"-r{attempt - 1}"
+    suffix = dns_safe(uid)[:UID_SUFFIX_LENGTH]
+    room = 63 - len(suffix) - 1
+    safe = dns_safe(base, max_length=10_000)
+    if len(safe) > room:
+        digest = hashlib.sha1(safe.encode()).hexdigest()[:6]
+        safe = safe[: room - 7].rstrip("-") + "-" + digest
+    return f"{safe}-{suffix}"
+
+
+def agent_labels(workflow: Workflow, uid: str, step: Step, index: int, attempt: int) -> dict[str, str]:
+    """The labels by which agents are found again after a restart."""
+    return {
+        LABEL_WORKFLOW: dns_safe(workflow.metadata.name),
+        LABEL_WORKFLOW_UID: uid,
+        LABEL_STEP: step.name,
+        LABEL_INDEX: str(index),
+        LABEL_ATTEMPT: str(attempt),
+        LABEL_AGENT_ID: agent_id(step.name, index, attempt)[:63],
+        LABEL_MANAGED_BY: MANAGED_BY,
+    }
+
+
+def build_agent_spec(
+    workflow: Workflow,
+    uid: str,
+    step: Step,
+    index: int,
+    attempt: int,
+    outputs: dict[str, list[str]],
+) -> AgentSpec:
+    """The agent to start for one attempt of one unit of a step, templates rendered."""
+    item: str | None = None
+    if step.parallel is not None and step.parallel.items is not None:
+        item = templating.item_text(step.parallel.items[index])
+    context = templating.Context(
+        workflow_name=workflow.metadata.name, workflow_uid=uid, item=item, outputs=outputs
+    )
+    env = {e.name: templating.render(e.value, context) for e in workflow.spec.env}
+    env.update({e.name: templating.render(e.value, context) for e in step.env})
+    env.update(
+        AGENTAINER_WORKFLOW=workflow.metadata.name,
+        AGENTAINER_WORKFLOW_UID=uid,
+        AGENTAINER_STEP=step.name,
+        AGENTAINER_AGENT_ID=agent_id(step.name, index, attempt),
+        AGENTAINER_ATTEMPT=str(attempt),
+    )
+    if step.parallel is not None:
+        env["AGENTAINER_ITEM_INDEX"] = str(index)
+        if item is not None:
+            env["AGENTAINER_ITEM"] = item
+    resources = step.resources
+    return AgentSpec(
+        name=agent_name(workflow.metadata.name, uid, step, index, attempt),
+        image=step.image or "",
+        command=[templating.render(c, context) for c in step.command] if step.command else None,
+        args=[templating.render(a, context) for a in step.args] if step.args else None,
+        env=env,
+        labels=agent_labels(workflow, uid, step, index, attempt),
+        nano_cpus=resources.nano_cpus if resources else None,
+        memory_bytes=resources.memory_bytes if resources else None,
+    )
+
+
+def should_remove(policy: CleanupPolicy, succeeded: bool) -> bool:
+    if policy is CleanupPolicy.ALWAYS:
+        return True
+    if policy is CleanupPolicy.ON_SUCCESS:
+        return succeeded
+    return False
+
+
+def compact_status(status: WorkflowStatus, output_limit: int) -> dict[str, Any]:
+    """The status as written to the custom resource: outputs truncated, full lists left out."""
+    compact = status.model_copy(deep=True)
+    for step in compact.steps:
+        step.outputs = None
+        if step.output is not None and len(step.output) > output_limit:
+            step.output = step.output[:output_limit]
+            step.output_truncated = True
+    return compact.to_dict()
+
+
+# --- events -------------------------------------------------------------------------------------
+
+
+class EventKind(StrEnum):
+    WORKFLOW_STARTED = "WorkflowStarted"
+    STEP_STARTED = "StepStarted"
+    AGENT_STARTED = "AgentStarted"
+    AGENT_FINISHED = "AgentFinished"
+    AGENT_RETRYING = "AgentRetrying"
+    STEP_FINISHED = "StepFinished"
+    WORKFLOW_FINISHED = "WorkflowFinished"
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something that happened in a run, for progress displays and Kubernetes Events."""
+
+    kind: EventKind
+    message: str
+    step: StepStatus | None = None
+    agent: AgentStatus | None = None
+
+
+Observer = Callable[[Event, WorkflowStatus], None]
+
+
+# --- running ------------------------------------------------------------------------------------
+
+
+class StopReason(StrEnum):
+    CANCELLED = "Cancelled"
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+
+
+@dataclass(frozen=True)
+class AttemptOutcome:
+    succeeded: bool
+    output: str = ""
+    retryable: bool = True
+
+
+class WorkflowRun:
+    """One execution of one Workflow. Create it, then ``await run.execute()``."""
+
+    def __init__(
+        self,
+        workflow: Workflow,
+        backend: Backend,
+        store: Store,
+        settings: Settings,
+        observer: Observer | None = None,
+    ) -> None:
+        self.workflow = workflow
+        self.uid = workflow.metadata.uid or str(uuid.uuid4())
+        self.backend = backend
+        self.store = store
+        self.settings = settings
+        self.observer = observer
+        self.dependencies = workflow.spec.dependency_map()
+        self.steps = {step.name: step for step in workflow.spec.steps}
+        self.status = WorkflowStatus(
+            observed_generation=workflow.metadata.generation,
+            steps=[StepStatus(name=step.name) for step in workflow.spec.steps],
+        )
+        self.outputs: dict[str, list[str]] = {}
+        self.units_total = sum(step.width for step in workflow.spec.steps)
+        self.units_done = 0
+        self.failed_step: str | None = None
+        self.stop_reason: StopReason | None = None
+        self._stop = asyncio.Event()
+        self._step_tasks: dict[str, asyncio.Task[bool]] = {}
+
+    def cancel(self) -> None:
+        """Stop the run: running agents are stopped and cleaned up, the phase is Cancelled."""
+        if self.stop_reason is None:
+            self.stop_reason = StopReason.CANCELLED
+        self._stop.set()
+
+    # --- recording ------------------------------------------------------------------------------
+
+    def _emit(self, kind: EventKind, message: str, step: StepStatus | None = None,
+              agent: AgentStatus | None = None) -> None:
+        logger.debug("%s: %s", self.workflow.metadata.name, message)
+        if self.observer is not None:
+            self.observer(Event(kind, message, step, agent), self.status)
+
+    def _workflow_fields(self) -> dict[str, str]:
+        status = self.status
+        fields = {
+            "name": self.workflow.metadata.name,
+            "namespace": self.workflow.metadata.namespace,
+            "phase": status.phase.value,
+            "progress": status.progress,
+            "startedAt": status.started_at or "",
+            "finishedAt": status.finished_at or "",
+            "message": status.message or "",
+        }
+        return fields
+
+    @staticmethod
+    def _step_fields(step: StepStatus) -> dict[str, Any]:
+        return step.model_dump(
+            mode="json", by_alias=True, exclude_none=True, exclude={"agents", "outputs", "output"}
+        )
+
+    async def _record_step(self, step: StepStatus) -> None:
+        await self.store.record(self.uid, Record(step=(step.name, self._step_fields(step))))
+
+    def _agent_fields(self, agent: AgentStatus, handle: AgentHandle | None) -> dict[str, Any]:
+        fields = agent.model_dump(mode="json", by_alias=True, exclude_none=True)
+        fields.update(workflow=self.workflow.metadata.name, workflowUid=self.uid,
+                      step=agent.id.split(".")[0], container=handle.id if handle else "")
+        return fields
+
+    # --- the DAG --------------------------------------------------------------------------------
+
+    async def execute(self) -> WorkflowStatus:
+        """Run to the end; returns the final status (also kept in ``self.status``)."""
+        status = self.status
+        status.phase = WorkflowPhase.RUNNING
+        status.started_at = now()
+        status.progress = f"0/{self.units_total}"
+        await self.store.record(self.uid, Record(workflow=self._workflow_fields(),
+                                                 started_at=time.time()))
+        self._emit(EventKind.WORKFLOW_STARTED, f"workflow {self.workflow.metadata.name} started")
+        timeout = self.workflow.spec.timeout_seconds
+        deadline = time.monotonic() + timeout if timeout else None
+        try:
+            await self._schedule(deadline)
+        finally:
+            # Whatever ended the run, no step task may outlive it.
+            await self._stop_steps()
+        if self.stop_reason is StopReason.CANCELLED:
+            status.phase = WorkflowPhase.CANCELLED
+            status.message = "cancelled"
+        elif self.stop_reason is StopReason.DEADLINE_EXCEEDED:
+            status.phase = WorkflowPhase.FAILED
+            status.message = f"workflow exceeded its timeoutSeconds ({timeout})"
+        elif self.failed_step is not None:
+            status.phase = WorkflowPhase.FAILED
+            failed = status.step(self.failed_step)
+            status.message = f"step {failed.name} failed: {failed.message}"
+        else:
+            status.phase = WorkflowPhase.SUCCEEDED
+            status.message = None
+        status.finished_at = now()
+        reason = self.stop_reason.value if self.stop_reason else status.phase.value
+        status.conditions = [Condition(
+            type="Completed", status=ConditionStatus.TRUE, reason=reason,
+            message=status.message or "all steps succeeded", last_transition_time=status.finished_at,
+        )]
+        await self.store.record(self.uid, Record(workflow=self._workflow_fields()))
+        await self.store.finish(self.uid, self.settings.state_ttl_seconds)
+        self._emit(EventKind.WORKFLOW_FINISHED,
+                   f"workflow {self.workflow.metadata.name} {status.phase.value.lower()}")
+        return status
+
+    def _ready_steps(self) -> list[str]:
+        ready = []
+        for step in self.status.steps:
+            if step.phase is not StepPhase.PENDING or step.name in self._step_tasks:
+                continue
+            deps = [self.status.step(d) for d in self.dependencies[step.name]]
+            if all(d.phase is StepPhase.SUCCEEDED for d in deps):
+                ready.append(step.name)
+        return ready
+
+    async def _schedule(self, deadline: float | None) -> None:
+        stop_waiter = asyncio.ensure_future(self._stop.wait())
+        try:
+            while True:
+                if self.failed_step is None and self.stop_reason is None:
+                    for name in self._ready_steps():
+                        self._step_tasks[name] = asyncio.create_task(
+                            self._run_step(self.steps[name]), name=f"step-{name}"
+                        )
+                running = {t for t in self._step_tasks.values() if not t.done()}
+                if not running:
+                    break
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                await asyncio.wait(running | {stop_waiter}, timeout=remaining,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if deadline is not None and time.monotonic() >= deadline:
+                    self.stop_reason = self.stop_reason or StopReason.DEADLINE_EXCEEDED
+                if self.stop_reason is not None:
+                    break
+        finally:
+            stop_waiter.cancel()
+        await self._skip_unstarted()
+
+    async def _stop_steps(self) -> None:
+        tasks = [t for t in self._step_tasks.values() if not t.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        await self._skip_unstarted()
+
+    async def _skip_unstarted(self) -> None:
+        for step in self.status.steps:
+            if step.phase is not StepPhase.PENDING:
+                continue
+            failed_deps = [d for d in self.dependencies[step.name]
+                           if self.status.step(d).phase is not StepPhase.SUCCEEDED]
+            step.phase = StepPhase.SKIPPED
+            if self.stop_reason is StopReason.CANCELLED:
+                step.message = "not started: the workflow was cancelled"
+            elif self.stop_reason is StopReason.DEADLINE_EXCEEDED:
+                step.message = "not started: the workflow exceeded its timeout"
+            elif failed_deps:
+                step.message = f"not started: dependency {failed_deps[0]} did not succeed"
+            else:
+                step.message = f"not started: step {self.failed_step} failed"
+            await self._record_step(step)
+
+    # --- one step -------------------------------------------------------------------------------
+
+    async def _run_step(self, step: Step) -> bool:
+        status = self.status.step(step.name)
+        status.phase = StepPhase.RUNNING
+        status.started_at = now()
+        if step.pool is not None:
+            return await self._fail_step(status, PoolUnavailableError(
+                f"AgentPool {step.pool} is not available: this runner has no pools"))
+        await self._record_step(status)
+        self._emit(EventKind.STEP_STARTED,
+                   f"step {step.name} started: {step.width} agent(s), "
+                   f"at most {step.max_workers} at once", status)
+        results: list[str | None] = [None] * step.width
+        gate = asyncio.Semaphore(step.max_workers)
+        failures: list[str] = []
+
+        async def unit(index: int) -> None:
+            async with gate:
+                if failures or self.failed_step is not None or self.stop_reason is not None:
+                    return  # fail fast: no new agents once something failed
+                outcome = await self._run_unit(step, status, index)
+                if outcome.succeeded:
+                    results[index] = outcome.output
+                else:
+                    failures.append(status.message or "failed")
+
+        try:
+            await asyncio.gather(*(unit(i) for i in range(step.width)))
+        except asyncio.CancelledError:
+            deadline = self.stop_reason is StopReason.DEADLINE_EXCEEDED
+            status.phase = StepPhase.FAILED if deadline else StepPhase.CANCELLED
+            status.message = ("stopped: the workflow exceeded its timeout" if deadline
+                              else "cancelled")
+            status.finished_at = now()
+            await self._record_step(status)
+            self._emit(EventKind.STEP_FINISHED, f"step {step.name} {status.message}", status)
+            raise
+        status.finished_at = now()
+        if failures or any(r is None for r in results):
+            status.phase = StepPhase.FAILED
+            if not failures:
+                status.message = "stopped: another step failed"
+            if self.failed_step is None:
+                self.failed_step = step.name
+        else:
+            outputs = [r or "" for r in results]
+            self.outputs[step.name] = outputs
+            status.phase = StepPhase.SUCCEEDED
+            status.outputs = outputs
+            status.output = outputs[0] if step.width == 1 else json.dumps(outputs)
+        await self._record_step(status)
+        self._emit(EventKind.STEP_FINISHED, f"step {step.name} {status.phase.value.lower()}",
+                   status)
+        return status.phase is StepPhase.SUCCEEDED
+
+    async def _fail_step(self, status: StepStatus, error: AgentainerError) -> bool:
+        status.phase = StepPhase.FAILED
+        status.message = str(error)
+        status.finished_at = now()
+        self.failed_step = self.failed_step or status.name
+        await self._record_step(status)
+        self._emit(EventKind.STEP_FINISHED, f"step {status.name} failed: {error}", status)
+        return False
+
+    async def _run_unit(self, step: Step, status: StepStatus, index: int) -> AttemptOutcome:
+        """One item (or replica) of a step, with its retries."""
+        retries = step.retries.limit if step.retries else 0
+        attempt = 1
+        while True:
+            outcome = await self._run_attempt(step, status, index, attempt)
+            if outcome.succeeded:
+                return outcome
+            if not outcome.retryable or attempt > retries or self.stop_reason is not None:
+                return outcome
+            assert step.retries is not None
+            delay = step.retries.delay(attempt)
+            agent = status.agents[-1]
+            self._emit(EventKind.AGENT_RETRYING,
+                       f"agent {agent.name} failed ({status.message}); "
+                       f"retry {attempt} of {retries} in {delay:g}s", status, agent)
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    async def _run_attempt(self, step: Step, status: StepStatus, index: int,
+                           attempt: int) -> AttemptOutcome:
+        """Start one agent, wait for it, record it, clean it up."""
+        spec = build_agent_spec(self.workflow, self.uid, step, index, attempt, self.outputs)
+        agent = AgentStatus(id=agent_id(step.name, index, attempt), name=spec.name, index=index,
+                            attempt=attempt, phase=AgentPhase.CREATED, created_at=now())
+        status.agents.append(agent)
+        status.attempts += 1
+        await self._record_agent(agent, None, status)
+        handle: AgentHandle | None = None
+        starting = asyncio.ensure_future(self.backend.start(spec))
+        try:
+            handle = await asyncio.shield(starting)
+            agent.phase = AgentPhase.RUNNING
+            agent.started_at = now()
+            await self._record_agent(agent, handle)
+            self._emit(EventKind.AGENT_STARTED, f"agent {agent.name} started", status, agent)
+            try:
+                result = await asyncio.wait_for(self.backend.wait(handle), step.timeout_seconds)
+                reason = (AgentReason.OOM_KILLED if result.oom_killed else
+                          AgentReason.COMPLETED if result.exit_code == 0 else AgentReason.ERROR)
+            except TimeoutError:
+                await self.backend.stop(handle, 0)
+                result = await self.backend.wait(handle)
+                reason = AgentReason.DEADLINE_EXCEEDED
+        except asyncio.CancelledError:
+            if handle is None:
+                # Cancelled while the backend was creating it: let that finish, then stop it,
+                # so that no agent is left behind.
+                handle = await _settled(starting)
+            await asyncio.shield(self._abort_agent(agent, handle, status))
+            raise
+        except AgentainerError as error:
+            agent.phase = AgentPhase.FAILED
+            agent.reason = AgentReason.BACKEND_ERROR
+            agent.finished_at = now()
+            status.message = str(error)
+            await self._record_agent(agent, handle, status)
+            self._emit(EventKind.AGENT_FINISHED, f"agent {agent.name} failed: {error}",
+                       status, agent)
+            if handle is not None:
+                await self._cleanup(handle, succeeded=False)
+            return AttemptOutcome(False, retryable=error.retryable)
+        return await self._finish_agent(agent, handle, result, reason, status, step)
+
+    async def _finish_agent(self, agent: AgentStatus, handle: AgentHandle, result: AgentResult,
+                            reason: AgentReason, status: StepStatus, step: Step) -> AttemptOutcome:
+        succeeded = reason is AgentReason.COMPLETED
+        agent.phase = AgentPhase.SUCCEEDED if succeeded else AgentPhase.FAILED
+        agent.exit_code = result.exit_code
+        agent.reason = reason
+        agent.finished_at = now()
+        output = result.stdout.strip()
+        if succeeded:
+            self.units_done += 1
+            self.status.progress = f"{self.units_done}/{self.units_total}"
+        else:
+            status.message = _failure_message(agent, step, result)
+        # The agent, its output and the progress change together, or not at all.
+        await self.store.record(self.uid, Record(
+            agent=(agent.id, self._agent_fields(agent, handle)),
+            step=(status.name, self._step_fields(status)),
+            output=(step.name, agent.index, output) if succeeded else None,
+            workflow={"progress": self.status.progress} if succeeded else None,
+            logs=(agent.id, result.stderr) if result.stderr else None,
+        ))
+        self._emit(EventKind.AGENT_FINISHED,
+                   f"agent {agent.name} {agent.phase.value.lower()} (exit {result.exit_code})",
+                   status, agent)
+        await self._cleanup(handle, succeeded)
+        return AttemptOutcome(succeeded, output)
+
+    async def _abort_agent(self, agent: AgentStatus, handle: AgentHandle | None,
+                           status: StepStatus) -> None:
+        """The run is being stopped: stop this agent, record it, clean up per the policy."""
+        if handle is not None:
+            try:
+                await self.backend.stop(handle, self.settings.stop_grace_seconds)
+            except AgentainerError as error:
+                logger.warning("could not stop agent %s: %s", agent.name, error)
+        agent.phase = AgentPhase.FAILED
+        agent.reason = (AgentReason.DEADLINE_EXCEEDED
+                        if self.stop_reason is StopReason.DEADLINE_EXCEEDED
+                        else AgentReason.CANCELLED)
+        agent.finished_at = now()
+        try:
+            await self._record_agent(agent, handle, status)
+        except AgentainerError as error:
+            logger.warning("could not record agent %s: %s", agent.name, error)
+        if handle is not None:
+            await self._cleanup(handle, succeeded=False)
+
+    async def _record_agent(self, agent: AgentStatus, handle: AgentHandle | None,
+                            status: StepStatus | None = None) -> None:
+        await self.store.record(self.uid, Record(
+            agent=(agent.id, self._agent_fields(agent, handle)),
+            step=(status.name, self._step_fields(status)) if status else None,
+        ))
+
+    async def _cleanup(self, handle: AgentHandle, succeeded: bool) -> None:
+        if not should_remove(self.workflow.spec.cleanup, succeeded):
+            return
+        try:
+            await self.backend.remove(handle)
+        except AgentainerError as error:
+            logger.warning("could not remove agent %s: %s", handle.name, error)
+
+
+async def _settled(starting: asyncio.Future[AgentHandle]) -> AgentHandle | None:
+    try:
+        return await starting
+    except (AgentainerError, asyncio.CancelledError):
+        return None
+
+
+def _failure_message(agent: AgentStatus, step: Step, result: AgentResult) -> str:
+    if agent.reason is AgentReason.DEADLINE_EXCEEDED:
+        return f"agent {agent.name} ran past timeoutSeconds ({step.timeout_seconds}) and was killed"
+    if agent.reason is AgentReason.OOM_KILLED:
+        limit = step.resources.memory if step.resources else "?"
+        return f"agent {agent.name} ran out of memory (limit {limit}) and was killed"
+    last_line = result.stderr.strip().splitlines()[-1:] or [""]
+    detail = f": {last_line[0][:200]}" if last_line[0] else ""
+    return f"agent {agent.name} exited with code {result.exit_code}{detail}"
+
+
+class Engine:
+    """Runs Workflows on one backend with one store."""
+
+    def __init__(self, backend: Backend, store: Store, settings: Settings) -> None:
+        self.backend = backend
+        self.store = store
+        self.settings = settings
+
+    def prepare(self, workflow: Workflow, observer: Observer | None = None) -> WorkflowRun:
+        return WorkflowRun(workflow, self.backend, self.store, self.settings, observer)
+
+    async def run(self, workflow: Workflow, observer: Observer | None = None) -> WorkflowStatus:
+        return await self.prepare(workflow, observer).execute()

@@ -1,0 +1,76 @@
+"""The project's own errors: what went wrong, in words a user can act on, and whether to retry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class AgentainerError(Exception):
+    """Base of every error the project raises on purpose.
+
+    ``retryable`` tells callers (the engine's retries, the operator's handlers) whether the same
+    call may succeed later; ``delay`` is a hint in seconds for when to try again.
+    """
+
+    retryable: bool = False
+    delay: float = 0.0
+
+
+class TransientError(AgentainerError):
+    """Something outside the project failed for now (engine busy, connection reset)."""
+
+    retryable = True
+    delay = 5.0
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a manifest: where (``spec.steps[1].name``) and why."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class InvalidSpecError(AgentainerError):
+    """A manifest that can never run as written; carries every problem found, not just the first."""
+
+    def __init__(self, problems: list[Problem], source: str = "") -> None:
+        self.problems = problems
+        self.source = source
+        prefix = f"{source}: " if source else ""
+        super().__init__(prefix + "; ".join(str(p) for p in problems))
+
+
+class ConfigError(AgentainerError):
+    """A setting (environment variable or flag) that cannot work."""
+
+
+class ManifestError(AgentainerError):
+    """A file that cannot be read as a manifest at all (missing, not YAML, wrong kind)."""
+
+
+class BackendUnavailableError(TransientError):
+    """The container engine or cluster cannot be reached."""
+
+
+class ImageNotFoundError(AgentainerError):
+    """The agent image is neither present on the engine nor pullable."""
+
+
+class AgentSpecError(AgentainerError):
+    """The engine refused to create an agent from this spec (bad limit, bad option)."""
+
+
+class BackendError(TransientError):
+    """The engine failed a request it should have served; worth retrying."""
+
+
+class StoreUnavailableError(TransientError):
+    """Redis cannot be reached or refused the operation."""
+
+
+class PoolUnavailableError(AgentainerError):
+    """A pooled step names an AgentPool that this runner does not have."""

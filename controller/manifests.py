@@ -1,0 +1,79 @@
+"""Reading manifest files (multi-document YAML) into Workflow and AgentPool models."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from controller.errors import InvalidSpecError, ManifestError
+from controller.models import GROUP_VERSION, KINDS, AgentPool, Workflow
+
+
+@dataclass(frozen=True)
+class Document:
+    """One YAML document of a file, with where it came from for messages."""
+
+    source: str
+    body: Any
+
+
+def read_documents(path: str | Path) -> list[Document]:
+    """Every non-empty document in a YAML file; one-line ManifestError when it can't be read."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ManifestError(f"{path}: is a directory, not a manifest file") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ManifestError(f"{path}: cannot read it: {error}") from None
+    try:
+        bodies = [body for body in yaml.safe_load_all(text) if body is not None]
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ManifestError(f"{path}: not valid YAML{where}: {problem}") from None
+    if not bodies:
+        raise ManifestError(f"{path}: no manifest in it")
+    documents = []
+    for number, body in enumerate(bodies, start=1):
+        source = str(path) if len(bodies) == 1 else f"{path} (document {number})"
+        documents.append(Document(source, body))
+    return documents
+
+
+def parse(document: Document) -> Workflow | AgentPool:
+    """The model for one document, dispatched on its ``kind``."""
+    body = document.body
+    if not isinstance(body, dict):
+        raise ManifestError(f"{document.source}: a manifest is a mapping, not a {type(body).__name__}")
+    kind = body.get("kind")
+    if kind not in KINDS:
+        known = " or ".join(KINDS)
+        raise ManifestError(f"{document.source}: kind is {kind!r}; expected {known} ({GROUP_VERSION})")
+    return KINDS[kind](body, document.source)
+
+
+def load_workflow(path: str | Path) -> Workflow:
+    """The one Workflow of a file (AgentPools beside it are checked too)."""
+    workflows = []
+    problems: list[InvalidSpecError] = []
+    for document in read_documents(path):
+        try:
+            model = parse(document)
+        except InvalidSpecError as error:
+            problems.append(error)
+            continue
+        if isinstance(model, Workflow):
+            workflows.append(model)
+    if problems:
+        raise problems[0] if len(problems) == 1 else InvalidSpecError(
+            [p for error in problems for p in error.problems], str(path))
+    if len(workflows) != 1:
+        raise ManifestError(f"{path}: expected exactly one Workflow, found {len(workflows)}")
+    return workflows[0]

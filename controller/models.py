@@ -1,0 +1,617 @@
+"""The API: Workflow and AgentPool as pydantic models, parsed from the YAML users give kubectl.
+
+Structure (types, required fields, patterns, ranges) is declared on the models, so that the CRD
+schemas can be generated from them. Rules that span fields (the DAG, template references) are
+checked by :func:`semantic_problems`. :func:`parse_workflow` runs both and reports every problem
+with its field path.
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal, InvalidOperation
+from enum import StrEnum
+from functools import cached_property
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic.alias_generators import to_camel
+
+from controller import templating
+from controller.errors import InvalidSpecError, Problem
+
+API_GROUP = "agentainer.dev"
+API_VERSION = "v1alpha1"
+GROUP_VERSION = f"{API_GROUP}/{API_VERSION}"
+
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+RESERVED_ENV_PREFIX = "AGENTAINER_"
+
+DnsLabel = Annotated[str, Field(pattern=DNS_LABEL, min_length=1, max_length=63)]
+
+
+class Backend(StrEnum):
+    DOCKER = "docker"
+    KUBERNETES = "kubernetes"
+
+
+class CleanupPolicy(StrEnum):
+    ALWAYS = "Always"
+    ON_SUCCESS = "OnSuccess"
+    NEVER = "Never"
+
+
+class WorkflowPhase(StrEnum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    CANCELLED = "Cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (WorkflowPhase.SUCCEEDED, WorkflowPhase.FAILED, WorkflowPhase.CANCELLED)
+
+
+class StepPhase(StrEnum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SKIPPED = "Skipped"
+    CANCELLED = "Cancelled"
+
+
+class AgentPhase(StrEnum):
+    CREATED = "Created"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+class AgentReason(StrEnum):
+    """Why an agent stopped, when its exit code alone does not say."""
+
+    COMPLETED = "Completed"
+    ERROR = "Error"
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    OOM_KILLED = "OOMKilled"
+    CANCELLED = "Cancelled"
+    BACKEND_ERROR = "BackendError"
+
+
+class ConditionStatus(StrEnum):
+    TRUE = "True"
+    FALSE = "False"
+    UNKNOWN = "Unknown"
+
+
+class ApiModel(BaseModel):
+    """camelCase on the wire, snake_case in Python; unknown fields are mistakes, not ignored."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+
+# --- spec -------------------------------------------------------------------------------------
+
+
+class EnvVar(ApiModel):
+    name: str = Field(
+        pattern=ENV_NAME,
+        max_length=253,
+        description="Name of the environment variable.",
+    )
+    value: str = Field(
+        default="",
+        description="Value; may hold templates such as {{ steps.NAME.output }}.",
+    )
+
+
+def parse_quantity(text: str) -> Decimal:
+    """A Kubernetes quantity (``500m``, ``1.5``, ``64Mi``, ``1G``) as an exact number."""
+    # Imported here: the kubernetes package is large and only this helper of it is needed.
+    from kubernetes.utils.quantity import parse_quantity as kubernetes_parse_quantity
+
+    try:
+        value: Decimal = kubernetes_parse_quantity(text)
+    except (ValueError, InvalidOperation, TypeError):
+        raise ValueError(
+            f"{text!r} is not a Kubernetes quantity (examples: 500m, 1.5, 64Mi, 1G)"
+        ) from None
+    if value <= 0:
+        raise ValueError(f"{text!r} must be greater than zero")
+    return value
+
+
+class Resources(ApiModel):
+    cpu: str | None = Field(
+        default=None,
+        description="CPU limit as a Kubernetes quantity: 500m is half a core, 2 is two cores.",
+    )
+    memory: str | None = Field(
+        default=None,
+        description="Memory limit as a Kubernetes quantity: 64Mi, 1Gi, 500M.",
+    )
+
+    @field_validator("cpu", "memory")
+    @classmethod
+    def _is_quantity(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_quantity(value)
+        return value
+
+    @cached_property
+    def nano_cpus(self) -> int | None:
+        """The CPU limit in billionths of a core, as Docker's ``NanoCpus`` takes it."""
+        if self.cpu is None:
+            return None
+        return int((parse_quantity(self.cpu) * 10**9).to_integral_value(rounding="ROUND_CEILING"))
+
+    @cached_property
+    def memory_bytes(self) -> int | None:
+        """The memory limit in bytes, rounded up like Kubernetes does for fractions of a byte."""
+        if self.memory is None:
+            return None
+        return int(parse_quantity(self.memory).to_integral_value(rounding="ROUND_CEILING"))
+
+
+class RetryPolicy(ApiModel):
+    limit: int = Field(
+        default=0, ge=0, le=100, description="How many times a failed agent is run again."
+    )
+    backoff_seconds: float = Field(
+        default=1.0, ge=0, le=3600, description="Seconds to wait before the first retry."
+    )
+    backoff_factor: float = Field(
+        default=2.0, ge=1, le=10, description="Each further wait is the last one times this."
+    )
+
+    def delay(self, retry: int) -> float:
+        """Seconds to wait before retry number ``retry`` (1 for the first retry)."""
+        return float(self.backoff_seconds * self.backoff_factor ** (retry - 1))
+
+
+class Parallel(ApiModel):
+    items: list[Any] | None = Field(
+        default=None,
+        min_length=1,
+        description="One agent per item; the agent reads it as {{ item }} and $AGENTAINER_ITEM.",
+    )
+    replicas: int | None = Field(
+        default=None, ge=1, le=10000, description="Run this many identical agents."
+    )
+    max_workers: int | None = Field(
+        default=None,
+        ge=1,
+        le=1000,
+        description="At most this many agents of the step run at once; default: all of them.",
+    )
+
+    @property
+    def width(self) -> int:
+        """How many agents the fan-out runs."""
+        return len(self.items) if self.items is not None else (self.replicas or 1)
+
+
+class Step(ApiModel):
+    name: DnsLabel = Field(description="Step name, a DNS-1123 label unique in the workflow.")
+    image: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Agent image. Required unless the step leases agents from a pool.",
+    )
+    pool: str | None = Field(
+        default=None,
+        pattern=DNS_SUBDOMAIN,
+        max_length=253,
+        description="Name of an AgentPool to lease agents from instead of starting new ones.",
+    )
+    command: list[str] | None = Field(
+        default=None, description="Entrypoint, as in a pod; the image's own when not set."
+    )
+    args: list[str] | None = Field(
+        default=None, description="Arguments to the entrypoint; the image's own when not set."
+    )
+    env: list[EnvVar] = Field(default_factory=list, description="Environment of this step.")
+    parallel: Parallel | None = Field(
+        default=None, description="Fan out: one agent per item, or N replicas."
+    )
+    resources: Resources | None = Field(default=None, description="Limits of each agent.")
+    retries: RetryPolicy | None = Field(default=None, description="Retries of failed agents.")
+    timeout_seconds: int | None = Field(
+        default=None,
+        ge=1,
+        description="An agent running longer than this is killed; each attempt has its own.",
+    )
+    depends_on: list[DnsLabel] | None = Field(
+        default=None,
+        description="Steps that must succeed first. Default: the step before; [] for a root.",
+    )
+
+    @property
+    def width(self) -> int:
+        return self.parallel.width if self.parallel else 1
+
+    @property
+    def max_workers(self) -> int:
+        if self.parallel and self.parallel.max_workers:
+            return min(self.parallel.max_workers, self.width)
+        return self.width
+
+
+class WorkflowSpec(ApiModel):
+    description: str | None = Field(
+        default=None, max_length=1024, description="What this workflow does, for people."
+    )
+    backend: Backend | None = Field(
+        default=None,
+        description="Where agents run: docker or kubernetes. Default: the controller's setting.",
+    )
+    cleanup: CleanupPolicy = Field(
+        default=CleanupPolicy.ON_SUCCESS,
+        description=(
+            "Which agents are removed once they stop: Always, OnSuccess (agents that failed "
+            "are kept to debug), or Never."
+        ),
+    )
+    timeout_seconds: int | None = Field(
+        default=None, ge=1, description="The whole workflow fails past this many seconds."
+    )
+    env: list[EnvVar] = Field(default_factory=list, description="Environment of every agent.")
+    steps: list[Step] = Field(min_length=1, max_length=200, description="The steps to run.")
+
+    def dependencies(self, index: int) -> list[str]:
+        """The steps that step ``index`` waits for, the default applied."""
+        step = self.steps[index]
+        if step.depends_on is not None:
+            return list(step.depends_on)
+        return [self.steps[index - 1].name] if index > 0 else []
+
+    def dependency_map(self) -> dict[str, list[str]]:
+        return {step.name: self.dependencies(i) for i, step in enumerate(self.steps)}
+
+
+class ObjectMeta(BaseModel):
+    """The parts of Kubernetes metadata the project reads; the rest is kept but not used."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    name: str = Field(pattern=DNS_SUBDOMAIN, max_length=253)
+    namespace: str = "default"
+    uid: str | None = None
+    generation: int | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class Workflow(ApiModel):
+    api_version: Literal["agentainer.dev/v1alpha1"]
+    kind: Literal["Workflow"]
+    metadata: ObjectMeta
+    spec: WorkflowSpec
+    status: dict[str, Any] | None = None
+
+
+class AgentPoolSpec(ApiModel):
+    backend: Backend | None = Field(default=None, description="Where the pool's agents run.")
+    image: str = Field(min_length=1, description="Image of every agent in the pool.")
+    min_size: int = Field(default=1, ge=0, le=1000, description="Warm agents kept at least.")
+    max_size: int = Field(default=10, ge=1, le=1000, description="Agents the pool grows to.")
+    warm_up: bool = Field(default=True, description="Start minSize agents before any step asks.")
+    idle_timeout_seconds: int = Field(
+        default=300, ge=0, description="Seconds an idle agent above minSize is kept."
+    )
+    max_uses: int = Field(
+        default=100, ge=1, description="An agent is replaced after this many tasks."
+    )
+    reset_command: list[str] | None = Field(
+        default=None, description="Run in an agent after each task to clean it."
+    )
+    env: list[EnvVar] = Field(default_factory=list, description="Environment of every agent.")
+    resources: Resources | None = Field(default=None, description="Limits of each agent.")
+
+
+class AgentPool(ApiModel):
+    api_version: Literal["agentainer.dev/v1alpha1"]
+    kind: Literal["AgentPool"]
+    metadata: ObjectMeta
+    spec: AgentPoolSpec
+    status: dict[str, Any] | None = None
+
+
+# --- status -----------------------------------------------------------------------------------
+
+
+class StatusModel(BaseModel):
+    """Status objects are built up by the engine, so they are mutable."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
+
+
+class Condition(StatusModel):
+    type: str
+    status: ConditionStatus
+    reason: str
+    message: str = ""
+    last_transition_time: str
+
+
+class AgentStatus(StatusModel):
+    id: str
+    name: str
+    index: int
+    attempt: int
+    phase: AgentPhase
+    exit_code: int | None = None
+    reason: AgentReason | None = None
+    created_at: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+
+
+class StepStatus(StatusModel):
+    name: str
+    phase: StepPhase = StepPhase.PENDING
+    agents: list[AgentStatus] = Field(default_factory=list)
+    attempts: int = 0
+    output: str | None = None
+    outputs: list[str] | None = None
+    output_truncated: bool | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    message: str | None = None
+
+
+class WorkflowStatus(StatusModel):
+    phase: WorkflowPhase = WorkflowPhase.PENDING
+    started_at: str | None = None
+    finished_at: str | None = None
+    observed_generation: int | None = None
+    progress: str = "0/0"
+    message: str | None = None
+    steps: list[StepStatus] = Field(default_factory=list)
+    conditions: list[Condition] = Field(default_factory=list)
+
+    def step(self, name: str) -> StepStatus:
+        for step in self.steps:
+            if step.name == name:
+                return step
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+# --- semantic checks ----------------------------------------------------------------------------
+
+
+def _problems_from_validation_error(error: ValidationError) -> list[Problem]:
+    problems = []
+    for detail in error.errors():
+        path = ""
+        for part in detail["loc"]:
+            if isinstance(part, int):
+                path += f"[{part}]"
+            elif not (part.startswith("function-") or part in ("str", "list[any]")):
+                path += f".{part}" if path else str(part)
+        message = detail["msg"]
+        if detail["type"] == "extra_forbidden":
+            message = "unknown field"
+        elif detail["type"] == "string_pattern_mismatch":
+            message = f"{detail['input']!r} {_pattern_reason(detail['ctx']['pattern'])}"
+        elif detail["type"] == "literal_error":
+            message = f"must be {detail['ctx']['expected']}, not {detail['input']!r}"
+        elif detail["type"] == "value_error":
+            message = message.removeprefix("Value error, ")
+        problems.append(Problem(path, message))
+    return problems
+
+
+def _pattern_reason(pattern: str) -> str:
+    if pattern == DNS_LABEL:
+        return (
+            "is not a DNS-1123 label: lowercase letters, digits and '-', "
+            "starting and ending with a letter or digit"
+        )
+    if pattern == DNS_SUBDOMAIN:
+        return (
+            "is not a DNS-1123 name: lowercase letters, digits, '-' and '.', "
+            "starting and ending with a letter or digit"
+        )
+    if pattern == ENV_NAME:
+        return "is not a valid environment variable name: letters, digits, '-', '.', '_'"
+    return f"does not match {pattern}"
+
+
+def _find_cycle(dependencies: dict[str, list[str]]) -> list[str] | None:
+    """A cycle of step names (first repeated at the end), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(name: str) -> list[str] | None:
+        state[name] = 1
+        path.append(name)
+        for dep in dependencies.get(name, []):
+            if dep not in dependencies:
+                continue
+            if state.get(dep) == 1:
+                return path[path.index(dep) :] + [dep]
+            if dep not in state and (cycle := visit(dep)):
+                return cycle
+        path.pop()
+        state[name] = 2
+        return None
+
+    for name in dependencies:
+        if name not in state and (cycle := visit(name)):
+            return cycle
+    return None
+
+
+def ancestors(dependencies: dict[str, list[str]], name: str) -> set[str]:
+    """Every step that ``name`` waits for, directly or through others."""
+    seen: set[str] = set()
+    stack = list(dependencies.get(name, []))
+    while stack:
+        dep = stack.pop()
+        if dep not in seen and dep in dependencies:
+            seen.add(dep)
+            stack.extend(dependencies[dep])
+    return seen
+
+
+def _template_fields(step: Step, path: str) -> list[tuple[str, str]]:
+    fields = [(f"{path}.env[{i}].value", env.value) for i, env in enumerate(step.env)]
+    fields += [(f"{path}.command[{i}]", text) for i, text in enumerate(step.command or [])]
+    fields += [(f"{path}.args[{i}]", text) for i, text in enumerate(step.args or [])]
+    return fields
+
+
+def semantic_problems(spec: WorkflowSpec) -> list[Problem]:
+    """Rules that span fields: unique names, the DAG, template references, env, image or pool."""
+    problems: list[Problem] = []
+    steps_by_name: dict[str, Step] = {}
+    for i, step in enumerate(spec.steps):
+        path = f"spec.steps[{i}]"
+        if step.name in steps_by_name:
+            problems.append(Problem(f"{path}.name", f"duplicate step name '{step.name}'"))
+        steps_by_name.setdefault(step.name, step)
+        if step.image is None and step.pool is None:
+            problems.append(Problem(f"{path}.image", "required unless the step sets pool"))
+        if step.image is not None and step.pool is not None:
+            problems.append(
+                Problem(f"{path}.pool", "set image or pool, not both: a pool has its own image")
+            )
+        if step.parallel is not None:
+            has_items = step.parallel.items is not None
+            has_replicas = step.parallel.replicas is not None
+            if has_items == has_replicas:
+                problems.append(
+                    Problem(f"{path}.parallel", "set exactly one of items or replicas")
+                )
+        for j, env in enumerate(step.env):
+            if env.name.startswith(RESERVED_ENV_PREFIX):
+                problems.append(
+                    Problem(f"{path}.env[{j}].name", f"names starting with "
+                            f"{RESERVED_ENV_PREFIX} are set by agentainer")
+                )
+        for j, dep in enumerate(step.depends_on or []):
+            if dep == step.name:
+                problems.append(Problem(f"{path}.dependsOn[{j}]", "a step cannot depend on itself"))
+
+    for j, env in enumerate(spec.env):
+        if env.name.startswith(RESERVED_ENV_PREFIX):
+            problems.append(
+                Problem(f"spec.env[{j}].name",
+                        f"names starting with {RESERVED_ENV_PREFIX} are set by agentainer")
+            )
+        try:
+            for ref in templating.references(env.value):
+                if ref.kind not in (templating.ReferenceKind.WORKFLOW_NAME,
+                                    templating.ReferenceKind.WORKFLOW_UID,
+                                    templating.ReferenceKind.LITERAL):
+                    problems.append(Problem(
+                        f"spec.env[{j}].value",
+                        "workflow-wide env may only use {{ workflow.name }} and "
+                        "{{ workflow.uid }}; put step references in a step's env",
+                    ))
+        except templating.TemplateError as error:
+            problems.append(Problem(f"spec.env[{j}].value", str(error)))
+
+    dependencies = spec.dependency_map()
+    for i, step in enumerate(spec.steps):
+        for j, dep in enumerate(dependencies[step.name]):
+            if dep not in steps_by_name:
+                where = f"spec.steps[{i}].dependsOn[{j}]"
+                problems.append(Problem(where, f"unknown step '{dep}'"))
+    cycle = _find_cycle(dependencies)
+    if cycle:
+        index = next(i for i, s in enumerate(spec.steps) if s.name == cycle[0])
+        problems.append(
+            Problem(f"spec.steps[{index}].dependsOn", "dependency cycle: " + " -> ".join(cycle))
+        )
+
+    for i, step in enumerate(spec.steps):
+        upstream = ancestors(dependencies, step.name)
+        for where, text in _template_fields(step, f"spec.steps[{i}]"):
+            try:
+                refs = templating.references(text)
+            except templating.TemplateError as error:
+                problems.append(Problem(where, str(error)))
+                continue
+            for ref in refs:
+                problems.extend(_reference_problems(ref, step, steps_by_name, upstream, where))
+    return problems
+
+
+def _reference_problems(
+    ref: templating.Reference,
+    step: Step,
+    steps_by_name: dict[str, Step],
+    upstream: set[str],
+    where: str,
+) -> list[Problem]:
+    kind = templating.ReferenceKind
+    if ref.kind is kind.ITEM and (step.parallel is None or step.parallel.items is None):
+        return [Problem(where, "{{ item }} is only set in a step with parallel.items")]
+    if ref.kind not in (kind.STEP_OUTPUT, kind.STEP_OUTPUTS):
+        return []
+    template = f"{{{{ steps.{ref.step}.{ref.kind.value} }}}}"
+    if ref.step not in steps_by_name:
+        return [Problem(where, f"{template} names unknown step '{ref.step}'")]
+    if ref.step not in upstream:
+        return [Problem(
+            where,
+            f"{template}: step '{step.name}' does not depend on '{ref.step}' "
+            f"(add it to dependsOn, directly or through another step)",
+        )]
+    if ref.kind is kind.STEP_OUTPUT and steps_by_name[ref.step].width > 1:
+        return [Problem(
+            where,
+            f"{template}: '{ref.step}' runs several agents; use "
+            f"{{{{ steps.{ref.step}.outputs }}}} (a JSON list)",
+        )]
+    return []
+
+
+# --- parsing ------------------------------------------------------------------------------------
+
+
+def parse_workflow(document: Any, source: str = "") -> Workflow:
+    """A Workflow from a parsed YAML/JSON document, or InvalidSpecError with every problem."""
+    try:
+        workflow = Workflow.model_validate(document)
+    except ValidationError as error:
+        raise InvalidSpecError(_problems_from_validation_error(error), source) from None
+    problems = semantic_problems(workflow.spec)
+    if problems:
+        raise InvalidSpecError(problems, source)
+    return workflow
+
+
+def parse_agent_pool(document: Any, source: str = "") -> AgentPool:
+    """An AgentPool from a parsed document, or InvalidSpecError with every problem."""
+    try:
+        pool = AgentPool.model_validate(document)
+    except ValidationError as error:
+        raise InvalidSpecError(_problems_from_validation_error(error), source) from None
+    if pool.spec.min_size > pool.spec.max_size:
+        raise InvalidSpecError(
+            [Problem("spec.minSize", f"{pool.spec.min_size} is above maxSize "
+                     f"{pool.spec.max_size}")],
+            source,
+        )
+    return pool
+
+
+KINDS = {"Workflow": parse_workflow, "AgentPool": parse_agent_pool}
+
+
+def dns_safe(text: str, max_length: int = 63) -> str:
+    """``text`` as a DNS-1123 label: lowercase, other characters turned into '-', trimmed."""
+    label = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+    return label[:max_length].rstrip("-") or "x"

@@ -1,0 +1,128 @@
+"""The ``{{ ... }}`` templates of env values, commands and args: parsing, checking, rendering.
+
+The language is deliberately tiny (no expressions, no filters) so that every reference can be
+checked before a workflow starts and so that rendering can never run code:
+
+- ``{{ steps.NAME.output }}``: the output (trimmed stdout) of a single-agent step;
+- ``{{ steps.NAME.outputs }}``: a JSON list of the outputs of every agent of a step, in order;
+- ``{{ item }}``: the item of this agent in a fan-out over ``parallel.items``;
+- ``{{ workflow.name }}``, ``{{ workflow.uid }}``;
+- ``{{ "text" }}``: the text itself, to write a literal ``{{``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+TEMPLATE = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
+STEP_REFERENCE = re.compile(r"^steps\.([a-z0-9]([-a-z0-9]*[a-z0-9])?)\.(output|outputs)$")
+LITERAL = re.compile(r'^"([^"]*)"$')
+
+FORMS = (
+    "{{ steps.NAME.output }}, {{ steps.NAME.outputs }}, {{ item }}, "
+    '{{ workflow.name }}, {{ workflow.uid }} or {{ "literal text" }}'
+)
+
+
+class TemplateError(ValueError):
+    """A template that cannot be understood; the message says what is allowed."""
+
+
+class ReferenceKind(StrEnum):
+    STEP_OUTPUT = "output"
+    STEP_OUTPUTS = "outputs"
+    ITEM = "item"
+    WORKFLOW_NAME = "workflow.name"
+    WORKFLOW_UID = "workflow.uid"
+    LITERAL = "literal"
+
+
+@dataclass(frozen=True)
+class Reference:
+    """One ``{{ ... }}`` found in a text."""
+
+    kind: ReferenceKind
+    step: str = ""
+    literal: str = ""
+
+
+def parse_expression(expression: str) -> Reference:
+    """Turn the inside of one ``{{ ... }}`` into a reference, or explain why it is not one."""
+    text = expression.strip()
+    if text == "item":
+        return Reference(ReferenceKind.ITEM)
+    if text == "workflow.name":
+        return Reference(ReferenceKind.WORKFLOW_NAME)
+    if text == "workflow.uid":
+        return Reference(ReferenceKind.WORKFLOW_UID)
+    if literal := LITERAL.match(text):
+        return Reference(ReferenceKind.LITERAL, literal=literal.group(1))
+    if step := STEP_REFERENCE.match(text):
+        return Reference(ReferenceKind(step.group(3)), step=step.group(1))
+    if text.startswith("steps."):
+        raise TemplateError(
+            f"'{{{{ {text} }}}}' is not a step reference: write steps.NAME.output or "
+            "steps.NAME.outputs with NAME a step's name"
+        )
+    raise TemplateError(f"unknown template '{{{{ {text} }}}}'; the forms are {FORMS}")
+
+
+def references(text: str) -> list[Reference]:
+    """Every reference in ``text``; raises TemplateError on the first that is not understood."""
+    if "{{" not in text:
+        return []
+    found = [parse_expression(m.group(1)) for m in TEMPLATE.finditer(text)]
+    rest = TEMPLATE.sub("", text)
+    if "{{" in rest:
+        raise TemplateError("'{{' is not closed by '}}' (write {{ \"{{\" }} for a literal '{{')")
+    return found
+
+
+@dataclass
+class Context:
+    """What templates of one agent can see."""
+
+    workflow_name: str
+    workflow_uid: str
+    item: str | None = None
+    outputs: dict[str, list[str]] = field(default_factory=dict)
+
+
+def render(text: str, context: Context) -> str:
+    """Replace every template in ``text``. The values are data: nothing in them is evaluated."""
+    if "{{" not in text:
+        return text
+
+    def value(match: re.Match[str]) -> str:
+        reference = parse_expression(match.group(1))
+        match reference.kind:
+            case ReferenceKind.ITEM:
+                if context.item is None:
+                    raise TemplateError("{{ item }} is only set in a fan-out over parallel.items")
+                return context.item
+            case ReferenceKind.WORKFLOW_NAME:
+                return context.workflow_name
+            case ReferenceKind.WORKFLOW_UID:
+                return context.workflow_uid
+            case ReferenceKind.LITERAL:
+                return reference.literal
+            case ReferenceKind.STEP_OUTPUT | ReferenceKind.STEP_OUTPUTS:
+                outputs = context.outputs.get(reference.step)
+                if outputs is None:
+                    raise TemplateError(f"step '{reference.step}' has no outputs yet")
+                if reference.kind is ReferenceKind.STEP_OUTPUTS:
+                    return json.dumps(outputs, ensure_ascii=False)
+                return outputs[0] if outputs else ""
+
+    return TEMPLATE.sub(value, text)
+
+
+def item_text(item: object) -> str:
+    """How an item of ``parallel.items`` reads in ``{{ item }}`` and ``AGENTAINER_ITEM``:
+    strings as they are, everything else (numbers, lists, objects) as JSON."""
+    if isinstance(item, str):
+        return item
+    return json.dumps(item, ensure_ascii=False, sort_keys=True)
