@@ -352,8 +352,11 @@ class WorkflowRun:
                 if not running:
                     break
                 remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-                await asyncio.wait(running | {stop_waiter}, timeout=remaining,
-                                   return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(running | {stop_waiter}, timeout=remaining,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                for task in done - {stop_waiter}:
+                    if not task.cancelled() and (error := task.exception()) is not None:
+                        await self._step_crashed(task, error)
                 if deadline is not None and time.monotonic() >= deadline:
                     self.stop_reason = self.stop_reason or StopReason.DEADLINE_EXCEEDED
                 if self.stop_reason is not None:
@@ -361,6 +364,27 @@ class WorkflowRun:
         finally:
             stop_waiter.cancel()
         await self._skip_unstarted()
+
+    async def _step_crashed(self, task: asyncio.Task[bool], error: BaseException) -> None:
+        """A step ended by an error of ours or of the store, not of its agents."""
+        while isinstance(error, BaseExceptionGroup):
+            error = error.exceptions[0]
+        name = next(name for name, t in self._step_tasks.items() if t is task)
+        status = self.status.step(name)
+        if isinstance(error, AgentainerError):
+            message = str(error)
+        else:
+            logger.error("step %s crashed", name, exc_info=error)
+            message = f"internal error: {error!r}"
+        status.phase = StepPhase.FAILED
+        status.message = message
+        status.finished_at = now()
+        self.failed_step = self.failed_step or name
+        self._emit(EventKind.STEP_FINISHED, f"step {name} failed: {message}", status)
+        try:
+            await self._record_step(status)
+        except AgentainerError as record_error:
+            logger.warning("could not record step %s: %s", name, record_error)
 
     async def _stop_steps(self) -> None:
         tasks = [t for t in self._step_tasks.values() if not t.done()]
@@ -415,7 +439,10 @@ class WorkflowRun:
                     failures.append(status.message or "failed")
 
         try:
-            await asyncio.gather(*(unit(i) for i in range(step.width)))
+            # A TaskGroup, unlike gather, waits for every agent to be stopped when cancelled.
+            async with asyncio.TaskGroup() as group:
+                for index in range(step.width):
+                    group.create_task(unit(index), name=f"{step.name}-{index}")
         except asyncio.CancelledError:
             deadline = self.stop_reason is StopReason.DEADLINE_EXCEEDED
             status.phase = StepPhase.FAILED if deadline else StepPhase.CANCELLED

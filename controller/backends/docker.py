@@ -78,7 +78,9 @@ def docker_errors(action: str, image: str = "") -> Iterator[None]:
         ) from error
     except docker.errors.APIError as error:
         explanation = error.explanation or str(error)
-        if error.is_client_error():
+        # Older engines answer 500 when the runtime cannot exec the command; it is still the
+        # spec's fault (a typo in command), so retrying cannot help.
+        if error.is_client_error() or "OCI runtime create failed" in explanation:
             raise AgentSpecError(f"{action}: Docker refused it: {explanation}") from error
         raise BackendError(f"{action}: Docker engine error: {explanation}") from error
     except (requests.exceptions.ConnectionError, docker.errors.DockerException) as error:

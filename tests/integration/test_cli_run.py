@@ -1,0 +1,141 @@
+"""``agentainer run`` as a user runs it: a real process, the real Docker engine and Redis."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import docker
+import pytest
+import yaml
+
+from controller.backends.base import LABEL_WORKFLOW
+from tests.conftest import ROOT, free_port, sh, workflow_doc
+
+pytestmark = pytest.mark.integration
+
+AGENTAINER = [sys.executable, "-m", "controller.cli"]
+
+
+def agentainer(*args: str, env: dict[str, str] | None = None,
+               timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*AGENTAINER, *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def write(tmp_path: Path, document: dict[str, Any]) -> str:
+    path = tmp_path / "workflow.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return str(path)
+
+
+@pytest.fixture
+def redis_env(redis_url: str) -> dict[str, str]:
+    return {"AGENTAINER_REDIS_URL": redis_url}
+
+
+def test_run_json_prints_the_final_status_with_full_outputs(redis_env: dict[str, str]) -> None:
+    result = agentainer("run", "examples/mapreduce.yaml", "--output", "json", env=redis_env)
+
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)  # stdout is the JSON alone; progress went to stderr
+    assert status["phase"] == "Succeeded"
+    assert status["progress"] == "8/8"
+    steps = {step["name"]: step for step in status["steps"]}
+    assert steps["map"]["outputs"] == ["12"] * 5
+    assert steps["reduce"]["output"] == "60"
+    assert steps["map"]["agents"][0]["phase"] == "Succeeded"
+    assert status["conditions"][0]["type"] == "Completed"
+    assert "start  map" in result.stderr
+
+
+def test_run_text_shows_progress_and_the_total(redis_env: dict[str, str]) -> None:
+    result = agentainer("run", "examples/mapreduce.yaml", env=redis_env)
+
+    assert result.returncode == 0, result.stderr
+    assert "start  map: 5 agent(s), at most 5 at once" in result.stdout
+    assert "total words: 60" in result.stdout
+    assert "mapreduce-wordcount: Succeeded" in result.stdout
+
+
+def test_run_exits_1_when_the_workflow_fails(tmp_path: Path, redis_env: dict[str, str]) -> None:
+    path = write(tmp_path, workflow_doc({"name": "boom", "command": sh("exit 4")}))
+
+    result = agentainer("run", path, env=redis_env)
+
+    assert result.returncode == 1
+    assert "exited with code 4" in result.stdout
+
+
+def test_ctrl_c_stops_the_agents_and_exits_130(tmp_path: Path, redis_env: dict[str, str]) -> None:
+    document = workflow_doc({"name": "wait", "parallel": {"replicas": 2},
+                             "command": sh("sleep 120")}, cleanup="Always")
+    name = document["metadata"]["name"]
+    path = write(tmp_path, document)
+    client = docker.from_env()
+    process = subprocess.Popen([*AGENTAINER, "run", path, "--output", "json"], cwd=ROOT,
+                               env={**os.environ, **redis_env}, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while len(client.containers.list(filters={"label": f"{LABEL_WORKFLOW}={name}"})) < 2:
+            assert time.monotonic() < deadline, "the agents never started"
+            time.sleep(0.1)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+
+    assert process.returncode == 130, stderr
+    assert json.loads(stdout)["phase"] == "Cancelled"
+    assert "cancelling" in stderr
+    assert "Traceback" not in stderr
+    assert client.containers.list(all=True, filters={"label": f"{LABEL_WORKFLOW}={name}"}) == []
+    client.close()
+
+
+def test_unreachable_redis_is_reported_clearly() -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+
+    result = agentainer("run", "examples/mapreduce.yaml", env={"AGENTAINER_REDIS_URL": url})
+
+    assert result.returncode == 2
+    assert f"Redis at {url} failed while connecting" in result.stderr
+    assert "--store memory" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_memory_store_runs_without_redis() -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+
+    result = agentainer("run", "examples/mapreduce.yaml", "--store", "memory",
+                        env={"AGENTAINER_REDIS_URL": url})
+
+    assert result.returncode == 0, result.stderr
+    assert "total words: 60" in result.stdout
+
+
+def test_unreachable_docker_is_reported_clearly(tmp_path: Path) -> None:
+    result = agentainer("run", "examples/mapreduce.yaml", "--store", "memory",
+                        env={"DOCKER_HOST": f"unix://{tmp_path}/no-docker.sock"})
+
+    assert result.returncode == 2
+    assert "cannot reach the Docker engine" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_invalid_workflow_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    document = workflow_doc({"name": "a", "command": sh("true")},
+                            {"name": "b", "dependsOn": ["nope"], "command": sh("true")})
+
+    result = agentainer("run", write(tmp_path, document), "--store", "memory")
+
+    assert result.returncode == 2
+    assert "spec.steps[1].dependsOn[0]: unknown step 'nope'" in result.stderr
+    assert "Traceback" not in result.stderr

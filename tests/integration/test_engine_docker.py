@@ -1,0 +1,329 @@
+"""The engine on the real Docker engine with a real Redis: agents really run."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+from typing import Any
+
+import pytest
+import redis
+import yaml
+
+from controller.models import AgentReason, StepPhase, WorkflowPhase
+from controller.store import Keys
+from tests.conftest import ROOT, sh, workflow_doc
+from tests.integration.conftest import Runner
+
+pytestmark = pytest.mark.integration
+
+MAPREDUCE = ROOT / "examples" / "mapreduce.yaml"
+
+
+def docker_interval(container: Any) -> tuple[datetime, datetime]:
+    """When Docker says the container ran: the engine's own records are not trusted here."""
+    state = container.attrs["State"]
+
+    def parse(value: str) -> datetime:
+        head, _, fraction = value.rstrip("Z").partition(".")
+        return datetime.fromisoformat(f"{head}.{(fraction + '000000')[:6]}+00:00")
+
+    return parse(state["StartedAt"]), parse(state["FinishedAt"])
+
+
+def most_at_once(intervals: list[tuple[datetime, datetime]]) -> int:
+    edges = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals],
+                   key=lambda edge: (edge[0], edge[1]))
+    running = peak = 0
+    for _, change in edges:
+        running += change
+        peak = max(peak, running)
+    return peak
+
+
+def mapreduce_document() -> dict[str, Any]:
+    document: dict[str, Any] = yaml.safe_load(MAPREDUCE.read_text())
+    return document
+
+
+def test_mapreduce_example_counts_every_word(runner: Runner) -> None:
+    document = mapreduce_document()
+    items = document["spec"]["steps"][1]["parallel"]["items"]
+    expected = sum(len(item.split()) for item in items)
+
+    status, run = runner.run(document)
+
+    assert status.phase is WorkflowPhase.SUCCEEDED, status.message
+    assert status.step("map").outputs == [str(len(item.split())) for item in items]
+    assert status.step("reduce").output == str(expected)
+    assert status.step("report").output is not None
+    assert status.step("report").output.startswith(f"total words: {expected} ")
+    assert status.progress == "8/8"
+    assert runner.containers(run.uid) == []  # OnSuccess: every agent succeeded, none is kept
+
+
+def test_state_and_full_outputs_are_in_redis_after_a_run(runner: Runner, redis_url: str) -> None:
+    status, run = runner.run(mapreduce_document())
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+
+    workflow = client.hgetall(Keys.workflow(run.uid))
+    assert workflow["phase"] == "Succeeded"
+    assert workflow["name"] == "mapreduce-wordcount"
+    assert workflow["progress"] == "8/8"
+    assert run.uid in client.zrange(Keys.workflows, 0, -1)
+    steps = client.hgetall(Keys.steps(run.uid))
+    assert set(steps) == {"initialize", "map", "reduce", "report"}
+    assert '"phase": "Succeeded"' in steps["map"]
+    outputs = client.hgetall(Keys.outputs(run.uid, "map"))
+    assert [outputs[str(i)] for i in range(5)] == status.step("map").outputs
+    assert client.hget(Keys.outputs(run.uid, "reduce"), "0") == status.step("reduce").output
+
+    import json
+    agents = {key: json.loads(value) for key, value in client.hgetall(Keys.agents(run.uid)).items()}
+    assert len(agents) == 8
+    for record in agents.values():
+        assert record["workflowUid"] == run.uid
+        assert record["phase"] == "Succeeded" and record["exitCode"] == 0
+        assert record["container"]  # the Docker container id
+        assert record["createdAt"] <= record["startedAt"] <= record["finishedAt"]
+    assert {record["step"] for record in agents.values()} == set(steps)
+    # Finished state expires instead of piling up.
+    assert 0 < client.ttl(Keys.workflow(run.uid)) <= 7 * 24 * 3600
+    client.close()
+
+
+def test_max_workers_caps_the_agents_running_at_once(runner: Runner) -> None:
+    status, run = runner.run(workflow_doc(
+        {"name": "fan", "parallel": {"replicas": 6, "maxWorkers": 2},
+         "command": sh("sleep 0.6; echo $AGENTAINER_ITEM_INDEX")},
+        cleanup="Never",
+    ))
+
+    assert status.phase is WorkflowPhase.SUCCEEDED
+    assert status.step("fan").outputs == ["0", "1", "2", "3", "4", "5"]
+    containers = runner.containers(run.uid)
+    assert len(containers) == 6
+    assert most_at_once([docker_interval(c) for c in containers]) == 2
+
+
+def test_failing_agent_is_retried_and_every_attempt_recorded(runner: Runner) -> None:
+    status, run = runner.run(workflow_doc(
+        {"name": "flaky", "retries": {"limit": 3, "backoffSeconds": 0.1},
+         "command": sh('echo "attempt $AGENTAINER_ATTEMPT"; '
+                       '[ "$AGENTAINER_ATTEMPT" -ge 3 ] || { echo boom >&2; exit 3; }')},
+    ))
+
+    assert status.phase is WorkflowPhase.SUCCEEDED
+    step = status.step("flaky")
+    assert step.attempts == 3
+    assert [(a.attempt, a.exit_code, a.phase.value) for a in step.agents] == [
+        (1, 3, "Failed"), (2, 3, "Failed"), (3, 0, "Succeeded")]
+    assert step.output == "attempt 3"
+    # OnSuccess keeps the two failed attempts for debugging, each under its own name.
+    kept = sorted(c.name for c in runner.containers(run.uid))
+    assert kept == sorted(a.name for a in step.agents[:2])
+
+
+def test_retries_run_out_and_the_step_fails_with_the_agents_error(runner: Runner) -> None:
+    status, _ = runner.run(workflow_doc(
+        {"name": "broken", "retries": {"limit": 1, "backoffSeconds": 0},
+         "command": sh("echo 'no such table' >&2; exit 7")},
+    ))
+
+    assert status.phase is WorkflowPhase.FAILED
+    step = status.step("broken")
+    assert step.phase is StepPhase.FAILED
+    assert step.attempts == 2
+    assert "exited with code 7: no such table" in (step.message or "")
+    assert "step broken failed" in (status.message or "")
+
+
+def test_agent_past_its_timeout_is_killed(runner: Runner) -> None:
+    status, run = runner.run(workflow_doc(
+        {"name": "slow", "timeoutSeconds": 1, "command": sh("sleep 60")},
+        cleanup="Never",
+    ))
+
+    assert status.phase is WorkflowPhase.FAILED
+    agent = status.step("slow").agents[0]
+    assert agent.reason is AgentReason.DEADLINE_EXCEEDED
+    assert "timeoutSeconds (1)" in (status.step("slow").message or "")
+    (container,) = runner.containers(run.uid)
+    assert container.attrs["State"]["Running"] is False
+    started, finished = docker_interval(container)
+    assert (finished - started).total_seconds() < 30  # killed, not left to sleep its 60s
+
+
+def test_failed_step_fails_the_workflow_and_its_dependents_never_start(runner: Runner) -> None:
+    status, run = runner.run(workflow_doc(
+        {"name": "prepare", "command": sh("echo ok")},
+        {"name": "crash", "command": sh("exit 1")},
+        {"name": "after", "command": sh("echo never")},
+        {"name": "side", "dependsOn": ["prepare"], "command": sh("sleep 1; echo side")},
+        cleanup="Always",
+    ))
+
+    assert status.phase is WorkflowPhase.FAILED
+    assert status.step("crash").phase is StepPhase.FAILED
+    assert status.step("after").phase is StepPhase.SKIPPED
+    assert status.step("after").agents == []
+    assert "dependency crash" in (status.step("after").message or "")
+    # An independent step that was already running is allowed to finish.
+    assert status.step("side").phase is StepPhase.SUCCEEDED
+    assert runner.containers(run.uid) == []
+
+
+@pytest.mark.parametrize(("policy", "kept"), [
+    ("Always", set()),
+    ("OnSuccess", {"bad"}),
+    ("Never", {"good", "bad"}),
+])
+def test_cleanup_policy_leaves_exactly_the_agents_it_should(
+    runner: Runner, policy: str, kept: set[str]
+) -> None:
+    status, run = runner.run(workflow_doc(
+        {"name": "good", "dependsOn": [], "command": sh("echo fine")},
+        {"name": "bad", "dependsOn": [], "command": sh("exit 2")},
+        cleanup=policy,
+    ))
+
+    assert status.phase is WorkflowPhase.FAILED
+    left = {c.labels["agentainer.dev/step"] for c in runner.containers(run.uid)}
+    assert left == kept
+
+
+def test_limits_and_hardening_are_visible_in_docker_inspect(runner: Runner) -> None:
+    status, run = runner.run(workflow_doc(
+        {"name": "limited", "resources": {"cpu": "500m", "memory": "64Mi"},
+         "command": sh("cat /sys/fs/cgroup/memory.max 2>/dev/null "
+                       "|| cat /sys/fs/cgroup/memory/memory.limit_in_bytes")},
+        cleanup="Never",
+    ))
+
+    assert status.phase is WorkflowPhase.SUCCEEDED
+    assert status.step("limited").output == str(64 * 1024 * 1024)  # enforced by the kernel
+    (container,) = runner.containers(run.uid)
+    host = container.attrs["HostConfig"]
+    assert host["NanoCpus"] == 500_000_000
+    assert host["Memory"] == 64 * 1024 * 1024
+    assert host["MemorySwap"] == 64 * 1024 * 1024
+    assert host["Privileged"] is False
+    assert "no-new-privileges:true" in host["SecurityOpt"]
+    assert host["NetworkMode"] == "bridge"
+    labels = container.labels
+    assert labels["agentainer.dev/workflow-uid"] == run.uid
+    assert labels["agentainer.dev/step"] == "limited"
+    assert labels["app.kubernetes.io/managed-by"] == "agentainer"
+    assert container.name == status.step("limited").agents[0].name
+
+
+def test_independent_branches_of_a_dag_run_at_the_same_time(runner: Runner) -> None:
+    status, run = runner.run(workflow_doc(
+        {"name": "root", "command": sh("echo go")},
+        {"name": "left", "dependsOn": ["root"], "command": sh("sleep 1; echo left")},
+        {"name": "right", "dependsOn": ["root"], "command": sh("sleep 1; echo right")},
+        {"name": "join", "dependsOn": ["left", "right"],
+         "env": [{"name": "BOTH", "value": "{{ steps.left.output }}+{{ steps.right.output }}"}],
+         "command": sh('echo "$BOTH"')},
+        cleanup="Never",
+    ))
+
+    assert status.phase is WorkflowPhase.SUCCEEDED
+    assert status.step("join").output == "left+right"
+    by_step = {c.labels["agentainer.dev/step"]: docker_interval(c)
+               for c in runner.containers(run.uid)}
+    (left_start, left_end), (right_start, right_end) = by_step["left"], by_step["right"]
+    assert left_start < right_end and right_start < left_end  # they overlapped
+    assert by_step["join"][0] >= max(left_end, right_end)
+    assert by_step["root"][1] <= min(left_start, right_start)
+
+
+HOSTILE_ITEMS = [
+    "$(touch /tmp/pwned)",
+    "`touch /tmp/pwned`; touch /tmp/pwned",
+    "it's \"quoted\" and 'single' \\ back",
+    "two\nlines && touch /tmp/pwned",
+    "{{ workflow.uid }} stays text",
+]
+
+
+def test_items_with_shell_metacharacters_reach_the_agent_as_data(runner: Runner) -> None:
+    check = "[ -e /tmp/pwned ] && echo PWNED"
+    status, _ = runner.run(workflow_doc(
+        {"name": "by-env", "parallel": {"items": HOSTILE_ITEMS},
+         "command": sh(f'printf "%s" "$AGENTAINER_ITEM"; {check}; true')},
+        {"name": "by-args", "dependsOn": [], "parallel": {"items": HOSTILE_ITEMS},
+         "command": ["sh", "-c", f'printf "%s" "$1"; {check}; true', "agent"],
+         "args": ["{{ item }}"]},
+    ))
+
+    assert status.phase is WorkflowPhase.SUCCEEDED
+    assert status.step("by-env").outputs == HOSTILE_ITEMS
+    assert status.step("by-args").outputs == HOSTILE_ITEMS
+
+
+def test_workflow_timeout_stops_running_agents(runner: Runner) -> None:
+    status, run = runner.run(workflow_doc(
+        {"name": "forever", "parallel": {"replicas": 2}, "command": sh("sleep 60")},
+        {"name": "later", "command": sh("echo never")},
+        timeoutSeconds=2, cleanup="OnSuccess",
+    ))
+
+    assert status.phase is WorkflowPhase.FAILED
+    assert "timeoutSeconds (2)" in (status.message or "")
+    assert status.conditions[0].reason == "DeadlineExceeded"
+    assert status.step("forever").phase is StepPhase.FAILED
+    assert status.step("later").phase is StepPhase.SKIPPED
+    assert {a.reason for a in status.step("forever").agents} == {AgentReason.DEADLINE_EXCEEDED}
+    containers = runner.containers(run.uid)
+    assert len(containers) == 2  # OnSuccess keeps them for debugging ...
+    assert all(not c.attrs["State"]["Running"] for c in containers)  # ... stopped
+
+
+def test_cancelling_a_run_stops_its_agents_and_records_cancelled(
+    runner: Runner, redis_url: str
+) -> None:
+    async def go() -> Any:
+        run, store, backend = await runner.start(workflow_doc(
+            {"name": "busy", "parallel": {"replicas": 3}, "command": sh("sleep 60")},
+            cleanup="Always",
+        ))
+        task = asyncio.create_task(run.execute())
+        while sum(a.phase.value == "Running" for a in run.status.step("busy").agents) < 3:
+            await asyncio.sleep(0.05)
+        run.cancel()
+        status = await task
+        await backend.close()
+        await store.close()
+        return status, run
+
+    status, run = asyncio.run(go())
+
+    assert status.phase is WorkflowPhase.CANCELLED
+    assert status.step("busy").phase is StepPhase.CANCELLED
+    assert {a.reason for a in status.step("busy").agents} == {AgentReason.CANCELLED}
+    assert runner.containers(run.uid) == []
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    assert client.hget(Keys.workflow(run.uid), "phase") == "Cancelled"
+    client.close()
+
+
+def test_missing_image_fails_the_step_with_a_message_a_user_can_act_on(runner: Runner) -> None:
+    status, _ = runner.run(workflow_doc(
+        {"name": "ghost", "image": "agentainer/does-not-exist:1.0",
+         "retries": {"limit": 3, "backoffSeconds": 0}, "command": sh("true")},
+    ))
+
+    assert status.phase is WorkflowPhase.FAILED
+    step = status.step("ghost")
+    assert step.attempts == 1  # a missing image is not retried
+    assert "agentainer/does-not-exist:1.0" in (step.message or "")
+    assert "is not on the Docker engine" in (step.message or "")
+
+
+def test_missing_executable_is_reported_with_the_programs_name(runner: Runner) -> None:
+    status, _ = runner.run(workflow_doc({"name": "typo", "command": ["no-such-program"]}))
+
+    assert status.phase is WorkflowPhase.FAILED
+    assert status.step("typo").agents[0].exit_code == 127
+    assert "no-such-program" in (status.step("typo").message or "")
