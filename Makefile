@@ -10,6 +10,8 @@ demo: setup redis
 	$(AGENTAINER) run examples/mapreduce.yaml
 
 test: setup
+	$(VENV)/bin/lint-imports
+	$(PY) -m mypy
 	$(PY) -m pytest tests
 
 test-unit: venv
@@ -34,6 +36,7 @@ bench: setup
 	$(PY) benchmarks/engine_overhead.py
 
 lint: venv
+	$(VENV)/bin/lint-imports
 	$(PY) -m mypy
 
 clean:

@@ -81,6 +81,9 @@ class Settings:
                 raise ConfigError(
                     f"{ENV_PREFIX}{name.upper()}={value!r}: must be one of {', '.join(allowed)}"
                 )
-        if self.docker_threads < 1:
-            raise ConfigError(f"{ENV_PREFIX}DOCKER_THREADS must be at least 1")
+        minimums = {"docker_threads": 1, "state_ttl_seconds": 0, "stop_grace_seconds": 0,
+                    "status_output_limit": 0}
+        for name, minimum in minimums.items():
+            if getattr(self, name) < minimum:
+                raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be at least {minimum}")
 

@@ -23,6 +23,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -90,7 +91,7 @@ def agent_name(workflow: str, uid: str, step: Step, index: int, attempt: int) ->
         base += f"-{index}"
     if attempt > 1:
         base += f"-r{attempt - 1}"
-    suffix = dns_safe(uid)[:UID_SUFFIX_LENGTH]
+    suffix = re.sub(r"[^a-z0-9]", "", uid.lower())[:UID_SUFFIX_LENGTH] or "x"
     room = 63 - len(suffix) - 1
     safe = dns_safe(base, max_length=10_000)
     if len(safe) > room:
@@ -99,15 +100,24 @@ def agent_name(workflow: str, uid: str, step: Step, index: int, attempt: int) ->
     return f"{safe}-{suffix}"
 
 
+def label_value(text: str) -> str:
+    """``text`` as a Kubernetes label value (at most 63 characters, alphanumeric at both ends);
+    a long one is cut and ends in a hash of the whole, so distinct texts stay distinct."""
+    if len(text) <= 63:
+        return text
+    digest = hashlib.sha1(text.encode()).hexdigest()[:8]
+    return text[:54].rstrip("-._") + "-" + digest
+
+
 def agent_labels(workflow: Workflow, uid: str, step: Step, index: int, attempt: int) -> dict[str, str]:
     """The labels by which agents are found again after a restart."""
     return {
-        LABEL_WORKFLOW: dns_safe(workflow.metadata.name),
+        LABEL_WORKFLOW: label_value(workflow.metadata.name),
         LABEL_WORKFLOW_UID: uid,
         LABEL_STEP: step.name,
         LABEL_INDEX: str(index),
         LABEL_ATTEMPT: str(attempt),
-        LABEL_AGENT_ID: agent_id(step.name, index, attempt)[:63],
+        LABEL_AGENT_ID: label_value(agent_id(step.name, index, attempt)),
         LABEL_MANAGED_BY: MANAGED_BY,
     }
 

@@ -53,7 +53,7 @@ def parse(document: Document) -> Workflow | AgentPool:
     if not isinstance(body, dict):
         raise ManifestError(f"{document.source}: a manifest is a mapping, not a {type(body).__name__}")
     kind = body.get("kind")
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         known = " or ".join(KINDS)
         raise ManifestError(f"{document.source}: kind is {kind!r}; expected {known} ({GROUP_VERSION})")
     return KINDS[kind](body, document.source)

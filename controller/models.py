@@ -9,6 +9,7 @@ with its field path.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from functools import cached_property
@@ -117,7 +118,7 @@ def parse_quantity(text: str) -> Decimal:
     from kubernetes.utils.quantity import parse_quantity as kubernetes_parse_quantity
 
     try:
-        value: Decimal = kubernetes_parse_quantity(text)
+        value: Decimal = kubernetes_parse_quantity(text)  # type: ignore[no-untyped-call]
     except (ValueError, InvalidOperation, TypeError):
         raise ValueError(
             f"{text!r} is not a Kubernetes quantity (examples: 500m, 1.5, 64Mi, 1G)"
@@ -436,8 +437,8 @@ def _find_cycle(dependencies: dict[str, list[str]]) -> list[str] | None:
         state[name] = 1
         path.append(name)
         for dep in dependencies.get(name, []):
-            if dep not in dependencies:
-                continue
+            if dep not in dependencies or dep == name:
+                continue  # unknown and self dependencies have messages of their own
             if state.get(dep) == 1:
                 return path[path.index(dep) :] + [dep]
             if dep not in state and (cycle := visit(dep)):
@@ -528,13 +529,15 @@ def semantic_problems(spec: WorkflowSpec) -> list[Problem]:
             if dep not in steps_by_name:
                 where = f"spec.steps[{i}].dependsOn[{j}]"
                 problems.append(Problem(where, f"unknown step '{dep}'"))
-    cycle = _find_cycle(dependencies)
+    duplicates = len(steps_by_name) < len(spec.steps)
+    cycle = None if duplicates else _find_cycle(dependencies)  # names must be unique first
     if cycle:
         index = next(i for i, s in enumerate(spec.steps) if s.name == cycle[0])
         problems.append(
             Problem(f"spec.steps[{index}].dependsOn", "dependency cycle: " + " -> ".join(cycle))
         )
 
+    problems.extend(_agent_name_clashes(spec))
     for i, step in enumerate(spec.steps):
         upstream = ancestors(dependencies, step.name)
         for where, text in _template_fields(step, f"spec.steps[{i}]"):
@@ -545,6 +548,29 @@ def semantic_problems(spec: WorkflowSpec) -> list[Problem]:
                 continue
             for ref in refs:
                 problems.extend(_reference_problems(ref, step, steps_by_name, upstream, where))
+    return problems
+
+
+def _agent_name_clashes(spec: WorkflowSpec) -> list[Problem]:
+    """Agents are named ``<workflow>-<step>[-<index>][-r<retry>]``, so a step called ``map-1``
+    would share agent names with agent 1 of a fan-out step ``map``; refuse such pairs."""
+    problems = []
+    for i, step in enumerate(spec.steps):
+        for other in spec.steps:
+            match = re.fullmatch(re.escape(other.name) + r"(?:-([0-9]+))?(?:-r([0-9]+))?",
+                                 step.name)
+            if other is step or match is None or match.group(0) == other.name:
+                continue
+            index, retry = match.group(1), match.group(2)
+            index_clash = index is None or int(index) < other.width > 1
+            retry_clash = retry is None or (other.retries is not None
+                                            and 1 <= int(retry) <= other.retries.limit)
+            if index_clash and retry_clash:
+                problems.append(Problem(
+                    f"spec.steps[{i}].name",
+                    f"'{step.name}' is also the name of an agent of step '{other.name}' "
+                    f"(agents are named <workflow>-<step>[-<index>][-r<retry>]); rename it",
+                ))
     return problems
 
 
@@ -608,7 +634,10 @@ def parse_agent_pool(document: Any, source: str = "") -> AgentPool:
     return pool
 
 
-KINDS = {"Workflow": parse_workflow, "AgentPool": parse_agent_pool}
+KINDS: dict[str, Callable[[Any, str], Workflow | AgentPool]] = {
+    "Workflow": parse_workflow,
+    "AgentPool": parse_agent_pool,
+}
 
 
 def dns_safe(text: str, max_length: int = 63) -> str:

@@ -132,7 +132,7 @@ class RedisStore:
             if change.started_at is not None:
                 pipe.zadd(Keys.workflows, {uid: change.started_at})
             if change.workflow:
-                pipe.hset(Keys.workflow(uid), mapping=change.workflow)
+                pipe.hset(Keys.workflow(uid), mapping=dict[Any, Any](change.workflow))
             if change.step:
                 name, state = change.step
                 pipe.hset(Keys.steps(uid), name, json.dumps(state))
@@ -152,7 +152,7 @@ class RedisStore:
         if ttl_seconds <= 0:
             return
         async with self._errors("expiring state"):
-            steps = await self._client.hkeys(Keys.steps(uid))
+            steps = [_text(step) for step in await self._client.hkeys(Keys.steps(uid))]
             async with self._client.pipeline(transaction=True) as pipe:
                 for key in _workflow_keys(uid, steps):
                     pipe.expire(key, ttl_seconds)
@@ -161,31 +161,38 @@ class RedisStore:
 
     async def workflow(self, uid: str) -> dict[str, str]:
         async with self._errors("reading state"):
-            result: dict[str, str] = await self._client.hgetall(Keys.workflow(uid))
-            return result
+            return _texts(await self._client.hgetall(Keys.workflow(uid)))
 
     async def steps(self, uid: str) -> dict[str, dict[str, Any]]:
         async with self._errors("reading state"):
-            raw = await self._client.hgetall(Keys.steps(uid))
+            raw = _texts(await self._client.hgetall(Keys.steps(uid)))
         return {name: json.loads(value) for name, value in raw.items()}
 
     async def agents(self, uid: str) -> dict[str, dict[str, Any]]:
         async with self._errors("reading state"):
-            raw = await self._client.hgetall(Keys.agents(uid))
+            raw = _texts(await self._client.hgetall(Keys.agents(uid)))
         return {agent_id: json.loads(value) for agent_id, value in raw.items()}
 
     async def outputs(self, uid: str, step: str) -> dict[int, str]:
         async with self._errors("reading outputs"):
-            raw = await self._client.hgetall(Keys.outputs(uid, step))
+            raw = _texts(await self._client.hgetall(Keys.outputs(uid, step)))
         return {int(index): text for index, text in raw.items()}
 
     async def logs(self, uid: str) -> dict[str, str]:
         async with self._errors("reading logs"):
-            result: dict[str, str] = await self._client.hgetall(Keys.logs(uid))
-            return result
+            return _texts(await self._client.hgetall(Keys.logs(uid)))
 
     async def close(self) -> None:
         await self._client.aclose()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _texts(mapping: dict[bytes | str, bytes | str]) -> dict[str, str]:
+    """The client decodes responses; this only narrows the types its stubs give."""
+    return {_text(key): _text(value) for key, value in mapping.items()}
 
 
 def _workflow_keys(uid: str, steps: list[str]) -> list[str]:

@@ -152,9 +152,9 @@ class DockerBackend:
             with docker_errors(f"starting agent {spec.name}", spec.image):
                 container.start()
         except Exception:
-            self._remove(container.id)
+            self._remove(str(container.id))
             raise
-        return AgentHandle(id=container.id, name=spec.name, labels=dict(spec.labels))
+        return AgentHandle(id=str(container.id), name=spec.name, labels=dict(spec.labels))
 
     def _wait(self, agent: AgentHandle) -> AgentResult:
         with docker_errors(f"waiting for agent {agent.name}"):

@@ -327,3 +327,15 @@ def test_missing_executable_is_reported_with_the_programs_name(runner: Runner) -
     assert status.phase is WorkflowPhase.FAILED
     assert status.step("typo").agents[0].exit_code == 127
     assert "no-such-program" in (status.step("typo").message or "")
+
+
+def test_agent_over_its_memory_limit_is_reported_oom_killed(runner: Runner) -> None:
+    status, _ = runner.run(workflow_doc(
+        {"name": "hog", "resources": {"memory": "16Mi"},
+         "command": sh("x=$(head -c 100000000 /dev/zero | tr '\\0' a); echo ${#x}")},
+    ))
+
+    assert status.phase is WorkflowPhase.FAILED
+    agent = status.step("hog").agents[0]
+    assert agent.reason is AgentReason.OOM_KILLED
+    assert "ran out of memory (limit 16Mi)" in (status.step("hog").message or "")

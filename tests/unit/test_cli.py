@@ -1,0 +1,269 @@
+"""The ``agentainer`` command on files that are valid, invalid or not manifests at all: exit codes
+and the messages users read. Nothing here reaches Docker or Redis."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from controller.cli import main
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+
+VALID_WORKFLOW = """\
+apiVersion: agentainer.dev/v1alpha1
+kind: Workflow
+metadata: {name: wordcount}
+spec:
+  steps:
+  - name: map
+    image: agentainer/busybox:latest
+    parallel: {items: ["a b", "c"]}
+    command: ["sh", "-c", "echo \\"$AGENTAINER_ITEM\\" | wc -w"]
+  - name: reduce
+    image: agentainer/busybox:latest
+    env: [{name: COUNTS, value: "{{ steps.map.outputs }}"}]
+"""
+
+INVALID_WORKFLOW = """\
+apiVersion: agentainer.dev/v1alpha1
+kind: Workflow
+metadata: {name: wordcount}
+spec:
+  steps:
+  - name: map
+    image: agentainer/busybox:latest
+    parallel: {replicas: 2, maxWorkers: 0}
+  - name: Reduce
+    image: agentainer/busybox:latest
+    colour: blue
+"""
+
+INVALID_WORKFLOW_PROBLEMS = [
+    "  spec.steps[0].parallel.maxWorkers: Input should be greater than or equal to 1",
+    "  spec.steps[1].name: 'Reduce' is not a DNS-1123 label",
+    "  spec.steps[1].colour: unknown field",
+]
+
+POOL = """\
+apiVersion: agentainer.dev/v1alpha1
+kind: AgentPool
+metadata: {name: busybox-pool}
+spec: {image: agentainer/busybox:latest, minSize: 2, maxSize: 4}
+"""
+
+
+@pytest.fixture(autouse=True)
+def no_agentainer_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs here must not depend on the settings of whoever runs the tests."""
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("AGENTAINER_"):
+            monkeypatch.delenv(name)
+
+
+def write(tmp_path: Path, text: str, name: str = "workflow.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def assert_no_traceback(out: str, err: str) -> None:
+    assert "Traceback" not in out + err
+
+
+# --- validate -----------------------------------------------------------------------------------
+
+
+def test_validate_accepts_a_valid_workflow(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, VALID_WORKFLOW)
+    assert main(["validate", path]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"{path}: Workflow wordcount is valid\n"
+    assert captured.err == ""
+
+
+def test_validate_accepts_the_mapreduce_example(capsys: pytest.CaptureFixture[str]) -> None:
+    path = str(REPOSITORY / "examples" / "mapreduce.yaml")
+    assert main(["validate", path]) == 0
+    assert "Workflow mapreduce-wordcount is valid" in capsys.readouterr().out
+
+
+def test_validate_reports_each_document_of_a_multi_document_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, POOL + "---\n" + VALID_WORKFLOW)
+    assert main(["validate", path]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"{path} (document 1): AgentPool busybox-pool is valid",
+        f"{path} (document 2): Workflow wordcount is valid",
+    ]
+
+
+def test_validate_prints_every_problem_with_its_field_path_to_stderr(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, INVALID_WORKFLOW)
+    assert main(["validate", path]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert lines[0] == f"{path}: invalid"
+    for problem in INVALID_WORKFLOW_PROBLEMS:
+        assert any(line.startswith(problem) for line in lines[1:]), (problem, lines)
+    assert_no_traceback(captured.out, captured.err)
+
+
+def test_validate_reports_semantic_problems_of_a_workflow(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, VALID_WORKFLOW.replace("{{ steps.map.outputs }}",
+                                                  "{{ steps.map.output }}"))
+    assert main(["validate", path]) == 1
+    assert ("  spec.steps[1].env[0].value: {{ steps.map.output }}: 'map' runs several agents"
+            in capsys.readouterr().err)
+
+
+def test_validate_reports_an_invalid_pool(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, POOL.replace("minSize: 2", "minSize: 9"), "pool.yaml")
+    assert main(["validate", path]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"{path}: invalid",
+        "  spec.minSize: 9 is above maxSize 4",
+    ]
+
+
+def test_validate_checks_every_file_and_fails_if_any_is_invalid(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    invalid = write(tmp_path, INVALID_WORKFLOW, "invalid.yaml")
+    valid = write(tmp_path, VALID_WORKFLOW, "valid.yaml")
+    missing = str(tmp_path / "missing.yaml")
+    assert main(["validate", invalid, missing, valid]) == 1
+    captured = capsys.readouterr()
+    assert f"{valid}: Workflow wordcount is valid" in captured.out
+    assert f"{invalid}: invalid" in captured.err
+    assert f"error: {missing}: no such file" in captured.err
+
+
+# --- files that are not manifests: one line, no traceback ---------------------------------------
+
+UNUSABLE = [
+    pytest.param(None, "no such file", id="missing-file"),
+    pytest.param("apiVersion: agentainer.dev/v1alpha1\nkind: [Workflow\n", "not valid YAML (line",
+                 id="malformed-yaml"),
+    pytest.param("metadata: {name: x\n  spec: 1\n", "not valid YAML", id="unclosed-mapping"),
+    pytest.param("apiVersion: v1\nkind: Pod\nmetadata: {name: x}\n",
+                 "kind is 'Pod'; expected Workflow or AgentPool", id="wrong-kind"),
+    pytest.param("apiVersion: v1\nmetadata: {name: x}\n", "kind is None", id="no-kind"),
+    pytest.param("- kind: Workflow\n- kind: AgentPool\n", "a manifest is a mapping, not a list",
+                 id="list-instead-of-mapping"),
+    pytest.param("just some text\n", "a manifest is a mapping, not a str", id="plain-text"),
+    pytest.param("# nothing but a comment\n", "no manifest in it", id="empty-file"),
+]
+
+
+def unusable_path(tmp_path: Path, content: str | None) -> str:
+    if content is None:
+        return str(tmp_path / "missing.yaml")
+    return write(tmp_path, content)
+
+
+@pytest.mark.parametrize(("content", "words"), UNUSABLE)
+def test_validate_on_a_file_that_is_not_a_manifest_prints_one_line_and_exits_1(
+    content: str | None, words: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = unusable_path(tmp_path, content)
+    assert main(["validate", path]) == 1
+    captured = capsys.readouterr()
+    assert_no_traceback(captured.out, captured.err)
+    assert captured.out == ""
+    assert captured.err.splitlines() == [captured.err.strip()]
+    assert captured.err.startswith(f"error: {path}")
+    assert words in captured.err
+
+
+@pytest.mark.parametrize(("content", "words"), UNUSABLE)
+def test_run_on_a_file_that_is_not_a_manifest_prints_one_line_and_exits_2(
+    content: str | None, words: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = unusable_path(tmp_path, content)
+    assert main(["run", path]) == 2
+    captured = capsys.readouterr()
+    assert_no_traceback(captured.out, captured.err)
+    assert captured.out == ""
+    assert captured.err.splitlines() == [captured.err.strip()]
+    assert captured.err.startswith(f"error: {path}")
+    assert words in captured.err
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_directory_instead_of_a_file_is_a_one_line_error(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([command, str(tmp_path)]) in (1, 2)
+    captured = capsys.readouterr()
+    assert_no_traceback(captured.out, captured.err)
+    assert captured.err == f"error: {tmp_path}: is a directory, not a manifest file\n"
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_kind_that_is_not_a_string_is_a_one_line_error(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, "apiVersion: agentainer.dev/v1alpha1\nkind: [Workflow]\n")
+    assert main([command, path]) in (1, 2)
+    captured = capsys.readouterr()
+    assert_no_traceback(captured.out, captured.err)
+    assert captured.err.startswith(f"error: {path}: kind is ['Workflow']")
+
+
+# --- run: refused before any agent starts -------------------------------------------------------
+
+
+def test_run_on_an_invalid_workflow_prints_every_problem_and_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, INVALID_WORKFLOW)
+    assert main(["run", path]) == 2
+    captured = capsys.readouterr()
+    assert_no_traceback(captured.out, captured.err)
+    lines = captured.err.splitlines()
+    assert lines[0] == f"error: {path} is invalid:"
+    for problem in INVALID_WORKFLOW_PROBLEMS:
+        assert any(line.startswith(problem) for line in lines[1:]), (problem, lines)
+
+
+def test_run_on_a_file_without_a_workflow_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, POOL)
+    assert main(["run", path]) == 2
+    assert capsys.readouterr().err == f"error: {path}: expected exactly one Workflow, found 0\n"
+
+
+def test_run_refuses_a_kubernetes_workflow_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, VALID_WORKFLOW.replace("spec:\n", "spec:\n  backend: kubernetes\n", 1))
+    assert main(["run", path]) == 2
+    captured = capsys.readouterr()
+    assert_no_traceback(captured.out, captured.err)
+    assert len(captured.err.splitlines()) == 1
+    assert "spec.backend is kubernetes" in captured.err
+    assert "docker backend" in captured.err
+
+
+def test_run_with_an_unusable_setting_names_the_variable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AGENTAINER_STORE", "sqlite")
+    path = write(tmp_path, VALID_WORKFLOW)
+    assert main(["run", path]) == 2
+    captured = capsys.readouterr()
+    assert_no_traceback(captured.out, captured.err)
+    assert captured.err == (
+        "error: AGENTAINER_STORE='sqlite': must be one of redis, memory\n"
+    )

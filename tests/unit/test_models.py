@@ -1,0 +1,486 @@
+"""Validation of Workflow and AgentPool manifests: each rule, with the field path and words users see."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from controller.errors import InvalidSpecError
+from controller.models import Resources, parse_agent_pool, parse_workflow
+
+IMAGE = "agentainer/busybox:latest"
+
+
+def step(name: str, **fields: Any) -> dict[str, Any]:
+    """A step document with an image, as users write it (camelCase keys)."""
+    return {"name": name, "image": IMAGE, **fields}
+
+
+def workflow(*steps: dict[str, Any], **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "agentainer.dev/v1alpha1",
+        "kind": "Workflow",
+        "metadata": {"name": "wordcount"},
+        "spec": {"steps": list(steps), **spec},
+    }
+
+
+def pool(**spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "agentainer.dev/v1alpha1",
+        "kind": "AgentPool",
+        "metadata": {"name": "busybox-pool"},
+        "spec": {"image": IMAGE, **spec},
+    }
+
+
+def problems_of(document: dict[str, Any]) -> list[tuple[str, str]]:
+    """Every (field path, message) that parse_workflow reports for ``document``."""
+    with pytest.raises(InvalidSpecError) as caught:
+        parse_workflow(document)
+    return [(problem.path, problem.message) for problem in caught.value.problems]
+
+
+def assert_reported(problems: list[tuple[str, str]], path: str, words: tuple[str, ...]) -> None:
+    messages = [message for where, message in problems if where == path]
+    assert messages, f"nothing reported at {path}; reported: {problems}"
+    assert any(all(word in message for word in words) for message in messages), (
+        f"no message at {path} has all of {words}; reported: {messages}"
+    )
+
+
+# --- one table row per rule: the document, where the problem is, words of the message ---------
+
+REFUSED = [
+    pytest.param(
+        workflow(step("Bad_Name")), "spec.steps[0].name", ("'Bad_Name'", "DNS-1123 label"),
+        id="step-name-with-capitals-and-underscore",
+    ),
+    pytest.param(
+        workflow(step("-map")), "spec.steps[0].name", ("'-map'", "DNS-1123 label"),
+        id="step-name-starting-with-dash",
+    ),
+    pytest.param(
+        workflow(step("map-")), "spec.steps[0].name", ("'map-'", "DNS-1123 label"),
+        id="step-name-ending-with-dash",
+    ),
+    pytest.param(
+        workflow(step("a" * 64)), "spec.steps[0].name", ("at most 63 characters",),
+        id="step-name-longer-than-63",
+    ),
+    pytest.param(
+        workflow(step("map"), step("map")), "spec.steps[1].name",
+        ("duplicate step name 'map'",),
+        id="duplicate-step-name",
+    ),
+    pytest.param(
+        workflow(step("map"), step("reduce", dependsOn=["mapp"])),
+        "spec.steps[1].dependsOn[0]", ("unknown step 'mapp'",),
+        id="depends-on-unknown-step",
+    ),
+    pytest.param(
+        workflow(step("map", dependsOn=["map"])), "spec.steps[0].dependsOn[0]",
+        ("cannot depend on itself",),
+        id="depends-on-itself",
+    ),
+    pytest.param(
+        workflow(step("map", parallel={"items": ["x"], "replicas": 2})),
+        "spec.steps[0].parallel", ("exactly one of items or replicas",),
+        id="parallel-with-items-and-replicas",
+    ),
+    pytest.param(
+        workflow(step("map", parallel={"maxWorkers": 2})),
+        "spec.steps[0].parallel", ("exactly one of items or replicas",),
+        id="parallel-with-neither-items-nor-replicas",
+    ),
+    pytest.param(
+        workflow(step("map", parallel={"items": []})),
+        "spec.steps[0].parallel.items", ("at least 1 item",),
+        id="parallel-with-empty-items",
+    ),
+    pytest.param(
+        workflow(step("map", parallel={"replicas": 3, "maxWorkers": 0})),
+        "spec.steps[0].parallel.maxWorkers", ("greater than or equal to 1",),
+        id="max-workers-zero",
+    ),
+    pytest.param(
+        workflow(step("map", parallel={"replicas": 0})),
+        "spec.steps[0].parallel.replicas", ("greater than or equal to 1",),
+        id="replicas-zero",
+    ),
+    pytest.param(
+        workflow(step("map", env=[{"name": "X", "value": "{{ steps.reduce.output }}"}]),
+                 step("reduce")),
+        "spec.steps[0].env[0].value",
+        ("{{ steps.reduce.output }}", "does not depend on 'reduce'", "dependsOn"),
+        id="template-reads-a-later-step",
+    ),
+    pytest.param(
+        workflow(step("init"), step("map", dependsOn=[]),
+                 step("reduce", command=["echo", "{{ steps.init.output }}"])),
+        "spec.steps[2].command[1]", ("step 'reduce' does not depend on 'init'",),
+        id="template-reads-a-step-outside-its-ancestors",
+    ),
+    pytest.param(
+        workflow(step("map"), step("reduce", args=["{{ steps.mapp.outputs }}"])),
+        "spec.steps[1].args[0]", ("{{ steps.mapp.outputs }}", "unknown step 'mapp'"),
+        id="template-names-unknown-step",
+    ),
+    pytest.param(
+        workflow(step("map", parallel={"replicas": 3}),
+                 step("reduce", env=[{"name": "COUNTS", "value": "{{ steps.map.output }}"}])),
+        "spec.steps[1].env[0].value",
+        ("'map' runs several agents", "{{ steps.map.outputs }}"),
+        id="single-output-of-a-fan-out",
+    ),
+    pytest.param(
+        workflow(step("map", command=["echo", "{{ item }}"])),
+        "spec.steps[0].command[1]", ("{{ item }}", "parallel.items"),
+        id="item-in-a-sequential-step",
+    ),
+    pytest.param(
+        workflow(step("map", parallel={"replicas": 2}, args=["{{ item }}"])),
+        "spec.steps[0].args[0]", ("{{ item }}", "parallel.items"),
+        id="item-in-a-replicas-step",
+    ),
+    pytest.param(
+        workflow(step("map", env=[{"name": "X", "value": "{{ env.HOME }}"}])),
+        "spec.steps[0].env[0].value", ("unknown template '{{ env.HOME }}'", "{{ item }}"),
+        id="unknown-template",
+    ),
+    pytest.param(
+        workflow(step("map"), step("reduce", args=["{{ steps.Map.output }}"])),
+        "spec.steps[1].args[0]", ("is not a step reference", "steps.NAME.output"),
+        id="step-template-with-invalid-name",
+    ),
+    pytest.param(
+        workflow(step("map", command=["sh", "-c", "echo {{ workflow.name"])),
+        "spec.steps[0].command[2]", ("'{{' is not closed", '{{ "{{" }}'),
+        id="unclosed-template",
+    ),
+    pytest.param(
+        workflow({"name": "report", "pool": "Busybox_Pool"}), "spec.steps[0].pool",
+        ("'Busybox_Pool'", "DNS-1123 name"),
+        id="pool-name-invalid",
+    ),
+    pytest.param(
+        workflow({"name": "report", "command": ["true"]}), "spec.steps[0].image",
+        ("required unless the step sets pool",),
+        id="neither-image-nor-pool",
+    ),
+    pytest.param(
+        workflow(step("report", pool="busybox-pool")), "spec.steps[0].pool",
+        ("image or pool, not both",),
+        id="both-image-and-pool",
+    ),
+    pytest.param(
+        workflow(step("map", image="")), "spec.steps[0].image", ("at least 1 character",),
+        id="empty-image",
+    ),
+    pytest.param(
+        workflow(step("map", env=[{"name": "AGENTAINER_ITEM", "value": "x"}])),
+        "spec.steps[0].env[0].name", ("AGENTAINER_", "set by agentainer"),
+        id="reserved-env-name-in-a-step",
+    ),
+    pytest.param(
+        workflow(step("map"), env=[{"name": "AGENTAINER_STEP", "value": "x"}]),
+        "spec.env[0].name", ("AGENTAINER_", "set by agentainer"),
+        id="reserved-env-name-workflow-wide",
+    ),
+    pytest.param(
+        workflow(step("map", env=[{"name": "1ST", "value": "x"}])),
+        "spec.steps[0].env[0].name", ("'1ST'", "not a valid environment variable name"),
+        id="env-name-starting-with-a-digit",
+    ),
+    pytest.param(
+        workflow(step("map"), env=[{"name": "OUT", "value": "{{ steps.map.output }}"}]),
+        "spec.env[0].value", ("workflow-wide env", "{{ workflow.name }}", "step's env"),
+        id="workflow-env-reads-a-step",
+    ),
+    pytest.param(
+        workflow(step("map", parallel={"items": ["a"]}), env=[{"name": "I", "value": "{{ item }}"}]),
+        "spec.env[0].value", ("workflow-wide env",),
+        id="workflow-env-reads-item",
+    ),
+    pytest.param(
+        workflow(step("map"), env=[{"name": "W", "value": "{{ workflow.name"}]),
+        "spec.env[0].value", ("'{{' is not closed",),
+        id="workflow-env-unclosed-template",
+    ),
+    pytest.param(
+        workflow(step("map", colour="blue")), "spec.steps[0].colour", ("unknown field",),
+        id="unknown-field-in-a-step",
+    ),
+    pytest.param(
+        workflow(step("map"), retry={"limit": 2}), "spec.retry", ("unknown field",),
+        id="unknown-field-in-spec",
+    ),
+    pytest.param(
+        workflow(step("map", env=[{"name": "X", "valueFrom": "y"}])),
+        "spec.steps[0].env[0].valueFrom", ("unknown field",),
+        id="unknown-field-in-env",
+    ),
+    pytest.param(
+        workflow(step("map", resources={"cpu": "1", "gpu": "1"})),
+        "spec.steps[0].resources.gpu", ("unknown field",),
+        id="unknown-field-in-resources",
+    ),
+    pytest.param(
+        workflow(step("map", retries={"limit": -1})),
+        "spec.steps[0].retries.limit", ("greater than or equal to 0",),
+        id="negative-retry-limit",
+    ),
+    pytest.param(
+        workflow(step("map", timeoutSeconds=0)),
+        "spec.steps[0].timeoutSeconds", ("greater than or equal to 1",),
+        id="step-timeout-zero",
+    ),
+    pytest.param(
+        workflow(step("map"), cleanup="Sometimes"), "spec.cleanup", ("'Always'", "'Never'"),
+        id="unknown-cleanup-policy",
+    ),
+    pytest.param(
+        workflow(step("map"), backend="nomad"), "spec.backend", ("'docker'", "'kubernetes'"),
+        id="unknown-backend",
+    ),
+    pytest.param(
+        workflow(), "spec.steps", ("at least 1 item",),
+        id="no-steps",
+    ),
+    pytest.param(
+        {**workflow(step("map")), "apiVersion": "agentainer.dev/v1"}, "apiVersion",
+        ("must be 'agentainer.dev/v1alpha1'", "not 'agentainer.dev/v1'"),
+        id="wrong-api-version",
+    ),
+    pytest.param(
+        {**workflow(step("map")), "kind": "AgentPool"}, "kind",
+        ("must be 'Workflow'", "not 'AgentPool'"),
+        id="wrong-kind",
+    ),
+    pytest.param(
+        {**workflow(step("map")), "metadata": {"name": "Word_Count"}}, "metadata.name",
+        ("'Word_Count'", "DNS-1123 name"),
+        id="workflow-name-invalid",
+    ),
+    pytest.param(
+        {**workflow(step("map")), "specs": {}}, "specs", ("unknown field",),
+        id="unknown-top-level-field",
+    ),
+]
+
+
+@pytest.mark.parametrize(("document", "path", "words"), REFUSED)
+def test_invalid_workflow_is_refused_at_the_field_path_with_a_message_saying_why(
+    document: dict[str, Any], path: str, words: tuple[str, ...]
+) -> None:
+    assert_reported(problems_of(document), path, words)
+
+
+ACCEPTED = [
+    pytest.param(workflow(step("a" * 63)), id="step-name-of-63-characters"),
+    pytest.param(workflow(step("map-2"), step("0x")), id="step-names-with-digits-and-dash"),
+    pytest.param(
+        workflow(step("map", parallel={"items": ["a", "b"], "maxWorkers": 1},
+                      command=["echo", "{{ item }}"])),
+        id="item-in-an-items-fan-out",
+    ),
+    pytest.param(
+        workflow(step("map", parallel={"replicas": 3}),
+                 step("reduce", env=[{"name": "C", "value": "{{ steps.map.outputs }}"}])),
+        id="outputs-of-a-fan-out",
+    ),
+    pytest.param(
+        workflow(step("map", parallel={"items": ["only"]}),
+                 step("reduce", env=[{"name": "C", "value": "{{ steps.map.output }}"}])),
+        id="output-of-a-fan-out-of-one",
+    ),
+    pytest.param(
+        workflow(step("init"), step("map"),
+                 step("reduce", args=["{{ steps.init.output }}", "{{ steps.map.output }}"])),
+        id="output-of-an-ancestor-through-default-dependencies",
+    ),
+    pytest.param(
+        workflow(step("left", dependsOn=[]), step("right", dependsOn=[]),
+                 step("join", dependsOn=["left", "right"],
+                      command=["echo", "{{ steps.left.output }}{{ steps.right.output }}"])),
+        id="diamond-join-reads-both-branches",
+    ),
+    pytest.param(
+        workflow(step("map", command=["echo", '{{ "{{" }} not a template }}'])),
+        id="literal-braces",
+    ),
+    pytest.param(
+        workflow(step("map"), env=[{"name": "RUN", "value": "{{ workflow.name }}-{{ workflow.uid }}"}]),
+        id="workflow-env-with-workflow-templates",
+    ),
+    pytest.param(workflow({"name": "report", "pool": "busybox-pool"}), id="pooled-step-without-image"),
+    pytest.param(
+        workflow(step("map", resources={"cpu": "500m", "memory": "64Mi"})),
+        id="kubernetes-quantities",
+    ),
+]
+
+
+@pytest.mark.parametrize("document", ACCEPTED)
+def test_valid_workflow_is_accepted(document: dict[str, Any]) -> None:
+    parse_workflow(document)
+
+
+# --- the DAG ------------------------------------------------------------------------------------
+
+
+def test_cycle_is_refused_with_the_cycle_in_the_message() -> None:
+    problems = problems_of(workflow(
+        step("fetch", dependsOn=["merge"]),
+        step("split", dependsOn=["fetch"]),
+        step("merge", dependsOn=["split"]),
+    ))
+    assert_reported(problems, "spec.steps[0].dependsOn",
+                    ("dependency cycle", "fetch -> merge -> split -> fetch"))
+
+
+def test_cycle_through_the_default_dependency_is_refused() -> None:
+    problems = problems_of(workflow(step("a", dependsOn=["b"]), step("b")))
+    assert_reported(problems, "spec.steps[0].dependsOn", ("dependency cycle: a -> b -> a",))
+
+
+def test_duplicate_step_name_is_not_also_reported_as_a_cycle() -> None:
+    problems = problems_of(workflow(step("map"), step("map")))
+    assert problems == [("spec.steps[1].name", "duplicate step name 'map'")]
+
+
+def test_default_dependency_is_the_previous_step_and_an_empty_list_makes_a_root() -> None:
+    spec = parse_workflow(workflow(
+        step("init"),
+        step("map"),
+        step("side", dependsOn=[]),
+        step("reduce", dependsOn=["map", "side"]),
+        step("report"),
+    )).spec
+    assert spec.dependency_map() == {
+        "init": [],
+        "map": ["init"],
+        "side": [],
+        "reduce": ["map", "side"],
+        "report": ["reduce"],
+    }
+
+
+# --- resources ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("cpu", "nano_cpus"), [
+    ("500m", 500_000_000),
+    ("1.5", 1_500_000_000),
+    ("2", 2_000_000_000),
+    ("250u", 250_000),
+])
+def test_cpu_quantity_is_converted_exactly_to_nano_cpus(cpu: str, nano_cpus: int) -> None:
+    assert Resources(cpu=cpu).nano_cpus == nano_cpus
+
+
+@pytest.mark.parametrize(("memory", "memory_bytes"), [
+    ("64Mi", 64 * 1024 * 1024),
+    ("1G", 1_000_000_000),
+    ("1Gi", 1024**3),
+    ("500M", 500_000_000),
+    ("1.5", 2),  # fractions of a byte round up, as in Kubernetes
+])
+def test_memory_quantity_is_converted_exactly_to_bytes(memory: str, memory_bytes: int) -> None:
+    assert Resources(memory=memory).memory_bytes == memory_bytes
+
+
+def test_unset_limits_convert_to_none() -> None:
+    assert Resources().nano_cpus is None
+    assert Resources().memory_bytes is None
+
+
+@pytest.mark.parametrize(("quantity", "words"), [
+    ("lots", ("'lots' is not a Kubernetes quantity", "500m", "64Mi")),
+    ("1.5.5", ("is not a Kubernetes quantity",)),
+    ("-1", ("'-1' must be greater than zero",)),
+    ("0", ("'0' must be greater than zero",)),
+])
+@pytest.mark.parametrize("field", ["cpu", "memory"])
+def test_resource_that_is_not_a_positive_quantity_is_refused(
+    field: str, quantity: str, words: tuple[str, ...]
+) -> None:
+    problems = problems_of(workflow(step("map", resources={field: quantity})))
+    assert_reported(problems, f"spec.steps[0].resources.{field}", words)
+
+
+# --- several problems at once -------------------------------------------------------------------
+
+
+def test_every_structural_problem_is_reported_at_once() -> None:
+    problems = problems_of(workflow(
+        step("Map", parallel={"replicas": 2, "maxWorkers": 0}),
+        step("reduce", colour="blue", resources={"cpu": "lots"}),
+    ))
+    paths = {path for path, _ in problems}
+    assert {
+        "spec.steps[0].name",
+        "spec.steps[0].parallel.maxWorkers",
+        "spec.steps[1].colour",
+        "spec.steps[1].resources.cpu",
+    } <= paths
+
+
+def test_every_semantic_problem_is_reported_at_once() -> None:
+    problems = problems_of(workflow(
+        step("map", parallel={"items": ["a"], "replicas": 2}),
+        step("map"),
+        step("reduce", dependsOn=["nothing"], env=[{"name": "AGENTAINER_X", "value": "1"}]),
+        {"name": "report", "command": ["echo", "{{ item }}"]},
+    ))
+    paths = {path for path, _ in problems}
+    assert {
+        "spec.steps[0].parallel",
+        "spec.steps[1].name",
+        "spec.steps[2].dependsOn[0]",
+        "spec.steps[2].env[0].name",
+        "spec.steps[3].image",
+        "spec.steps[3].command[1]",
+    } <= paths
+
+
+def test_error_message_names_the_file_and_every_problem() -> None:
+    with pytest.raises(InvalidSpecError) as caught:
+        parse_workflow(workflow(step("map"), step("map", image="")), source="wordcount.yaml")
+    message = str(caught.value)
+    assert message.startswith("wordcount.yaml: ")
+    assert "spec.steps[1].image: " in message
+
+
+# --- AgentPool ----------------------------------------------------------------------------------
+
+
+def test_pool_with_min_size_above_max_size_is_refused() -> None:
+    with pytest.raises(InvalidSpecError) as caught:
+        parse_agent_pool(pool(minSize=5, maxSize=3))
+    assert [(p.path, p.message) for p in caught.value.problems] == [
+        ("spec.minSize", "5 is above maxSize 3")
+    ]
+
+
+def test_pool_with_min_size_equal_to_max_size_is_accepted() -> None:
+    parsed = parse_agent_pool(pool(minSize=3, maxSize=3))
+    assert (parsed.spec.min_size, parsed.spec.max_size) == (3, 3)
+
+
+@pytest.mark.parametrize(("document", "path", "words"), [
+    pytest.param({**pool(), "spec": {"minSize": 1}}, "spec.image", ("Field required",),
+                 id="image-missing"),
+    pytest.param(pool(maxSize=0), "spec.maxSize", ("greater than or equal to 1",),
+                 id="max-size-zero"),
+    pytest.param(pool(size=3), "spec.size", ("unknown field",), id="unknown-field"),
+    pytest.param({**pool(), "kind": "Workflow"}, "kind", ("must be 'AgentPool'",),
+                 id="wrong-kind"),
+])
+def test_invalid_pool_is_refused_at_the_field_path(
+    document: dict[str, Any], path: str, words: tuple[str, ...]
+) -> None:
+    with pytest.raises(InvalidSpecError) as caught:
+        parse_agent_pool(document)
+    assert_reported([(p.path, p.message) for p in caught.value.problems], path, words)
