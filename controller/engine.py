@@ -214,6 +214,7 @@ Observer = Callable[[Event, WorkflowStatus], None]
 class StopReason(StrEnum):
     CANCELLED = "Cancelled"
     DEADLINE_EXCEEDED = "DeadlineExceeded"
+    DETACHED = "Detached"
 
 
 @dataclass(frozen=True)
@@ -253,12 +254,24 @@ class WorkflowRun:
         self.stop_reason: StopReason | None = None
         self._stop = asyncio.Event()
         self._step_tasks: dict[str, asyncio.Task[bool]] = {}
+        self._restored_outputs: dict[str, dict[int, str]] = {}
 
     def cancel(self) -> None:
         """Stop the run: running agents are stopped and cleaned up, the phase is Cancelled."""
         if self.stop_reason is None:
             self.stop_reason = StopReason.CANCELLED
         self._stop.set()
+
+    def detach(self) -> None:
+        """Stop watching without touching anything: agents run on and the state stays as it is,
+        for another process (a restarted controller) to resume from the store and the labels."""
+        if self.stop_reason is None:
+            self.stop_reason = StopReason.DETACHED
+        self._stop.set()
+
+    @property
+    def detached(self) -> bool:
+        return self.stop_reason is StopReason.DETACHED
 
     # --- recording ------------------------------------------------------------------------------
 
@@ -301,19 +314,30 @@ class WorkflowRun:
     async def execute(self) -> WorkflowStatus:
         """Run to the end; returns the final status (also kept in ``self.status``)."""
         status = self.status
+        if await self._restore():
+            if status.phase.finished:
+                return status
+            self._emit(EventKind.WORKFLOW_STARTED,
+                       f"workflow {self.workflow.metadata.name} resumed at {status.progress}")
+        else:
+            status.started_at = now()
+            status.progress = f"0/{self.units_total}"
+            self._emit(EventKind.WORKFLOW_STARTED,
+                       f"workflow {self.workflow.metadata.name} started")
         status.phase = WorkflowPhase.RUNNING
-        status.started_at = now()
-        status.progress = f"0/{self.units_total}"
         await self.store.record(self.uid, Record(workflow=self._workflow_fields(),
                                                  started_at=time.time()))
-        self._emit(EventKind.WORKFLOW_STARTED, f"workflow {self.workflow.metadata.name} started")
         timeout = self.workflow.spec.timeout_seconds
-        deadline = time.monotonic() + timeout if timeout else None
+        deadline = None
+        if timeout:
+            deadline = time.monotonic() + timeout - _age_seconds(status.started_at)
         try:
             await self._schedule(deadline)
         finally:
             # Whatever ended the run, no step task may outlive it.
             await self._stop_steps()
+        if self.detached:
+            return status
         if self.stop_reason is StopReason.CANCELLED:
             status.phase = WorkflowPhase.CANCELLED
             status.message = "cancelled"
@@ -338,6 +362,54 @@ class WorkflowRun:
         self._emit(EventKind.WORKFLOW_FINISHED,
                    f"workflow {self.workflow.metadata.name} {status.phase.value.lower()}")
         return status
+
+    async def _restore(self) -> bool:
+        """Take up what an earlier process recorded for this uid; False when there is nothing.
+
+        Steps that succeeded keep their outputs and are not run again; agents that were running
+        are adopted by ``_run_unit`` through their labels, never started a second time.
+        """
+        workflow = await self.store.workflow(self.uid)
+        if not workflow:
+            return False
+        status = self.status
+        status.started_at = workflow.get("startedAt") or now()
+        records = await self.store.agents(self.uid)
+        for record in sorted(records.values(), key=lambda r: (r["index"], r["attempt"])):
+            if record.get("step") in self.steps:
+                status.step(record["step"]).agents.append(AgentStatus.model_validate(record))
+        for name, state in (await self.store.steps(self.uid)).items():
+            if name not in self.steps:
+                continue
+            step = status.step(name)
+            step.attempts = len(step.agents)
+            step.started_at = state.get("startedAt")
+            step.finished_at = state.get("finishedAt")
+            step.message = state.get("message")
+            outputs = await self.store.outputs(self.uid, name)
+            self._restored_outputs[name] = outputs
+            self.units_done += len(outputs)
+            phase = StepPhase(state.get("phase", StepPhase.PENDING))
+            if phase is StepPhase.SUCCEEDED:
+                self._step_succeeded(self.steps[name], step,
+                                     [outputs.get(i, "") for i in range(self.steps[name].width)])
+            elif phase in (StepPhase.FAILED, StepPhase.SKIPPED, StepPhase.CANCELLED):
+                step.phase = phase
+                if phase is StepPhase.FAILED:
+                    self.failed_step = self.failed_step or name
+        status.progress = f"{self.units_done}/{self.units_total}"
+        stored_phase = WorkflowPhase(workflow.get("phase") or WorkflowPhase.PENDING)
+        if stored_phase.finished:
+            status.phase = stored_phase
+            status.finished_at = workflow.get("finishedAt") or None
+            status.message = workflow.get("message") or None
+        return True
+
+    def _step_succeeded(self, step: Step, status: StepStatus, outputs: list[str]) -> None:
+        self.outputs[step.name] = outputs
+        status.phase = StepPhase.SUCCEEDED
+        status.outputs = outputs
+        status.output = outputs[0] if step.width == 1 else json.dumps(outputs)
 
     def _ready_steps(self) -> list[str]:
         ready = []
@@ -405,6 +477,8 @@ class WorkflowRun:
         await self._skip_unstarted()
 
     async def _skip_unstarted(self) -> None:
+        if self.detached:
+            return
         for step in self.status.steps:
             if step.phase is not StepPhase.PENDING:
                 continue
@@ -426,7 +500,7 @@ class WorkflowRun:
     async def _run_step(self, step: Step) -> bool:
         status = self.status.step(step.name)
         status.phase = StepPhase.RUNNING
-        status.started_at = now()
+        status.started_at = status.started_at or now()
         if step.pool is not None:
             return await self._fail_step(status, PoolUnavailableError(
                 f"AgentPool {step.pool} is not available: this runner has no pools"))
@@ -454,6 +528,8 @@ class WorkflowRun:
                 for index in range(step.width):
                     group.create_task(unit(index), name=f"{step.name}-{index}")
         except asyncio.CancelledError:
+            if self.detached:
+                raise
             deadline = self.stop_reason is StopReason.DEADLINE_EXCEEDED
             status.phase = StepPhase.FAILED if deadline else StepPhase.CANCELLED
             status.message = ("stopped: the workflow exceeded its timeout" if deadline
@@ -470,11 +546,7 @@ class WorkflowRun:
             if self.failed_step is None:
                 self.failed_step = step.name
         else:
-            outputs = [r or "" for r in results]
-            self.outputs[step.name] = outputs
-            status.phase = StepPhase.SUCCEEDED
-            status.outputs = outputs
-            status.output = outputs[0] if step.width == 1 else json.dumps(outputs)
+            self._step_succeeded(step, status, [r or "" for r in results])
         await self._record_step(status)
         self._emit(EventKind.STEP_FINISHED, f"step {step.name} {status.phase.value.lower()}",
                    status)
@@ -492,9 +564,24 @@ class WorkflowRun:
     async def _run_unit(self, step: Step, status: StepStatus, index: int) -> AttemptOutcome:
         """One item (or replica) of a step, with its retries."""
         retries = step.retries.limit if step.retries else 0
+        restored = self._restored_outputs.get(step.name, {})
+        if index in restored:
+            return AttemptOutcome(True, restored[index])  # finished before a restart
         attempt = 1
+        adopt: AgentStatus | None = None
+        earlier = [a for a in status.agents if a.index == index]
+        if earlier:
+            last = earlier[-1]
+            if last.phase in (AgentPhase.CREATED, AgentPhase.RUNNING):
+                attempt, adopt = last.attempt, last
+            elif last.attempt > retries:
+                status.message = status.message or f"agent {last.name} failed"
+                return AttemptOutcome(False, retryable=False)
+            else:
+                attempt = last.attempt + 1
         while True:
-            outcome = await self._run_attempt(step, status, index, attempt)
+            outcome = await self._run_attempt(step, status, index, attempt, adopt)
+            adopt = None
             if outcome.succeeded:
                 return outcome
             if not outcome.retryable or attempt > retries or self.stop_reason is not None:
@@ -508,25 +595,50 @@ class WorkflowRun:
             await asyncio.sleep(delay)
             attempt += 1
 
-    async def _run_attempt(self, step: Step, status: StepStatus, index: int,
-                           attempt: int) -> AttemptOutcome:
-        """Start one agent, wait for it, record it, clean it up."""
+    async def _adoptable(self, agent: AgentStatus) -> AgentHandle | None:
+        """The container of an agent recorded by an earlier process, if it got to start;
+        one that was only created is removed, to be started afresh under the same name."""
+        found = await self.backend.list_agents({LABEL_WORKFLOW_UID: self.uid,
+                                                LABEL_AGENT_ID: label_value(agent.id)})
+        for handle in found:
+            if handle.state != "created":
+                return handle
+            await self.backend.remove(handle)
+        return None
+
+    async def _run_attempt(self, step: Step, status: StepStatus, index: int, attempt: int,
+                           adopt: AgentStatus | None = None) -> AttemptOutcome:
+        """Start one agent (or adopt the one an earlier process started), wait for it, record
+        it, clean it up."""
         spec = build_agent_spec(self.workflow, self.uid, step, index, attempt, self.outputs)
-        agent = AgentStatus(id=agent_id(step.name, index, attempt), name=spec.name, index=index,
-                            attempt=attempt, phase=AgentPhase.CREATED, created_at=now())
-        status.agents.append(agent)
-        status.attempts += 1
-        await self._record_agent(agent, None, status)
-        handle: AgentHandle | None = None
-        starting = asyncio.ensure_future(self.backend.start(spec))
+        handle: AgentHandle | None = await self._adoptable(adopt) if adopt else None
+        if adopt is not None:
+            agent = adopt
+        else:
+            agent = AgentStatus(id=agent_id(step.name, index, attempt), name=spec.name,
+                                index=index, attempt=attempt, phase=AgentPhase.CREATED,
+                                created_at=now())
+            status.agents.append(agent)
+            status.attempts += 1
+            await self._record_agent(agent, None, status)
+        timeout: float | None = step.timeout_seconds
+        starting: asyncio.Future[AgentHandle] | None = None
         try:
-            handle = await asyncio.shield(starting)
-            agent.phase = AgentPhase.RUNNING
-            agent.started_at = now()
-            await self._record_agent(agent, handle)
-            self._emit(EventKind.AGENT_STARTED, f"agent {agent.name} started", status, agent)
+            if handle is None:
+                starting = asyncio.ensure_future(self.backend.start(spec))
+                handle = await asyncio.shield(starting)
+                agent.phase = AgentPhase.RUNNING
+                agent.started_at = now()
+                await self._record_agent(agent, handle)
+                self._emit(EventKind.AGENT_STARTED, f"agent {agent.name} started", status, agent)
+            else:
+                agent.phase = AgentPhase.RUNNING
+                agent.started_at = agent.started_at or now()
+                if timeout:
+                    timeout = max(0.0, timeout - _age_seconds(agent.started_at))
+                self._emit(EventKind.AGENT_STARTED, f"agent {agent.name} adopted", status, agent)
             try:
-                result = await asyncio.wait_for(self.backend.wait(handle), step.timeout_seconds)
+                result = await asyncio.wait_for(self.backend.wait(handle), timeout)
                 reason = (AgentReason.OOM_KILLED if result.oom_killed else
                           AgentReason.COMPLETED if result.exit_code == 0 else AgentReason.ERROR)
             except TimeoutError:
@@ -534,7 +646,9 @@ class WorkflowRun:
                 result = await self.backend.wait(handle)
                 reason = AgentReason.DEADLINE_EXCEEDED
         except asyncio.CancelledError:
-            if handle is None:
+            if self.detached:
+                raise  # the agent runs on, to be adopted
+            if handle is None and starting is not None:
                 # Cancelled while the backend was creating it: let that finish, then stop it,
                 # so that no agent is left behind.
                 handle = await _settled(starting)
@@ -614,6 +728,14 @@ class WorkflowRun:
             await self.backend.remove(handle)
         except AgentainerError as error:
             logger.warning("could not remove agent %s: %s", handle.name, error)
+
+
+def _age_seconds(timestamp: str | None) -> float:
+    """Seconds since an RFC 3339 time of ours; 0 when there is none."""
+    if not timestamp:
+        return 0.0
+    then = datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+    return max(0.0, (datetime.now(UTC) - then).total_seconds())
 
 
 async def _settled(starting: asyncio.Future[AgentHandle]) -> AgentHandle | None:

@@ -38,6 +38,8 @@ class AgentHandle:
     id: str
     name: str
     labels: dict[str, str] = field(default_factory=dict)
+    state: str = "running"
+    """``created`` (never started), ``running``, or ``exited``."""
 
 
 @dataclass(frozen=True)

@@ -192,7 +192,12 @@ class DockerBackend:
             containers = self._client.api.containers(all=True, filters=filters)
         return [
             AgentHandle(
-                id=c["Id"], name=c["Names"][0].lstrip("/"), labels=dict(c.get("Labels") or {})
+                id=c["Id"],
+                name=c["Names"][0].lstrip("/"),
+                labels=dict(c.get("Labels") or {}),
+                state="created" if c.get("State") == "created" else
+                      "running" if c.get("State") in ("running", "restarting", "paused")
+                      else "exited",
             )
             for c in containers
         ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from datetime import datetime
 from typing import Any
 
@@ -339,3 +340,45 @@ def test_agent_over_its_memory_limit_is_reported_oom_killed(runner: Runner) -> N
     agent = status.step("hog").agents[0]
     assert agent.reason is AgentReason.OOM_KILLED
     assert "ran out of memory (limit 16Mi)" in (status.step("hog").message or "")
+
+
+def test_a_new_run_resumes_from_redis_and_adopts_running_agents(runner: Runner) -> None:
+    """What a restarted controller does: the first run goes away mid-fan-out without touching
+    anything; a second run of the same uid finishes the work without starting any agent twice."""
+    document = workflow_doc(
+        {"name": "first", "command": sh("echo one")},
+        {"name": "fan", "parallel": {"replicas": 3}, "command": sh("sleep 2; echo $AGENTAINER_ITEM_INDEX")},
+        {"name": "last", "env": [{"name": "ALL", "value": "{{ steps.fan.outputs }}"}],
+         "command": sh('echo "$ALL"')},
+        cleanup="Never",
+    )
+    document["metadata"]["uid"] = str(uuid.uuid4())
+
+    async def go() -> Any:
+        run, store, backend = await runner.start(document)
+        task = asyncio.create_task(run.execute())
+        while sum(a.phase.value == "Running" for a in run.status.step("fan").agents) < 3:
+            await asyncio.sleep(0.05)
+        run.detach()
+        interrupted = await task
+        await backend.close()
+        await store.close()
+        second, store, backend = await runner.start(document)
+        final = await second.execute()
+        await backend.close()
+        await store.close()
+        return interrupted, final
+
+    interrupted, status = asyncio.run(go())
+
+    assert interrupted.phase is WorkflowPhase.RUNNING  # detached, not cancelled
+    assert status.phase is WorkflowPhase.SUCCEEDED, status.message
+    assert status.step("fan").outputs == ["0", "1", "2"]
+    assert status.step("last").output == '["0", "1", "2"]'
+    assert [a.attempt for a in status.step("fan").agents] == [1, 1, 1]
+    containers = runner.containers(document["metadata"]["uid"])
+    by_step: dict[str, int] = {}
+    for container in containers:
+        step = container.labels["agentainer.dev/step"]
+        by_step[step] = by_step.get(step, 0) + 1
+    assert by_step == {"first": 1, "fan": 3, "last": 1}  # nothing ran twice
