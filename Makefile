@@ -1,15 +1,15 @@
 # make demo   installs what is missing, starts Docker and Redis, runs the MapReduce example
-# make test   the same set-up, then every test
+# make test   the same set-up (and a kube-apiserver built from source, once), then every test
 VENV ?= .venv
 PY := $(VENV)/bin/python
 AGENTAINER := $(VENV)/bin/agentainer
 
-.PHONY: demo test test-unit setup docker redis image venv bench lint clean
+.PHONY: demo test test-unit setup docker redis image venv bench lint clean crds cluster cluster-down controller kube
 
 demo: setup redis
 	$(AGENTAINER) run examples/mapreduce.yaml
 
-test: setup
+test: setup kube
 	$(VENV)/bin/lint-imports
 	$(PY) -m mypy
 	$(PY) -m pytest tests
@@ -31,6 +31,21 @@ image:
 
 venv:
 	scripts/setup.sh venv
+
+crds: venv
+	$(PY) -m controller.crds
+
+kube:
+	scripts/build-kube.sh >/dev/null
+
+cluster: venv kube
+	$(PY) scripts/cluster.py up
+
+cluster-down:
+	$(PY) scripts/cluster.py down
+
+controller: setup redis
+	KUBECONFIG=$${KUBECONFIG:-$$HOME/.cache/agentainer/cluster/kubeconfig} $(AGENTAINER) controller
 
 bench: setup
 	$(PY) benchmarks/engine_overhead.py

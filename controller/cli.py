@@ -176,6 +176,22 @@ def command_validate(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else EXIT_SUCCEEDED
 
 
+def command_controller(args: argparse.Namespace) -> int:
+    """The operator: ``kopf run -m controller.handlers`` with our options."""
+    import kopf  # the CLI's other commands do without it
+
+    import controller.handlers  # noqa: F401  (registers the handlers)
+
+    Settings.from_env()  # refuse bad settings before connecting anywhere
+    namespaces = args.namespace or []
+    kopf.run(
+        clusterwide=not namespaces,
+        namespaces=namespaces,
+        standalone=True,
+    )
+    return EXIT_SUCCEEDED
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="agentainer", description="Run workflows of agent containers."
@@ -194,6 +210,12 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--redis-url", default=None,
                      help="Redis URL (default: $AGENTAINER_REDIS_URL or redis://localhost:6379/0)")
     run.set_defaults(handler=command_run)
+
+    operator = commands.add_parser(
+        "controller", help="run the Kubernetes operator (kopf run -m controller.handlers)")
+    operator.add_argument("-n", "--namespace", action="append", metavar="NS",
+                          help="watch only this namespace (repeatable; default: all)")
+    operator.set_defaults(handler=command_controller)
 
     validate = commands.add_parser("validate", help="check Workflow and AgentPool manifests")
     validate.add_argument("files", nargs="+", metavar="FILE")

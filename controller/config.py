@@ -45,6 +45,16 @@ class Settings:
     """Characters of a step's output copied into the resource's status; the rest stays in the
     store. Kept small because a custom resource must stay far below etcd's 1.5 MB limit."""
 
+    metrics_host: str = "0.0.0.0"
+    """Address the controller serves ``/metrics`` and ``/healthz`` on."""
+
+    metrics_port: int = 8080
+    """Port of ``/metrics`` and ``/healthz``; 0 turns the endpoint off."""
+
+    status_interval_seconds: int = 1
+    """The controller writes a running workflow's status at most this often, in seconds, so
+    that a fan-out of many agents does not flood the API server with patches."""
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
         """Build settings from ``AGENTAINER_*`` variables, then apply explicit overrides."""
@@ -82,7 +92,7 @@ class Settings:
                     f"{ENV_PREFIX}{name.upper()}={value!r}: must be one of {', '.join(allowed)}"
                 )
         minimums = {"docker_threads": 1, "state_ttl_seconds": 0, "stop_grace_seconds": 0,
-                    "status_output_limit": 0}
+                    "status_output_limit": 0, "metrics_port": 0, "status_interval_seconds": 0}
         for name, minimum in minimums.items():
             if getattr(self, name) < minimum:
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be at least {minimum}")

@@ -711,6 +711,8 @@ class WorkflowRun:
             await self._record_agent(agent, handle, status)
         except AgentainerError as error:
             logger.warning("could not record agent %s: %s", agent.name, error)
+        self._emit(EventKind.AGENT_FINISHED, f"agent {agent.name} stopped ({agent.reason})",
+                   status, agent)
         if handle is not None:
             await self._cleanup(handle, succeeded=False)
 

@@ -29,6 +29,9 @@ DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
 RESERVED_ENV_PREFIX = "AGENTAINER_"
+# Kubernetes' own pattern for quantities, so that the API server refuses what we would.
+QUANTITY = (r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+            r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$")
 
 DnsLabel = Annotated[str, Field(pattern=DNS_LABEL, min_length=1, max_length=63)]
 
@@ -101,6 +104,8 @@ class ApiModel(BaseModel):
 
 
 class EnvVar(ApiModel):
+    """An environment variable of the agents."""
+
     name: str = Field(
         pattern=ENV_NAME,
         max_length=253,
@@ -129,13 +134,17 @@ def parse_quantity(text: str) -> Decimal:
 
 
 class Resources(ApiModel):
+    """Limits of each agent, as Kubernetes quantities."""
+
     cpu: str | None = Field(
         default=None,
         description="CPU limit as a Kubernetes quantity: 500m is half a core, 2 is two cores.",
+        json_schema_extra={"pattern": QUANTITY},
     )
     memory: str | None = Field(
         default=None,
         description="Memory limit as a Kubernetes quantity: 64Mi, 1Gi, 500M.",
+        json_schema_extra={"pattern": QUANTITY},
     )
 
     @field_validator("cpu", "memory")
@@ -161,6 +170,8 @@ class Resources(ApiModel):
 
 
 class RetryPolicy(ApiModel):
+    """How failed agents are run again."""
+
     limit: int = Field(
         default=0, ge=0, le=100, description="How many times a failed agent is run again."
     )
@@ -177,6 +188,13 @@ class RetryPolicy(ApiModel):
 
 
 class Parallel(ApiModel):
+    """Fan-out: one agent per item, or N replicas."""
+
+    # Not a CEL rule: CEL cannot see `items`, whose elements may be any JSON value.
+    model_config = ApiModel.model_config | ConfigDict(json_schema_extra={
+        "oneOf": [{"required": ["items"]}, {"required": ["replicas"]}],
+    })
+
     items: list[Any] | None = Field(
         default=None,
         min_length=1,
@@ -199,6 +217,15 @@ class Parallel(ApiModel):
 
 
 class Step(ApiModel):
+    """One step: one agent, a fan-out of agents, or agents leased from a pool."""
+
+    model_config = ApiModel.model_config | ConfigDict(json_schema_extra={
+        "x-kubernetes-validations": [{
+            "rule": "has(self.image) != has(self.pool)",
+            "message": "set exactly one of image or pool",
+        }],
+    })
+
     name: DnsLabel = Field(description="Step name, a DNS-1123 label unique in the workflow.")
     image: str | None = Field(
         default=None,
@@ -245,6 +272,15 @@ class Step(ApiModel):
 
 
 class WorkflowSpec(ApiModel):
+    """The steps to run and how."""
+
+    model_config = ApiModel.model_config | ConfigDict(json_schema_extra={
+        "x-kubernetes-validations": [{
+            "rule": "self.steps.all(s, self.steps.exists_one(t, t.name == s.name))",
+            "message": "step names must be unique",
+        }],
+    })
+
     description: str | None = Field(
         default=None, max_length=1024, description="What this workflow does, for people."
     )
@@ -298,6 +334,15 @@ class Workflow(ApiModel):
 
 
 class AgentPoolSpec(ApiModel):
+    """Warm agents of one image, leased by pooled steps."""
+
+    model_config = ApiModel.model_config | ConfigDict(json_schema_extra={
+        "x-kubernetes-validations": [{
+            "rule": "self.minSize <= self.maxSize",
+            "message": "minSize must not be above maxSize",
+        }],
+    })
+
     backend: Backend | None = Field(default=None, description="Where the pool's agents run.")
     image: str = Field(min_length=1, description="Image of every agent in the pool.")
     min_size: int = Field(default=1, ge=0, le=1000, description="Warm agents kept at least.")
@@ -334,54 +379,86 @@ class StatusModel(BaseModel):
 
 
 class Condition(StatusModel):
-    type: str
-    status: ConditionStatus
-    reason: str
-    message: str = ""
-    last_transition_time: str
+    """A standard Kubernetes condition."""
+
+    type: str = Field(description="Completed, Invalid, SpecChangeIgnored, Ready, ...")
+    status: ConditionStatus = Field(description="True, False or Unknown.")
+    reason: str = Field(description="One CamelCase word saying why.")
+    message: str = Field(default="", description="Details for people.")
+    last_transition_time: str = Field(description="When status last changed (RFC 3339).")
 
 
 class AgentStatus(StatusModel):
-    id: str
-    name: str
-    index: int
-    attempt: int
-    phase: AgentPhase
-    exit_code: int | None = None
-    reason: AgentReason | None = None
-    created_at: str | None = None
-    started_at: str | None = None
-    finished_at: str | None = None
+    """One agent (one attempt of one item of a step)."""
+
+    id: str = Field(description="step.index.attempt, unique in the workflow.")
+    name: str = Field(description="Container or pod name.")
+    index: int = Field(description="Item or replica index in the step.")
+    attempt: int = Field(description="1 for the first run, 2 for the first retry, ...")
+    phase: AgentPhase = Field(description="Created, Running, Succeeded or Failed.")
+    exit_code: int | None = Field(default=None, description="Exit code, once stopped.")
+    reason: AgentReason | None = Field(default=None, description="Why it stopped.")
+    created_at: str | None = Field(default=None, description="When it was created.")
+    started_at: str | None = Field(default=None, description="When it started.")
+    finished_at: str | None = Field(default=None, description="When it stopped.")
 
 
 class StepStatus(StatusModel):
-    name: str
-    phase: StepPhase = StepPhase.PENDING
-    agents: list[AgentStatus] = Field(default_factory=list)
-    attempts: int = 0
-    output: str | None = None
-    outputs: list[str] | None = None
-    output_truncated: bool | None = None
-    started_at: str | None = None
-    finished_at: str | None = None
-    message: str | None = None
+    """What became of one step."""
+
+    name: str = Field(description="The step's name.")
+    phase: StepPhase = Field(default=StepPhase.PENDING,
+                             description="Pending, Running, Succeeded, Failed, Skipped, Cancelled.")
+    agents: list[AgentStatus] = Field(default_factory=list, description="Its agents.")
+    attempts: int = Field(default=0, description="Agent runs, retries included.")
+    output: str | None = Field(
+        default=None,
+        description="Output (trimmed stdout); a JSON list for a fan-out. Truncated here; "
+                    "full in the store.",
+    )
+    outputs: list[str] | None = Field(
+        default=None, description="Every agent's output (CLI only; not kept in the resource)."
+    )
+    output_truncated: bool | None = Field(default=None, description="Output was cut here.")
+    started_at: str | None = Field(default=None, description="When it started.")
+    finished_at: str | None = Field(default=None, description="When it ended.")
+    message: str | None = Field(default=None, description="Why it failed or was skipped.")
 
 
 class WorkflowStatus(StatusModel):
-    phase: WorkflowPhase = WorkflowPhase.PENDING
-    started_at: str | None = None
-    finished_at: str | None = None
-    observed_generation: int | None = None
-    progress: str = "0/0"
-    message: str | None = None
-    steps: list[StepStatus] = Field(default_factory=list)
-    conditions: list[Condition] = Field(default_factory=list)
+    """What the controller observed of a Workflow."""
+
+    phase: WorkflowPhase = Field(default=WorkflowPhase.PENDING,
+                                 description="Pending, Running, Succeeded, Failed or Cancelled.")
+    started_at: str | None = Field(default=None, description="When it started.")
+    finished_at: str | None = Field(default=None, description="When it ended.")
+    observed_generation: int | None = Field(default=None,
+                                            description="The generation of spec being run.")
+    progress: str = Field(default="0/0", description="Agents succeeded / agents in all.")
+    message: str | None = Field(default=None, description="Why it failed, for people.")
+    steps: list[StepStatus] = Field(default_factory=list, description="Each step.")
+    conditions: list[Condition] = Field(default_factory=list,
+                                        description="Standard conditions.")
 
     def step(self, name: str) -> StepStatus:
         for step in self.steps:
             if step.name == name:
                 return step
         raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+class AgentPoolStatus(StatusModel):
+    """What the controller observed of an AgentPool."""
+
+    ready: int = Field(default=0, description="Warm agents waiting for a task.")
+    busy: int = Field(default=0, description="Agents running a task.")
+    total: int = Field(default=0, description="All agents of the pool.")
+    observed_generation: int | None = Field(default=None, description="Generation seen.")
+    conditions: list[Condition] = Field(default_factory=list,
+                                        description="Standard conditions.")
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)

@@ -85,6 +85,7 @@ class Store(Protocol):
     async def agents(self, uid: str) -> dict[str, dict[str, Any]]: ...
     async def outputs(self, uid: str, step: str) -> dict[int, str]: ...
     async def logs(self, uid: str) -> dict[str, str]: ...
+    async def delete(self, uid: str) -> None: ...
     async def close(self) -> None: ...
 
 
@@ -159,6 +160,15 @@ class RedisStore:
                 pipe.zremrangebyscore(Keys.workflows, 0, time.time() - ttl_seconds)
                 await pipe.execute()
 
+    async def delete(self, uid: str) -> None:
+        """Forget a workflow (its resource was deleted)."""
+        async with self._errors("deleting state"):
+            steps = [_text(step) for step in await self._client.hkeys(Keys.steps(uid))]
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.delete(*_workflow_keys(uid, steps))
+                pipe.zrem(Keys.workflows, uid)
+                await pipe.execute()
+
     async def workflow(self, uid: str) -> dict[str, str]:
         async with self._errors("reading state"):
             return _texts(await self._client.hgetall(Keys.workflow(uid)))
@@ -231,6 +241,12 @@ class MemoryStore:
 
     async def finish(self, uid: str, ttl_seconds: int) -> None:
         """Nothing outlives the process anyway."""
+
+    async def delete(self, uid: str) -> None:
+        self.index.pop(uid, None)
+        prefix = Keys.workflow(uid)
+        for key in [k for k in self.data if k == prefix or k.startswith(prefix + ":")]:
+            del self.data[key]
 
     async def workflow(self, uid: str) -> dict[str, str]:
         return dict(self.data.get(Keys.workflow(uid), {}))

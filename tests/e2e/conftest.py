@@ -1,0 +1,145 @@
+"""A real control plane (etcd + kube-apiserver built from source), the CRDs applied with kubectl,
+and the controller running as users run it; agents on the real Docker engine."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ROOT, free_port
+
+
+def _load_cluster_module() -> Any:
+    spec = importlib.util.spec_from_file_location("cluster", ROOT / "scripts" / "cluster.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["cluster"] = module  # dataclasses look their module up while defining
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def kubeconfig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A fresh etcd + kube-apiserver for the session, always torn down."""
+    cluster = _load_cluster_module()
+    directory = tmp_path_factory.mktemp("control-plane")
+    plane = cluster.up(directory)
+    try:
+        yield plane.kubeconfig
+    finally:
+        cluster.down(directory)
+
+
+@dataclass
+class Kubectl:
+    kubeconfig: str
+
+    def __call__(self, *args: str, input: str | None = None,
+                 check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(["kubectl", *args], input=input, capture_output=True, text=True,
+                                env={**os.environ, "KUBECONFIG": self.kubeconfig}, timeout=120)
+        if check and result.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed: {result.stderr}")
+        return result
+
+    def get(self, kind: str, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = json.loads(self("get", kind, name, "-o", "json").stdout)
+        return result
+
+    def wait_for(self, kind: str, name: str, check: Callable[[dict[str, Any]], bool],
+                 timeout: float = 120) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        last: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            result = self("get", kind, name, "-o", "json", check=False)
+            if result.returncode == 0:
+                last = json.loads(result.stdout)
+                if check(last):
+                    return last
+            time.sleep(0.5)
+        raise AssertionError(f"{kind}/{name} never got there; last seen: "
+                             f"{json.dumps(last.get('status'), indent=1)}")
+
+
+@pytest.fixture(scope="session")
+def kubectl(kubeconfig: str) -> Kubectl:
+    kubectl = Kubectl(kubeconfig)
+    kubectl("apply", "-f", str(ROOT / "crds"))
+    kubectl("wait", "--for", "condition=established", "--timeout=60s",
+            "crd/workflows.agentainer.dev", "crd/agentpools.agentainer.dev")
+    return kubectl
+
+
+@dataclass
+class Controller:
+    """`agentainer controller` as a process of its own, which tests may kill and restart."""
+
+    env: dict[str, str]
+    log: Path
+    metrics_port: int
+    process: subprocess.Popen[bytes] | None = None
+    starts: list[float] = field(default_factory=list)
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "controller.cli", "controller"], cwd=ROOT,
+                env={**os.environ, **self.env}, stdout=out, stderr=subprocess.STDOUT)
+        self.starts.append(time.time())
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"controller exited; see {self.log}"
+            try:
+                with urllib.request.urlopen(self.url("/healthz"), timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise AssertionError(f"controller did not come up; see {self.log}")
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}{path}"
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(self.url("/metrics"), timeout=5) as response:
+            return str(response.read().decode())
+
+
+@pytest.fixture(scope="session")
+def controller(kubectl: Kubectl, redis_url: str,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[Controller]:
+    port = free_port()
+    log = tmp_path_factory.mktemp("controller") / "controller.log"
+    controller = Controller(
+        env={"KUBECONFIG": kubectl.kubeconfig, "AGENTAINER_REDIS_URL": redis_url,
+             "AGENTAINER_METRICS_HOST": "127.0.0.1", "AGENTAINER_METRICS_PORT": str(port),
+             "AGENTAINER_STOP_GRACE_SECONDS": "1"},
+        log=log, metrics_port=port)
+    controller.start()
+    yield controller
+    controller.stop()
+    print(f"controller log: {log}")
