@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import TextIO
 
 from controller import __version__
+from controller.backends.base import LABEL_WORKFLOW_UID
 from controller.config import Settings
 from controller.engine import Engine, Event, EventKind, WorkflowRun
 from controller.errors import AgentainerError, InvalidSpecError
@@ -120,7 +121,14 @@ async def _run(workflow: Workflow, settings: Settings, output: str) -> int:
         print(f"{title}: {len(steps)} steps, {run.units_total} agents, uid {run.uid}, "
               f"state in {settings.store}", file=progress_out, flush=True)
         _cancel_on_signals(run, progress_out)
-        status = await run.execute()
+        try:
+            status = await run.execute()
+        except AgentainerError:
+            # Nobody will resume a run of this process: take its agents down with it.
+            for agent in await backend.list_agents({LABEL_WORKFLOW_UID: run.uid}):
+                await backend.stop(agent, settings.stop_grace_seconds)
+                await backend.remove(agent)
+            raise
     finally:
         await backend.close()
         await store.close()

@@ -255,6 +255,7 @@ class WorkflowRun:
         self._stop = asyncio.Event()
         self._step_tasks: dict[str, asyncio.Task[bool]] = {}
         self._restored_outputs: dict[str, dict[int, str]] = {}
+        self.interrupted_by: AgentainerError | None = None
 
     def cancel(self) -> None:
         """Stop the run: running agents are stopped and cleaned up, the phase is Cancelled."""
@@ -336,6 +337,8 @@ class WorkflowRun:
         finally:
             # Whatever ended the run, no step task may outlive it.
             await self._stop_steps()
+        if self.interrupted_by is not None:
+            raise self.interrupted_by
         if self.detached:
             return status
         if self.stop_reason is StopReason.CANCELLED:
@@ -452,6 +455,13 @@ class WorkflowRun:
         while isinstance(error, BaseExceptionGroup):
             error = error.exceptions[0]
         name = next(name for name, t in self._step_tasks.items() if t is task)
+        if isinstance(error, AgentainerError) and error.retryable:
+            # Redis or the engine is away for now: nothing failed for good, so stop watching
+            # and let the caller retry; a later run of the same uid resumes from the store.
+            logger.warning("step %s interrupted: %s", name, error)
+            self.interrupted_by = error
+            self.stop_reason = self.stop_reason or StopReason.DETACHED
+            return
         status = self.status.step(name)
         if isinstance(error, AgentainerError):
             message = str(error)

@@ -12,12 +12,16 @@ import kubernetes
 from controller.backends.base import Backend
 from controller.backends.docker import DockerBackend
 from controller.config import Settings
-from controller.errors import BackendUnavailableError, TransientError
+from controller.errors import AgentainerError, TransientError
 from controller.metrics import Metrics
 from controller.models import API_GROUP, API_VERSION, Condition, WorkflowPhase
 from controller.store import Store
 
 logger = logging.getLogger(__name__)
+
+
+class UnsupportedBackendError(AgentainerError):
+    """A resource asks for a backend this controller does not have."""
 
 
 class KubernetesError(TransientError):
@@ -41,7 +45,7 @@ class Context:
         """The backend of that name, connected on first use (so the controller starts even
         when an engine it may never need is down)."""
         if name != "docker":
-            raise BackendUnavailableError(
+            raise UnsupportedBackendError(
                 f"backend {name!r} is not available in this controller (only docker is)")
         async with self._docker_lock:
             if self._docker is None:

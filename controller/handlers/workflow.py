@@ -139,7 +139,13 @@ async def run_workflow(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonSto
     except AgentainerError as error:
         if error.retryable:
             raise kopf.TemporaryError(str(error), delay=error.delay) from error
-        raise kopf.PermanentError(str(error)) from error
+        kopf.warn(body, reason="BackendUnavailable", message=str(error))
+        await context.patch_status(PLURAL, body.metadata.namespace or "default",
+                                   body.metadata.name or "",
+                                   refused_status("BackendUnavailable", str(error),
+                                                  body.metadata.get("generation")))
+        context.workflow_phase(uid, WorkflowPhase.FAILED)
+        return
     run = WorkflowRun(workflow, backend, context.store, context.settings)
     writer = StatusWriter(context, body, run)
     metrics = WorkflowMetrics(context.metrics, backend_name.value)

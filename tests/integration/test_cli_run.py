@@ -139,3 +139,34 @@ def test_invalid_workflow_is_refused_before_anything_runs(tmp_path: Path) -> Non
     assert result.returncode == 2
     assert "spec.steps[1].dependsOn[0]: unknown step 'nope'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_redis_lost_mid_run_is_reported_and_no_agent_is_left(tmp_path: Path) -> None:
+    port = free_port()
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                               "--save", "", "--dir", str(tmp_path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    document = workflow_doc({"name": "slow", "parallel": {"replicas": 2},
+                             "command": sh("sleep 3; echo done")}, cleanup="OnSuccess")
+    name = document["metadata"]["name"]
+    client = docker.from_env()
+    try:
+        time.sleep(0.5)
+        process = subprocess.Popen(
+            [*AGENTAINER, "run", write(tmp_path, document)], cwd=ROOT, text=True,
+            env={**os.environ, "AGENTAINER_REDIS_URL": f"redis://127.0.0.1:{port}/0"},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while len(client.containers.list(filters={"label": f"{LABEL_WORKFLOW}={name}"})) < 2:
+            assert time.monotonic() < deadline, "the agents never started"
+            time.sleep(0.1)
+        server.kill()
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        server.kill()
+
+    assert process.returncode == 2
+    assert "Redis at redis://127.0.0.1" in stderr
+    assert "Traceback" not in stderr
+    assert client.containers.list(all=True, filters={"label": f"{LABEL_WORKFLOW}={name}"}) == []
+    client.close()
