@@ -35,8 +35,8 @@ class Settings:
     """``IfNotPresent`` pulls a missing image once; ``Never`` only uses images already present."""
 
     docker_threads: int = 64
-    """Threads for blocking Docker API calls; each running agent holds one while it is awaited,
-    so this bounds how many agents one process can watch at once."""
+    """Docker API calls in flight at once (each in a thread); a running agent holds one while
+    it is awaited, so this bounds how many agents one process can watch at once."""
 
     stop_grace_seconds: int = 2
     """On cancellation, seconds an agent gets after SIGTERM before it is killed."""

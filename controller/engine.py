@@ -274,6 +274,13 @@ class WorkflowRun:
     def detached(self) -> bool:
         return self.stop_reason is StopReason.DETACHED
 
+    @property
+    def _leaves_agents(self) -> bool:
+        """Agents are stopped only when the run is stopped on purpose (cancel, deadline). When
+        it is detached, or cancelled from outside (the process is going away), they run on,
+        to be adopted by whoever resumes the workflow."""
+        return self.stop_reason not in (StopReason.CANCELLED, StopReason.DEADLINE_EXCEEDED)
+
     # --- recording ------------------------------------------------------------------------------
 
     def _emit(self, kind: EventKind, message: str, step: StepStatus | None = None,
@@ -341,6 +348,7 @@ class WorkflowRun:
             raise self.interrupted_by
         if self.detached:
             return status
+        await self._skip_unstarted()
         if self.stop_reason is StopReason.CANCELLED:
             status.phase = WorkflowPhase.CANCELLED
             status.message = "cancelled"
@@ -484,7 +492,6 @@ class WorkflowRun:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        await self._skip_unstarted()
 
     async def _skip_unstarted(self) -> None:
         if self.detached:
@@ -538,7 +545,7 @@ class WorkflowRun:
                 for index in range(step.width):
                     group.create_task(unit(index), name=f"{step.name}-{index}")
         except asyncio.CancelledError:
-            if self.detached:
+            if self._leaves_agents:
                 raise
             deadline = self.stop_reason is StopReason.DEADLINE_EXCEEDED
             status.phase = StepPhase.FAILED if deadline else StepPhase.CANCELLED
@@ -656,7 +663,7 @@ class WorkflowRun:
                 result = await self.backend.wait(handle)
                 reason = AgentReason.DEADLINE_EXCEEDED
         except asyncio.CancelledError:
-            if self.detached:
+            if self._leaves_agents:
                 raise  # the agent runs on, to be adopted
             if handle is None and starting is not None:
                 # Cancelled while the backend was creating it: let that finish, then stop it,

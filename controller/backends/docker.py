@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, TypeVar
@@ -96,9 +96,7 @@ class DockerBackend:
     def __init__(self, client: docker.DockerClient, settings: Settings) -> None:
         self._client = client
         self._settings = settings
-        self._executor = ThreadPoolExecutor(
-            max_workers=settings.docker_threads, thread_name_prefix="docker"
-        )
+        self._slots = asyncio.Semaphore(settings.docker_threads)
 
     @classmethod
     async def connect(cls, settings: Settings) -> DockerBackend:
@@ -113,10 +111,36 @@ class DockerBackend:
         return cls(await asyncio.to_thread(make_client), settings)
 
     async def _call(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._executor, functools.partial(function, *args, **kwargs)
-        )
+        """Run a blocking docker-py call in a daemon thread of its own.
+
+        Not a ThreadPoolExecutor: the interpreter joins those threads at exit, so a process
+        that leaves its agents running (a controller shutting down) would wait for every
+        blocked ``wait`` call to return, that is for the agents to end.
+        """
+        async with self._slots:
+            loop = asyncio.get_running_loop()
+            future: asyncio.Future[T] = loop.create_future()
+
+            def settle(outcome: Callable[[], None]) -> None:
+                if not future.done():
+                    outcome()
+
+            def work() -> None:
+                try:
+                    result = function(*args, **kwargs)
+                except BaseException as error:  # handed over to the awaiting task
+                    deliver = functools.partial(settle, functools.partial(
+                        future.set_exception, error))
+                else:
+                    deliver = functools.partial(settle, functools.partial(
+                        future.set_result, result))
+                try:
+                    loop.call_soon_threadsafe(deliver)
+                except RuntimeError:
+                    pass  # the loop has closed: nobody is waiting any more
+
+            threading.Thread(target=work, name="docker", daemon=True).start()
+            return await future
 
     # --- blocking parts, run in the pool -------------------------------------------------------
 
@@ -220,8 +244,7 @@ class DockerBackend:
         return await self._call(self._list, labels)
 
     async def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
-        await asyncio.to_thread(self._client.close)
+        self._client.close()
 
 
 def _docker_time(value: str | None) -> datetime | None:

@@ -161,9 +161,17 @@ async def run_workflow(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonSto
     execution = asyncio.create_task(run.execute(), name=f"workflow-{workflow.metadata.name}")
     stop = asyncio.ensure_future(stopped.wait())
     try:
-        await asyncio.wait({execution, stop}, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            await asyncio.wait({execution, stop}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            # kopf cancels daemons outright when the operator exits.
+            logger.info("controller stopping: leaving the agents to be adopted on restart")
+            run.detach()
+            await asyncio.shield(execution)
+            raise
         if not execution.done():
-            if stopped.reason is not None and stopped.reason & kopf.DaemonStoppingReason.RESOURCE_DELETED:
+            reason = stopped.reason or kopf.DaemonStoppingReason(0)
+            if reason & kopf.DaemonStoppingReason.RESOURCE_DELETED:
                 logger.info("workflow deleted: stopping its agents")
                 run.cancel()
             else:

@@ -147,6 +147,25 @@ def test_controller_killed_during_the_fan_out_resumes_without_running_agents_twi
     assert records == 7
 
 
+def test_controller_stopped_cleanly_leaves_agents_running_for_the_next_one(
+        kubectl: Kubectl, controller: Controller, docker_client: Any) -> None:
+    name = apply(kubectl, workflow_doc(
+        {"name": "work", "parallel": {"replicas": 2}, "command": sh("sleep 15; echo ok")}))
+    deadline = time.monotonic() + 60
+    while len([c for c in agents_of(docker_client, name) if c.status == "running"]) < 2:
+        assert time.monotonic() < deadline, "the agents never ran"
+        time.sleep(0.2)
+
+    controller.stop()  # SIGTERM, as a rolling upgrade does
+    still_running = [c for c in agents_of(docker_client, name) if c.status == "running"]
+    controller.start()
+    body = kubectl.wait_for("workflow", name, finished)
+
+    assert len(still_running) == 2
+    assert body["status"]["phase"] == "Succeeded"
+    assert [a["attempt"] for a in body["status"]["steps"][0]["agents"]] == [1, 1]
+
+
 def test_deleting_a_running_workflow_stops_and_removes_its_agents(
         kubectl: Kubectl, controller: Controller, docker_client: Any, redis_url: str) -> None:
     name = apply(kubectl, workflow_doc(
