@@ -8,6 +8,7 @@ import json
 import logging
 import signal
 import sys
+import uuid
 from datetime import datetime
 from typing import TextIO
 
@@ -16,8 +17,9 @@ from controller.backends.base import LABEL_WORKFLOW_UID
 from controller.config import Settings
 from controller.engine import Engine, Event, EventKind, WorkflowRun
 from controller.errors import AgentainerError, InvalidSpecError
-from controller.manifests import load_workflow, parse, read_documents
-from controller.models import Backend, Workflow, WorkflowPhase, WorkflowStatus
+from controller.manifests import load_run, parse, read_documents
+from controller.models import AgentPool, Backend, Workflow, WorkflowPhase, WorkflowStatus
+from controller.pools import PoolManager
 
 EXIT_SUCCEEDED = 0
 EXIT_FAILED = 1
@@ -96,7 +98,8 @@ def summary(workflow: Workflow, status: WorkflowStatus) -> str:
     return "\n".join(lines)
 
 
-async def _run(workflow: Workflow, settings: Settings, output: str) -> int:
+async def _run(workflow: Workflow, agent_pools: list[AgentPool], settings: Settings,
+               output: str) -> int:
     backend_name = workflow.spec.backend or Backend(settings.default_backend)
     if backend_name is not Backend.DOCKER:
         print(f"agentainer run: spec.backend is {backend_name.value}; `agentainer run` uses the "
@@ -114,8 +117,12 @@ async def _run(workflow: Workflow, settings: Settings, output: str) -> int:
     except AgentainerError:
         await store.close()
         raise
+    pools = PoolManager(store, settings)
     try:
-        run = Engine(backend, store, settings).prepare(workflow, Progress(progress_out))
+        states = [pools.register(pool, str(uuid.uuid4()), backend) for pool in agent_pools]
+        for state in states:  # warm up before the first step asks
+            await pools.reconcile(state)
+        run = Engine(backend, store, settings, pools).prepare(workflow, Progress(progress_out))
         title = workflow.spec.description or workflow.metadata.name
         steps = workflow.spec.steps
         print(f"{title}: {len(steps)} steps, {run.units_total} agents, uid {run.uid}, "
@@ -130,6 +137,8 @@ async def _run(workflow: Workflow, settings: Settings, output: str) -> int:
                 await backend.remove(agent)
             raise
     finally:
+        for state in list(pools.pools.values()):
+            await pools.drain(state)
         await backend.close()
         await store.close()
     if output == "json":
@@ -155,8 +164,8 @@ def _cancel_on_signals(run: WorkflowRun, out: TextIO) -> None:
 
 def command_run(args: argparse.Namespace) -> int:
     settings = Settings.from_env(store=args.store, redis_url=args.redis_url)
-    workflow = load_workflow(args.file)
-    return asyncio.run(_run(workflow, settings, args.output))
+    workflow, agent_pools = load_run(args.file)
+    return asyncio.run(_run(workflow, agent_pools, settings, args.output))
 
 
 def command_validate(args: argparse.Namespace) -> int:

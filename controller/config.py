@@ -55,6 +55,10 @@ class Settings:
     """The controller writes a running workflow's status at most this often, in seconds, so
     that a fan-out of many agents does not flood the API server with patches."""
 
+    lease_ttl_seconds: int = 30
+    """A pool agent's lease lapses this many seconds after its holder last renewed it (every
+    third of it); then the agent is reclaimed, so one held by a crashed process is not lost."""
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
         """Build settings from ``AGENTAINER_*`` variables, then apply explicit overrides."""
@@ -92,7 +96,8 @@ class Settings:
                     f"{ENV_PREFIX}{name.upper()}={value!r}: must be one of {', '.join(allowed)}"
                 )
         minimums = {"docker_threads": 1, "state_ttl_seconds": 0, "stop_grace_seconds": 0,
-                    "status_output_limit": 0, "metrics_port": 0, "status_interval_seconds": 0}
+                    "status_output_limit": 0, "metrics_port": 0, "status_interval_seconds": 0,
+                    "lease_ttl_seconds": 1}
         for name, minimum in minimums.items():
             if getattr(self, name) < minimum:
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be at least {minimum}")

@@ -64,6 +64,7 @@ from controller.models import (
     WorkflowStatus,
     dns_safe,
 )
+from controller.pools import PoolManager
 from controller.store import Record, Store
 
 logger = logging.getLogger(__name__)
@@ -234,8 +235,10 @@ class WorkflowRun:
         store: Store,
         settings: Settings,
         observer: Observer | None = None,
+        pools: PoolManager | None = None,
     ) -> None:
         self.workflow = workflow
+        self.pools = pools
         self.uid = workflow.metadata.uid or str(uuid.uuid4())
         self.backend = backend
         self.store = store
@@ -518,9 +521,6 @@ class WorkflowRun:
         status = self.status.step(step.name)
         status.phase = StepPhase.RUNNING
         status.started_at = status.started_at or now()
-        if step.pool is not None:
-            return await self._fail_step(status, PoolUnavailableError(
-                f"AgentPool {step.pool} is not available: this runner has no pools"))
         await self._record_step(status)
         self._emit(EventKind.STEP_STARTED,
                    f"step {step.name} started: {step.width} agent(s), "
@@ -569,15 +569,6 @@ class WorkflowRun:
                    status)
         return status.phase is StepPhase.SUCCEEDED
 
-    async def _fail_step(self, status: StepStatus, error: AgentainerError) -> bool:
-        status.phase = StepPhase.FAILED
-        status.message = str(error)
-        status.finished_at = now()
-        self.failed_step = self.failed_step or status.name
-        await self._record_step(status)
-        self._emit(EventKind.STEP_FINISHED, f"step {status.name} failed: {error}", status)
-        return False
-
     async def _run_unit(self, step: Step, status: StepStatus, index: int) -> AttemptOutcome:
         """One item (or replica) of a step, with its retries."""
         retries = step.retries.limit if step.retries else 0
@@ -597,7 +588,10 @@ class WorkflowRun:
             else:
                 attempt = last.attempt + 1
         while True:
-            outcome = await self._run_attempt(step, status, index, attempt, adopt)
+            if step.pool is not None:
+                outcome = await self._run_pooled_attempt(step, status, index, attempt, adopt)
+            else:
+                outcome = await self._run_attempt(step, status, index, attempt, adopt)
             adopt = None
             if outcome.succeeded:
                 return outcome
@@ -672,20 +666,72 @@ class WorkflowRun:
             await asyncio.shield(self._abort_agent(agent, handle, status))
             raise
         except AgentainerError as error:
-            agent.phase = AgentPhase.FAILED
-            agent.reason = AgentReason.BACKEND_ERROR
-            agent.finished_at = now()
-            status.message = str(error)
-            await self._record_agent(agent, handle, status)
-            self._emit(EventKind.AGENT_FINISHED, f"agent {agent.name} failed: {error}",
-                       status, agent)
-            if handle is not None:
-                await self._cleanup(handle, succeeded=False)
-            return AttemptOutcome(False, retryable=error.retryable)
+            return await self._agent_errored(agent, handle, status, error, cleanup=True)
         return await self._finish_agent(agent, handle, result, reason, status, step)
 
-    async def _finish_agent(self, agent: AgentStatus, handle: AgentHandle, result: AgentResult,
-                            reason: AgentReason, status: StepStatus, step: Step) -> AttemptOutcome:
+    async def _run_pooled_attempt(self, step: Step, status: StepStatus, index: int,
+                                  attempt: int, retry_of: AgentStatus | None) -> AttemptOutcome:
+        """Run one attempt as a task on an agent leased from the step's AgentPool. A pooled
+        task cut off by a restart is run again: its agent was reclaimed with its lease."""
+        assert step.pool is not None
+        spec = build_agent_spec(self.workflow, self.uid, step, index, attempt, self.outputs)
+        argv = [*(spec.command or []), *(spec.args or [])]
+        agent = retry_of or AgentStatus(
+            id=agent_id(step.name, index, attempt), name=f"{step.pool} (leasing)", index=index,
+            attempt=attempt, phase=AgentPhase.CREATED, created_at=now())
+        if retry_of is None:
+            status.agents.append(agent)
+            status.attempts += 1
+        await self._record_agent(agent, None, status)
+        handle: AgentHandle | None = None
+        try:
+            if self.pools is None:
+                raise PoolUnavailableError(
+                    f"AgentPool {step.pool} is not available: put it in the same file as the "
+                    "workflow (agentainer run) or create it in the workflow's namespace")
+            pool = self.pools.get(self.workflow.metadata.namespace, step.pool)
+            lease = await self.pools.lease(pool)
+            handle = lease.agent
+            agent.name = handle.name
+            agent.phase = AgentPhase.RUNNING
+            agent.started_at = now()
+            await self._record_agent(agent, handle)
+            self._emit(EventKind.AGENT_STARTED,
+                       f"agent {agent.name} leased from {step.pool} in {lease.waited * 1000:.1f} ms",
+                       status, agent)
+            try:
+                task = await self.pools.run(lease, argv, spec.env, step.timeout_seconds)
+                result = AgentResult(task.exit_code, task.stdout, task.stderr)
+                reason = AgentReason.COMPLETED if task.exit_code == 0 else AgentReason.ERROR
+            except TimeoutError:
+                result = AgentResult(137, "", "")  # the agent was killed and replaced
+                reason = AgentReason.DEADLINE_EXCEEDED
+        except asyncio.CancelledError:
+            if not self._leaves_agents:
+                await asyncio.shield(self._abort_agent(agent, None, status))
+            raise
+        except AgentainerError as error:
+            return await self._agent_errored(agent, handle, status, error, cleanup=False)
+        return await self._finish_agent(agent, handle, result, reason, status, step,
+                                        cleanup=False)
+
+    async def _agent_errored(self, agent: AgentStatus, handle: AgentHandle | None,
+                             status: StepStatus, error: AgentainerError,
+                             cleanup: bool) -> AttemptOutcome:
+        agent.phase = AgentPhase.FAILED
+        agent.reason = AgentReason.BACKEND_ERROR
+        agent.finished_at = now()
+        status.message = str(error)
+        await self._record_agent(agent, handle, status)
+        self._emit(EventKind.AGENT_FINISHED, f"agent {agent.name} failed: {error}",
+                   status, agent)
+        if handle is not None and cleanup:
+            await self._cleanup(handle, succeeded=False)
+        return AttemptOutcome(False, retryable=error.retryable)
+
+    async def _finish_agent(self, agent: AgentStatus, handle: AgentHandle | None,
+                            result: AgentResult, reason: AgentReason, status: StepStatus,
+                            step: Step, cleanup: bool = True) -> AttemptOutcome:
         succeeded = reason is AgentReason.COMPLETED
         agent.phase = AgentPhase.SUCCEEDED if succeeded else AgentPhase.FAILED
         agent.exit_code = result.exit_code
@@ -708,7 +754,8 @@ class WorkflowRun:
         self._emit(EventKind.AGENT_FINISHED,
                    f"agent {agent.name} {agent.phase.value.lower()} (exit {result.exit_code})",
                    status, agent)
-        await self._cleanup(handle, succeeded)
+        if handle is not None and cleanup:
+            await self._cleanup(handle, succeeded)
         return AttemptOutcome(succeeded, output)
 
     async def _abort_agent(self, agent: AgentStatus, handle: AgentHandle | None,
@@ -776,15 +823,18 @@ def _failure_message(agent: AgentStatus, step: Step, result: AgentResult) -> str
 
 
 class Engine:
-    """Runs Workflows on one backend with one store."""
+    """Runs Workflows on one backend with one store (and the pools of this process)."""
 
-    def __init__(self, backend: Backend, store: Store, settings: Settings) -> None:
+    def __init__(self, backend: Backend, store: Store, settings: Settings,
+                 pools: PoolManager | None = None) -> None:
         self.backend = backend
         self.store = store
         self.settings = settings
+        self.pools = pools
 
     def prepare(self, workflow: Workflow, observer: Observer | None = None) -> WorkflowRun:
-        return WorkflowRun(workflow, self.backend, self.store, self.settings, observer)
+        return WorkflowRun(workflow, self.backend, self.store, self.settings, observer,
+                           self.pools)
 
     async def run(self, workflow: Workflow, observer: Observer | None = None) -> WorkflowStatus:
         return await self.prepare(workflow, observer).execute()

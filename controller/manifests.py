@@ -61,7 +61,13 @@ def parse(document: Document) -> Workflow | AgentPool:
 
 def load_workflow(path: str | Path) -> Workflow:
     """The one Workflow of a file (AgentPools beside it are checked too)."""
+    return load_run(path)[0]
+
+
+def load_run(path: str | Path) -> tuple[Workflow, list[AgentPool]]:
+    """The one Workflow of a file and the AgentPools beside it, for ``agentainer run``."""
     workflows = []
+    pools: list[AgentPool] = []
     problems: list[InvalidSpecError] = []
     for document in read_documents(path):
         try:
@@ -71,9 +77,11 @@ def load_workflow(path: str | Path) -> Workflow:
             continue
         if isinstance(model, Workflow):
             workflows.append(model)
+        else:
+            pools.append(model)
     if problems:
         raise problems[0] if len(problems) == 1 else InvalidSpecError(
             [p for error in problems for p in error.problems], str(path))
     if len(workflows) != 1:
         raise ManifestError(f"{path}: expected exactly one Workflow, found {len(workflows)}")
-    return workflows[0]
+    return workflows[0], pools

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from controller.engine import Event, EventKind
 from controller.models import AgentPhase, StepPhase, WorkflowPhase, WorkflowStatus
+from controller.pools import PoolEvent, PoolEventKind
 
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -54,6 +55,15 @@ class Metrics:
         self.lease_wait = Histogram("agentainer_pool_lease_wait_seconds",
                                     "Time from asking a pool for an agent to getting one",
                                     ["pool"], buckets=LATENCY_BUCKETS, registry=r)
+        self.pool_task = Histogram("agentainer_pool_task_seconds",
+                                   "Time a task took on a pooled agent", ["pool"],
+                                   buckets=LATENCY_BUCKETS + DURATION_BUCKETS[3:], registry=r)
+        self.pool_recycled = Counter("agentainer_pool_agents_recycled_total",
+                                     "Pool agents replaced after serving maxUses tasks",
+                                     ["pool"], registry=r)
+        self.pool_replaced = Counter("agentainer_pool_agents_replaced_total",
+                                     "Pool agents replaced because they died, timed out, "
+                                     "failed their reset or were reclaimed", ["pool"], registry=r)
 
     def set_workflow_phases(self, phases: dict[str, WorkflowPhase]) -> None:
         """The gauge of workflows by phase, from the controller's view of every workflow."""
@@ -104,3 +114,22 @@ class WorkflowMetrics:
                 took = _seconds(status.started_at, status.finished_at)
                 if took is not None:
                     m.workflow_duration.labels(status.phase.value).observe(took)
+
+
+class PoolMetrics:
+    """A pool observer that turns lease and task events into metrics."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def __call__(self, event: PoolEvent) -> None:
+        m = self.metrics
+        match event.kind:
+            case PoolEventKind.LEASED:
+                m.lease_wait.labels(event.pool).observe(event.value)
+            case PoolEventKind.TASK_DONE:
+                m.pool_task.labels(event.pool).observe(event.value)
+            case PoolEventKind.RECYCLED:
+                m.pool_recycled.labels(event.pool).inc()
+            case PoolEventKind.REPLACED:
+                m.pool_replaced.labels(event.pool).inc()

@@ -355,7 +355,13 @@ class AgentPoolSpec(ApiModel):
         default=100, ge=1, description="An agent is replaced after this many tasks."
     )
     reset_command: list[str] | None = Field(
-        default=None, description="Run in an agent after each task to clean it."
+        default=None,
+        description="Run in an agent after each task to clean it; an agent whose reset fails "
+                    "is replaced.",
+    )
+    lease_timeout_seconds: int = Field(
+        default=60, ge=0, le=3600,
+        description="How long a task waits for an agent when all maxSize agents are busy.",
     )
     env: list[EnvVar] = Field(default_factory=list, description="Environment of every agent.")
     resources: Resources | None = Field(default=None, description="Limits of each agent.")
@@ -560,6 +566,9 @@ def semantic_problems(spec: WorkflowSpec) -> list[Problem]:
         steps_by_name.setdefault(step.name, step)
         if step.image is None and step.pool is None:
             problems.append(Problem(f"{path}.image", "required unless the step sets pool"))
+        if step.pool is not None and not step.command:
+            problems.append(Problem(f"{path}.command",
+                                    "required for a pooled step: the task to run in the agent"))
         if step.image is not None and step.pool is not None:
             problems.append(
                 Problem(f"{path}.pool", "set image or pool, not both: a pool has its own image")

@@ -1,13 +1,24 @@
-"""AgentPools: warm agents of one image, kept between minSize and maxSize on a backend.
+"""AgentPools: warm agents of one image, leased to pooled steps and returned after each task.
 
-This module keeps the pool's agents alive and counted; it does not import kopf. Leasing agents
-to pooled steps builds on it.
+Backend-neutral and kopf-free. The pool's truth is in the store (agents, the idle set, leases
+with a TTL), so that several processes can share a pool and a crashed one loses nothing; the
+containers themselves are found again by their labels.
+
+A task: lease (the warmest idle agent, or a new one up to ``maxSize``, or wait at most
+``leaseTimeoutSeconds``), run it on the agent's resident channel, run ``resetCommand``, return
+the agent. An agent is replaced instead of returned when its task timed out or was cancelled,
+its reset failed, it is gone, or it has served ``maxUses`` tasks.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
 
 from controller.backends.base import (
     LABEL_MANAGED_BY,
@@ -17,13 +28,39 @@ from controller.backends.base import (
     AgentHandle,
     AgentSpec,
     Backend,
+    TaskResult,
 )
+from controller.config import Settings
+from controller.errors import AgentainerError, PoolUnavailableError
 from controller.models import AgentPool, AgentPoolStatus, dns_safe
+from controller.store import Store
 
 logger = logging.getLogger(__name__)
 
-# A warm agent idles in a shell that ends promptly on SIGTERM, so that the pool drains fast.
-IDLE_COMMAND = ["sh", "-c", "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done"]
+RESET_TIMEOUT_SECONDS = 30.0
+PENDING = "pending-"
+# A placeholder older than this belongs to a process that died while starting an agent.
+STALE_PENDING_SECONDS = 300.0
+
+
+class PoolEventKind(StrEnum):
+    LEASED = "leased"            # value: seconds waited for the agent
+    TASK_DONE = "task_done"      # value: seconds the task took on the agent
+    RECYCLED = "recycled"        # an agent served maxUses tasks
+    REPLACED = "replaced"        # an agent died, timed out, failed its reset, or was reclaimed
+    SIZE = "size"                # after a change; value unused
+
+
+@dataclass(frozen=True)
+class PoolEvent:
+    kind: PoolEventKind
+    pool: str
+    value: float = 0.0
+    ready: int = 0
+    busy: int = 0
+
+
+PoolObserver = Callable[[PoolEvent], None]
 
 
 def pool_labels(pool: AgentPool, uid: str) -> dict[str, str]:
@@ -34,47 +71,288 @@ def pool_labels(pool: AgentPool, uid: str) -> dict[str, str]:
 def build_pool_agent_spec(pool: AgentPool, uid: str) -> AgentSpec:
     """A warm agent of the pool: the pool's image, env and limits, idling until leased."""
     resources = pool.spec.resources
-    name = f"{dns_safe(pool.metadata.name, 48)}-{secrets.token_hex(3)}"
     return AgentSpec(
-        name=f"pool-{name}",
+        name=f"pool-{dns_safe(pool.metadata.name, 48)}-{secrets.token_hex(3)}",
         image=pool.spec.image,
-        command=IDLE_COMMAND,
+        command=None,
         args=None,
         env={e.name: e.value for e in pool.spec.env} | {"AGENTAINER_POOL": pool.metadata.name},
         labels=pool_labels(pool, uid),
         nano_cpus=resources.nano_cpus if resources else None,
         memory_bytes=resources.memory_bytes if resources else None,
+        resident=True,
     )
 
 
-async def reconcile_pool(pool: AgentPool, uid: str, backend: Backend) -> AgentPoolStatus:
-    """Converge the pool's agents on its spec, then report them. Idempotent: a pool that
-    already matches its spec is left alone.
+@dataclass
+class Lease:
+    """An agent held by one task."""
 
-    Agents that stopped are removed (and so replaced); while ``warmUp`` is set the pool is
-    topped up to ``minSize``; agents above ``maxSize`` are removed.
-    """
-    agents = await backend.list_agents({LABEL_POOL_UID: uid})
-    alive: list[AgentHandle] = []
-    for agent in agents:
-        if agent.state == "running":
-            alive.append(agent)
+    pool: PoolState
+    agent: AgentHandle
+    holder: str
+    waited: float
+    renewer: asyncio.Task[None] | None = None
+
+
+@dataclass
+class PoolState:
+    """One pool as this process knows it."""
+
+    pool: AgentPool
+    uid: str
+    backend: Backend
+    handles: dict[str, AgentHandle] = field(default_factory=dict)
+    returned: asyncio.Event = field(default_factory=asyncio.Event)
+    busy: int = 0
+    draining: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.pool.metadata.name
+
+
+def _record(handle: AgentHandle) -> dict[str, object]:
+    return {"id": handle.id, "name": handle.name, "labels": handle.labels}
+
+
+def _handle(record: dict[str, object]) -> AgentHandle:
+    labels = record.get("labels")
+    return AgentHandle(id=str(record["id"]), name=str(record["name"]),
+                       labels=dict(labels) if isinstance(labels, dict) else {})
+
+
+class PoolManager:
+    """Every pool of one process: leases, tasks, reconciliation, draining."""
+
+    def __init__(self, store: Store, settings: Settings,
+                 observer: PoolObserver | None = None) -> None:
+        self.store = store
+        self.settings = settings
+        self.observer = observer
+        self.pools: dict[tuple[str, str], PoolState] = {}
+        self.holder = f"{secrets.token_hex(4)}"
+
+    def _emit(self, kind: PoolEventKind, state: PoolState, value: float = 0.0) -> None:
+        if self.observer is not None:
+            self.observer(PoolEvent(kind, state.name, value))
+
+    # --- registry -------------------------------------------------------------------------------
+
+    def register(self, pool: AgentPool, uid: str, backend: Backend) -> PoolState:
+        """Know this pool (again): its spec may have changed; its agents stay."""
+        key = (pool.metadata.namespace, pool.metadata.name)
+        state = self.pools.get(key)
+        if state is None or state.uid != uid:
+            state = self.pools[key] = PoolState(pool, uid, backend)
+        state.pool = pool
+        return state
+
+    def get(self, namespace: str, name: str) -> PoolState:
+        state = self.pools.get((namespace, name))
+        if state is None or state.draining:
+            raise PoolUnavailableError(
+                f"AgentPool {name} is not available in namespace {namespace}"
+                + (" (it is being deleted)" if state else ""))
+        return state
+
+    # --- leasing and tasks ----------------------------------------------------------------------
+
+    async def lease(self, state: PoolState) -> Lease:
+        """The warmest idle agent, a new one while below maxSize, or wait for one; a clear
+        error after ``leaseTimeoutSeconds``."""
+        started = time.monotonic()
+        deadline = started + state.pool.spec.lease_timeout_seconds
+        ttl_ms = self.settings.lease_ttl_seconds * 1000
+        holder = f"{self.holder}-{secrets.token_hex(4)}"
+        while True:
+            if state.draining:
+                raise PoolUnavailableError(f"AgentPool {state.name} is being deleted")
+            agent_id = await self.store.pool_acquire(state.uid, holder, ttl_ms)
+            if agent_id is not None:
+                handle = await self._known_handle(state, agent_id)
+                lease = Lease(state, handle, holder, time.monotonic() - started)
+                lease.renewer = asyncio.create_task(self._renew(lease))
+                state.busy += 1
+                self._emit(PoolEventKind.LEASED, state, lease.waited)
+                return lease
+            if await self._grow(state):
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise PoolUnavailableError(
+                    f"AgentPool {state.name}: all {state.pool.spec.max_size} agents stayed busy "
+                    f"for leaseTimeoutSeconds ({state.pool.spec.lease_timeout_seconds}s)")
+            state.returned.clear()
+            try:  # a return in this process wakes us at once; other processes' every 50 ms
+                await asyncio.wait_for(state.returned.wait(), min(0.05, remaining))
+            except TimeoutError:
+                pass
+
+    async def _known_handle(self, state: PoolState, agent_id: str) -> AgentHandle:
+        handle = state.handles.get(agent_id)
+        if handle is None:
+            records = await self.store.pool_agents(state.uid)
+            handle = state.handles[agent_id] = _handle(records[agent_id])
+        return handle
+
+    async def _grow(self, state: PoolState, up_to: int | None = None) -> bool:
+        """Start one more agent if the pool (every process's share of it) is below ``up_to``
+        (default maxSize); False when it is full."""
+        limit = min(up_to if up_to is not None else state.pool.spec.max_size,
+                    state.pool.spec.max_size)
+        placeholder = f"{PENDING}{secrets.token_hex(6)}"
+        if not await self.store.pool_reserve(state.uid, placeholder, limit):
+            return False
+        try:
+            handle = await state.backend.start(build_pool_agent_spec(state.pool, state.uid))
+        except BaseException:
+            await asyncio.shield(self.store.pool_remove(state.uid, placeholder))
+            raise
+        state.handles[handle.name] = handle
+        await self.store.pool_add(state.uid, handle.name, _record(handle), replaces=placeholder)
+        state.returned.set()
+        return True
+
+    async def _renew(self, lease: Lease) -> None:
+        period = self.settings.lease_ttl_seconds / 3
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self.store.pool_renew(lease.pool.uid, lease.agent.name, lease.holder,
+                                            self.settings.lease_ttl_seconds * 1000)
+            except AgentainerError as error:
+                logger.warning("renewing the lease of %s: %s", lease.agent.name, error)
+
+    async def run(self, lease: Lease, argv: list[str], env: dict[str, str],
+                  timeout: float | None) -> TaskResult:
+        """Run one task on a leased agent, then reset and return it (or replace it)."""
+        state = lease.pool
+        keep = False
+        started = time.monotonic()
+        try:
+            result = await state.backend.run_task(lease.agent, argv, env, timeout)
+            self._emit(PoolEventKind.TASK_DONE, state, time.monotonic() - started)
+            keep = await self._reset(lease)
+            return result
+        finally:
+            await asyncio.shield(self.release(lease, keep))
+
+    async def _reset(self, lease: Lease) -> bool:
+        command = lease.pool.pool.spec.reset_command
+        if not command:
+            return True
+        try:
+            result = await lease.pool.backend.run_task(lease.agent, command, {},
+                                                       RESET_TIMEOUT_SECONDS)
+        except (AgentainerError, TimeoutError) as error:
+            logger.warning("resetting %s failed: %s", lease.agent.name, error)
+            return False
+        if result.exit_code != 0:
+            logger.warning("resetting %s exited %d: %s", lease.agent.name, result.exit_code,
+                           result.stderr.strip()[-200:])
+            return False
+        return True
+
+    async def release(self, lease: Lease, keep: bool) -> None:
+        """Return the agent to the idle set, or replace it."""
+        state = lease.pool
+        if lease.renewer is not None:
+            lease.renewer.cancel()
+        state.busy -= 1
+        uses = await self.store.pool_release(state.uid, lease.agent.name, lease.holder, keep,
+                                             state.pool.spec.max_uses)
+        if uses > 0:
+            state.returned.set()
         else:
-            logger.info("pool %s: removing stopped agent %s", pool.metadata.name, agent.name)
-            await backend.remove(agent)
-    wanted = pool.spec.min_size if pool.spec.warm_up else 0
-    while len(alive) < wanted:
-        alive.append(await backend.start(build_pool_agent_spec(pool, uid)))
-    for extra in alive[pool.spec.max_size:]:
-        await backend.remove(extra)
-    alive = alive[: pool.spec.max_size]
-    return AgentPoolStatus(ready=len(alive), busy=0, total=len(alive),
-                           observed_generation=pool.metadata.generation)
+            await self._retire(state, lease.agent, recycled=keep and uses == 0)
+        self._emit(PoolEventKind.SIZE, state)
 
+    async def _retire(self, state: PoolState, agent: AgentHandle, recycled: bool) -> None:
+        """Remove an agent for good; the pool is topped up to minSize again."""
+        await state.backend.remove(agent)
+        await self.store.pool_remove(state.uid, agent.name)
+        state.handles.pop(agent.name, None)
+        self._emit(PoolEventKind.RECYCLED if recycled else PoolEventKind.REPLACED, state)
+        if not state.draining and state.pool.spec.warm_up:
+            await self._top_up(state)
 
-async def drain_pool(uid: str, backend: Backend) -> int:
-    """Remove every agent of a pool; returns how many there were."""
-    agents = await backend.list_agents({LABEL_POOL_UID: uid})
-    for agent in agents:
-        await backend.remove(agent)
-    return len(agents)
+    async def _top_up(self, state: PoolState) -> None:
+        while await self._grow(state, up_to=state.pool.spec.min_size):
+            pass
+
+    # --- reconciliation -------------------------------------------------------------------------
+
+    async def reconcile(self, state: PoolState) -> AgentPoolStatus:
+        """Converge the pool on its spec and report it; a converged pool is left alone.
+
+        Agents whose container stopped are dropped (and so replaced); containers of the pool
+        that the store does not know (started by a process that died before recording them)
+        are adopted as idle; agents whose lease lapsed (their holder died) are replaced;
+        agents idle longer than ``idleTimeoutSeconds`` above ``minSize`` are removed; then the
+        pool is topped up to ``minSize`` (with ``warmUp``) and trimmed to ``maxSize``.
+        """
+        spec = state.pool.spec
+        containers = {h.name: h for h in await state.backend.list_agents(
+            {LABEL_POOL_UID: state.uid})}
+        records = await self.store.pool_agents(state.uid)
+        for name, record in list(records.items()):
+            if "pending" in record:  # an agent being started, here or by another process
+                if time.time() - float(record["pending"]) > STALE_PENDING_SECONDS:
+                    await self.store.pool_remove(state.uid, name)  # its starter died
+                del records[name]
+        for name, handle in containers.items():
+            if handle.state != "running":
+                await state.backend.remove(handle)
+                if name in records:
+                    await self.store.pool_remove(state.uid, name)
+                    self._emit(PoolEventKind.REPLACED, state)
+                records.pop(name, None)
+            elif name not in records:
+                await self.store.pool_add(state.uid, name, _record(handle))
+                records[name] = _record(handle)
+        for name in [n for n in records if n not in containers]:
+            await self.store.pool_remove(state.uid, name)
+            self._emit(PoolEventKind.REPLACED, state)
+            del records[name]
+        idle = await self.store.pool_idle(state.uid)
+        busy = [name for name in records if name not in idle]
+        leased = await self.store.pool_leased(state.uid, busy)
+        for name in busy:
+            if name not in leased:  # its holder is gone: its state is unknown, replace it
+                logger.info("pool %s: reclaiming %s, whose lease lapsed", state.name, name)
+                await self._retire(state, containers[name], recycled=False)
+        keep = spec.min_size if spec.warm_up else 0
+        for name in await self.store.pool_take_idle(
+                state.uid, time.time() - spec.idle_timeout_seconds, keep):
+            await state.backend.remove(containers[name])
+            await self.store.pool_remove(state.uid, name)
+            state.handles.pop(name, None)
+        if spec.warm_up:
+            await self._top_up(state)
+        records = await self.store.pool_agents(state.uid)
+        for name in await self.store.pool_take_idle(state.uid, float("inf"), spec.max_size):
+            await state.backend.remove(_handle(records[name]))
+            await self.store.pool_remove(state.uid, name)
+            state.handles.pop(name, None)
+        return await self.status(state)
+
+    async def status(self, state: PoolState) -> AgentPoolStatus:
+        records = await self.store.pool_agents(state.uid)
+        total = sum(1 for record in records.values() if "pending" not in record)
+        ready = len(await self.store.pool_idle(state.uid))
+        return AgentPoolStatus(ready=ready, busy=total - ready, total=total,
+                               observed_generation=state.pool.metadata.generation)
+
+    async def drain(self, state: PoolState, timeout: float = 300.0) -> int:
+        """Stop leasing; let running tasks finish (up to ``timeout``); remove every agent."""
+        state.draining = True
+        deadline = time.monotonic() + timeout
+        while state.busy > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        agents = await state.backend.list_agents({LABEL_POOL_UID: state.uid})
+        for agent in agents:
+            await state.backend.remove(agent)
+        await self.store.pool_delete(state.uid)
+        self.pools.pop((state.pool.metadata.namespace, state.name), None)
+        return len(agents)

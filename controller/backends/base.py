@@ -31,6 +31,17 @@ class AgentSpec:
     labels: dict[str, str]
     nano_cpus: int | None = None
     memory_bytes: int | None = None
+    resident: bool = False
+    """A pool agent: it idles, kept alive, and runs tasks sent to it (``Backend.run_task``)."""
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """How one task on a resident agent ended: its exact stdout, stderr and exit status."""
+
+    exit_code: int
+    stdout: str
+    stderr: str
 
 
 @dataclass(frozen=True)
@@ -73,6 +84,12 @@ class Backend(Protocol):
 
     async def list_agents(self, labels: dict[str, str]) -> list[AgentHandle]:
         """Agents, running or stopped, that carry all of these labels."""
+
+    async def run_task(self, agent: AgentHandle, argv: list[str], env: dict[str, str],
+                       timeout: float | None) -> TaskResult:
+        """Run one task on a resident agent, never two at once on the same agent. A task past
+        ``timeout`` raises TimeoutError and leaves the agent unusable (the caller replaces it).
+        """
 
     async def close(self) -> None:
         """Release connections and threads."""

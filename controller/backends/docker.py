@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,7 +17,8 @@ import docker.errors
 import requests.exceptions
 from docker.models.containers import Container
 
-from controller.backends.base import AgentHandle, AgentResult, AgentSpec
+from controller.backends.base import AgentHandle, AgentResult, AgentSpec, TaskResult
+from controller.backends.channel import ChannelClosedError, ShellChannel
 from controller.config import Settings
 from controller.errors import (
     AgentSpecError,
@@ -33,8 +35,19 @@ T = TypeVar("T")
 DOCKER_MIN_MEMORY_BYTES = 6 * 1024 * 1024
 
 
-def container_config(spec: AgentSpec, network_mode: str) -> dict[str, Any]:
-    """The ``containers.create`` arguments for an agent: a pure function, tested directly."""
+LABEL_CHANNEL = "agentainer.dev/channel"
+CHANNEL_SHELL = "shell"
+CHANNEL_EXEC = "exec"
+
+
+def container_config(spec: AgentSpec, network_mode: str,
+                     channel: str = CHANNEL_SHELL) -> dict[str, Any]:
+    """The ``containers.create`` arguments for an agent: a pure function, tested directly.
+
+    A resident agent with the ``shell`` channel idles in ``sh`` reading its stdin, which stays
+    open between attachments; with ``exec`` (images without /bin/sh) it runs the image's own
+    command and tasks are ``docker exec``-ed into it.
+    """
     config: dict[str, Any] = {
         "image": spec.image,
         "name": spec.name,
@@ -47,6 +60,11 @@ def container_config(spec: AgentSpec, network_mode: str) -> dict[str, Any]:
         # A tiny init as PID 1 forwards SIGTERM and reaps zombies, so a stop is prompt.
         "init": True,
     }
+    if spec.resident:
+        config["labels"][LABEL_CHANNEL] = channel
+        if channel == CHANNEL_SHELL:
+            config.update(stdin_open=True, entrypoint=["sh"], command=[])
+        return config | _limits(spec)
     if spec.command is not None:
         config["entrypoint"] = list(spec.command)
     if spec.args is not None:
@@ -54,6 +72,11 @@ def container_config(spec: AgentSpec, network_mode: str) -> dict[str, Any]:
     if spec.command is not None and spec.args is None:
         # As in a pod: a command without args replaces the image's CMD too.
         config["command"] = []
+    return config | _limits(spec)
+
+
+def _limits(spec: AgentSpec) -> dict[str, Any]:
+    config: dict[str, Any] = {}
     if spec.nano_cpus is not None:
         config["nano_cpus"] = spec.nano_cpus
     if spec.memory_bytes is not None:
@@ -97,6 +120,8 @@ class DockerBackend:
         self._client = client
         self._settings = settings
         self._slots = asyncio.Semaphore(settings.docker_threads)
+        self._channels: dict[str, ShellChannel] = {}
+        self._channel_lock = asyncio.Lock()
 
     @classmethod
     async def connect(cls, settings: Settings) -> DockerBackend:
@@ -144,8 +169,8 @@ class DockerBackend:
 
     # --- blocking parts, run in the pool -------------------------------------------------------
 
-    def _create(self, spec: AgentSpec) -> Container:
-        config = container_config(spec, self._settings.docker_network)
+    def _create(self, spec: AgentSpec, channel: str = CHANNEL_SHELL) -> Container:
+        config = container_config(spec, self._settings.docker_network, channel)
         try:
             with docker_errors(f"creating agent {spec.name}", spec.image):
                 return self._client.containers.create(**config)
@@ -172,13 +197,24 @@ class DockerBackend:
 
     def _start(self, spec: AgentSpec) -> AgentHandle:
         container = self._create(spec)
+        if spec.resident and not self._has_shell(str(container.id)):
+            self._remove(str(container.id))
+            container = self._create(spec, CHANNEL_EXEC)
         try:
             with docker_errors(f"starting agent {spec.name}", spec.image):
                 container.start()
         except Exception:
             self._remove(str(container.id))
             raise
-        return AgentHandle(id=str(container.id), name=spec.name, labels=dict(spec.labels))
+        return AgentHandle(id=str(container.id), name=spec.name,
+                           labels=dict(container.labels or spec.labels))
+
+    def _has_shell(self, container_id: str) -> bool:
+        try:
+            self._client.api.get_archive(container_id, "/bin/sh")
+        except docker.errors.NotFound:
+            return False
+        return True
 
     def _wait(self, agent: AgentHandle) -> AgentResult:
         with docker_errors(f"waiting for agent {agent.name}"):
@@ -226,7 +262,49 @@ class DockerBackend:
             for c in containers
         ]
 
+    def _attach(self, agent_id: str) -> socket.socket:
+        with docker_errors("attaching to agent"):
+            raw = self._client.api.attach_socket(
+                agent_id, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
+        sock = getattr(raw, "_sock", raw)
+        if not isinstance(sock, socket.socket):
+            raise BackendError("attaching to agent: the engine's connection is not a socket")
+        return sock
+
+    def _exec(self, agent_id: str, argv: list[str], env: dict[str, str]) -> TaskResult:
+        with docker_errors("running a task in agent"):
+            created = self._client.api.exec_create(agent_id, argv, environment=env,
+                                                   stdout=True, stderr=True)
+            stdout, stderr = self._client.api.exec_start(created["Id"], demux=True)
+            exit_code = self._client.api.exec_inspect(created["Id"])["ExitCode"]
+        return TaskResult(int(exit_code if exit_code is not None else -1),
+                          (stdout or b"").decode("utf-8", errors="replace"),
+                          (stderr or b"").decode("utf-8", errors="replace"))
+
+    async def _channel(self, agent: AgentHandle) -> ShellChannel:
+        async with self._channel_lock:
+            channel = self._channels.get(agent.id)
+            if channel is None or channel.closed:
+                channel = ShellChannel(await self._call(self._attach, agent.id))
+                self._channels[agent.id] = channel
+            return channel
+
+    def _forget_channel(self, agent_id: str) -> None:
+        channel = self._channels.pop(agent_id, None)
+        if channel is not None:
+            channel.close()
+
     # --- the Backend protocol ------------------------------------------------------------------
+
+    async def run_task(self, agent: AgentHandle, argv: list[str], env: dict[str, str],
+                       timeout: float | None) -> TaskResult:
+        if agent.labels.get(LABEL_CHANNEL) == CHANNEL_EXEC:
+            return await asyncio.wait_for(self._call(self._exec, agent.id, argv, env), timeout)
+        channel = await self._channel(agent)
+        try:
+            return await asyncio.wait_for(channel.run(argv, env), timeout)
+        except ChannelClosedError as error:
+            raise BackendError(f"agent {agent.name} is gone: {error}") from error
 
     async def start(self, spec: AgentSpec) -> AgentHandle:
         return await self._call(self._start, spec)
@@ -235,15 +313,19 @@ class DockerBackend:
         return await self._call(self._wait, agent)
 
     async def stop(self, agent: AgentHandle, grace_seconds: float) -> None:
+        self._forget_channel(agent.id)
         await self._call(self._stop, agent.id, grace_seconds)
 
     async def remove(self, agent: AgentHandle) -> None:
+        self._forget_channel(agent.id)
         await self._call(self._remove, agent.id)
 
     async def list_agents(self, labels: dict[str, str]) -> list[AgentHandle]:
         return await self._call(self._list, labels)
 
     async def close(self) -> None:
+        for agent_id in list(self._channels):
+            self._forget_channel(agent_id)
         self._client.close()
 
 

@@ -18,7 +18,6 @@ from controller.models import (
     ConditionStatus,
     parse_agent_pool,
 )
-from controller.pools import drain_pool, reconcile_pool
 
 PLURAL = "agentpools"
 
@@ -37,7 +36,8 @@ async def _reconcile(body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch) -> Non
     backend_name = pool.spec.backend or Backend(context.settings.default_backend)
     try:
         backend = await context.backend(backend_name.value)
-        status = await reconcile_pool(pool, uid, backend)
+        state = context.pools.register(pool, uid, backend)
+        status = await context.pools.reconcile(state)
     except AgentainerError as error:
         context.metrics.reconcile_errors.labels("AgentPool", type(error).__name__).inc()
         raise kopf.TemporaryError(str(error), delay=error.delay) from error
@@ -50,8 +50,8 @@ async def _reconcile(body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch) -> Non
         type="Ready", status=ConditionStatus.TRUE if ready else ConditionStatus.FALSE,
         reason=reason, message=f"{status.ready} of minSize {pool.spec.min_size} warm",
         last_transition_time=now() if changed else old.get("lastTransitionTime", now()))]
-    for state, count in (("ready", status.ready), ("busy", status.busy)):
-        context.metrics.pool_agents.labels(pool.metadata.name, state).set(count)
+    for label, count in (("ready", status.ready), ("busy", status.busy)):
+        context.metrics.pool_agents.labels(pool.metadata.name, label).set(count)
     patch.status.update(status.to_dict())
 
 
@@ -71,10 +71,16 @@ async def pool_observed(body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch, **_
 @kopf.on.delete(API_GROUP, API_VERSION, PLURAL)
 async def pool_deleted(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger,
                        **_: Any) -> None:
+    """Drain: no new leases, running tasks finish, then every agent is removed."""
     context: Context = memo.context
     backend_name = (body.get("spec") or {}).get("backend") or context.settings.default_backend
     try:
-        removed = await drain_pool(body.metadata.uid or "", await context.backend(backend_name))
+        pool = parse_agent_pool(dict(body))
+        backend = await context.backend(backend_name)
+        removed = await context.pools.drain(
+            context.pools.register(pool, body.metadata.uid or "", backend))
+    except InvalidSpecError:
+        removed = 0  # never had agents
     except AgentainerError as error:
         raise kopf.TemporaryError(str(error), delay=error.delay) from error
     for state in ("ready", "busy"):

@@ -15,6 +15,7 @@ from controller.config import Settings
 from controller.errors import AgentainerError, TransientError
 from controller.metrics import Metrics
 from controller.models import API_GROUP, API_VERSION, Condition, WorkflowPhase
+from controller.pools import PoolManager
 from controller.store import Store
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ class Context:
     store: Store
     metrics: Metrics
     custom_objects: Any
+    pools: PoolManager
     phases: dict[str, WorkflowPhase] = field(default_factory=dict)
     extra_conditions: dict[str, list[Condition]] = field(default_factory=dict)
     _docker: DockerBackend | None = None

@@ -12,7 +12,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from controller.config import Settings
 from controller.errors import AgentainerError
 from controller.handlers.context import Context, kubernetes_client
-from controller.metrics import Metrics
+from controller.metrics import Metrics, PoolMetrics
+from controller.pools import PoolManager
 from controller.store import open_store
 
 FINALIZER = "agentainer.dev/finalizer"
@@ -34,7 +35,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo,
     except AgentainerError as error:
         raise kopf.TemporaryError(str(error), delay=error.delay) from error
     metrics = Metrics()
-    memo.context = Context(settings=config, store=store, metrics=metrics,
+    pools = PoolManager(store, config, PoolMetrics(metrics))
+    memo.context = Context(settings=config, store=store, metrics=metrics, pools=pools,
                            custom_objects=kubernetes_client())
     memo.http = await serve_metrics(metrics, config) if config.metrics_port else None
     logger.info("agentainer controller started: store %s, default backend %s, metrics on :%s",

@@ -146,7 +146,7 @@ async def run_workflow(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonSto
                                                   body.metadata.get("generation")))
         context.workflow_phase(uid, WorkflowPhase.FAILED)
         return
-    run = WorkflowRun(workflow, backend, context.store, context.settings)
+    run = WorkflowRun(workflow, backend, context.store, context.settings, pools=context.pools)
     writer = StatusWriter(context, body, run)
     metrics = WorkflowMetrics(context.metrics, backend_name.value)
     events = post_event(body)

@@ -1,0 +1,297 @@
+"""Agent pools on the real Docker engine with a real Redis: leases, resets, recycling."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import docker
+import pytest
+
+from controller.backends.docker import DockerBackend
+from controller.config import Settings
+from controller.errors import BackendError, PoolUnavailableError
+from controller.models import WorkflowPhase, parse_agent_pool
+from controller.pools import PoolManager, PoolState
+from controller.store import RedisStore
+from tests.conftest import IMAGE, ROOT, sh
+
+pytestmark = pytest.mark.integration
+
+Scenario = Callable[[PoolManager, PoolState], Awaitable[Any]]
+
+
+def pool_doc(**spec: Any) -> dict[str, Any]:
+    return {"apiVersion": "agentainer.dev/v1alpha1", "kind": "AgentPool",
+            "metadata": {"name": f"p-{uuid.uuid4().hex[:6]}"},
+            "spec": {"image": IMAGE, **spec}}
+
+
+class Pools:
+    """Runs a scenario against a fresh pool, and drains it afterwards whatever happened."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def run(self, scenario: Scenario, uid: str | None = None, **spec: Any) -> Any:
+        async def go() -> Any:
+            store = await RedisStore.connect(self.settings.redis_url)
+            backend = await DockerBackend.connect(self.settings)
+            manager = PoolManager(store, self.settings)
+            state = manager.register(parse_agent_pool(pool_doc(**spec)), uid or str(uuid.uuid4()),
+                                     backend)
+            try:
+                await manager.reconcile(state)
+                return await scenario(manager, state)
+            finally:
+                await manager.drain(state, timeout=5)
+                await backend.close()
+                await store.close()
+
+        return asyncio.run(go())
+
+
+@pytest.fixture
+def pools(settings: Settings, docker_client: docker.DockerClient) -> Pools:
+    return Pools(settings)
+
+
+async def task(manager: PoolManager, state: PoolState, script: str,
+               env: dict[str, str] | None = None, timeout: float | None = 30) -> Any:
+    lease = await manager.lease(state)
+    result = await manager.run(lease, sh(script), env or {}, timeout)
+    return lease.agent.name, result
+
+
+def test_task_returns_exact_stdout_stderr_and_exit_status(pools: Pools) -> None:
+    async def scenario(manager: PoolManager, state: PoolState) -> Any:
+        return await task(manager, state, "printf 'a\\n\\nb'; printf 'oops' >&2; exit 7")
+
+    _, result = pools.run(scenario, minSize=1, maxSize=1)
+
+    assert (result.exit_code, result.stdout, result.stderr) == (7, "a\n\nb", "oops")
+
+
+def test_argv_words_reach_the_task_as_data(pools: Pools) -> None:
+    hostile = ["$(touch /tmp/pwned)", "it's \"quoted\"", "a;b && c", "line\nbreak", "*"]
+
+    async def scenario(manager: PoolManager, state: PoolState) -> Any:
+        lease = await manager.lease(state)
+        printed = await manager.run(lease, ["printf", "%s|", *hostile], {}, 30)
+        lease = await manager.lease(state)
+        pwned = await manager.run(lease, sh("ls /tmp/pwned 2>/dev/null || echo clean"), {}, 30)
+        return printed, pwned
+
+    printed, pwned = pools.run(scenario, minSize=1, maxSize=1)
+
+    assert printed.stdout == "".join(f"{word}|" for word in hostile)
+    assert pwned.stdout.strip() == "clean"
+
+
+def test_more_tasks_than_agents_never_share_an_agent(pools: Pools, settings: Settings) -> None:
+    """Two managers (two controllers) share one pool through Redis; each lease interval is
+    recorded, and no agent ever has two at once."""
+    intervals: list[tuple[str, float, float]] = []
+
+    async def scenario(manager: PoolManager, state: PoolState) -> Any:
+        other = PoolManager(manager.store, settings)
+        other_state = other.register(state.pool, state.uid, state.backend)
+
+        async def one(chosen: PoolManager, chosen_state: PoolState) -> None:
+            lease = await chosen.lease(chosen_state)
+            began = time.monotonic()
+            await chosen_state.backend.run_task(lease.agent, sh("sleep 0.05"), {}, 30)
+            intervals.append((lease.agent.name, began, time.monotonic()))
+            await chosen.release(lease, keep=True)
+
+        await asyncio.gather(*(one(*((manager, state) if i % 2 else (other, other_state)))
+                               for i in range(24)))
+        return await manager.status(state)
+
+    status = pools.run(scenario, minSize=1, maxSize=3)
+
+    assert len(intervals) == 24
+    assert status.total <= 3
+    for agent in {name for name, _, _ in intervals}:
+        mine = sorted((start, end) for name, start, end in intervals if name == agent)
+        for (_, end), (start, _) in zip(mine, mine[1:]):
+            assert start >= end, f"agent {agent} was leased twice at once"
+    assert len({name for name, _, _ in intervals}) == 3  # it grew to maxSize under load
+
+
+def test_reset_removes_what_a_task_left_and_env_never_leaks(pools: Pools) -> None:
+    async def scenario(manager: PoolManager, state: PoolState) -> Any:
+        first = await task(manager, state, "echo secret > /tmp/left; echo w > /work/w; "
+                           "export LEAK=1; echo $TOKEN", env={"TOKEN": "t-123"})
+        second = await task(manager, state, "ls -A /tmp /work; echo token=${TOKEN-unset} "
+                            "leak=${LEAK-unset}")
+        return first, second
+
+    (agent1, first), (agent2, second) = pools.run(
+        scenario, minSize=1, maxSize=1, resetCommand=sh("rm -rf /tmp/* /work/*"))
+
+    assert agent1 == agent2  # the same warm agent served both
+    assert first.stdout.strip() == "t-123"
+    assert second.stdout.split() == ["/tmp:", "/work:", "token=unset", "leak=unset"]
+
+
+def test_agent_is_recycled_after_max_uses(pools: Pools) -> None:
+    async def scenario(manager: PoolManager, state: PoolState) -> Any:
+        return [(await task(manager, state, "hostname"))[1].stdout.strip() for _ in range(5)]
+
+    hosts = pools.run(scenario, minSize=1, maxSize=1, maxUses=2)
+
+    assert hosts[0] == hosts[1] != hosts[2] == hosts[3] != hosts[4]
+
+
+def test_killed_agent_fails_its_task_and_is_replaced(pools: Pools) -> None:
+    client = docker.from_env()
+
+    async def scenario(manager: PoolManager, state: PoolState) -> Any:
+        lease = await manager.lease(state)
+        running = asyncio.create_task(manager.run(lease, sh("sleep 30"), {}, 60))
+        await asyncio.sleep(0.5)
+        client.containers.get(lease.agent.id).kill()
+        with pytest.raises(BackendError, match="is gone"):
+            await running
+        after = await manager.reconcile(state)
+        name, result = await task(manager, state, "echo alive")
+        return lease.agent.name, after, name, result
+
+    dead, after, name, result = pools.run(scenario, minSize=1, maxSize=1)
+
+    assert after.total == 1 and after.ready == 1
+    assert name != dead
+    assert result.stdout.strip() == "alive"
+
+
+def test_task_past_its_timeout_is_cut_off_and_its_agent_replaced(pools: Pools) -> None:
+    async def scenario(manager: PoolManager, state: PoolState) -> Any:
+        lease = await manager.lease(state)
+        with pytest.raises(TimeoutError):
+            await manager.run(lease, sh("sleep 30"), {}, 0.5)
+        return lease.agent.name, await task(manager, state, "echo next")
+
+    dead, (name, result) = pools.run(scenario, minSize=1, maxSize=1)
+
+    assert name != dead and result.stdout.strip() == "next"
+
+
+def test_busy_pool_makes_a_task_wait_then_says_so(pools: Pools) -> None:
+    async def scenario(manager: PoolManager, state: PoolState) -> Any:
+        lease = await manager.lease(state)
+        with pytest.raises(PoolUnavailableError, match="stayed busy for leaseTimeoutSeconds"):
+            await manager.lease(state)
+        await manager.release(lease, keep=True)
+
+    pools.run(scenario, minSize=1, maxSize=1, leaseTimeoutSeconds=1)
+
+
+LEASE_AND_DIE = """
+import asyncio, os, sys
+from controller.backends.docker import DockerBackend
+from controller.config import Settings
+from controller.models import parse_agent_pool
+from controller.pools import PoolManager
+from controller.store import RedisStore
+import json
+
+async def main():
+    settings = Settings.from_env({}, redis_url=sys.argv[1], lease_ttl_seconds=2)
+    store = await RedisStore.connect(settings.redis_url)
+    backend = await DockerBackend.connect(settings)
+    manager = PoolManager(store, settings)
+    state = manager.register(parse_agent_pool(json.loads(sys.argv[3])), sys.argv[2], backend)
+    lease = await manager.lease(state)
+    print(lease.agent.name, flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+def test_lease_of_a_process_that_died_is_reclaimed_after_its_ttl(pools: Pools,
+                                                                 redis_url: str) -> None:
+    uid = str(uuid.uuid4())
+    spec = {"minSize": 1, "maxSize": 1, "leaseTimeoutSeconds": 10}
+
+    async def scenario(manager: PoolManager, state: PoolState) -> Any:
+        import json
+        holder = subprocess.Popen(
+            [sys.executable, "-c", LEASE_AND_DIE, redis_url, uid, json.dumps(
+                {**pool_doc(**spec), "metadata": {"name": state.name}})],
+            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        assert holder.stdout is not None
+        held = await asyncio.to_thread(holder.stdout.readline)
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        busy = await manager.reconcile(state)  # the lease is still live
+        await asyncio.sleep(2.5)
+        reclaimed = await manager.reconcile(state)
+        name, result = await task(manager, state, "echo mine")
+        return held.strip(), busy, reclaimed, name, result
+
+    held, busy, reclaimed, name, result = pools.run(scenario, uid=uid, **spec)
+
+    assert busy.busy == 1 and busy.ready == 0
+    assert reclaimed.ready == 1 and reclaimed.total == 1
+    assert name != held  # a reclaimed agent is replaced: its last task may have left a mess
+    assert result.stdout.strip() == "mine"
+
+
+def test_idle_agents_above_min_size_are_removed_after_the_idle_timeout(pools: Pools) -> None:
+    async def scenario(manager: PoolManager, state: PoolState) -> Any:
+        await asyncio.gather(*(task(manager, state, "sleep 0.3") for _ in range(3)))
+        grown = await manager.status(state)
+        await asyncio.sleep(1.5)
+        return grown, await manager.reconcile(state)
+
+    grown, shrunk = pools.run(scenario, minSize=1, maxSize=3, idleTimeoutSeconds=1)
+
+    assert grown.total == 3
+    assert shrunk.total == 1 and shrunk.ready == 1
+
+
+def test_image_without_a_shell_falls_back_to_exec(pools: Pools, tmp_path: Path) -> None:
+    client = docker.from_env()
+    (tmp_path / "busybox").write_bytes(Path("/bin/busybox").read_bytes())
+    (tmp_path / "busybox").chmod(0o755)
+    (tmp_path / "Dockerfile").write_text(
+        'FROM scratch\nCOPY busybox /bin/busybox\nCMD ["/bin/busybox", "sleep", "3600"]\n')
+    client.images.build(path=str(tmp_path), tag="agentainer/noshell:test", rm=True)
+
+    async def scenario(manager: PoolManager, state: PoolState) -> Any:
+        lease = await manager.lease(state)
+        return lease.agent, await manager.run(
+            lease, ["/bin/busybox", "printf", "%s", "$(no shell)"], {"X": "1"}, 30)
+
+    agent, result = pools.run(scenario, minSize=1, maxSize=1, image="agentainer/noshell:test")
+
+    assert agent.labels["agentainer.dev/channel"] == "exec"
+    assert (result.exit_code, result.stdout) == (0, "$(no shell)")
+
+
+def test_draining_lets_the_running_task_finish_then_removes_the_agents(pools: Pools) -> None:
+    client = docker.from_env()
+
+    async def scenario(manager: PoolManager, state: PoolState) -> Any:
+        lease = await manager.lease(state)
+        running = asyncio.create_task(manager.run(lease, sh("sleep 1; echo finished"), {}, 30))
+        await asyncio.sleep(0.2)
+        removed = await manager.drain(state)
+        return removed, await running, state.uid
+
+    removed, result, uid = pools.run(scenario, minSize=2, maxSize=2)
+
+    assert result.stdout.strip() == "finished"
+    assert removed == 2
+    assert client.containers.list(all=True, filters={"label": f"agentainer.dev/pool-uid={uid}"}) == []
