@@ -163,7 +163,8 @@ def _cancel_on_signals(run: WorkflowRun, out: TextIO) -> None:
 
 
 def command_run(args: argparse.Namespace) -> int:
-    settings = Settings.from_env(store=args.store, redis_url=args.redis_url)
+    # Every pool of a file run is in the file: a missing one will not turn up later.
+    settings = Settings.from_env(store=args.store, redis_url=args.redis_url, pool_wait_seconds=0)
     workflow, agent_pools = load_run(args.file)
     return asyncio.run(_run(workflow, agent_pools, settings, args.output))
 

@@ -59,6 +59,10 @@ class Settings:
     """A pool agent's lease lapses this many seconds after its holder last renewed it (every
     third of it); then the agent is reclaimed, so one held by a crashed process is not lost."""
 
+    pool_wait_seconds: int = 30
+    """How long a pooled step waits for its AgentPool to appear before failing, in seconds
+    (a Workflow and its pool applied together reach the controller in either order)."""
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
         """Build settings from ``AGENTAINER_*`` variables, then apply explicit overrides."""
@@ -97,7 +101,7 @@ class Settings:
                 )
         minimums = {"docker_threads": 1, "state_ttl_seconds": 0, "stop_grace_seconds": 0,
                     "status_output_limit": 0, "metrics_port": 0, "status_interval_seconds": 0,
-                    "lease_ttl_seconds": 1}
+                    "lease_ttl_seconds": 1, "pool_wait_seconds": 0}
         for name, minimum in minimums.items():
             if getattr(self, name) < minimum:
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be at least {minimum}")

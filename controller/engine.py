@@ -689,7 +689,8 @@ class WorkflowRun:
                 raise PoolUnavailableError(
                     f"AgentPool {step.pool} is not available: put it in the same file as the "
                     "workflow (agentainer run) or create it in the workflow's namespace")
-            pool = self.pools.get(self.workflow.metadata.namespace, step.pool)
+            pool = await self.pools.find(self.workflow.metadata.namespace, step.pool,
+                                         self.settings.pool_wait_seconds)
             lease = await self.pools.lease(pool)
             handle = lease.agent
             agent.name = handle.name

@@ -57,7 +57,7 @@ class Metrics:
                                     ["pool"], buckets=LATENCY_BUCKETS, registry=r)
         self.pool_task = Histogram("agentainer_pool_task_seconds",
                                    "Time a task took on a pooled agent", ["pool"],
-                                   buckets=LATENCY_BUCKETS + DURATION_BUCKETS[3:], registry=r)
+                                   buckets=LATENCY_BUCKETS + (5, 10, 30, 60, 300), registry=r)
         self.pool_recycled = Counter("agentainer_pool_agents_recycled_total",
                                      "Pool agents replaced after serving maxUses tasks",
                                      ["pool"], registry=r)

@@ -148,6 +148,18 @@ class PoolManager:
         state.pool = pool
         return state
 
+    async def find(self, namespace: str, name: str, wait_seconds: float) -> PoolState:
+        """The pool, waiting up to ``wait_seconds`` for it to appear: a Workflow and its
+        AgentPool applied together may reach the controller in either order."""
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            try:
+                return self.get(namespace, name)
+            except PoolUnavailableError:
+                if time.monotonic() >= deadline:
+                    raise
+            await asyncio.sleep(0.2)
+
     def get(self, namespace: str, name: str) -> PoolState:
         state = self.pools.get((namespace, name))
         if state is None or state.draining:

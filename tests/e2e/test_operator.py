@@ -222,6 +222,26 @@ def test_agent_pool_keeps_its_minimum_warm_and_drains_on_delete(
         all=True, filters={"label": f"agentainer.dev/pool-uid={uid}"}) == []
 
 
+def test_pooled_workflow_and_its_pool_applied_together_succeed(
+        kubectl: Kubectl, controller: Controller, docker_client: Any) -> None:
+    kubectl("apply", "-f", str(ROOT / "examples" / "mapreduce-pooled.yaml"))
+
+    body = kubectl.wait_for("workflow", "mapreduce-wordcount-pooled", finished)
+
+    assert body["status"]["phase"] == "Succeeded", body["status"]
+    steps = {step["name"]: step for step in body["status"]["steps"]}
+    assert steps["reduce"]["output"] == "60"
+    assert all(a["name"].startswith("pool-busybox-pool-") for a in steps["map"]["agents"])
+    pool = kubectl.wait_for("agentpool", "busybox-pool",
+                            lambda b: (b.get("status") or {}).get("ready", 0) >= 2)
+    assert pool["status"]["busy"] == 0
+    text = controller.metrics()
+    assert 'agentainer_pool_lease_wait_seconds_count{pool="busybox-pool"}' in text
+    kubectl("delete", "-f", str(ROOT / "examples" / "mapreduce-pooled.yaml"), "--timeout=90s")
+    assert docker_client.containers.list(
+        all=True, filters={"label": "agentainer.dev/pool=busybox-pool"}) == []
+
+
 def test_metrics_endpoint_reports_the_runs(kubectl: Kubectl, controller: Controller) -> None:
     name = apply(kubectl, workflow_doc({"name": "counted", "command": sh("echo 1")}))
     kubectl.wait_for("workflow", name, finished)

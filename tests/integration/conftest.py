@@ -35,7 +35,7 @@ def docker_client() -> Iterator[docker.DockerClient]:
 
 @pytest.fixture
 def settings(redis_url: str) -> Settings:
-    return Settings.from_env({}, redis_url=redis_url, stop_grace_seconds=1)
+    return Settings.from_env({}, redis_url=redis_url, stop_grace_seconds=1, pool_wait_seconds=0)
 
 
 @dataclass

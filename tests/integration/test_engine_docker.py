@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import uuid
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 import yaml
 
+from controller.backends.docker import DockerBackend
+from controller.engine import Engine
 from controller.models import AgentReason, StepPhase, WorkflowPhase
-from controller.store import Keys
+from controller.store import Keys, RedisStore
 from tests.conftest import ROOT, sh, workflow_doc
 from tests.integration.conftest import Runner
 
@@ -382,3 +385,47 @@ def test_a_new_run_resumes_from_redis_and_adopts_running_agents(runner: Runner) 
         step = container.labels["agentainer.dev/step"]
         by_step[step] = by_step.get(step, 0) + 1
     assert by_step == {"first": 1, "fan": 3, "last": 1}  # nothing ran twice
+
+
+def run_with_pools(runner: Runner, path: Path) -> Any:
+    from controller.manifests import load_run
+    from controller.pools import PoolManager
+
+    workflow, agent_pools = load_run(path)
+
+    async def go() -> Any:
+        store = await RedisStore.connect(runner.settings.redis_url)
+        backend = await DockerBackend.connect(runner.settings)
+        pools = PoolManager(store, runner.settings)
+        states = [pools.register(pool, str(uuid.uuid4()), backend) for pool in agent_pools]
+        try:
+            for state in states:
+                await pools.reconcile(state)
+            run = Engine(backend, store, runner.settings, pools).prepare(workflow)
+            runner.uids.append(run.uid)
+            return await run.execute()
+        finally:
+            for state in states:
+                await pools.drain(state)
+            await backend.close()
+            await store.close()
+
+    return asyncio.run(go())
+
+
+def test_pooled_mapreduce_gives_the_same_total_as_the_cold_one(runner: Runner) -> None:
+    cold, _ = runner.run(mapreduce_document())
+    pooled = run_with_pools(runner, ROOT / "examples" / "mapreduce-pooled.yaml")
+
+    assert pooled.phase is WorkflowPhase.SUCCEEDED, pooled.message
+    assert pooled.step("map").outputs == cold.step("map").outputs
+    assert pooled.step("reduce").output == cold.step("reduce").output == "60"
+    assert pooled.step("map").agents[0].name.startswith("pool-busybox-pool-")
+
+
+def test_pooled_step_naming_a_missing_pool_fails_with_a_clear_message(runner: Runner) -> None:
+    status, _ = runner.run(workflow_doc(
+        {"name": "lonely", "pool": "nowhere", "command": sh("true")}))
+
+    assert status.phase is WorkflowPhase.FAILED
+    assert "AgentPool nowhere is not available" in (status.step("lonely").message or "")

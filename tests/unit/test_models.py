@@ -175,6 +175,11 @@ REFUSED = [
         id="both-image-and-pool",
     ),
     pytest.param(
+        workflow({"name": "report", "pool": "busybox-pool"}), "spec.steps[0].command",
+        ("required for a pooled step",),
+        id="pooled-step-without-command",
+    ),
+    pytest.param(
         workflow(step("map", image="")), "spec.steps[0].image", ("at least 1 character",),
         id="empty-image",
     ),
@@ -314,7 +319,8 @@ ACCEPTED = [
         workflow(step("map"), env=[{"name": "RUN", "value": "{{ workflow.name }}-{{ workflow.uid }}"}]),
         id="workflow-env-with-workflow-templates",
     ),
-    pytest.param(workflow({"name": "report", "pool": "busybox-pool"}), id="pooled-step-without-image"),
+    pytest.param(workflow({"name": "report", "pool": "busybox-pool", "command": ["true"]}),
+                 id="pooled-step-without-image"),
     pytest.param(
         workflow(step("map", resources={"cpu": "500m", "memory": "64Mi"})),
         id="kubernetes-quantities",
