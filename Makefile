@@ -10,6 +10,7 @@ demo: setup redis
 	$(AGENTAINER) run examples/mapreduce.yaml
 
 test: setup kube
+	$(VENV)/bin/ruff check controller tests benchmarks scripts
 	$(VENV)/bin/lint-imports
 	$(PY) -m mypy
 	$(PY) -m pytest tests
@@ -49,8 +50,10 @@ controller: setup redis
 
 bench: setup
 	$(PY) benchmarks/engine_overhead.py
+	$(PY) benchmarks/pool.py
 
 lint: venv
+	$(VENV)/bin/ruff check controller tests benchmarks scripts
 	$(VENV)/bin/lint-imports
 	$(PY) -m mypy
 

@@ -333,7 +333,7 @@ class RedisStore:
             return set()
         async with self._errors("reading leases"):
             holders = await self._client.mget([Keys.pool_lease(uid, a) for a in agents])
-        return {agent for agent, holder in zip(agents, holders) if holder is not None}
+        return {agent for agent, holder in zip(agents, holders, strict=True) if holder is not None}
 
     async def pool_take_idle(self, uid: str, idle_before: float, keep: int) -> list[str]:
         async with self._errors("shrinking a pool"):

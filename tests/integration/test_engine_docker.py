@@ -13,7 +13,7 @@ import redis
 import yaml
 
 from controller.backends.docker import DockerBackend
-from controller.engine import Engine
+from controller.engine import Engine, WorkflowRun
 from controller.models import AgentReason, StepPhase, WorkflowPhase
 from controller.store import Keys, RedisStore
 from tests.conftest import ROOT, sh, workflow_doc
@@ -43,6 +43,11 @@ def most_at_once(intervals: list[tuple[datetime, datetime]]) -> int:
         running += change
         peak = max(peak, running)
     return peak
+
+
+async def agents_running(run: WorkflowRun, step: str, count: int) -> None:
+    while sum(a.phase.value == "Running" for a in run.status.step(step).agents) < count:
+        await asyncio.sleep(0.05)
 
 
 def mapreduce_document() -> dict[str, Any]:
@@ -293,8 +298,7 @@ def test_cancelling_a_run_stops_its_agents_and_records_cancelled(
             cleanup="Always",
         ))
         task = asyncio.create_task(run.execute())
-        while sum(a.phase.value == "Running" for a in run.status.step("busy").agents) < 3:
-            await asyncio.sleep(0.05)
+        await agents_running(run, "busy", 3)
         run.cancel()
         status = await task
         await backend.close()
@@ -360,8 +364,7 @@ def test_a_new_run_resumes_from_redis_and_adopts_running_agents(runner: Runner) 
     async def go() -> Any:
         run, store, backend = await runner.start(document)
         task = asyncio.create_task(run.execute())
-        while sum(a.phase.value == "Running" for a in run.status.step("fan").agents) < 3:
-            await asyncio.sleep(0.05)
+        await agents_running(run, "fan", 3)
         run.detach()
         interrupted = await task
         await backend.close()

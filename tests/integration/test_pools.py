@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +18,7 @@ import pytest
 from controller.backends.docker import DockerBackend
 from controller.config import Settings
 from controller.errors import BackendError, PoolUnavailableError
-from controller.models import WorkflowPhase, parse_agent_pool
+from controller.models import parse_agent_pool
 from controller.pools import PoolManager, PoolState
 from controller.store import RedisStore
 from tests.conftest import IMAGE, ROOT, sh
@@ -123,7 +121,7 @@ def test_more_tasks_than_agents_never_share_an_agent(pools: Pools, settings: Set
     assert status.total <= 3
     for agent in {name for name, _, _ in intervals}:
         mine = sorted((start, end) for name, start, end in intervals if name == agent)
-        for (_, end), (start, _) in zip(mine, mine[1:]):
+        for (_, end), (start, _) in zip(mine, mine[1:], strict=False):
             assert start >= end, f"agent {agent} was leased twice at once"
     assert len({name for name, _, _ in intervals}) == 3  # it grew to maxSize under load
 

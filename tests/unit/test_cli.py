@@ -171,26 +171,14 @@ def unusable_path(tmp_path: Path, content: str | None) -> str:
     return write(tmp_path, content)
 
 
+@pytest.mark.parametrize(("command", "code"), [("validate", 1), ("run", 2)])
 @pytest.mark.parametrize(("content", "words"), UNUSABLE)
-def test_validate_on_a_file_that_is_not_a_manifest_prints_one_line_and_exits_1(
-    content: str | None, words: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_a_file_that_is_not_a_manifest_gets_one_line_and_a_failing_exit_code(
+    command: str, code: int, content: str | None, words: str, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     path = unusable_path(tmp_path, content)
-    assert main(["validate", path]) == 1
-    captured = capsys.readouterr()
-    assert_no_traceback(captured.out, captured.err)
-    assert captured.out == ""
-    assert captured.err.splitlines() == [captured.err.strip()]
-    assert captured.err.startswith(f"error: {path}")
-    assert words in captured.err
-
-
-@pytest.mark.parametrize(("content", "words"), UNUSABLE)
-def test_run_on_a_file_that_is_not_a_manifest_prints_one_line_and_exits_2(
-    content: str | None, words: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    path = unusable_path(tmp_path, content)
-    assert main(["run", path]) == 2
+    assert main([command, path]) == code
     captured = capsys.readouterr()
     assert_no_traceback(captured.out, captured.err)
     assert captured.out == ""
