@@ -70,6 +70,9 @@ from controller.store import Record, Store
 logger = logging.getLogger(__name__)
 
 UID_SUFFIX_LENGTH = 5
+# Where the backend enforces deadlines (pods' activeDeadlineSeconds), the engine waits this
+# much longer before killing the agent itself, so that the backend's reason is the one reported.
+BACKEND_DEADLINE_MARGIN_SECONDS = 30
 
 
 def now() -> str:
@@ -152,6 +155,11 @@ def build_agent_spec(
         if item is not None:
             env["AGENTAINER_ITEM"] = item
     resources = step.resources
+    owner = None
+    if workflow.metadata.uid:  # a resource of the cluster: its agents die with it
+        owner = {"apiVersion": workflow.api_version, "kind": workflow.kind,
+                 "name": workflow.metadata.name, "uid": workflow.metadata.uid,
+                 "controller": True, "blockOwnerDeletion": False}
     return AgentSpec(
         name=agent_name(workflow.metadata.name, uid, step, index, attempt),
         image=step.image or "",
@@ -161,6 +169,10 @@ def build_agent_spec(
         labels=agent_labels(workflow, uid, step, index, attempt),
         nano_cpus=resources.nano_cpus if resources else None,
         memory_bytes=resources.memory_bytes if resources else None,
+        namespace=workflow.metadata.namespace,
+        owner=owner,
+        timeout_seconds=step.timeout_seconds,
+        pod=step.pod,
     )
 
 
@@ -648,9 +660,12 @@ class WorkflowRun:
                 if timeout:
                     timeout = max(0.0, timeout - _age_seconds(agent.started_at))
                 self._emit(EventKind.AGENT_STARTED, f"agent {agent.name} adopted", status, agent)
+            if timeout and self.backend.enforces_deadlines:
+                timeout += BACKEND_DEADLINE_MARGIN_SECONDS  # the backend's own deadline first
             try:
                 result = await asyncio.wait_for(self.backend.wait(handle), timeout)
                 reason = (AgentReason.OOM_KILLED if result.oom_killed else
+                          AgentReason.DEADLINE_EXCEEDED if result.deadline_exceeded else
                           AgentReason.COMPLETED if result.exit_code == 0 else AgentReason.ERROR)
             except TimeoutError:
                 await self.backend.stop(handle, 0)
@@ -818,6 +833,8 @@ def _failure_message(agent: AgentStatus, step: Step, result: AgentResult) -> str
     if agent.reason is AgentReason.OOM_KILLED:
         limit = step.resources.memory if step.resources else "?"
         return f"agent {agent.name} ran out of memory (limit {limit}) and was killed"
+    if result.message:
+        return f"agent {agent.name} failed: {result.message}"
     last_line = result.stderr.strip().splitlines()[-1:] or [""]
     detail = f": {last_line[0][:200]}" if last_line[0] else ""
     return f"agent {agent.name} exited with code {result.exit_code}{detail}"

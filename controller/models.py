@@ -216,6 +216,36 @@ class Parallel(ApiModel):
         return len(self.items) if self.items is not None else (self.replicas or 1)
 
 
+class Toleration(ApiModel):
+    """A Kubernetes toleration, as in a pod spec."""
+
+    key: str | None = Field(default=None, description="Taint key; empty with Exists: all.")
+    operator: Literal["Exists", "Equal"] = Field(default="Equal", description="Exists or Equal.")
+    value: str | None = Field(default=None, description="Taint value, with Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to tolerate; empty: all.")
+    toleration_seconds: int | None = Field(
+        default=None, description="With NoExecute: how long the pod may stay.")
+
+
+class PodOptions(ApiModel):
+    """How agents run as pods (backend kubernetes); ignored by the docker backend."""
+
+    service_account_name: str | None = Field(
+        default=None, pattern=DNS_SUBDOMAIN, max_length=253,
+        description="Service account of the agent pods; none (no API token) when not set.")
+    node_selector: dict[str, str] = Field(default_factory=dict,
+                                          description="Node labels the pods must match.")
+    tolerations: list[Toleration] = Field(default_factory=list,
+                                          description="Taints the pods tolerate.")
+    image_pull_secrets: list[str] = Field(default_factory=list,
+                                          description="Names of Secrets to pull images with.")
+    run_as_non_root: bool = Field(default=False,
+                                  description="Refuse to start agents whose user is root.")
+    run_as_user: int | None = Field(default=None, ge=0,
+                                    description="User id the agent runs as.")
+
+
 class Step(ApiModel):
     """One step: one agent, a fan-out of agents, or agents leased from a pool."""
 
@@ -259,6 +289,8 @@ class Step(ApiModel):
         default=None,
         description="Steps that must succeed first. Default: the step before; [] for a root.",
     )
+    pod: PodOptions | None = Field(default=None,
+                                   description="Pod settings, for backend kubernetes.")
 
     @property
     def width(self) -> int:
@@ -365,6 +397,8 @@ class AgentPoolSpec(ApiModel):
     )
     env: list[EnvVar] = Field(default_factory=list, description="Environment of every agent.")
     resources: Resources | None = Field(default=None, description="Limits of each agent.")
+    pod: PodOptions | None = Field(default=None,
+                                   description="Pod settings, for backend kubernetes.")
 
 
 class AgentPool(ApiModel):

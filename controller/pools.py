@@ -81,6 +81,11 @@ def build_pool_agent_spec(pool: AgentPool, uid: str) -> AgentSpec:
         nano_cpus=resources.nano_cpus if resources else None,
         memory_bytes=resources.memory_bytes if resources else None,
         resident=True,
+        namespace=pool.metadata.namespace,
+        owner={"apiVersion": pool.api_version, "kind": pool.kind, "name": pool.metadata.name,
+               "uid": uid, "controller": True, "blockOwnerDeletion": False}
+        if pool.metadata.uid else None,
+        pod=pool.spec.pod,
     )
 
 

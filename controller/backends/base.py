@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
+
+from controller.models import PodOptions
 
 LABEL_PREFIX = "agentainer.dev/"
 LABEL_WORKFLOW = LABEL_PREFIX + "workflow"
@@ -33,6 +35,13 @@ class AgentSpec:
     memory_bytes: int | None = None
     resident: bool = False
     """A pool agent: it idles, kept alive, and runs tasks sent to it (``Backend.run_task``)."""
+    namespace: str = "default"
+    """Where a pod goes (backend kubernetes)."""
+    owner: dict[str, Any] | None = None
+    """The resource the agent belongs to, as an ownerReference (backend kubernetes)."""
+    timeout_seconds: int | None = None
+    """Deadline of the agent, for backends that enforce it themselves."""
+    pod: PodOptions | None = None
 
 
 @dataclass(frozen=True)
@@ -63,12 +72,18 @@ class AgentResult:
     stdout: str
     stderr: str
     oom_killed: bool = False
+    deadline_exceeded: bool = False
+    message: str = ""
+    """What the backend said about how it ended, when it said more than the exit code."""
     started_at: datetime | None = None
     finished_at: datetime | None = None
 
 
 class Backend(Protocol):
     """A place where agents run. Every method raises only the project's own errors."""
+
+    enforces_deadlines: bool
+    """True when the backend stops an agent past ``AgentSpec.timeout_seconds`` by itself."""
 
     async def start(self, spec: AgentSpec) -> AgentHandle:
         """Create and start an agent (pulling its image when allowed)."""

@@ -36,6 +36,46 @@ def task_script(argv: list[str], env: dict[str, str], token: str) -> bytes:
             f"printf '\\n%s\\n' {token} >&2\n").encode()
 
 
+class TaskOutput:
+    """Collects one task's stdout and stderr, chunk by chunk, up to its end markers."""
+
+    def __init__(self, token: str) -> None:
+        self._out_marker = f"\n{token} ".encode()
+        self._err_marker = f"\n{token}\n".encode()
+        self._stdout, self._stderr = bytearray(), bytearray()
+        self._exit_code: int | None = None
+        self._stderr_done = False
+
+    @property
+    def done(self) -> bool:
+        return self._exit_code is not None and self._stderr_done
+
+    def feed(self, stream: int, payload: bytes) -> None:
+        if stream == STDOUT and self._exit_code is None:
+            self._stdout += payload
+            at = self._stdout.find(self._out_marker)
+            if at >= 0:
+                line_end = self._stdout.find(b"\n", at + len(self._out_marker))
+                if line_end >= 0:
+                    self._exit_code = int(self._stdout[at + len(self._out_marker):line_end])
+                    del self._stdout[at:]
+        elif stream == STDERR and not self._stderr_done:
+            self._stderr += payload
+            at = self._stderr.find(self._err_marker)
+            if at >= 0:
+                self._stderr_done = True
+                del self._stderr[at:]
+
+    def result(self) -> TaskResult:
+        assert self._exit_code is not None
+        return TaskResult(self._exit_code, self._stdout.decode("utf-8", errors="replace"),
+                          self._stderr.decode("utf-8", errors="replace"))
+
+
+def new_token() -> str:
+    return "__agentainer_end_" + secrets.token_hex(12)
+
+
 class ShellChannel:
     """An attached socket to one agent's shell; one task at a time."""
 
@@ -50,7 +90,7 @@ class ShellChannel:
         async with self._lock:  # never two tasks in one agent at once
             if self.closed:
                 raise ChannelClosedError("the agent's shell is gone")
-            token = "__agentainer_end_" + secrets.token_hex(12)
+            token = new_token()
             loop = asyncio.get_running_loop()
             try:
                 await loop.sock_sendall(self._sock, task_script(argv, env, token))
@@ -61,29 +101,10 @@ class ShellChannel:
                 raise
 
     async def _read_until_done(self, token: str) -> TaskResult:
-        out_marker = f"\n{token} ".encode()
-        err_marker = f"\n{token}\n".encode()
-        stdout, stderr = bytearray(), bytearray()
-        exit_code: int | None = None
-        stderr_done = False
-        while exit_code is None or not stderr_done:
-            stream, payload = await self._frame()
-            if stream == STDOUT:
-                stdout += payload
-                at = stdout.find(out_marker)
-                if at >= 0:
-                    line_end = stdout.find(b"\n", at + len(out_marker))
-                    if line_end >= 0:
-                        exit_code = int(stdout[at + len(out_marker):line_end])
-                        del stdout[at:]
-            elif stream == STDERR:
-                stderr += payload
-                at = stderr.find(err_marker)
-                if at >= 0:
-                    stderr_done = True
-                    del stderr[at:]
-        return TaskResult(exit_code, stdout.decode("utf-8", errors="replace"),
-                          stderr.decode("utf-8", errors="replace"))
+        collector = TaskOutput(token)
+        while not collector.done:
+            collector.feed(*await self._frame())
+        return collector.result()
 
     async def _frame(self) -> tuple[int, bytes]:
         await self._fill(HEADER.size)

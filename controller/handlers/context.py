@@ -11,6 +11,7 @@ import kubernetes
 
 from controller.backends.base import Backend
 from controller.backends.docker import DockerBackend
+from controller.backends.kubernetes import KubernetesBackend
 from controller.config import Settings
 from controller.errors import AgentainerError, TransientError
 from controller.metrics import Metrics
@@ -41,18 +42,22 @@ class Context:
     phases: dict[str, WorkflowPhase] = field(default_factory=dict)
     extra_conditions: dict[str, list[Condition]] = field(default_factory=dict)
     _docker: DockerBackend | None = None
-    _docker_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _kubernetes: KubernetesBackend | None = None
+    _backend_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def backend(self, name: str) -> Backend:
         """The backend of that name, connected on first use (so the controller starts even
         when an engine it may never need is down)."""
-        if name != "docker":
-            raise UnsupportedBackendError(
-                f"backend {name!r} is not available in this controller (only docker is)")
-        async with self._docker_lock:
-            if self._docker is None:
-                self._docker = await DockerBackend.connect(self.settings)
-            return self._docker
+        async with self._backend_lock:
+            if name == "docker":
+                if self._docker is None:
+                    self._docker = await DockerBackend.connect(self.settings)
+                return self._docker
+            if name == "kubernetes":
+                if self._kubernetes is None:
+                    self._kubernetes = await KubernetesBackend.connect(self.settings)
+                return self._kubernetes
+        raise UnsupportedBackendError(f"backend {name!r} does not exist (docker, kubernetes)")
 
     def workflow_phase(self, uid: str, phase: WorkflowPhase | None) -> None:
         if phase is None:
@@ -78,8 +83,9 @@ class Context:
 
     async def close(self) -> None:
         await self.store.close()
-        if self._docker is not None:
-            await self._docker.close()
+        for backend in (self._docker, self._kubernetes):
+            if backend is not None:
+                await backend.close()
 
 
 def kubernetes_client() -> Any:
