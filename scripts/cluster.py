@@ -324,6 +324,13 @@ def import_images(socket_path: str, images: list[str]) -> None:
 def start_node(plane: ControlPlane, binary: str) -> list[int]:
     """containerd, CNI, kube-controller-manager, kube-scheduler and a kubelet; waits for Ready."""
     directory = Path(plane.directory)
+    other = subprocess.run(["pgrep", "-x", "kube"], capture_output=True, text=True).stdout.split()
+    kubelets = [pid for pid in other if "kubelet" in Path(f"/proc/{pid}/cmdline").read_text(
+        errors="replace")] if other else []
+    if kubelets:
+        # Two kubelets on one machine fight over the same cgroups and kill each other's pods.
+        raise SystemExit(f"cluster: another node's kubelet is running (pid {kubelets[0]}); "
+                         "stop it first (`make cluster-down`)")
     bin_dir = Path(binary).parent
     logs = directory / "logs"
     runtime = directory / "containerd"

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.conftest import ROOT, free_port
 
@@ -35,7 +36,7 @@ def kubeconfig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A fresh etcd + kube-apiserver for the session, always torn down."""
     cluster = _load_cluster_module()
     directory = tmp_path_factory.mktemp("control-plane")
-    plane = cluster.up(directory)
+    plane = cluster.up(directory, node=True)
     try:
         yield plane.kubeconfig
     finally:
@@ -130,12 +131,27 @@ class Controller:
 
 
 @pytest.fixture(scope="session")
-def controller(kubectl: Kubectl, redis_url: str,
+def controller_kubeconfig(kubectl: Kubectl, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A kubeconfig with the controller's service-account token: the e2e controller has
+    exactly the rights of manifests/rbac.yaml, not the admin's."""
+    kubectl("apply", "-f", str(ROOT / "manifests" / "rbac.yaml"))
+    token = kubectl("create", "token", "agentainer-controller", "-n", "agentainer-system",
+                    "--duration=4h").stdout.strip()
+    config = yaml.safe_load(Path(kubectl.kubeconfig).read_text())
+    config["users"] = [{"name": "agentainer-controller", "user": {"token": token}}]
+    config["contexts"][0]["context"]["user"] = "agentainer-controller"
+    path = tmp_path_factory.mktemp("controller-auth") / "kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def controller(kubectl: Kubectl, controller_kubeconfig: str, redis_url: str,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Controller]:
     port = free_port()
     log = tmp_path_factory.mktemp("controller") / "controller.log"
     controller = Controller(
-        env={"KUBECONFIG": kubectl.kubeconfig, "AGENTAINER_REDIS_URL": redis_url,
+        env={"KUBECONFIG": controller_kubeconfig, "AGENTAINER_REDIS_URL": redis_url,
              "AGENTAINER_METRICS_HOST": "127.0.0.1", "AGENTAINER_METRICS_PORT": str(port),
              "AGENTAINER_STOP_GRACE_SECONDS": "1"},
         log=log, metrics_port=port)

@@ -1,0 +1,158 @@
+"""backend: kubernetes on a real node (kubelet on containerd): agents are pods."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT, sh, workflow_doc
+from tests.e2e.conftest import Controller, Kubectl
+from tests.e2e.test_operator import apply, finished
+
+pytestmark = pytest.mark.e2e
+
+
+def pods(kubectl: Kubectl, selector: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = json.loads(
+        kubectl("get", "pods", "-A", "-l", selector, "-o", "json").stdout)["items"]
+    return items
+
+
+def no_pods_left(kubectl: Kubectl, selector: str, timeout: float = 60) -> bool:
+    """Pod deletion is asynchronous: removed pods may be terminating for a moment."""
+    deadline = time.monotonic() + timeout
+    while left := pods(kubectl, selector):
+        if time.monotonic() > deadline:
+            raise AssertionError("pods left: " + ", ".join(
+                f"{p['metadata']['name']} {p['status'].get('phase')} "
+                f"deleting={p['metadata'].get('deletionTimestamp')}" for p in left))
+        time.sleep(0.5)
+    return True
+
+
+def on_pods(*steps: dict[str, Any], **spec: Any) -> dict[str, Any]:
+    return workflow_doc(*steps, backend="kubernetes", **spec)
+
+
+def test_mapreduce_on_pods_gives_the_right_total(kubectl: Kubectl,
+                                                 controller: Controller) -> None:
+    document = yaml.safe_load((ROOT / "examples" / "mapreduce.yaml").read_text())
+    document["metadata"]["name"] = "mapreduce-on-pods"
+    document["spec"]["backend"] = "kubernetes"
+    name = apply(kubectl, document)
+
+    status = kubectl.wait_for("workflow", name, finished, timeout=180)["status"]
+
+    assert status["phase"] == "Succeeded", status
+    steps = {step["name"]: step for step in status["steps"]}
+    assert steps["reduce"]["output"] == "60"
+    assert no_pods_left(kubectl, f"agentainer.dev/workflow={name}")  # OnSuccess: all removed
+
+
+def test_agent_pods_are_built_restricted_and_owned_by_the_workflow(
+        kubectl: Kubectl, controller: Controller) -> None:
+    name = apply(kubectl, on_pods(
+        {"name": "one", "command": sh("echo ok"), "resources": {"cpu": "250m",
+                                                                 "memory": "32Mi"}},
+        cleanup="Never"))
+    body = kubectl.wait_for("workflow", name, finished, timeout=120)
+    assert body["status"]["phase"] == "Succeeded", body["status"]
+
+    (pod,) = pods(kubectl, f"agentainer.dev/workflow={name}")
+    owner = pod["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["name"], owner["uid"]) == (
+        "Workflow", name, body["metadata"]["uid"])
+    container = pod["spec"]["containers"][0]
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert container["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert container["resources"]["limits"] == {"cpu": "250m", "memory": str(32 * 2**20)}
+    assert pod["spec"]["restartPolicy"] == "Never"
+    assert pod["metadata"]["labels"]["agentainer.dev/step"] == "one"
+
+    kubectl("delete", "workflow", name, "--timeout=90s")
+    assert no_pods_left(kubectl, f"agentainer.dev/workflow={name}")  # deleting removes them
+
+
+def test_pod_over_its_memory_limit_is_reported_oom_killed(kubectl: Kubectl,
+                                                          controller: Controller) -> None:
+    name = apply(kubectl, on_pods(
+        {"name": "hog", "resources": {"memory": "16Mi"},
+         "command": sh("x=$(head -c 100000000 /dev/zero | tr '\\0' a); echo ${#x}")}))
+
+    status = kubectl.wait_for("workflow", name, finished, timeout=120)["status"]
+
+    assert status["phase"] == "Failed"
+    agent = status["steps"][0]["agents"][0]
+    assert agent["reason"] == "OOMKilled"
+    assert "ran out of memory" in status["steps"][0]["message"]
+
+
+def test_pod_past_its_timeout_is_reported_deadline_exceeded(kubectl: Kubectl,
+                                                            controller: Controller) -> None:
+    name = apply(kubectl, on_pods({"name": "slow", "timeoutSeconds": 3,
+                                   "command": sh("sleep 120")}))
+
+    status = kubectl.wait_for("workflow", name, finished, timeout=120)["status"]
+
+    assert status["phase"] == "Failed"
+    assert status["steps"][0]["agents"][0]["reason"] == "DeadlineExceeded"
+    assert "timeoutSeconds (3)" in status["steps"][0]["message"]
+
+
+def test_missing_image_is_reported_from_the_pod_status(kubectl: Kubectl,
+                                                       controller: Controller) -> None:
+    name = apply(kubectl, on_pods({"name": "ghost", "image": "agentainer/not-here:1",
+                                   "command": sh("true")}))
+
+    status = kubectl.wait_for("workflow", name, finished, timeout=120)["status"]
+
+    assert status["phase"] == "Failed"
+    message = status["steps"][0]["message"]
+    assert "ErrImagePull" in message or "ImagePullBackOff" in message
+
+
+def test_pooled_step_on_pods(kubectl: Kubectl, controller: Controller) -> None:
+    kubectl("apply", "-f", "-", input=yaml.safe_dump({
+        "apiVersion": "agentainer.dev/v1alpha1", "kind": "AgentPool",
+        "metadata": {"name": "pod-pool"},
+        "spec": {"backend": "kubernetes", "image": "agentainer/busybox:latest",
+                 "minSize": 1, "maxSize": 2, "resetCommand": sh("rm -rf /tmp/*")}}))
+    name = apply(kubectl, on_pods(
+        {"name": "fan", "pool": "pod-pool", "parallel": {"items": ["a b", "c d e", "f"]},
+         "command": sh('echo "$AGENTAINER_ITEM" | wc -w')}))
+
+    status = kubectl.wait_for("workflow", name, finished, timeout=180)["status"]
+
+    assert status["phase"] == "Succeeded", status
+    assert json.loads(status["steps"][0]["output"]) == ["2", "3", "1"]
+    pool_pods = pods(kubectl, "agentainer.dev/pool=pod-pool")
+    assert 1 <= len(pool_pods) <= 2
+    assert all(p["status"]["phase"] == "Running" for p in pool_pods)
+    kubectl("delete", "agentpool", "pod-pool", "--timeout=90s")
+    assert no_pods_left(kubectl, "agentainer.dev/pool=pod-pool")
+
+
+def test_controller_restarted_mid_run_adopts_its_pods(kubectl: Kubectl,
+                                                      controller: Controller) -> None:
+    name = apply(kubectl, on_pods(
+        {"name": "fan", "parallel": {"replicas": 3},
+         "command": sh("sleep 8; echo $AGENTAINER_ITEM_INDEX")}, cleanup="Never"))
+    deadline = time.monotonic() + 90
+    while len([p for p in pods(kubectl, f"agentainer.dev/workflow={name}")
+               if p["status"]["phase"] == "Running"]) < 3:
+        assert time.monotonic() < deadline, "the pods never ran"
+        time.sleep(0.5)
+
+    controller.kill()
+    controller.start()
+    status = kubectl.wait_for("workflow", name, finished, timeout=120)["status"]
+
+    assert status["phase"] == "Succeeded", status
+    assert json.loads(status["steps"][0]["output"]) == ["0", "1", "2"]
+    assert [a["attempt"] for a in status["steps"][0]["agents"]] == [1, 1, 1]
+    assert len(pods(kubectl, f"agentainer.dev/workflow={name}")) == 3  # none started twice
