@@ -39,8 +39,8 @@ crds: venv
 kube:
 	scripts/build-kube.sh >/dev/null
 
-cluster: venv kube
-	$(PY) scripts/cluster.py up
+cluster: setup kube
+	$(PY) scripts/cluster.py up --node
 
 cluster-down:
 	$(PY) scripts/cluster.py down

@@ -355,9 +355,7 @@ class PoolManager:
         return await self.status(state)
 
     async def status(self, state: PoolState) -> AgentPoolStatus:
-        records = await self.store.pool_agents(state.uid)
-        total = sum(1 for record in records.values() if "pending" not in record)
-        ready = len(await self.store.pool_idle(state.uid))
+        total, ready = await self.store.pool_counts(state.uid)
         return AgentPoolStatus(ready=ready, busy=total - ready, total=total,
                                observed_generation=state.pool.metadata.generation)
 

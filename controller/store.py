@@ -157,6 +157,7 @@ class Store(Protocol):
     async def pool_agents(self, uid: str) -> dict[str, dict[str, Any]]: ...
     async def pool_idle(self, uid: str) -> dict[str, float]: ...
     async def pool_leased(self, uid: str, agents: list[str]) -> set[str]: ...
+    async def pool_counts(self, uid: str) -> tuple[int, int]: ...
     async def pool_take_idle(self, uid: str, idle_before: float, keep: int) -> list[str]: ...
     async def pool_delete(self, uid: str) -> None: ...
 
@@ -328,6 +329,15 @@ class RedisStore:
                                                          withscores=True)
         return {_text(agent): float(score) for agent, score in pairs}
 
+    async def pool_counts(self, uid: str) -> tuple[int, int]:
+        """(agents, idle agents) of one moment; agents being started are not counted."""
+        async with self._errors("reading a pool"), self._client.pipeline(
+                transaction=True) as pipe:
+            pipe.hvals(Keys.pool_agents(uid))
+            pipe.zcard(Keys.pool_idle(uid))
+            records, idle = await pipe.execute()
+        return sum(1 for r in records if "pending" not in json.loads(_text(r))), int(idle)
+
     async def pool_leased(self, uid: str, agents: list[str]) -> set[str]:
         if not agents:
             return set()
@@ -478,6 +488,10 @@ class MemoryStore:
 
     async def pool_idle(self, uid: str) -> dict[str, float]:
         return dict(self._pool(uid).idle)
+
+    async def pool_counts(self, uid: str) -> tuple[int, int]:
+        pool = self._pool(uid)
+        return sum(1 for r in pool.agents.values() if "pending" not in r), len(pool.idle)
 
     async def pool_leased(self, uid: str, agents: list[str]) -> set[str]:
         pool = self._pool(uid)

@@ -40,10 +40,8 @@ def on_pods(*steps: dict[str, Any], **spec: Any) -> dict[str, Any]:
 
 def test_mapreduce_on_pods_gives_the_right_total(kubectl: Kubectl,
                                                  controller: Controller) -> None:
-    document = yaml.safe_load((ROOT / "examples" / "mapreduce.yaml").read_text())
-    document["metadata"]["name"] = "mapreduce-on-pods"
-    document["spec"]["backend"] = "kubernetes"
-    name = apply(kubectl, document)
+    kubectl("apply", "-f", str(ROOT / "examples" / "mapreduce-pods.yaml"))
+    name = "mapreduce-wordcount-pods"
 
     status = kubectl.wait_for("workflow", name, finished, timeout=180)["status"]
 
