@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 AGENTAINER := $(VENV)/bin/agentainer
 
-.PHONY: demo test test-unit setup docker redis image venv bench lint clean crds cluster cluster-down controller kube
+.PHONY: controller-image demo test test-unit setup docker redis image venv bench lint clean crds cluster cluster-down controller kube
 
 demo: setup redis
 	$(AGENTAINER) run examples/mapreduce.yaml
@@ -47,6 +47,9 @@ cluster-down:
 
 controller: setup redis
 	KUBECONFIG=$${KUBECONFIG:-$$HOME/.cache/agentainer/cluster/kubeconfig} $(AGENTAINER) controller
+
+controller-image: setup
+	PYTHON=$(PY) scripts/build-controller-image.sh
 
 bench: setup
 	$(PY) benchmarks/engine_overhead.py

@@ -136,6 +136,7 @@ class PoolManager:
         self.settings = settings
         self.observer = observer
         self.pools: dict[tuple[str, str], PoolState] = {}
+        self.drained: set[str] = set()  # uids of pools deleted here: never warmed up again
         self.holder = f"{secrets.token_hex(4)}"
 
     def _emit(self, kind: PoolEventKind, state: PoolState, value: float = 0.0) -> None:
@@ -151,6 +152,7 @@ class PoolManager:
         if state is None or state.uid != uid:
             state = self.pools[key] = PoolState(pool, uid, backend)
         state.pool = pool
+        state.draining = state.draining or uid in self.drained
         return state
 
     async def find(self, namespace: str, name: str, wait_seconds: float) -> PoolState:
@@ -216,6 +218,8 @@ class PoolManager:
     async def _grow(self, state: PoolState, up_to: int | None = None) -> bool:
         """Start one more agent if the pool (every process's share of it) is below ``up_to``
         (default maxSize); False when it is full."""
+        if state.draining:
+            return False
         limit = min(up_to if up_to is not None else state.pool.spec.max_size,
                     state.pool.spec.max_size)
         placeholder = f"{PENDING}{secrets.token_hex(6)}"
@@ -310,6 +314,8 @@ class PoolManager:
         pool is topped up to ``minSize`` (with ``warmUp``) and trimmed to ``maxSize``.
         """
         spec = state.pool.spec
+        if state.draining:
+            return await self.status(state)
         containers = {h.name: h for h in await state.backend.list_agents(
             {LABEL_POOL_UID: state.uid})}
         records = await self.store.pool_agents(state.uid)
@@ -362,12 +368,21 @@ class PoolManager:
     async def drain(self, state: PoolState, timeout: float = 300.0) -> int:
         """Stop leasing; let running tasks finish (up to ``timeout``); remove every agent."""
         state.draining = True
+        self.drained.add(state.uid)
         deadline = time.monotonic() + timeout
         while state.busy > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-        agents = await state.backend.list_agents({LABEL_POOL_UID: state.uid})
-        for agent in agents:
-            await state.backend.remove(agent)
+        removed = 0
+        # Again until none is left: an agent that was being started when draining began
+        # shows up only once its start returns.
+        while agents := await state.backend.list_agents({LABEL_POOL_UID: state.uid}):
+            for agent in agents:
+                await state.backend.remove(agent)
+            removed += len(agents)
+            if time.monotonic() > deadline:
+                logger.warning("pool %s: agents still listed after draining", state.name)
+                break
+            await asyncio.sleep(0.2)
         await self.store.pool_delete(state.uid)
         self.pools.pop((state.pool.metadata.namespace, state.name), None)
-        return len(agents)
+        return removed

@@ -24,6 +24,8 @@ PLURAL = "agentpools"
 async def _reconcile(body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch) -> None:
     context: Context = memo.context
     uid = body.metadata.uid or ""
+    if body.metadata.get("deletionTimestamp"):
+        return  # being drained by pool_deleted: never warm it up again
     try:
         pool = parse_agent_pool(dict(body), f"agentpool {body.metadata.name}")
     except InvalidSpecError as error:

@@ -238,8 +238,9 @@ def test_pooled_workflow_and_its_pool_applied_together_succeed(
     text = controller.metrics()
     assert 'agentainer_pool_lease_wait_seconds_count{pool="busybox-pool"}' in text
     kubectl("delete", "-f", str(ROOT / "examples" / "mapreduce-pooled.yaml"), "--timeout=90s")
+    uid = pool["metadata"]["uid"]
     assert docker_client.containers.list(
-        all=True, filters={"label": "agentainer.dev/pool=busybox-pool"}) == []
+        all=True, filters={"label": f"agentainer.dev/pool-uid={uid}"}) == []
 
 
 def test_metrics_endpoint_reports_the_runs(kubectl: Kubectl, controller: Controller) -> None:

@@ -65,7 +65,8 @@ def test_run_text_shows_progress_and_the_total(redis_env: dict[str, str]) -> Non
 
 
 def test_run_exits_1_when_the_workflow_fails(tmp_path: Path, redis_env: dict[str, str]) -> None:
-    path = write(tmp_path, workflow_doc({"name": "boom", "command": sh("exit 4")}))
+    path = write(tmp_path, workflow_doc({"name": "boom", "command": sh("exit 4")},
+                                        cleanup="Always"))
 
     result = agentainer("run", path, env=redis_env)
 
