@@ -1,15 +1,15 @@
 # make demo   installs what is missing, starts Docker and Redis, runs the MapReduce example
-# make test   the same set-up (and a kube-apiserver built from source, once), then every test
+# make test   the same set-up (and Kubernetes and helm built from source, once), then every test
 VENV ?= .venv
 PY := $(VENV)/bin/python
 AGENTAINER := $(VENV)/bin/agentainer
 
-.PHONY: controller-image demo test test-unit setup docker redis image venv bench lint clean crds cluster cluster-down controller kube
+.PHONY: controller-image helm manifests demo test test-unit setup docker redis image venv bench lint clean crds cluster cluster-down controller kube
 
 demo: setup redis
 	$(AGENTAINER) run examples/mapreduce.yaml
 
-test: setup kube
+test: setup kube helm
 	$(VENV)/bin/ruff check controller tests benchmarks scripts
 	$(VENV)/bin/lint-imports
 	$(PY) -m mypy
@@ -35,9 +35,16 @@ venv:
 
 crds: venv
 	$(PY) -m controller.crds
+	$(MAKE) manifests
 
 kube:
 	scripts/build-kube.sh >/dev/null
+
+helm:
+	scripts/build-helm.sh >/dev/null
+
+manifests: helm
+	scripts/render-manifests.sh
 
 cluster: setup kube
 	$(PY) scripts/cluster.py up --node

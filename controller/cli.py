@@ -205,7 +205,10 @@ def command_controller(args: argparse.Namespace) -> int:
     kopf.run(
         clusterwide=not namespaces,
         namespaces=namespaces,
-        standalone=True,
+        # One replica: no peering. Several: they meet in a ClusterKopfPeering of this name
+        # and only the one with the highest priority (the oldest on ties) works.
+        standalone=args.peering is None,
+        peering_name=args.peering,
     )
     return EXIT_SUCCEEDED
 
@@ -233,6 +236,9 @@ def parser() -> argparse.ArgumentParser:
         "controller", help="run the Kubernetes operator (kopf run -m controller.handlers)")
     operator.add_argument("-n", "--namespace", action="append", metavar="NS",
                           help="watch only this namespace (repeatable; default: all)")
+    operator.add_argument("--peering", metavar="NAME", default=None,
+                          help="run as one of several replicas that share the ClusterKopfPeering "
+                               "NAME; only one is active at a time")
     operator.set_defaults(handler=command_controller)
 
     validate = commands.add_parser("validate", help="check Workflow and AgentPool manifests")

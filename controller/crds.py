@@ -24,6 +24,8 @@ from controller.models import (
 )
 
 CRD_DIRECTORY = Path(__file__).resolve().parent.parent / "crds"
+# The Helm chart carries the same files (helm installs CRDs from its crds/ folder).
+CHART_CRD_DIRECTORY = CRD_DIRECTORY.parent / "helm" / "agentainer" / "crds"
 KEPT = ("type", "description", "enum", "pattern", "minLength", "maxLength", "minimum",
         "maximum", "minItems", "maxItems", "oneOf", "x-kubernetes-validations")
 
@@ -152,14 +154,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--directory", type=Path, default=CRD_DIRECTORY)
     args = parser.parse_args(argv)
     stale = []
-    for name, text in rendered().items():
-        path = args.directory / name
-        if args.check:
-            if not path.exists() or path.read_text() != text:
-                stale.append(str(path))
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
+    directories = [args.directory]
+    if args.directory == CRD_DIRECTORY and CHART_CRD_DIRECTORY.parent.exists():
+        directories.append(CHART_CRD_DIRECTORY)
+    for directory in directories:
+        for name, text in rendered().items():
+            path = directory / name
+            if args.check:
+                if not path.exists() or path.read_text() != text:
+                    stale.append(str(path))
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
     if stale:
         print("stale CRDs (run `make crds`): " + ", ".join(stale), file=sys.stderr)
         return 1

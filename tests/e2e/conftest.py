@@ -135,7 +135,7 @@ def controller_kubeconfig(kubectl: Kubectl, tmp_path_factory: pytest.TempPathFac
     """A kubeconfig with the controller's service-account token: the e2e controller has
     exactly the rights of manifests/rbac.yaml, not the admin's."""
     kubectl("apply", "-f", str(ROOT / "manifests" / "rbac.yaml"))
-    token = kubectl("create", "token", "agentainer-controller", "-n", "agentainer-system",
+    token = kubectl("create", "token", "agentainer", "-n", "agentainer-system",
                     "--duration=4h").stdout.strip()
     config = yaml.safe_load(Path(kubectl.kubeconfig).read_text())
     config["users"] = [{"name": "agentainer-controller", "user": {"token": token}}]
