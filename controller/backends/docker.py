@@ -17,7 +17,15 @@ import docker.errors
 import requests.exceptions
 from docker.models.containers import Container
 
-from controller.backends.base import AgentHandle, AgentResult, AgentSpec, TaskResult
+from controller.backends.base import (
+    CHANNEL_EXEC,
+    CHANNEL_SHELL,
+    LABEL_CHANNEL,
+    AgentHandle,
+    AgentResult,
+    AgentSpec,
+    TaskResult,
+)
 from controller.backends.channel import ChannelClosedError, ShellChannel
 from controller.config import Settings
 from controller.errors import (
@@ -35,9 +43,6 @@ T = TypeVar("T")
 DOCKER_MIN_MEMORY_BYTES = 6 * 1024 * 1024
 
 
-LABEL_CHANNEL = "agentainer.dev/channel"
-CHANNEL_SHELL = "shell"
-CHANNEL_EXEC = "exec"
 
 
 def container_config(spec: AgentSpec, network_mode: str,

@@ -20,7 +20,15 @@ import kubernetes
 from kubernetes.client import ApiException, CoreV1Api
 from kubernetes.stream import stream
 
-from controller.backends.base import AgentHandle, AgentResult, AgentSpec, TaskResult
+from controller.backends.base import (
+    CHANNEL_EXEC,
+    CHANNEL_SHELL,
+    LABEL_CHANNEL,
+    AgentHandle,
+    AgentResult,
+    AgentSpec,
+    TaskResult,
+)
 from controller.backends.channel import STDERR, STDOUT, TaskOutput, new_token, task_script
 from controller.config import Settings
 from controller.errors import (
@@ -35,7 +43,6 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 CONTAINER = "agent"
-LABEL_CHANNEL = "agentainer.dev/channel"
 POLL_SECONDS = 0.25
 IMAGE_ERRORS = {"ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName"}
 SPEC_ERRORS = {"CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
@@ -45,7 +52,7 @@ def _millicores(nano_cpus: int) -> str:
     return f"{-(-nano_cpus // 1_000_000)}m"
 
 
-def build_pod(spec: AgentSpec, channel: str = "shell") -> dict[str, Any]:
+def build_pod(spec: AgentSpec, channel: str = CHANNEL_SHELL) -> dict[str, Any]:
     """The pod of one agent: restrictive by default, limits as requests and limits, the
     workflow as owner (so that the garbage collector removes it with the workflow)."""
     options = spec.pod or PodOptions()
@@ -67,7 +74,7 @@ def build_pod(spec: AgentSpec, channel: str = "shell") -> dict[str, Any]:
         "securityContext": security,
     }
     if spec.resident:
-        if channel == "shell":
+        if channel == CHANNEL_SHELL:
             container.update(command=["sh"], stdin=True, stdinOnce=False, tty=False)
     else:
         if spec.command is not None:
@@ -196,12 +203,12 @@ class KubernetesBackend:
                                           ) from error
 
     async def start(self, spec: AgentSpec) -> AgentHandle:
-        handle = await self._create(spec, "shell")
+        handle = await self._create(spec, CHANNEL_SHELL)
         if spec.resident:
             state = await self._wait_started(handle)
             if state == "failed":  # no /bin/sh in the image: run its own command, exec tasks
                 await self.remove(handle)
-                handle = await self._create(spec, "exec")
+                handle = await self._create(spec, CHANNEL_EXEC)
                 await self._wait_started(handle)
         return handle
 
@@ -304,7 +311,7 @@ class KubernetesBackend:
     async def run_task(self, agent: AgentHandle, argv: list[str], env: dict[str, str],
                        timeout: float | None) -> TaskResult:
         namespace, name = _split(agent.id)
-        if agent.labels.get(LABEL_CHANNEL) == "exec":
+        if agent.labels.get(LABEL_CHANNEL) == CHANNEL_EXEC:
             return await asyncio.wait_for(self._exec(namespace, name, argv, env), timeout)
         channel = self._channels.get(agent.id)
         if channel is None or channel.closed:
