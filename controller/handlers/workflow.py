@@ -27,6 +27,7 @@ from controller.models import (
 )
 
 PLURAL = "workflows"
+DETACH_SECONDS = 20.0  # how long a cancelled daemon waits for its run to let go
 
 
 class StatusWriter:
@@ -111,7 +112,9 @@ def refused_status(reason: str, message: str, generation: int | None) -> dict[st
     ).to_dict()
 
 
-@kopf.daemon(API_GROUP, API_VERSION, PLURAL, cancellation_timeout=120.0)
+# Deletion sets `stopped` and the run stops its agents within seconds; should it not, kopf
+# cancels the daemon after cancellation_timeout and the delete handler removes the agents.
+@kopf.daemon(API_GROUP, API_VERSION, PLURAL, cancellation_timeout=30.0)
 async def run_workflow(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped,
                        logger: kopf.Logger, **_: Any) -> None:
     """Reconcile one Workflow: run it to the end (resuming what an earlier controller
@@ -159,7 +162,7 @@ async def run_workflow(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonSto
     run.observer = observe
     writer.start()
     execution = asyncio.create_task(run.execute(), name=f"workflow-{workflow.metadata.name}")
-    stop = asyncio.ensure_future(stopped.wait())
+    stop = asyncio.ensure_future(_until_stopped(stopped))
     try:
         try:
             await asyncio.wait({execution, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -167,7 +170,7 @@ async def run_workflow(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonSto
             # kopf cancels daemons outright when the operator exits.
             logger.info("controller stopping: leaving the agents to be adopted on restart")
             run.detach()
-            await asyncio.shield(execution)
+            await asyncio.wait({execution}, timeout=DETACH_SECONDS)
             raise
         if not execution.done():
             reason = stopped.reason or kopf.DaemonStoppingReason(0)
@@ -185,6 +188,10 @@ async def run_workflow(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonSto
         stop.cancel()
         if not run.detached:
             await writer.stop()
+
+
+async def _until_stopped(stopped: kopf.DaemonStopped) -> None:
+    await stopped.wait()
 
 
 @kopf.on.update(API_GROUP, API_VERSION, PLURAL, field="spec")
