@@ -9,13 +9,12 @@ import logging
 import signal
 import sys
 import uuid
-from datetime import datetime
 from typing import TextIO
 
 from controller import __version__
 from controller.backends.base import LABEL_WORKFLOW_UID
 from controller.config import Settings
-from controller.engine import Engine, Event, EventKind, WorkflowRun
+from controller.engine import Engine, Event, EventKind, WorkflowRun, seconds_between
 from controller.errors import AgentainerError, InvalidSpecError
 from controller.manifests import load_run, parse, read_documents
 from controller.models import AgentPool, Backend, Workflow, WorkflowPhase, WorkflowStatus
@@ -31,14 +30,6 @@ EXIT_CODES = {
     WorkflowPhase.FAILED: EXIT_FAILED,
     WorkflowPhase.CANCELLED: EXIT_CANCELLED,
 }
-
-
-def _seconds(start: str | None, end: str | None) -> float | None:
-    if not start or not end:
-        return None
-    parse_time = datetime.fromisoformat
-    return (parse_time(end.replace("Z", "+00:00")) - parse_time(start.replace("Z", "+00:00"))
-            ).total_seconds()
 
 
 def _short(text: str | None, width: int = 60) -> str:
@@ -64,7 +55,7 @@ class Progress:
                 agent = event.agent
                 total = len({a.index for a in step.agents})
                 running = sum(1 for a in step.agents if a.phase.value in ("Created", "Running"))
-                took = _seconds(agent.started_at, agent.finished_at)
+                took = seconds_between(agent.started_at, agent.finished_at)
                 line = (f"         {step.name}: agent {agent.id} {agent.phase.value.lower()}"
                         f" exit={agent.exit_code if agent.exit_code is not None else '-'}"
                         + (f" in {took:.2f}s" if took is not None else "")
@@ -72,7 +63,7 @@ class Progress:
             case EventKind.AGENT_RETRYING if step:
                 line = f"  retry  {step.name}: {event.message}"
             case EventKind.STEP_FINISHED if step:
-                took = _seconds(step.started_at, step.finished_at)
+                took = seconds_between(step.started_at, step.finished_at)
                 word = {"Succeeded": "done", "Failed": "FAILED", "Skipped": "skip",
                         "Cancelled": "cancel"}.get(step.phase.value, step.phase.value)
                 detail = (f"output {_short(step.output)!r}" if step.phase.value == "Succeeded"
@@ -84,13 +75,13 @@ class Progress:
 
 
 def summary(workflow: Workflow, status: WorkflowStatus) -> str:
-    took = _seconds(status.started_at, status.finished_at)
+    took = seconds_between(status.started_at, status.finished_at)
     lines = [f"{workflow.metadata.name}: {status.phase.value}"
              + (f" in {took:.2f}s" if took is not None else "")
              + f" ({status.progress} agents)" + (f": {status.message}" if status.message else "")]
     width = max(len(step.name) for step in status.steps)
     for step in status.steps:
-        took = _seconds(step.started_at, step.finished_at)
+        took = seconds_between(step.started_at, step.finished_at)
         lines.append(f"  {step.name:<{width}}  {step.phase.value:<9}  "
                      + (f"{took:6.2f}s" if took is not None else "       ")
                      + f"  attempts={step.attempts:<2} "

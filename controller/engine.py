@@ -80,6 +80,18 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def parse_time(timestamp: str) -> datetime:
+    """A time written by :func:`now`."""
+    return datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+
+
+def seconds_between(start: str | None, end: str | None) -> float | None:
+    """Seconds from one time of ours to another; None when either is missing."""
+    if not start or not end:
+        return None
+    return (parse_time(end) - parse_time(start)).total_seconds()
+
+
 # --- pure builders ------------------------------------------------------------------------------
 
 
@@ -816,8 +828,7 @@ def _age_seconds(timestamp: str | None) -> float:
     """Seconds since an RFC 3339 time of ours; 0 when there is none."""
     if not timestamp:
         return 0.0
-    then = datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
-    return max(0.0, (datetime.now(UTC) - then).total_seconds())
+    return max(0.0, (datetime.now(UTC) - parse_time(timestamp)).total_seconds())
 
 
 async def _settled(starting: asyncio.Future[AgentHandle]) -> AgentHandle | None:

@@ -6,11 +6,9 @@ The engine knows nothing of this module: :class:`WorkflowMetrics` observes its e
 
 from __future__ import annotations
 
-from datetime import datetime
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from controller.engine import Event, EventKind
+from controller.engine import Event, EventKind, seconds_between
 from controller.models import AgentPhase, StepPhase, WorkflowPhase, WorkflowStatus
 from controller.pools import PoolEvent, PoolEventKind
 
@@ -72,13 +70,6 @@ class Metrics:
                 sum(1 for p in phases.values() if p is phase))
 
 
-def _seconds(start: str | None, end: str | None) -> float | None:
-    if not start or not end:
-        return None
-    begin = datetime.fromisoformat(start.replace("Z", "+00:00"))
-    return (datetime.fromisoformat(end.replace("Z", "+00:00")) - begin).total_seconds()
-
-
 class WorkflowMetrics:
     """An engine observer that turns a run's events into metrics."""
 
@@ -96,7 +87,7 @@ class WorkflowMetrics:
             case EventKind.AGENT_FINISHED if agent is not None:
                 if agent.started_at is not None:
                     m.agents_running.labels(self.backend).dec()
-                took = _seconds(agent.started_at, agent.finished_at)
+                took = seconds_between(agent.started_at, agent.finished_at)
                 if took is not None:
                     m.agent_duration.labels(self.backend, agent.phase.value).observe(took)
                 if agent.phase is AgentPhase.FAILED:
@@ -106,12 +97,12 @@ class WorkflowMetrics:
                 m.agent_retries.labels(self.backend).inc()
             case EventKind.STEP_FINISHED if step is not None and step.phase in (
                     StepPhase.SUCCEEDED, StepPhase.FAILED, StepPhase.CANCELLED):
-                took = _seconds(step.started_at, step.finished_at)
+                took = seconds_between(step.started_at, step.finished_at)
                 if took is not None:
                     m.step_duration.labels(step.phase.value).observe(took)
             case EventKind.WORKFLOW_FINISHED:
                 m.workflows_finished.labels(status.phase.value).inc()
-                took = _seconds(status.started_at, status.finished_at)
+                took = seconds_between(status.started_at, status.finished_at)
                 if took is not None:
                     m.workflow_duration.labels(status.phase.value).observe(took)
 
