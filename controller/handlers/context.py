@@ -60,6 +60,10 @@ class Context:
         raise UnsupportedBackendError(f"backend {name!r} does not exist (docker, kubernetes)")
 
     def workflow_phase(self, uid: str, phase: WorkflowPhase | None) -> None:
+        """Note a workflow's phase; called on every engine event, so the gauge of workflows by
+        phase (a count over all of them) is recomputed only when a phase changes."""
+        if self.phases.get(uid) is phase:
+            return
         if phase is None:
             self.phases.pop(uid, None)
         else:
