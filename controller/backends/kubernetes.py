@@ -115,6 +115,18 @@ def build_pod(spec: AgentSpec, channel: str = CHANNEL_SHELL) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
 
 
+def load_credentials() -> None:
+    """Credentials for the API server: in-cluster ones, else the kubeconfig (KUBECONFIG)."""
+    try:
+        kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except kubernetes.config.ConfigException:
+        try:
+            kubernetes.config.load_kube_config()  # type: ignore[no-untyped-call]
+        except (kubernetes.config.ConfigException, OSError) as error:
+            raise BackendUnavailableError(
+                f"no Kubernetes credentials: {error}; set KUBECONFIG") from error
+
+
 def _split(agent_id: str) -> tuple[str, str]:
     namespace, _, name = agent_id.partition("/")
     return namespace, name
@@ -176,14 +188,7 @@ class KubernetesBackend:
     @classmethod
     async def connect(cls, settings: Settings) -> KubernetesBackend:
         def make() -> CoreV1Api:
-            try:
-                kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
-            except kubernetes.config.ConfigException:
-                try:
-                    kubernetes.config.load_kube_config()  # type: ignore[no-untyped-call]
-                except (kubernetes.config.ConfigException, OSError) as error:
-                    raise BackendUnavailableError(
-                        f"no Kubernetes credentials: {error}; set KUBECONFIG") from error
+            load_credentials()
             return CoreV1Api()
 
         return cls(await asyncio.to_thread(make), settings)

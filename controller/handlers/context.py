@@ -11,7 +11,7 @@ import kubernetes
 
 from controller.backends.base import Backend
 from controller.backends.docker import DockerBackend
-from controller.backends.kubernetes import KubernetesBackend
+from controller.backends.kubernetes import KubernetesBackend, load_credentials
 from controller.config import Settings
 from controller.errors import AgentainerError, TransientError
 from controller.metrics import Metrics
@@ -93,9 +93,6 @@ class Context:
 
 
 def kubernetes_client() -> Any:
-    """A client for the API server: in-cluster credentials, else the kubeconfig."""
-    try:
-        kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
-    except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config()  # type: ignore[no-untyped-call]
+    """A client for the API server, with the same credentials as the Kubernetes backend."""
+    load_credentials()
     return kubernetes.client.CustomObjectsApi()

@@ -34,10 +34,15 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo,
         store = await open_store(config)
     except AgentainerError as error:
         raise kopf.TemporaryError(str(error), delay=error.delay) from error
+    try:
+        custom_objects = kubernetes_client()
+    except AgentainerError as error:
+        await store.close()
+        raise kopf.TemporaryError(str(error), delay=error.delay) from error
     metrics = Metrics()
     pools = PoolManager(store, config, PoolMetrics(metrics))
     memo.context = Context(settings=config, store=store, metrics=metrics, pools=pools,
-                           custom_objects=kubernetes_client())
+                           custom_objects=custom_objects)
     memo.http = await serve_metrics(metrics, config) if config.metrics_port else None
     logger.info("agentainer controller started: store %s, default backend %s, metrics on :%s",
                 config.store, config.default_backend, config.metrics_port or "off")
