@@ -39,6 +39,7 @@ class StatusWriter:
         self.name = body.metadata.name or ""
         self.run = run
         self._dirty = asyncio.Event()
+        self._closing = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     def __call__(self, event: Event, status: WorkflowStatus) -> None:
@@ -51,12 +52,18 @@ class StatusWriter:
     async def _loop(self) -> None:
         while True:
             await self._dirty.wait()
+            if self._closing.is_set():
+                return
             self._dirty.clear()
             try:
                 await self.flush()
             except AgentainerError as error:
                 logging.getLogger(__name__).warning("status of %s: %s", self.name, error)
-            await asyncio.sleep(self.context.settings.status_interval_seconds)
+            try:  # the interval between writes, cut short by stop()
+                await asyncio.wait_for(self._closing.wait(),
+                                       self.context.settings.status_interval_seconds)
+            except TimeoutError:
+                pass
 
     async def flush(self) -> None:
         status = compact_status(self.run.status, self.context.settings.status_output_limit)
@@ -66,10 +73,19 @@ class StatusWriter:
         await self.context.patch_status(PLURAL, self.namespace, self.name, status)
 
     async def stop(self) -> None:
+        """Write the final status. The loop is let finish, not cancelled: a patch it has in
+        flight runs on in its thread whatever happens to the task, and landing after the final
+        one it would put an older status back."""
+        self._closing.set()
+        self._dirty.set()
+        if self._task is not None:
+            await self._task
+        await self.flush()
+
+    def abandon(self) -> None:
+        """Stop writing without a last word (the run was detached; another process goes on)."""
         if self._task is not None:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        await self.flush()
 
 
 def post_event(body: kopf.Body) -> Any:
@@ -186,7 +202,9 @@ async def run_workflow(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonSto
         raise kopf.TemporaryError(str(error), delay=error.delay) from error
     finally:
         stop.cancel()
-        if not run.detached:
+        if run.detached:
+            writer.abandon()
+        else:
             await writer.stop()
 
 
