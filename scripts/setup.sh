@@ -2,7 +2,7 @@
 # Installs and starts what agentainer needs on this machine, each part only when it is missing.
 #   scripts/setup.sh packages   Debian packages (as root on Debian; elsewhere says what is missing):
 #                               Docker, Redis, busybox-static, and for the local Kubernetes node
-#                               CNI plugins, gcc (the pause image), openssl, debootstrap
+#                               CNI plugins, iptables, gcc (the pause image), openssl, debootstrap
 #   scripts/setup.sh docker     a running Docker engine (starts dockerd when none answers)
 #   scripts/setup.sh redis      a Redis answering at $AGENTAINER_REDIS_URL (for the demo)
 #   scripts/setup.sh venv       .venv with agentainer and its test tools
@@ -29,6 +29,8 @@ packages() {
     command -v redis-server >/dev/null || missing+=(redis-server)
     # The local Kubernetes node: containerd and runc come with docker.io; CNI plugins do not.
     [ -x /usr/lib/cni/bridge ] || missing+=(containernetworking-plugins)
+    command -v iptables >/dev/null || missing+=(iptables)  # kube-proxy, the CNI firewall
+    command -v ip >/dev/null || missing+=(iproute2)
     command -v gcc >/dev/null || missing+=(gcc libc6-dev)
     command -v openssl >/dev/null || missing+=(openssl)
     command -v debootstrap >/dev/null || missing+=(debootstrap)
