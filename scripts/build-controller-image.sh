@@ -8,7 +8,7 @@ TAG=${1:-agentainer/controller:dev}
 PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
 BASE_IMAGE=${BASE_IMAGE:-agentainer/debian-python:bookworm}
 cd "$ROOT"
-if [ "$BASE_IMAGE" = agentainer/debian-python:bookworm ]; then images/base/build.sh "$BASE_IMAGE"; fi
+if [ "$BASE_IMAGE" = agentainer/debian-python:bookworm ]; then images/base/build.sh python >/dev/null; fi
 rm -rf dist/wheels && mkdir -p dist/wheels
 # async-timeout too: redis needs it on Pythons before 3.11.3 (Debian bookworm has 3.11.2).
 "$PYTHON" -m pip wheel -q --wheel-dir dist/wheels . "async-timeout>=4.0.3" >/dev/null
