@@ -4,12 +4,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 AGENTAINER := $(VENV)/bin/agentainer
 
-.PHONY: controller-image helm manifests demo test test-unit setup docker redis image venv bench lint clean crds cluster cluster-down controller kube
+.PHONY: controller-image helm manifests demo test test-unit setup docker redis image venv bench lint clean crds cluster cluster-down cluster-install controller kube coredns
 
 demo: setup redis
 	$(AGENTAINER) run examples/mapreduce.yaml
 
-test: setup kube helm
+test: setup kube coredns helm
 	$(VENV)/bin/ruff check controller tests benchmarks scripts
 	$(VENV)/bin/lint-imports
 	$(PY) -m mypy
@@ -40,14 +40,20 @@ crds: venv
 kube:
 	scripts/build-kube.sh >/dev/null
 
+coredns:
+	scripts/build-coredns.sh >/dev/null
+
 helm:
 	scripts/build-helm.sh >/dev/null
 
 manifests: helm
 	scripts/render-manifests.sh
 
-cluster: setup kube
+cluster: setup kube coredns
 	$(PY) scripts/cluster.py up --node
+
+cluster-install: cluster helm
+	PYTHON=$(PY) scripts/install-local.sh
 
 cluster-down:
 	$(PY) scripts/cluster.py down

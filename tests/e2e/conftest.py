@@ -22,7 +22,8 @@ import yaml
 from tests.conftest import ROOT, free_port
 
 
-def _load_cluster_module() -> Any:
+def load_cluster_module() -> Any:
+    """scripts/cluster.py, which is a script, not a package."""
     spec = importlib.util.spec_from_file_location("cluster", ROOT / "scripts" / "cluster.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
@@ -34,7 +35,7 @@ def _load_cluster_module() -> Any:
 @pytest.fixture(scope="session")
 def kubeconfig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A fresh etcd + kube-apiserver for the session, always torn down."""
-    cluster = _load_cluster_module()
+    cluster = load_cluster_module()
     directory = tmp_path_factory.mktemp("control-plane")
     plane = cluster.up(directory, node=True)
     try:
@@ -55,16 +56,17 @@ class Kubectl:
             raise AssertionError(f"kubectl {' '.join(args)} failed: {result.stderr}")
         return result
 
-    def get(self, kind: str, name: str) -> dict[str, Any]:
-        result: dict[str, Any] = json.loads(self("get", kind, name, "-o", "json").stdout)
+    def get(self, kind: str, name: str, namespace: str = "default") -> dict[str, Any]:
+        result: dict[str, Any] = json.loads(
+            self("get", kind, name, "-n", namespace, "-o", "json").stdout)
         return result
 
     def wait_for(self, kind: str, name: str, check: Callable[[dict[str, Any]], bool],
-                 timeout: float = 120) -> dict[str, Any]:
+                 timeout: float = 120, namespace: str = "default") -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         last: dict[str, Any] = {}
         while time.monotonic() < deadline:
-            result = self("get", kind, name, "-o", "json", check=False)
+            result = self("get", kind, name, "-n", namespace, "-o", "json", check=False)
             if result.returncode == 0:
                 last = json.loads(result.stdout)
                 if check(last):
@@ -72,6 +74,15 @@ class Kubectl:
             time.sleep(0.5)
         raise AssertionError(f"{kind}/{name} never got there; last seen: "
                              f"{json.dumps(last.get('status'), indent=1)}")
+
+
+@pytest.fixture(scope="session")
+def helm() -> str:
+    """helm, built from its Go module (cached outside the repository)."""
+    built = subprocess.run([str(ROOT / "scripts" / "build-helm.sh")], capture_output=True,
+                           text=True, timeout=1800)
+    assert built.returncode == 0, built.stderr
+    return built.stdout.strip().splitlines()[-1]
 
 
 @pytest.fixture(scope="session")

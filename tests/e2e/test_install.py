@@ -19,14 +19,6 @@ CHART = ROOT / "helm" / "agentainer"
 KUBE_VERSION = "1.34.4"
 
 
-@pytest.fixture(scope="session")
-def helm() -> str:
-    built = subprocess.run([str(ROOT / "scripts" / "build-helm.sh")], capture_output=True,
-                           text=True, timeout=1800)
-    assert built.returncode == 0, built.stderr
-    return built.stdout.strip().splitlines()[-1]
-
-
 def template(helm: str, *values: str) -> list[dict[str, Any]]:
     result = subprocess.run([helm, "template", "agentainer", str(CHART), "--namespace",
                              "agentainer-system", "--kube-version", KUBE_VERSION, *values],
