@@ -14,7 +14,7 @@ DIR=$CACHE/kube/$KUBE_VERSION
 BIN=$DIR/bin/kube
 say() { printf '==> %s\n' "$*" >&2; }
 
-COMPONENTS="apiserver controller-manager scheduler kubelet proxy"
+COMPONENTS="apiserver controller-manager scheduler kubelet proxy kubectl"
 if [ -x "$BIN" ] && [ "$(cat "$DIR/bin/components" 2>/dev/null)" = "$COMPONENTS" ]; then
     echo "$DIR/bin/kube-apiserver"
     exit 0
@@ -57,12 +57,15 @@ import (
 
 	"github.com/spf13/cobra"
 	"k8s.io/component-base/cli"
+	"k8s.io/component-base/logs"
 	_ "k8s.io/component-base/logs/json/register"
 	_ "k8s.io/component-base/metrics/prometheus/clientgo"
 	_ "k8s.io/component-base/metrics/prometheus/version"
 	apiserver "k8s.io/kubernetes/cmd/kube-apiserver/app"
 	controllermanager "k8s.io/kubernetes/cmd/kube-controller-manager/app"
 	scheduler "k8s.io/kubernetes/cmd/kube-scheduler/app"
+	kubectl "k8s.io/kubectl/pkg/cmd"
+	kubectlutil "k8s.io/kubectl/pkg/cmd/util"
 	kubelet "k8s.io/kubernetes/cmd/kubelet/app"
 	proxy "k8s.io/kubernetes/cmd/kube-proxy/app"
 )
@@ -77,14 +80,22 @@ var commands = map[string]func() *cobra.Command{
 
 func main() {
 	name := strings.TrimPrefix(filepath.Base(os.Args[0]), "kube-")
-	if _, ok := commands[name]; !ok && len(os.Args) > 1 {
+	if _, ok := commands[name]; !ok && name != "kubectl" && len(os.Args) > 1 {
 		name = os.Args[1]
 		os.Args = append(os.Args[:1], os.Args[2:]...)
+	}
+	if name == "kubectl" {
+		// As kubectl's own main: its verbosity before its flags are parsed, its error output.
+		logs.GlogSetter(kubectl.GetLogVerbosity(os.Args)) // nolint:errcheck
+		if err := cli.RunNoErrOutput(kubectl.NewDefaultKubectlCommand()); err != nil {
+			kubectlutil.CheckErr(err)
+		}
+		return
 	}
 	command, ok := commands[name]
 	if !ok {
 		fmt.Fprintf(os.Stderr, "usage: kube COMPONENT [flags]; components: apiserver, "+
-			"controller-manager, scheduler, kubelet, proxy\n")
+			"controller-manager, scheduler, kubelet, proxy, kubectl\n")
 		os.Exit(2)
 	}
 	os.Exit(cli.Run(command()))
@@ -103,8 +114,9 @@ start=$(date +%s)
 go build -trimpath -ldflags "$ldflags" -o "$BIN.tmp" .
 mv "$BIN.tmp" "$BIN"
 for component in $COMPONENTS; do
-    ln -sf kube "$DIR/bin/kube-$component"
+    [ "$component" = kubectl ] || ln -sf kube "$DIR/bin/kube-$component"
 done
+ln -sf kube "$DIR/bin/kubectl"
 echo "$COMPONENTS" > "$DIR/bin/components"
 ln -sf kube "$DIR/bin/kubelet"
 say "built $BIN in $(( $(date +%s) - start ))s"

@@ -12,7 +12,8 @@ pods reach, so that pods get to them through the `kubernetes` Service and by Ser
     scripts/cluster.py load IMAGE..  copy images from Docker into the node (as `kind load
                                      docker-image` does on kind)
     scripts/cluster.py down          stop it
-    scripts/cluster.py env           print `export KUBECONFIG=...` for a shell
+    scripts/cluster.py env           print `export KUBECONFIG=...` (and the PATH of the kubectl
+                                     built with the cluster) for a shell
 
 State, certificates, logs and the kubeconfig live in $AGENTAINER_CACHE/cluster
 (default ~/.cache/agentainer/cluster). The e2e tests start their own in a temporary folder.
@@ -308,7 +309,8 @@ def up(directory: Path, timeout: float = 120, node: bool = False) -> ControlPlan
 
     kubeconfig = directory / "kubeconfig"
     write_kubeconfig(kubeconfig, server, ca, token)
-    plane = ControlPlane(str(directory), server, token, str(kubeconfig), etcd_pid, apiserver_pid)
+    plane = ControlPlane(str(directory), server, token, str(kubeconfig), etcd_pid, apiserver_pid,
+                         kube_binary=str(Path(apiserver).parent / "kube"))
     plane.save()
     if node:
         try:
@@ -523,7 +525,6 @@ evictionHard: {{memory.available: "50Mi", nodefs.available: "1%", imagefs.availa
                         f"--cert-dir={kubelet_dir / 'pki'}", f"--hostname-override={NODE_NAME}"],
                        logs / "kubelet.log"))
     plane.node_pids = pids
-    plane.kube_binary = str(bin_dir / "kube")
     plane.save()
     _wait(lambda: _node_ready(plane), "the node", logs / "kubelet.log", 120)
     start_proxy(plane)  # both look up the node
@@ -631,6 +632,8 @@ def main() -> int:
             print("cluster: not running (scripts/cluster.py up)", file=sys.stderr)
             return 1
         print(f"export KUBECONFIG={plane.kubeconfig}")
+        if plane.kube_binary:
+            print(f"export PATH={Path(plane.kube_binary).parent}:$PATH  # its kubectl")
     return 0
 
 

@@ -18,6 +18,8 @@ cluster=$(dirname "$KUBECONFIG")
 say() { printf '==> %s\n' "$*" >&2; }
 
 helm=$("$ROOT/scripts/build-helm.sh")
+# kubectl of the cluster's version, built with it.
+PATH=$(dirname "$("$ROOT/scripts/build-kube.sh")"):$PATH
 say "building the images"
 controller=$("$ROOT/scripts/build-controller-image.sh" "agentainer/controller:$TAG")
 redis=$("$ROOT/images/base/build.sh" redis)

@@ -38,9 +38,13 @@ def kubeconfig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     cluster = load_cluster_module()
     directory = tmp_path_factory.mktemp("control-plane")
     plane = cluster.up(directory, node=True)
+    # kubectl of the cluster's own version, built with it, for every kubectl the tests run.
+    path = os.environ["PATH"]
+    os.environ["PATH"] = f"{Path(plane.kube_binary).parent}{os.pathsep}{path}"
     try:
         yield plane.kubeconfig
     finally:
+        os.environ["PATH"] = path
         cluster.down(directory)
 
 
