@@ -348,6 +348,16 @@ def ensure_bridge() -> str:
     if f"inet {GATEWAY}/" not in ip("-4", "addr", "show", BRIDGE).stdout:
         ip("addr", "add", f"{GATEWAY}/{POD_SUBNET.split('/')[1]}", "dev", BRIDGE)
     ip("link", "set", BRIDGE, "up")
+    # What every node needs (kubeadm checks them): forwarding, and bridged traffic through
+    # iptables, without which a pod's reply to another pod on the bridge skips the Service's
+    # NAT and the connection breaks.
+    if shutil.which("modprobe"):
+        subprocess.run(["modprobe", "br_netfilter"], capture_output=True)
+    for setting in ("net/ipv4/ip_forward", "net/bridge/bridge-nf-call-iptables"):
+        try:
+            Path("/proc/sys", setting).write_text("1")
+        except OSError as error:
+            print(f"cluster: cannot set {setting.replace('/', '.')}=1: {error}", file=sys.stderr)
     return GATEWAY
 
 
