@@ -52,6 +52,12 @@ def _controller_log(kubectl: Kubectl) -> str:
     return result.stdout + result.stderr
 
 
+def _redis_keys(kubectl: Kubectl, pattern: str) -> list[str]:
+    listed = kubectl("exec", "-n", NAMESPACE, f"{FULLNAME}-redis-0", "--", "redis-cli",
+                     "--scan", "--pattern", pattern)
+    return sorted(listed.stdout.split())
+
+
 def _metrics_through_port_forward(kubectl: Kubectl) -> str:
     forward = subprocess.Popen(
         ["kubectl", "port-forward", "-n", NAMESPACE, f"svc/{FULLNAME}-metrics", ":8080"],
@@ -90,10 +96,18 @@ def test_helm_install_runs_the_mapreduce_example(helm: str, kubectl: Kubectl) ->
         assert status["phase"] == "Succeeded", status
         assert status["steps"][-1]["output"].startswith("total words: 60"), status["steps"][-1]
 
-        # The controller's state went to the bundled Redis, on the persistent volume.
+        # The controller's state went to the bundled Redis, on the persistent volume, and
+        # outlives the Redis pod.
         claim = kubectl.get("pvc", f"data-{FULLNAME}-redis-0", namespace=NAMESPACE)
         assert claim["status"]["phase"] == "Bound"
         assert list(redis_volume.rglob("appendonly*")), "Redis wrote no append-only file"
+        uid = workflow["metadata"]["uid"]
+        before = _redis_keys(kubectl, f"agentainer:workflow:{uid}*")
+        assert f"agentainer:workflow:{uid}" in before, before
+        kubectl("delete", "pod", "-n", NAMESPACE, f"{FULLNAME}-redis-0")
+        kubectl("wait", "-n", NAMESPACE, "--for=condition=Ready", "--timeout=120s",
+                f"pod/{FULLNAME}-redis-0")
+        assert _redis_keys(kubectl, f"agentainer:workflow:{uid}*") == before
 
         metrics = _metrics_through_port_forward(kubectl)
         assert 'agentainer_workflows_finished_total{phase="Succeeded"} 1.0' in metrics
