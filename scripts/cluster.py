@@ -110,7 +110,7 @@ class ControlPlane:
         if self.node_pids:
             socket_path = str(Path(self.directory) / "containerd" / "containerd.sock")
             _terminate(self.node_pids[1])  # the controller-manager: it would replace pods
-            _release_pods(self, socket_path)
+            _release_pods(self)
             _terminate(self.node_pids[-1])  # then the kubelet, so that it restarts nothing
             _kill_containers(socket_path)
         _terminate(*self.node_pids, self.apiserver_pid)  # together: each takes seconds
@@ -124,7 +124,7 @@ class ControlPlane:
         self.state_file.unlink(missing_ok=True)
 
 
-def _release_pods(plane: ControlPlane, socket_path: str, timeout: float = 30) -> None:
+def _release_pods(plane: ControlPlane, timeout: float = 30) -> None:
     """Deletes every pod and lets the kubelet tear them down, so that the CNI plugins take
     back their addresses and firewall rules (killed containers would leave both behind)."""
     pods = _api_get(plane, "/api/v1/pods") or {}
@@ -132,11 +132,12 @@ def _release_pods(plane: ControlPlane, socket_path: str, timeout: float = 30) ->
         meta = pod["metadata"]
         _api_get(plane, f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}",
                  method="DELETE", body={"gracePeriodSeconds": 0})
-    ctr = ["ctr", "--address", socket_path, "--namespace", "k8s.io", "tasks", "list", "--quiet"]
+    # The kubelet removes a pod's folder once the pod is wholly gone, its sandbox stopped
+    # (network torn down) included.
+    pod_folders = Path(plane.directory) / "kubelet" / "root" / "pods"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        listed = subprocess.run(ctr, capture_output=True, text=True, timeout=30)
-        if listed.returncode != 0 or not listed.stdout.strip():
+        if not pod_folders.is_dir() or not any(pod_folders.iterdir()):
             return
         time.sleep(0.5)
 
