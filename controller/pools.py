@@ -222,11 +222,13 @@ class PoolManager:
             return False
         limit = min(up_to if up_to is not None else state.pool.spec.max_size,
                     state.pool.spec.max_size)
-        placeholder = f"{PENDING}{secrets.token_hex(6)}"
+        spec = build_pool_agent_spec(state.pool, state.uid)
+        # The placeholder names the agent, so that reconcile leaves it to its starter.
+        placeholder = f"{PENDING}{spec.name}"
         if not await self.store.pool_reserve(state.uid, placeholder, limit):
             return False
         try:
-            handle = await state.backend.start(build_pool_agent_spec(state.pool, state.uid))
+            handle = await state.backend.start(spec)
         except BaseException:
             await asyncio.shield(self.store.pool_remove(state.uid, placeholder))
             raise
@@ -319,12 +321,17 @@ class PoolManager:
         containers = {h.name: h for h in await state.backend.list_agents(
             {LABEL_POOL_UID: state.uid})}
         records = await self.store.pool_agents(state.uid)
+        starting = set()
         for name, record in list(records.items()):
             if "pending" in record:  # an agent being started, here or by another process
                 if time.time() - float(record["pending"]) > STALE_PENDING_SECONDS:
                     await self.store.pool_remove(state.uid, name)  # its starter died
+                else:
+                    starting.add(name.removeprefix(PENDING))
                 del records[name]
         for name, handle in containers.items():
+            if name in starting:
+                continue  # its starter records it (or removes it) when it is up
             if handle.state != "running":
                 await state.backend.remove(handle)
                 if name in records:

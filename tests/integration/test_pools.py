@@ -40,10 +40,11 @@ class Pools:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
-    def run(self, scenario: Scenario, uid: str | None = None, **spec: Any) -> Any:
+    def run(self, scenario: Scenario, uid: str | None = None,
+            backend_class: type[DockerBackend] = DockerBackend, **spec: Any) -> Any:
         async def go() -> Any:
             store = await RedisStore.connect(self.settings.redis_url)
-            backend = await DockerBackend.connect(self.settings)
+            backend = await backend_class.connect(self.settings)
             manager = PoolManager(store, self.settings)
             state = manager.register(parse_agent_pool(pool_doc(**spec)), uid or str(uuid.uuid4()),
                                      backend)
@@ -170,6 +171,42 @@ def test_killed_agent_fails_its_task_and_is_replaced(pools: Pools) -> None:
     assert after.total == 1 and after.ready == 1
     assert name != dead
     assert result.stdout.strip() == "alive"
+
+
+class SlowToStart(DockerBackend):
+    """Holds each started agent back from its starter until told: a pod takes seconds to run,
+    and a reconcile may come in between."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.started = asyncio.Event()
+        self.proceed = asyncio.Event()
+
+    async def start(self, spec: Any) -> Any:
+        handle = await super().start(spec)
+        self.started.set()
+        await self.proceed.wait()
+        return handle
+
+
+def test_reconcile_leaves_an_agent_being_started_to_its_starter(pools: Pools) -> None:
+    async def scenario(manager: PoolManager, state: PoolState) -> Any:
+        backend = state.backend
+        assert isinstance(backend, SlowToStart)
+        leasing = asyncio.create_task(manager.lease(state))
+        await asyncio.wait_for(backend.started.wait(), 60)
+        during = await manager.reconcile(state)
+        backend.proceed.set()
+        lease = await leasing
+        result = await manager.run(lease, sh("echo up"), {}, 30)
+        return during, result, await manager.reconcile(state)
+
+    during, result, after = pools.run(scenario, backend_class=SlowToStart, minSize=0,
+                                      maxSize=1)
+
+    assert result.exit_code == 0 and result.stdout.strip() == "up", result
+    assert after.total == 1 and after.ready == 1
+    assert during.total == 0  # not adopted from under its starter
 
 
 def test_task_past_its_timeout_is_cut_off_and_its_agent_replaced(pools: Pools) -> None:
