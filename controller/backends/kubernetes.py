@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import kubernetes
-from kubernetes.client import ApiException, CoreV1Api
+from kubernetes.client import ApiClient, ApiException, CoreV1Api
 from kubernetes.stream import stream
 
 from controller.backends.base import (
@@ -125,6 +125,14 @@ def load_credentials() -> None:
         except (kubernetes.config.ConfigException, OSError) as error:
             raise BackendUnavailableError(
                 f"no Kubernetes credentials: {error}; set KUBECONFIG") from error
+
+
+def _stream(method: str, *args: Any, **kwargs: Any) -> Any:
+    """A websocket call (attach, exec) on an API client of its own: kubernetes.stream swaps its
+    client's transport for the duration of the call, so that any call made meanwhile on a
+    shared client, from another thread, would go over a websocket too and fail."""
+    with ApiClient() as api_client:
+        return stream(getattr(CoreV1Api(api_client), method), *args, **kwargs)
 
 
 def _split(agent_id: str) -> tuple[str, str]:
@@ -321,10 +329,9 @@ class KubernetesBackend:
         channel = self._channels.get(agent.id)
         if channel is None or channel.closed:
             client: Any = await self._call(
-                f"attaching to pod {name}", stream,
-                self._core.connect_get_namespaced_pod_attach, name, namespace,
-                container=CONTAINER, stdin=True, stdout=True, stderr=True, tty=False,
-                _preload_content=False)
+                f"attaching to pod {name}", _stream, "connect_get_namespaced_pod_attach",
+                name, namespace, container=CONTAINER, stdin=True, stdout=True, stderr=True,
+                tty=False, _preload_content=False)
             channel = self._channels[agent.id] = PodShellChannel(client)
         return await asyncio.wait_for(channel.run(argv, env), timeout)
 
@@ -333,9 +340,9 @@ class KubernetesBackend:
         command = ["env", *(f"{k}={v}" for k, v in env.items()), *argv] if env else argv
 
         def run() -> TaskResult:
-            client = stream(self._core.connect_get_namespaced_pod_exec, name, namespace,
-                            container=CONTAINER, command=command, stdin=False, stdout=True,
-                            stderr=True, tty=False, _preload_content=False)
+            client = _stream("connect_get_namespaced_pod_exec", name, namespace,
+                             container=CONTAINER, command=command, stdin=False, stdout=True,
+                             stderr=True, tty=False, _preload_content=False)
             stdout, stderr = [], []
             while client.is_open():
                 client.update(timeout=1)

@@ -154,3 +154,44 @@ def test_controller_restarted_mid_run_adopts_its_pods(kubectl: Kubectl,
     assert json.loads(status["steps"][0]["output"]) == ["0", "1", "2"]
     assert [a["attempt"] for a in status["steps"][0]["agents"]] == [1, 1, 1]
     assert len(pods(kubectl, f"agentainer.dev/workflow={name}")) == 3  # none started twice
+
+
+def test_websocket_calls_do_not_disturb_concurrent_api_calls(kubectl: Kubectl,
+                                                             monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    """Tasks go over websockets (exec, one each) while agents are listed from other threads
+    at the same moment: every call gets its own answer."""
+    import asyncio
+    import dataclasses
+
+    from controller.backends.base import CHANNEL_EXEC, LABEL_CHANNEL, AgentSpec
+    from controller.backends.kubernetes import KubernetesBackend
+    from controller.config import Settings
+
+    import kubernetes
+
+    # What KUBECONFIG says, read by the client when it was imported.
+    monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION",
+                        kubectl.kubeconfig)
+    labels = {"agentainer.dev/test": "websockets"}
+
+    async def scenario() -> tuple[list[Any], int]:
+        backend = await KubernetesBackend.connect(Settings.from_env())
+        agent = await backend.start(AgentSpec(
+            name="websockets", image="agentainer/busybox:latest", command=None, args=None,
+            env={}, labels=labels, resident=True))
+        execs = dataclasses.replace(agent, labels={**agent.labels, LABEL_CHANNEL: CHANNEL_EXEC})
+        try:
+            tasks = [backend.run_task(execs, sh(f"echo {i}"), {}, 60) for i in range(10)]
+            listings = [backend.list_agents(labels) for _ in range(60)]
+            results = await asyncio.gather(*tasks, *listings, return_exceptions=True)
+        finally:
+            await backend.remove(agent)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        outputs = [r.stdout.strip() for r in results[:10] if not isinstance(r, BaseException)]
+        assert outputs == [str(i) for i in range(10)] or errors, outputs
+        return errors, len(results)
+
+    errors, count = asyncio.run(scenario())
+    assert not errors, f"{len(errors)} of {count} calls failed, first: {errors[0]!r}"
+    assert no_pods_left(kubectl, "agentainer.dev/test=websockets")
