@@ -88,6 +88,10 @@ class ControlPlane:
     kube_binary: str = ""
 
     @property
+    def containerd_socket(self) -> str:
+        return str(Path(self.directory) / "containerd" / "containerd.sock")
+
+    @property
     def state_file(self) -> Path:
         return Path(self.directory) / "state.json"
 
@@ -108,11 +112,10 @@ class ControlPlane:
 
     def stop(self) -> None:
         if self.node_pids:
-            socket_path = str(Path(self.directory) / "containerd" / "containerd.sock")
             _terminate(self.node_pids[1])  # the controller-manager: it would replace pods
             _release_pods(self)
             _terminate(self.node_pids[-1])  # then the kubelet, so that it restarts nothing
-            _kill_containers(socket_path)
+            _kill_containers(self.containerd_socket)
         _terminate(*self.node_pids, self.apiserver_pid)  # together: each takes seconds
         _terminate(self.etcd_pid)
         if self.node_pids:
@@ -127,10 +130,10 @@ class ControlPlane:
 def _release_pods(plane: ControlPlane, timeout: float = 30) -> None:
     """Deletes every pod and lets the kubelet tear them down, so that the CNI plugins take
     back their addresses and firewall rules (killed containers would leave both behind)."""
-    pods = _api_get(plane, "/api/v1/pods") or {}
+    pods = _api(plane, "/api/v1/pods") or {}
     for pod in pods.get("items", []):  # type: ignore[union-attr]
         meta = pod["metadata"]
-        _api_get(plane, f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}",
+        _api(plane, f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}",
                  method="DELETE", body={"gracePeriodSeconds": 0})
     # The kubelet removes a pod's folder once the pod is wholly gone, its sandbox stopped
     # (network torn down) included.
@@ -315,7 +318,7 @@ def up(directory: Path, timeout: float = 120, node: bool = False) -> ControlPlan
     plane.save()
     if node:
         try:
-            start_node(plane, apiserver)
+            start_node(plane)
         except BaseException:
             plane.stop()
             raise
@@ -392,7 +395,7 @@ def _unmount_below(directory: Path) -> None:
         subprocess.run(["umount", "-l", point], capture_output=True)
 
 
-def _api_get(plane: ControlPlane, path: str, method: str = "GET",
+def _api(plane: ControlPlane, path: str, method: str = "GET",
              body: dict[str, object] | None = None) -> dict[str, object] | None:
     context = ssl.create_default_context(
         cafile=str(Path(plane.directory) / "certs" / "apiserver.crt"))
@@ -409,7 +412,7 @@ def _api_get(plane: ControlPlane, path: str, method: str = "GET",
 
 
 def _node_ready(plane: ControlPlane) -> bool:
-    node = _api_get(plane, f"/api/v1/nodes/{NODE_NAME}")
+    node = _api(plane, f"/api/v1/nodes/{NODE_NAME}")
     if not node:
         return False
     conditions = node.get("status", {}).get("conditions", [])  # type: ignore[union-attr]
@@ -437,7 +440,7 @@ def import_images(socket_path: str, images: list[str]) -> None:
         raise SystemExit(f"cluster: docker save {' '.join(images)} failed")
 
 
-def start_node(plane: ControlPlane, binary: str) -> list[int]:
+def start_node(plane: ControlPlane) -> list[int]:
     """containerd, CNI, kube-controller-manager, kube-scheduler and a kubelet; waits for Ready."""
     directory = Path(plane.directory)
     kubelets = subprocess.run(["pgrep", "-x", "kubelet"], capture_output=True,
@@ -446,13 +449,13 @@ def start_node(plane: ControlPlane, binary: str) -> list[int]:
         # Two kubelets on one machine fight over the same cgroups and kill each other's pods.
         raise SystemExit(f"cluster: another node's kubelet is running (pid {kubelets[0]}); "
                          "stop it first (`make cluster-down`)")
-    bin_dir = Path(binary).parent
+    bin_dir = Path(plane.kube_binary).parent
     logs = directory / "logs"
     runtime = directory / "containerd"
     runtime.mkdir(exist_ok=True)
     cni = directory / "cni"
     cni.mkdir(exist_ok=True)
-    socket_path = str(runtime / "containerd.sock")
+    socket_path = plane.containerd_socket
     # Addresses of pods of an earlier node: none of them runs any more.
     _remove_pod_networks()
     shutil.rmtree(directory / "ipam", ignore_errors=True)
@@ -635,8 +638,7 @@ def main() -> int:
             return 1
         if not args.images:
             parser.error("load: name at least one image")
-        import_images(str(Path(plane.directory) / "containerd" / "containerd.sock"),
-                      args.images)
+        import_images(plane.containerd_socket, args.images)
     else:
         plane = ControlPlane.load(args.dir)
         if plane is None:
