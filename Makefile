@@ -1,5 +1,5 @@
 # make demo   installs what is missing, starts Docker and Redis, runs the MapReduce example
-# make test   the same set-up (and Kubernetes and helm built from source, once), then every test
+# make test   the same set-up (and Kubernetes, CoreDNS and helm built from source, once), then every test
 VENV ?= .venv
 PY := $(VENV)/bin/python
 AGENTAINER := $(VENV)/bin/agentainer
