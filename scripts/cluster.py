@@ -25,6 +25,7 @@ import argparse
 import ipaddress
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -335,7 +336,10 @@ GATEWAY = "10.244.0.1"  # the bridge's address on the machine: API server and cl
 SERVICE_RANGE = "10.96.0.0/24"
 CLUSTER_DOMAIN = "cluster.local"
 PAUSE_IMAGE = "docker.io/agentainer/pause:3.10"
-AGENT_IMAGES = ["agentainer/busybox:latest"]
+# The pool agents' task runner is tagged with the package's version (scripts/setup.sh image).
+VERSION = re.search(r'__version__ = "([^"]+)"',
+                    (ROOT / "controller" / "__init__.py").read_text()).group(1)  # type: ignore[union-attr]
+AGENT_IMAGES = ["agentainer/busybox:latest", f"agentainer/runner:{VERSION}"]
 
 
 def ensure_bridge() -> str:
@@ -533,6 +537,8 @@ serializeImagePulls: false
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 evictionHard: {{memory.available: "50Mi", nodefs.available: "1%", imagefs.available: "1%"}}
+# A fork bomb in an agent stays inside its pod.
+podPidsLimit: 1024
 """)
     pids.append(_spawn([str(bin_dir / "kubelet"), f"--config={kubelet_dir / 'config.yaml'}",
                         f"--kubeconfig={kubeconfig}", f"--root-dir={kubelet_dir / 'root'}",

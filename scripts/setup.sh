@@ -6,7 +6,8 @@
 #   scripts/setup.sh docker     a running Docker engine (starts dockerd when none answers)
 #   scripts/setup.sh redis      a Redis answering at $AGENTAINER_REDIS_URL (for the demo)
 #   scripts/setup.sh venv       .venv with agentainer and its test tools
-#   scripts/setup.sh image      the agentainer/busybox agent image, built offline
+#   scripts/setup.sh image      the agentainer/busybox agent image and the agentainer/runner
+#                               image (the pool agents' task runner, built with gcc), offline
 #   scripts/setup.sh all        all of the above but redis
 set -euo pipefail
 
@@ -112,6 +113,20 @@ image() {
     say "building agentainer/busybox:latest"
     DOCKER_BUILDKIT=0 docker build -q -t agentainer/busybox:latest "$context" >/dev/null 2>"$CACHE/image-build.log" \
         || { cat "$CACHE/image-build.log" >&2; die "building the agent image failed"; }
+    runner_image
+}
+
+# The task runner of pool agents: a static C program (images/runner/runner.c) alone in an
+# image, tagged with the package's version, which is the tag the controller looks for.
+runner_image() {
+    local context=$ROOT/images/runner version
+    version=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' "$ROOT/controller/__init__.py")
+    command -v gcc >/dev/null || die "gcc is missing (scripts/setup.sh packages installs it)"
+    say "building agentainer/runner:$version"
+    gcc -static -O2 -s -Wall -Wextra -Werror -o "$context/runner" "$context/runner.c" 2>"$CACHE/runner-build.log" \
+        || { cat "$CACHE/runner-build.log" >&2; die "compiling the task runner failed (a static build needs libc6-dev)"; }
+    DOCKER_BUILDKIT=0 docker build -q -t "agentainer/runner:$version" "$context" >/dev/null 2>"$CACHE/image-build.log" \
+        || { cat "$CACHE/image-build.log" >&2; die "building the runner image failed"; }
 }
 
 case "${1:-all}" in
