@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any
 
+from controller import __version__
 from controller.errors import ConfigError
 
 ENV_PREFIX = "AGENTAINER_"
@@ -63,6 +64,21 @@ class Settings:
     """How long a pooled step waits for its AgentPool to appear before failing, in seconds
     (a Workflow and its pool applied together reach the controller in either order)."""
 
+    runner_image: str = f"agentainer/runner:{__version__}"
+    """Image of the task runner that every pool agent runs (``images/runner``, built by ``make
+    image``): copied into each pool container on Docker, installed by an init container on
+    Kubernetes. Its tag follows the controller's version, so that both speak one protocol."""
+
+    output_limit_bytes: int = 1 << 20
+    """Bytes of a pooled task's stdout, and of its stderr, that are kept; the rest is dropped
+    as it comes (never buffered) and the output marked truncated. 1 MiB holds any output a
+    later step reads through a template, and bounds what one task can make the controller
+    hold."""
+
+    agent_pids_limit: int = 1024
+    """Processes a Docker agent may have at once (its pids limit), so that a fork bomb stays
+    inside its agent; 0 sets none. On Kubernetes the kubelet's ``podPidsLimit`` does this."""
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
         """Build settings from ``AGENTAINER_*`` variables, then apply explicit overrides."""
@@ -101,7 +117,8 @@ class Settings:
                 )
         minimums = {"docker_threads": 1, "state_ttl_seconds": 0, "stop_grace_seconds": 0,
                     "status_output_limit": 0, "metrics_port": 0, "status_interval_seconds": 0,
-                    "lease_ttl_seconds": 1, "pool_wait_seconds": 0}
+                    "lease_ttl_seconds": 1, "pool_wait_seconds": 0, "output_limit_bytes": 1,
+                    "agent_pids_limit": 0}
         for name, minimum in minimums.items():
             if getattr(self, name) < minimum:
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be at least {minimum}")

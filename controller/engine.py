@@ -729,10 +729,13 @@ class WorkflowRun:
                        status, agent)
             try:
                 task = await self.pools.run(lease, argv, spec.env, step.timeout_seconds)
-                result = AgentResult(task.exit_code, task.stdout, task.stderr)
-                reason = AgentReason.COMPLETED if task.exit_code == 0 else AgentReason.ERROR
+                result = AgentResult(task.exit_code, task.stdout, task.stderr,
+                                     deadline_exceeded=task.timed_out,
+                                     output_truncated=task.stdout_truncated)
+                reason = (AgentReason.DEADLINE_EXCEEDED if task.timed_out else
+                          AgentReason.COMPLETED if task.exit_code == 0 else AgentReason.ERROR)
             except TimeoutError:
-                result = AgentResult(137, "", "")  # the agent was killed and replaced
+                result = AgentResult(137, "", "")  # its runner stopped answering: replaced
                 reason = AgentReason.DEADLINE_EXCEEDED
         except asyncio.CancelledError:
             if not self._leaves_agents:
@@ -764,6 +767,7 @@ class WorkflowRun:
         agent.phase = AgentPhase.SUCCEEDED if succeeded else AgentPhase.FAILED
         agent.exit_code = result.exit_code
         agent.reason = reason
+        agent.output_truncated = result.output_truncated or None
         agent.finished_at = now()
         output = result.stdout.strip()
         if succeeded:

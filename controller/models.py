@@ -34,6 +34,9 @@ QUANTITY = (r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
             r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$")
 
 DnsLabel = Annotated[str, Field(pattern=DNS_LABEL, min_length=1, max_length=63)]
+DEFAULT_TASK_USER = 65532
+"""Pooled tasks run as this user unless the pool says otherwise: not root, and no user that
+owns anything in usual images."""
 
 
 class Backend(StrEnum):
@@ -244,6 +247,10 @@ class PodOptions(ApiModel):
                                   description="Refuse to start agents whose user is root.")
     run_as_user: int | None = Field(default=None, ge=0,
                                     description="User id the agent runs as.")
+    runtime_class_name: str | None = Field(
+        default=None, pattern=DNS_SUBDOMAIN, max_length=253,
+        description="RuntimeClass of the pods, for a sandbox stronger than the node's default "
+                    "runtime (gVisor, Kata), where the cluster has one.")
 
 
 class Step(ApiModel):
@@ -372,6 +379,11 @@ class AgentPoolSpec(ApiModel):
         "x-kubernetes-validations": [{
             "rule": "self.minSize <= self.maxSize",
             "message": "minSize must not be above maxSize",
+        }, {
+            "rule": "!has(self.runAsUser) || !has(self.pod) || !has(self.pod.runAsUser) || "
+                    "self.pod.runAsUser == 0 || self.pod.runAsUser == self.runAsUser",
+            "message": "pod.runAsUser and runAsUser must be the same: a pod of one user runs "
+                       "its tasks as that user",
         }],
     })
 
@@ -388,9 +400,17 @@ class AgentPoolSpec(ApiModel):
     )
     reset_command: list[str] | None = Field(
         default=None,
-        description="Run in an agent after each task to clean it; an agent whose reset fails "
-                    "is replaced.",
+        description="An extra hook run as the task user after each task (the agent is cleaned "
+                    "without it); an agent whose reset fails is replaced.",
     )
+    run_as_user: int | None = Field(
+        default=None, ge=0, le=2147483647,
+        description=f"User id that tasks run as, never the task runner's own. Default "
+                    f"{DEFAULT_TASK_USER} (or pod.runAsUser); 0 runs tasks as root, which gives "
+                    "up the guarantees on files between tasks.")
+    run_as_group: int | None = Field(
+        default=None, ge=0, le=2147483647,
+        description="Group id that tasks run as; default: the user id.")
     lease_timeout_seconds: int = Field(
         default=60, ge=0, le=3600,
         description="How long a task waits for an agent when all maxSize agents are busy.",
@@ -399,6 +419,16 @@ class AgentPoolSpec(ApiModel):
     resources: Resources | None = Field(default=None, description="Limits of each agent.")
     pod: PodOptions | None = Field(default=None,
                                    description="Pod settings, for backend kubernetes.")
+
+
+    @property
+    def task_user(self) -> tuple[int, int]:
+        """The user and group tasks run as, defaults applied."""
+        uid = self.run_as_user
+        if uid is None:
+            uid = (self.pod.run_as_user if self.pod and self.pod.run_as_user
+                   else DEFAULT_TASK_USER)
+        return uid, self.run_as_group if self.run_as_group is not None else uid
 
 
 class AgentPool(ApiModel):
@@ -438,6 +468,8 @@ class AgentStatus(StatusModel):
     phase: AgentPhase = Field(description="Created, Running, Succeeded or Failed.")
     exit_code: int | None = Field(default=None, description="Exit code, once stopped.")
     reason: AgentReason | None = Field(default=None, description="Why it stopped.")
+    output_truncated: bool | None = Field(
+        default=None, description="It printed more than the output limit; the rest was dropped.")
     created_at: str | None = Field(default=None, description="When it was created.")
     started_at: str | None = Field(default=None, description="When it started.")
     finished_at: str | None = Field(default=None, description="When it stopped.")
@@ -745,13 +777,29 @@ def parse_agent_pool(document: Any, source: str = "") -> AgentPool:
         pool = AgentPool.model_validate(document)
     except ValidationError as error:
         raise InvalidSpecError(_problems_from_validation_error(error), source) from None
-    if pool.spec.min_size > pool.spec.max_size:
-        raise InvalidSpecError(
-            [Problem("spec.minSize", f"{pool.spec.min_size} is above maxSize "
-                     f"{pool.spec.max_size}")],
-            source,
-        )
+    problems = pool_problems(pool.spec)
+    if problems:
+        raise InvalidSpecError(problems, source)
     return pool
+
+
+def pool_problems(spec: AgentPoolSpec) -> list[Problem]:
+    """Rules of an AgentPool that span fields."""
+    problems = []
+    if spec.min_size > spec.max_size:
+        problems.append(Problem("spec.minSize",
+                                f"{spec.min_size} is above maxSize {spec.max_size}"))
+    pod = spec.pod
+    if pod and pod.run_as_user and spec.run_as_user is not None and \
+            pod.run_as_user != spec.run_as_user:
+        problems.append(Problem(
+            "spec.pod.runAsUser", f"{pod.run_as_user} is not runAsUser {spec.run_as_user}: a "
+            "pod of one user runs its tasks as that user; set one of the two"))
+    if pod and pod.run_as_non_root and spec.task_user[0] == 0:
+        problems.append(Problem(
+            "spec.runAsUser", "0 (root) contradicts pod.runAsNonRoot: a pod of one non-root "
+            "user runs its tasks as that user"))
+    return problems
 
 
 KINDS: dict[str, Callable[[Any, str], Workflow | AgentPool]] = {

@@ -5,9 +5,11 @@ with a TTL), so that several processes can share a pool and a crashed one loses 
 containers themselves are found again by their labels.
 
 A task: lease (the warmest idle agent, or a new one up to ``maxSize``, or wait at most
-``leaseTimeoutSeconds``), run it on the agent's resident channel, run ``resetCommand``, return
-the agent. An agent is replaced instead of returned when its task timed out or was cancelled,
-its reset failed, it is gone, or it has served ``maxUses`` tasks.
+``leaseTimeoutSeconds``), run it through the agent's task runner (which ends every process the
+task left and removes every file it left), run the ``resetCommand`` hook, return the agent. An
+agent is replaced instead of returned when its runner could not prove it clean, its task was
+cancelled or its runner stopped answering, its reset failed, it is gone, or it has served
+``maxUses`` tasks.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from controller.backends import runner
 from controller.backends.base import (
     LABEL_MANAGED_BY,
     LABEL_POOL,
     LABEL_POOL_UID,
+    LABEL_RUNNER,
     MANAGED_BY,
     AgentHandle,
     AgentSpec,
@@ -81,6 +85,7 @@ def build_pool_agent_spec(pool: AgentPool, uid: str) -> AgentSpec:
         nano_cpus=resources.nano_cpus if resources else None,
         memory_bytes=resources.memory_bytes if resources else None,
         resident=True,
+        task_user=pool.spec.task_user,
         namespace=pool.metadata.namespace,
         owner={"apiVersion": pool.api_version, "kind": pool.kind, "name": pool.metadata.name,
                "uid": uid, "controller": True, "blockOwnerDeletion": False}
@@ -249,17 +254,25 @@ class PoolManager:
 
     async def run(self, lease: Lease, argv: list[str], env: dict[str, str],
                   timeout: float | None) -> TaskResult:
-        """Run one task on a leased agent, then reset and return it (or replace it)."""
+        """Run one task on a leased agent, then return it, or replace it when its runner could
+        not prove it clean (or the ``resetCommand`` hook failed, or anything went wrong)."""
         state = lease.pool
         keep = False
         started = time.monotonic()
         try:
             result = await state.backend.run_task(lease.agent, argv, env, timeout)
             self._emit(PoolEventKind.TASK_DONE, state, time.monotonic() - started)
-            keep = await self._reset(lease)
+            keep = self._clean(lease, result, "its task") and await self._reset(lease)
             return result
         finally:
             await asyncio.shield(self.release(lease, keep))
+
+    @staticmethod
+    def _clean(lease: Lease, result: TaskResult, what: str) -> bool:
+        if not result.clean:
+            logger.warning("pool %s: replacing %s, which its runner could not prove clean "
+                           "after %s: %s", lease.pool.name, lease.agent.name, what, result.note)
+        return result.clean
 
     async def _reset(self, lease: Lease) -> bool:
         command = lease.pool.pool.spec.reset_command
@@ -271,11 +284,11 @@ class PoolManager:
         except (AgentainerError, TimeoutError) as error:
             logger.warning("resetting %s failed: %s", lease.agent.name, error)
             return False
-        if result.exit_code != 0:
+        if result.exit_code != 0 or result.timed_out:
             logger.warning("resetting %s exited %d: %s", lease.agent.name, result.exit_code,
                            result.stderr.strip()[-200:])
             return False
-        return True
+        return self._clean(lease, result, "its resetCommand")
 
     async def release(self, lease: Lease, keep: bool) -> None:
         """Return the agent to the idle set, or replace it."""
@@ -332,7 +345,9 @@ class PoolManager:
         for name, handle in containers.items():
             if name in starting:
                 continue  # its starter records it (or removes it) when it is up
-            if handle.state != "running":
+            if handle.state != "running" or \
+                    handle.labels.get(LABEL_RUNNER) != runner.VERSION_LABEL_VALUE:
+                # Stopped, or started by a controller whose runner spoke another protocol.
                 await state.backend.remove(handle)
                 if name in records:
                     await self.store.pool_remove(state.uid, name)

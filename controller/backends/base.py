@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
-from controller.models import PodOptions
+from controller.models import DEFAULT_TASK_USER, PodOptions
 
 LABEL_PREFIX = "agentainer.dev/"
 LABEL_WORKFLOW = LABEL_PREFIX + "workflow"
@@ -17,10 +17,8 @@ LABEL_INDEX = LABEL_PREFIX + "index"
 LABEL_ATTEMPT = LABEL_PREFIX + "attempt"
 LABEL_POOL = LABEL_PREFIX + "pool"
 LABEL_POOL_UID = LABEL_PREFIX + "pool-uid"
-LABEL_CHANNEL = LABEL_PREFIX + "channel"
-"""How tasks reach a resident agent: ``shell`` (its attached sh) or ``exec``."""
-CHANNEL_SHELL = "shell"
-CHANNEL_EXEC = "exec"
+LABEL_RUNNER = LABEL_PREFIX + "runner"
+"""On pool agents: the version of the task runner's protocol they speak."""
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "agentainer"
 
@@ -38,7 +36,10 @@ class AgentSpec:
     nano_cpus: int | None = None
     memory_bytes: int | None = None
     resident: bool = False
-    """A pool agent: it idles, kept alive, and runs tasks sent to it (``Backend.run_task``)."""
+    """A pool agent: its task runner idles, kept alive, and runs the tasks sent to it
+    (``Backend.run_task``)."""
+    task_user: tuple[int, int] = (DEFAULT_TASK_USER, DEFAULT_TASK_USER)
+    """A pool agent's task user and group: who its tasks run as (0 is root)."""
     namespace: str = "default"
     """Where a pod goes (backend kubernetes)."""
     owner: dict[str, Any] | None = None
@@ -55,6 +56,19 @@ class TaskResult:
     exit_code: int
     stdout: str
     stderr: str
+    timed_out: bool = False
+    """The task ran past its timeout and was ended by the agent's runner."""
+    clean: bool = True
+    """The runner proved the agent as clean as before the task; if not, it is replaced."""
+    stdout_truncated: bool = False
+    """The task printed more than the output limit to stdout; the rest was dropped."""
+    stderr_truncated: bool = False
+    note: str = ""
+    """Why the agent is not clean, when it is not."""
+    run_seconds: float = 0.0
+    """From the task's start to its end, as the runner measured it."""
+    cleanup_seconds: float = 0.0
+    """Ending the task's processes and removing its files, as the runner measured it."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +93,8 @@ class AgentResult:
     deadline_exceeded: bool = False
     message: str = ""
     """What the backend said about how it ended, when it said more than the exit code."""
+    output_truncated: bool = False
+    """It printed more than the output limit; the rest was dropped."""
     started_at: datetime | None = None
     finished_at: datetime | None = None
 
@@ -106,9 +122,10 @@ class Backend(Protocol):
 
     async def run_task(self, agent: AgentHandle, argv: list[str], env: dict[str, str],
                        timeout: float | None) -> TaskResult:
-        """Run one task on a resident agent, never two at once on the same agent. A task past
-        ``timeout`` raises TimeoutError and leaves the agent unusable (the caller replaces it).
-        """
+        """Run one task on a resident agent's runner, never two at once on the same agent. A
+        task past ``timeout`` is ended by the runner (``TaskResult.timed_out``). A runner that
+        does not answer long after that raises TimeoutError, one that is gone BackendError;
+        either way the agent is unusable (the caller replaces it)."""
 
     async def close(self) -> None:
         """Release connections and threads."""

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import io
 import logging
 import socket
+import tarfile
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,16 +19,15 @@ import docker.errors
 import requests.exceptions
 from docker.models.containers import Container
 
+from controller.backends import runner
 from controller.backends.base import (
-    CHANNEL_EXEC,
-    CHANNEL_SHELL,
-    LABEL_CHANNEL,
+    LABEL_RUNNER,
     AgentHandle,
     AgentResult,
     AgentSpec,
     TaskResult,
 )
-from controller.backends.channel import ChannelClosedError, ShellChannel
+from controller.backends.channel import DockerAttachChannel
 from controller.config import Settings
 from controller.errors import (
     AgentSpecError,
@@ -43,15 +44,12 @@ T = TypeVar("T")
 DOCKER_MIN_MEMORY_BYTES = 6 * 1024 * 1024
 
 
-
-
-def container_config(spec: AgentSpec, network_mode: str,
-                     channel: str = CHANNEL_SHELL) -> dict[str, Any]:
+def container_config(spec: AgentSpec, network_mode: str, pids_limit: int = 0) -> dict[str, Any]:
     """The ``containers.create`` arguments for an agent: a pure function, tested directly.
 
-    A resident agent with the ``shell`` channel idles in ``sh`` reading its stdin, which stays
-    open between attachments; with ``exec`` (images without /bin/sh) it runs the image's own
-    command and tasks are ``docker exec``-ed into it.
+    A resident (pool) agent runs the task runner as its first process, reading its stdin, which
+    stays open between attachments; the runner runs as root with just the capabilities it
+    needs to run each task as the task user, and the image's own entrypoint is not used.
     """
     config: dict[str, Any] = {
         "image": spec.image,
@@ -65,10 +63,17 @@ def container_config(spec: AgentSpec, network_mode: str,
         # A tiny init as PID 1 forwards SIGTERM and reaps zombies, so a stop is prompt.
         "init": True,
     }
+    if pids_limit:
+        config["pids_limit"] = pids_limit
     if spec.resident:
-        config["labels"][LABEL_CHANNEL] = channel
-        if channel == CHANNEL_SHELL:
-            config.update(stdin_open=True, entrypoint=["sh"], command=[])
+        uid, gid = spec.task_user
+        config["labels"][LABEL_RUNNER] = runner.VERSION_LABEL_VALUE
+        config.update(
+            entrypoint=runner.serve_command(uid, gid), command=[], stdin_open=True,
+            user="0:0", working_dir="/",
+            init=False,  # the runner is PID 1: it reaps, and ends every process of a task
+            cap_drop=["ALL"], cap_add=list(runner.RUNNER_CAPABILITIES),
+        )
         return config | _limits(spec)
     if spec.command is not None:
         config["entrypoint"] = list(spec.command)
@@ -127,8 +132,10 @@ class DockerBackend:
         self._client = client
         self._settings = settings
         self._slots = asyncio.Semaphore(settings.docker_threads)
-        self._channels: dict[str, ShellChannel] = {}
-        self._channel_lock = asyncio.Lock()
+        self._channels: dict[str, DockerAttachChannel] = {}
+        self._channel_locks: dict[str, asyncio.Lock] = {}
+        self._runner_lock = threading.Lock()
+        self._runner_archive: bytes | None = None
 
     @classmethod
     async def connect(cls, settings: Settings) -> DockerBackend:
@@ -176,19 +183,22 @@ class DockerBackend:
 
     # --- blocking parts, run in the pool -------------------------------------------------------
 
-    def _create(self, spec: AgentSpec, channel: str = CHANNEL_SHELL) -> Container:
-        config = container_config(spec, self._settings.docker_network, channel)
+    def _create(self, config: dict[str, Any], action: str) -> Container:
+        """Create a container, pulling its image first when it is missing and the policy
+        allows."""
+        image = config["image"]
         try:
-            with docker_errors(f"creating agent {spec.name}", spec.image):
+            with docker_errors(action, image):
                 return self._client.containers.create(**config)
         except ImageNotFoundError:
             if self._settings.image_pull_policy == "Never":
                 raise ImageNotFoundError(
-                    f"image '{spec.image}' is not on the Docker engine and the pull policy is "
-                    "Never; build it (`make image` builds agentainer/busybox) or `docker load` it"
+                    f"image '{image}' is not on the Docker engine and the pull policy is "
+                    "Never; build it (`make image` builds agentainer/busybox and the runner) "
+                    "or `docker load` it"
                 ) from None
-        self._pull(spec.image)
-        with docker_errors(f"creating agent {spec.name}", spec.image):
+        self._pull(image)
+        with docker_errors(action, image):
             return self._client.containers.create(**config)
 
     def _pull(self, image: str) -> None:
@@ -198,30 +208,51 @@ class DockerBackend:
         except docker.errors.APIError as error:
             raise ImageNotFoundError(
                 f"image '{image}' is not on the Docker engine and pulling it failed "
-                f"({error.explanation}); build it (`make image` builds agentainer/busybox) "
-                "or `docker load` it"
+                f"({error.explanation}); build it (`make image` builds agentainer/busybox and "
+                "the runner) or `docker load` it"
             ) from error
 
+    def _container_config(self, spec: AgentSpec) -> dict[str, Any]:
+        return container_config(spec, self._settings.docker_network,
+                                self._settings.agent_pids_limit)
+
     def _start(self, spec: AgentSpec) -> AgentHandle:
-        container = self._create(spec)
-        if spec.resident and not self._has_shell(str(container.id)):
-            self._remove(str(container.id))
-            container = self._create(spec, CHANNEL_EXEC)
+        container = self._create(self._container_config(spec), f"creating agent {spec.name}")
         try:
+            if spec.resident:
+                with docker_errors(f"putting the task runner into agent {spec.name}"):
+                    self._client.api.put_archive(str(container.id), "/", self._runner_tree())
             with docker_errors(f"starting agent {spec.name}", spec.image):
                 container.start()
-        except Exception:
+        except BaseException:
             self._remove(str(container.id))
             raise
         return AgentHandle(id=str(container.id), name=spec.name,
                            labels=dict(container.labels or spec.labels))
 
-    def _has_shell(self, container_id: str) -> bool:
+    def _runner_tree(self) -> bytes:
+        """``/agentainer`` as an archive to put into pool containers: the runner (read from
+        its image once) and the folder of task working directories."""
+        with self._runner_lock:
+            if self._runner_archive is None:
+                self._runner_archive = runner_archive(self._read_runner())
+            return self._runner_archive
+
+    def _read_runner(self) -> bytes:
+        image = self._settings.runner_image
+        container = self._create({"image": image, "command": ["version"]},
+                                 "reading the task runner")
         try:
-            self._client.api.get_archive(container_id, "/bin/sh")
-        except docker.errors.NotFound:
-            return False
-        return True
+            with docker_errors("reading the task runner", image):
+                chunks, _ = self._client.api.get_archive(str(container.id), "/runner")
+                data = b"".join(chunks)
+        finally:
+            self._remove(str(container.id))
+        with tarfile.open(fileobj=io.BytesIO(data)) as archive:
+            member = archive.extractfile("runner")
+            if member is None:
+                raise ImageNotFoundError(f"image '{image}' holds no /runner program")
+            return member.read()
 
     def _wait(self, agent: AgentHandle) -> AgentResult:
         with docker_errors(f"waiting for agent {agent.name}"):
@@ -278,43 +309,51 @@ class DockerBackend:
             raise BackendError("attaching to agent: the engine's connection is not a socket")
         return sock
 
-    def _exec(self, agent_id: str, argv: list[str], env: dict[str, str]) -> TaskResult:
-        with docker_errors("running a task in agent"):
-            created = self._client.api.exec_create(agent_id, argv, environment=env,
-                                                   stdout=True, stderr=True)
-            stdout, stderr = self._client.api.exec_start(created["Id"], demux=True)
-            exit_code = self._client.api.exec_inspect(created["Id"])["ExitCode"]
-        return TaskResult(int(exit_code if exit_code is not None else -1),
-                          (stdout or b"").decode("utf-8", errors="replace"),
-                          (stderr or b"").decode("utf-8", errors="replace"))
-
-    async def _channel(self, agent: AgentHandle) -> ShellChannel:
-        async with self._channel_lock:
+    async def _channel(self, agent: AgentHandle) -> DockerAttachChannel:
+        """The agent's runner, attached and greeted (once per agent and process)."""
+        async with self._channel_locks.setdefault(agent.id, asyncio.Lock()):
             channel = self._channels.get(agent.id)
             if channel is None or channel.closed:
-                channel = ShellChannel(await self._call(self._attach, agent.id))
+                channel = DockerAttachChannel(await self._call(self._attach, agent.id),
+                                              agent.name)
+                await channel.hello()
                 self._channels[agent.id] = channel
             return channel
 
     def _forget_channel(self, agent_id: str) -> None:
+        self._channel_locks.pop(agent_id, None)
         channel = self._channels.pop(agent_id, None)
         if channel is not None:
             channel.close()
+
+    def _log_tail(self, agent_id: str) -> str:
+        try:
+            with docker_errors("reading an agent's log"):
+                text = self._client.api.logs(agent_id, stdout=False, stderr=True, tail=5)
+        except AgentSpecError:
+            return ""
+        return bytes(text).decode(errors="replace").strip()
 
     # --- the Backend protocol ------------------------------------------------------------------
 
     async def run_task(self, agent: AgentHandle, argv: list[str], env: dict[str, str],
                        timeout: float | None) -> TaskResult:
-        if agent.labels.get(LABEL_CHANNEL) == CHANNEL_EXEC:
-            return await asyncio.wait_for(self._call(self._exec, agent.id, argv, env), timeout)
         channel = await self._channel(agent)
-        try:
-            return await asyncio.wait_for(channel.run(argv, env), timeout)
-        except ChannelClosedError as error:
-            raise BackendError(f"agent {agent.name} is gone: {error}") from error
+        return await channel.run(argv, env, timeout, self._settings.output_limit_bytes)
 
     async def start(self, spec: AgentSpec) -> AgentHandle:
-        return await self._call(self._start, spec)
+        handle = await self._call(self._start, spec)
+        if spec.resident:
+            try:  # a runner that cannot answer is found now, not at the first task
+                await self._channel(handle)
+            except BaseException as error:
+                log = await self._call(self._log_tail, handle.id)
+                await asyncio.shield(self.remove(handle))
+                if isinstance(error, (AgentSpecError, BackendError, TimeoutError)):
+                    raise BackendError(f"agent {spec.name}: its task runner did not answer "
+                                       f"({error}){': ' + log if log else ''}") from error
+                raise
+        return handle
 
     async def wait(self, agent: AgentHandle) -> AgentResult:
         return await self._call(self._wait, agent)
@@ -334,6 +373,22 @@ class DockerBackend:
         for agent_id in list(self._channels):
             self._forget_channel(agent_id)
         self._client.close()
+
+
+def runner_archive(binary: bytes) -> bytes:
+    """A tar of ``/agentainer``: the runner (read-only, root's) and the folder where it makes
+    each task's working directory (open to all here; a runner that is root closes it)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for path, mode in (("agentainer", 0o755), (runner.RUNNER_BIN_DIR[1:], 0o755),
+                           (runner.TASKS_DIR[1:], 0o1777)):
+            folder = tarfile.TarInfo(path)
+            folder.type, folder.mode = tarfile.DIRTYPE, mode
+            archive.addfile(folder)
+        program = tarfile.TarInfo(runner.RUNNER_PATH[1:])
+        program.mode, program.size = 0o555, len(binary)
+        archive.addfile(program, io.BytesIO(binary))
+    return buffer.getvalue()
 
 
 def _docker_time(value: str | None) -> datetime | None:

@@ -3,8 +3,9 @@
 Pods come from :func:`build_pod`, a pure function. An agent's output is its container log (on
 Kubernetes the log holds stdout and stderr together); its exit code and reason (OOMKilled,
 DeadlineExceeded, image pull errors) come from the pod's status. Pool agents are long-running
-pods idling in ``sh`` on their stdin; tasks reach them through the API server's attach, with
-the same protocol as on Docker.
+pods whose first process is the task runner, installed by an init container into a volume of
+the pod (as Tekton installs its entrypoint); tasks reach it through the API server's attach,
+with the same protocol as on Docker.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -20,16 +20,15 @@ import kubernetes
 from kubernetes.client import ApiClient, ApiException, CoreV1Api
 from kubernetes.stream import stream
 
+from controller.backends import runner
 from controller.backends.base import (
-    CHANNEL_EXEC,
-    CHANNEL_SHELL,
-    LABEL_CHANNEL,
+    LABEL_RUNNER,
     AgentHandle,
     AgentResult,
     AgentSpec,
     TaskResult,
 )
-from controller.backends.channel import STDERR, STDOUT, TaskOutput, new_token, task_script
+from controller.backends.runner import ChannelClosedError, RunnerChannel
 from controller.config import Settings
 from controller.errors import (
     AgentSpecError,
@@ -43,7 +42,11 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 CONTAINER = "agent"
+RUNNER_INSTALLER = "runner-install"
+RUNNER_VOLUME, TASKS_VOLUME = "agentainer-runner", "agentainer-tasks"
 POLL_SECONDS = 0.25
+START_TIMEOUT_SECONDS = 300.0
+"""How long a pool pod may take to run (pull, schedule, start) before it is given up."""
 IMAGE_ERRORS = {"ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName"}
 SPEC_ERRORS = {"CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
 
@@ -52,9 +55,20 @@ def _millicores(nano_cpus: int) -> str:
     return f"{-(-nano_cpus // 1_000_000)}m"
 
 
-def build_pod(spec: AgentSpec, channel: str = CHANNEL_SHELL) -> dict[str, Any]:
+def shares_one_user(options: PodOptions) -> bool:
+    """A pool pod asked to run as one non-root user (as the Pod Security Standard
+    ``restricted`` requires): its runner may not switch users, and runs its tasks as itself."""
+    return options.run_as_non_root or bool(options.run_as_user)
+
+
+def build_pod(spec: AgentSpec, runner_image: str = "") -> dict[str, Any]:
     """The pod of one agent: restrictive by default, limits as requests and limits, the
-    workflow as owner (so that the garbage collector removes it with the workflow)."""
+    workflow as owner (so that the garbage collector removes it with the workflow).
+
+    A pool agent's pod runs the task runner: an init container copies it from its image into a
+    volume that the agent's container mounts read-only. The runner runs as root with the few
+    capabilities it needs to run each task as the task user, unless the pool asks for one
+    non-root user (then the pod passes ``restricted``, and the runner runs as that user too)."""
     options = spec.pod or PodOptions()
     security: dict[str, Any] = {
         "allowPrivilegeEscalation": False,
@@ -73,9 +87,41 @@ def build_pod(spec: AgentSpec, channel: str = CHANNEL_SHELL) -> dict[str, Any]:
         "env": [{"name": name, "value": value} for name, value in spec.env.items()],
         "securityContext": security,
     }
+    labels = dict(spec.labels)
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "containers": [container],
+        "enableServiceLinks": False,
+        "automountServiceAccountToken": options.service_account_name is not None,
+        "terminationGracePeriodSeconds": 5,
+    }
     if spec.resident:
-        if channel == CHANNEL_SHELL:
-            container.update(command=["sh"], stdin=True, stdinOnce=False, tty=False)
+        uid, gid = spec.task_user
+        if shares_one_user(options):
+            uid = options.run_as_user or uid
+            security.update(runAsNonRoot=True, runAsUser=uid, runAsGroup=gid)
+        else:
+            security.update(runAsUser=0, runAsGroup=0,
+                            capabilities={"drop": ["ALL"],
+                                          "add": list(runner.RUNNER_CAPABILITIES)})
+        labels[LABEL_RUNNER] = runner.VERSION_LABEL_VALUE
+        container.update(
+            command=runner.serve_command(uid, gid), stdin=True, stdinOnce=False, tty=False,
+            volumeMounts=[
+                {"name": RUNNER_VOLUME, "mountPath": runner.RUNNER_BIN_DIR, "readOnly": True},
+                {"name": TASKS_VOLUME, "mountPath": runner.TASKS_DIR}])
+        installer_security = {key: value for key, value in security.items()
+                              if key != "capabilities"} | {"capabilities": {"drop": ["ALL"]}}
+        pod_spec["initContainers"] = [{
+            "name": RUNNER_INSTALLER,
+            "image": runner_image,
+            "imagePullPolicy": "IfNotPresent",
+            "command": ["/runner", "install", runner.RUNNER_PATH],
+            "volumeMounts": [{"name": RUNNER_VOLUME, "mountPath": runner.RUNNER_BIN_DIR}],
+            "securityContext": installer_security,
+        }]
+        pod_spec["volumes"] = [{"name": RUNNER_VOLUME, "emptyDir": {}},
+                               {"name": TASKS_VOLUME, "emptyDir": {}}]
     else:
         if spec.command is not None:
             container["command"] = list(spec.command)
@@ -88,23 +134,15 @@ def build_pod(spec: AgentSpec, channel: str = CHANNEL_SHELL) -> dict[str, Any]:
         limits["memory"] = str(spec.memory_bytes)
     if limits:
         container["resources"] = {"limits": limits, "requests": dict(limits)}
-    labels = dict(spec.labels)
-    if spec.resident:
-        labels[LABEL_CHANNEL] = channel
     metadata: dict[str, Any] = {"name": spec.name, "namespace": spec.namespace, "labels": labels}
     if spec.owner is not None:
         metadata["ownerReferences"] = [dict(spec.owner)]
-    pod_spec: dict[str, Any] = {
-        "restartPolicy": "Never",
-        "containers": [container],
-        "enableServiceLinks": False,
-        "automountServiceAccountToken": options.service_account_name is not None,
-        "terminationGracePeriodSeconds": 5,
-    }
     if spec.timeout_seconds and not spec.resident:
         pod_spec["activeDeadlineSeconds"] = spec.timeout_seconds
     if options.service_account_name:
         pod_spec["serviceAccountName"] = options.service_account_name
+    if options.runtime_class_name:
+        pod_spec["runtimeClassName"] = options.runtime_class_name
     if options.node_selector:
         pod_spec["nodeSelector"] = dict(options.node_selector)
     if options.tolerations:
@@ -140,47 +178,44 @@ def _split(agent_id: str) -> tuple[str, str]:
     return namespace, name
 
 
-class PodShellChannel:
-    """A pod's attached shell over the API server's websocket; one task at a time."""
+class PodAttachChannel(RunnerChannel):
+    """A pod's runner over the API server's attach websocket. The websocket client blocks, so
+    each read runs in a thread, for a short slice at a time: a long task holds no thread."""
 
-    def __init__(self, client: Any) -> None:
+    RECEIVE_SLICE_SECONDS = 0.25
+
+    def __init__(self, client: Any, agent_name: str) -> None:
+        super().__init__(agent_name)
         self._client = client
-        self._lock = asyncio.Lock()
-        self.closed = False
 
-    async def run(self, argv: list[str], env: dict[str, str]) -> TaskResult:
-        async with self._lock:
-            if self.closed or not self._client.is_open():
-                raise BackendError("the agent's shell is gone")
-            cancelled = threading.Event()
-            try:
-                return await asyncio.to_thread(self._run, argv, env, cancelled)
-            except BaseException:
-                cancelled.set()
-                self.close()
-                raise
+    async def _send(self, data: bytes) -> None:
+        await asyncio.to_thread(self._client.write_stdin, data.decode())
 
-    def _run(self, argv: list[str], env: dict[str, str], cancelled: threading.Event) -> TaskResult:
-        token = new_token()
-        output = TaskOutput(token)
-        self._client.write_stdin(task_script(argv, env, token).decode())
-        while not output.done:
-            if cancelled.is_set() or not self._client.is_open():
-                raise BackendError("the agent's shell is gone")
-            self._client.update(timeout=0.2)
-            if self._client.peek_stdout():
-                output.feed(STDOUT, self._client.read_stdout().encode())
-            if self._client.peek_stderr():
-                output.feed(STDERR, self._client.read_stderr().encode())
-        return output.result()
+    def _send_now(self, data: bytes) -> None:
+        try:
+            self._client.write_stdin(data.decode())
+        except Exception:  # a broken websocket: the channel is being given up anyway
+            pass
 
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            try:
-                self._client.close()
-            except Exception:  # closing a broken websocket may fail too; it is gone either way
-                pass
+    async def _receive(self, timeout: float) -> bytes:
+        return await asyncio.to_thread(self._read, min(timeout, self.RECEIVE_SLICE_SECONDS))
+
+    def _read(self, timeout: float) -> bytes:
+        client = self._client
+        if not client.is_open():
+            raise ChannelClosedError(f"agent {self.agent_name} is gone: its runner's channel "
+                                     "closed")
+        client.update(timeout=timeout)
+        if client.peek_stderr():
+            logger.warning("agent %s's runner: %s", self.agent_name,
+                           client.read_stderr().strip())
+        return str(client.read_stdout() if client.peek_stdout() else "").encode()
+
+    def _close_transport(self) -> None:
+        try:
+            self._client.close()
+        except Exception:  # closing a broken websocket may fail too; it is gone either way
+            pass
 
 
 class KubernetesBackend:
@@ -191,7 +226,8 @@ class KubernetesBackend:
     def __init__(self, core: CoreV1Api, settings: Settings) -> None:
         self._core = core
         self._settings = settings
-        self._channels: dict[str, PodShellChannel] = {}
+        self._channels: dict[str, PodAttachChannel] = {}
+        self._channel_locks: dict[str, asyncio.Lock] = {}
 
     @classmethod
     async def connect(cls, settings: Settings) -> KubernetesBackend:
@@ -216,39 +252,58 @@ class KubernetesBackend:
                                           ) from error
 
     async def start(self, spec: AgentSpec) -> AgentHandle:
-        handle = await self._create(spec, CHANNEL_SHELL)
-        if spec.resident:
-            state = await self._wait_started(handle)
-            if state == "failed":  # no /bin/sh in the image: run its own command, exec tasks
-                await self.remove(handle)
-                handle = await self._create(spec, CHANNEL_EXEC)
-                await self._wait_started(handle)
-        return handle
-
-    async def _create(self, spec: AgentSpec, channel: str) -> AgentHandle:
-        pod = build_pod(spec, channel)
+        pod = build_pod(spec, self._settings.runner_image)
         await self._call(f"creating pod {spec.name}", self._core.create_namespaced_pod,
                          spec.namespace, pod)
-        return AgentHandle(id=f"{spec.namespace}/{spec.name}", name=spec.name,
-                           labels=pod["metadata"]["labels"])
+        handle = AgentHandle(id=f"{spec.namespace}/{spec.name}", name=spec.name,
+                             labels=pod["metadata"]["labels"])
+        if spec.resident:
+            try:  # a runner that cannot answer is found now, not at the first task
+                await self._wait_running(handle)
+                await self._channel(handle)
+            except BaseException as error:
+                log = await self._log_tail(handle)
+                await asyncio.shield(self.remove(handle))
+                if isinstance(error, (BackendError, TimeoutError)):
+                    raise BackendError(f"agent {spec.name}: its task runner did not answer "
+                                       f"({error}){': ' + log if log else ''}") from error
+                raise
+        return handle
 
-    async def _wait_started(self, agent: AgentHandle) -> str:
-        """Wait for a resident pod to run (or fail at once); returns running or failed."""
+    async def _wait_running(self, agent: AgentHandle) -> None:
+        """Wait for a pool pod to run; its image (or the runner's) missing fails at once."""
         namespace, name = _split(agent.id)
+        deadline = asyncio.get_running_loop().time() + START_TIMEOUT_SECONDS
         while True:
             pod: Any = await self._call(f"reading pod {name}",
                                         self._core.read_namespaced_pod, name, namespace)
             phase = pod.status.phase
             if phase == "Running":
-                return "running"
+                return
             if phase in ("Succeeded", "Failed"):
-                return "failed"
+                raise BackendError(f"pod {name} ended before its first task "
+                                   f"({pod.status.reason or phase})")
             self._check_waiting(pod, agent)
+            if asyncio.get_running_loop().time() > deadline:
+                raise BackendError(f"pod {name} was not running after "
+                                   f"{START_TIMEOUT_SECONDS:.0f}s (phase {phase})")
             await asyncio.sleep(POLL_SECONDS)
+
+    async def _log_tail(self, agent: AgentHandle) -> str:
+        namespace, name = _split(agent.id)
+        try:
+            log: Any = await self._call(f"reading the log of {name}",
+                                        self._core.read_namespaced_pod_log, name, namespace,
+                                        container=CONTAINER, tail_lines=5)
+        except (AgentSpecError, BackendError):
+            return ""
+        return str(log or "").strip()
 
     @staticmethod
     def _check_waiting(pod: Any, agent: AgentHandle) -> None:
-        for status in pod.status.container_statuses or []:
+        statuses = [*(pod.status.init_container_statuses or []),
+                    *(pod.status.container_statuses or [])]
+        for status in statuses:
             waiting = status.state.waiting if status.state else None
             if waiting is None:
                 continue
@@ -298,6 +353,7 @@ class KubernetesBackend:
         await self._delete(agent, 0)
 
     async def _delete(self, agent: AgentHandle, grace: int) -> None:
+        self._channel_locks.pop(agent.id, None)
         channel = self._channels.pop(agent.id, None)
         if channel is not None:
             channel.close()
@@ -321,40 +377,25 @@ class KubernetesBackend:
                 state="exited" if phase in ("Succeeded", "Failed") else "running"))
         return handles
 
+    async def _channel(self, agent: AgentHandle) -> PodAttachChannel:
+        """The pod's runner, attached and greeted (once per agent and process)."""
+        async with self._channel_locks.setdefault(agent.id, asyncio.Lock()):
+            channel = self._channels.get(agent.id)
+            if channel is None or channel.closed:
+                namespace, name = _split(agent.id)
+                client: Any = await self._call(
+                    f"attaching to pod {name}", _stream, "connect_get_namespaced_pod_attach",
+                    name, namespace, container=CONTAINER, stdin=True, stdout=True,
+                    stderr=True, tty=False, _preload_content=False)
+                channel = PodAttachChannel(client, agent.name)
+                await channel.hello()
+                self._channels[agent.id] = channel
+            return channel
+
     async def run_task(self, agent: AgentHandle, argv: list[str], env: dict[str, str],
                        timeout: float | None) -> TaskResult:
-        namespace, name = _split(agent.id)
-        if agent.labels.get(LABEL_CHANNEL) == CHANNEL_EXEC:
-            return await asyncio.wait_for(self._exec(namespace, name, argv, env), timeout)
-        channel = self._channels.get(agent.id)
-        if channel is None or channel.closed:
-            client: Any = await self._call(
-                f"attaching to pod {name}", _stream, "connect_get_namespaced_pod_attach",
-                name, namespace, container=CONTAINER, stdin=True, stdout=True, stderr=True,
-                tty=False, _preload_content=False)
-            channel = self._channels[agent.id] = PodShellChannel(client)
-        return await asyncio.wait_for(channel.run(argv, env), timeout)
-
-    async def _exec(self, namespace: str, name: str, argv: list[str],
-                    env: dict[str, str]) -> TaskResult:
-        command = ["env", *(f"{k}={v}" for k, v in env.items()), *argv] if env else argv
-
-        def run() -> TaskResult:
-            client = _stream("connect_get_namespaced_pod_exec", name, namespace,
-                             container=CONTAINER, command=command, stdin=False, stdout=True,
-                             stderr=True, tty=False, _preload_content=False)
-            stdout, stderr = [], []
-            while client.is_open():
-                client.update(timeout=1)
-                if client.peek_stdout():
-                    stdout.append(client.read_stdout())
-                if client.peek_stderr():
-                    stderr.append(client.read_stderr())
-            code = client.returncode
-            return TaskResult(int(code if code is not None else -1), "".join(stdout),
-                              "".join(stderr))
-
-        return await self._call(f"running a task in pod {name}", run)
+        channel = await self._channel(agent)
+        return await channel.run(argv, env, timeout, self._settings.output_limit_bytes)
 
     async def close(self) -> None:
         for channel in self._channels.values():

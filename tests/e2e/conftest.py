@@ -33,11 +33,32 @@ def load_cluster_module() -> Any:
 
 
 @pytest.fixture(scope="session")
-def kubeconfig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A fresh etcd + kube-apiserver for the session, always torn down."""
-    cluster = load_cluster_module()
+def cluster() -> Any:
+    return load_cluster_module()
+
+
+@pytest.fixture(scope="session")
+def cluster_plane(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A fresh etcd + kube-apiserver and a node for the session, always torn down."""
     directory = tmp_path_factory.mktemp("control-plane")
-    plane = cluster.up(directory, node=True)
+    try:
+        yield cluster.up(directory, node=True)
+    finally:
+        cluster.down(directory)
+
+
+@pytest.fixture(scope="session")
+def node_images(cluster: Any, cluster_plane: Any) -> Callable[..., None]:
+    """Copies images from Docker into the node, as `kind load docker-image` does."""
+    def load(*images: str) -> None:
+        cluster.import_images(cluster_plane.containerd_socket, list(images))
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def kubeconfig(cluster_plane: Any) -> Iterator[str]:
+    plane = cluster_plane
     # kubectl of the cluster's own version, built with it, for every kubectl the tests run.
     path = os.environ["PATH"]
     os.environ["PATH"] = f"{Path(plane.kube_binary).parent}{os.pathsep}{path}"
@@ -45,7 +66,6 @@ def kubeconfig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield plane.kubeconfig
     finally:
         os.environ["PATH"] = path
-        cluster.down(directory)
 
 
 @dataclass

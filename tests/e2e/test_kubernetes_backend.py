@@ -159,13 +159,13 @@ def test_controller_restarted_mid_run_adopts_its_pods(kubectl: Kubectl,
 def test_websocket_calls_do_not_disturb_concurrent_api_calls(kubectl: Kubectl,
                                                              monkeypatch: pytest.MonkeyPatch
                                                              ) -> None:
-    """Tasks go over websockets (exec, one each) while agents are listed from other threads
-    at the same moment: every call gets its own answer."""
+    """Attach websockets to a pool pod's runner are opened (ten at once) while agents are
+    listed from other threads at the same moment: every call gets its own answer."""
     import asyncio
-    import dataclasses
 
-    from controller.backends.base import CHANNEL_EXEC, LABEL_CHANNEL, AgentSpec
-    from controller.backends.kubernetes import KubernetesBackend
+    from controller.backends import kubernetes as backend_module
+    from controller.backends.base import AgentSpec
+    from controller.backends.kubernetes import KubernetesBackend, PodAttachChannel
     from controller.config import Settings
 
     import kubernetes
@@ -175,21 +175,32 @@ def test_websocket_calls_do_not_disturb_concurrent_api_calls(kubectl: Kubectl,
                         kubectl.kubeconfig)
     labels = {"agentainer.dev/test": "websockets"}
 
+    async def attach_and_greet(name: str) -> str:
+        client = await asyncio.to_thread(
+            backend_module._stream, "connect_get_namespaced_pod_attach", name, "default",
+            container=backend_module.CONTAINER, stdin=True, stdout=True, stderr=True,
+            tty=False, _preload_content=False)
+        channel = PodAttachChannel(client, name)
+        try:
+            return (await channel.hello()).mode
+        finally:
+            channel.close()
+
     async def scenario() -> tuple[list[Any], int]:
         backend = await KubernetesBackend.connect(Settings.from_env())
         agent = await backend.start(AgentSpec(
             name="websockets", image="agentainer/busybox:latest", command=None, args=None,
             env={}, labels=labels, resident=True))
-        execs = dataclasses.replace(agent, labels={**agent.labels, LABEL_CHANNEL: CHANNEL_EXEC})
         try:
-            tasks = [backend.run_task(execs, sh(f"echo {i}"), {}, 60) for i in range(10)]
+            greetings = [attach_and_greet(agent.name) for _ in range(10)]
             listings = [backend.list_agents(labels) for _ in range(60)]
-            results = await asyncio.gather(*tasks, *listings, return_exceptions=True)
+            results = await asyncio.gather(*greetings, *listings, return_exceptions=True)
+            task = await backend.run_task(agent, sh("echo still fine"), {}, 60)
         finally:
             await backend.remove(agent)
         errors = [r for r in results if isinstance(r, BaseException)]
-        outputs = [r.stdout.strip() for r in results[:10] if not isinstance(r, BaseException)]
-        assert outputs == [str(i) for i in range(10)] or errors, outputs
+        assert results[:10] == ["user"] * 10 or errors, results[:10]
+        assert task.stdout == "still fine\n"
         return errors, len(results)
 
     errors, count = asyncio.run(scenario())

@@ -209,16 +209,18 @@ def test_reconcile_leaves_an_agent_being_started_to_its_starter(pools: Pools) ->
     assert during.total == 0  # not adopted from under its starter
 
 
-def test_task_past_its_timeout_is_cut_off_and_its_agent_replaced(pools: Pools) -> None:
+def test_task_past_its_timeout_is_ended_and_its_agent_cleaned_for_the_next(pools: Pools) -> None:
     async def scenario(manager: PoolManager, state: PoolState) -> Any:
         lease = await manager.lease(state)
-        with pytest.raises(TimeoutError):
-            await manager.run(lease, sh("sleep 30"), {}, 0.5)
-        return lease.agent.name, await task(manager, state, "echo next")
+        late = await manager.run(lease, sh("echo started; sleep 30 & sleep 30"), {}, 0.5)
+        return lease.agent.name, late, await task(manager, state,
+                                                  "echo next; ps -o args | grep -c '[s]leep 30'")
 
-    dead, (name, result) = pools.run(scenario, minSize=1, maxSize=1)
+    agent, late, (name, result) = pools.run(scenario, minSize=1, maxSize=1)
 
-    assert name != dead and result.stdout.strip() == "next"
+    assert late.timed_out and late.exit_code == 137 and late.stdout == "started\n"
+    assert name == agent  # the runner ended the task and proved the agent clean: it is kept
+    assert result.stdout.split() == ["next", "0"]  # nothing of the late task left
 
 
 def test_busy_pool_makes_a_task_wait_then_says_so(pools: Pools) -> None:
@@ -296,7 +298,7 @@ def test_idle_agents_above_min_size_are_removed_after_the_idle_timeout(pools: Po
     assert shrunk.total == 1 and shrunk.ready == 1
 
 
-def test_image_without_a_shell_falls_back_to_exec(pools: Pools, tmp_path: Path) -> None:
+def test_image_without_a_shell_runs_tasks_the_same_way(pools: Pools, tmp_path: Path) -> None:
     client = docker.from_env()
     (tmp_path / "busybox").write_bytes(Path("/bin/busybox").read_bytes())
     (tmp_path / "busybox").chmod(0o755)
@@ -306,13 +308,31 @@ def test_image_without_a_shell_falls_back_to_exec(pools: Pools, tmp_path: Path) 
 
     async def scenario(manager: PoolManager, state: PoolState) -> Any:
         lease = await manager.lease(state)
-        return lease.agent, await manager.run(
-            lease, ["/bin/busybox", "printf", "%s", "$(no shell)"], {"X": "1"}, 30)
+        return await manager.run(
+            lease, ["/bin/busybox", "printf", "%s|%s", "$(no shell)", "$X"], {"X": "1"}, 30)
 
-    agent, result = pools.run(scenario, minSize=1, maxSize=1, image="agentainer/noshell:test")
+    result = pools.run(scenario, minSize=1, maxSize=1, image="agentainer/noshell:test")
 
-    assert agent.labels["agentainer.dev/channel"] == "exec"
-    assert (result.exit_code, result.stdout) == (0, "$(no shell)")
+    assert (result.exit_code, result.stdout, result.stderr) == (0, "$(no shell)|$X", "")
+
+
+def test_agent_of_an_older_runner_is_replaced_not_adopted(pools: Pools) -> None:
+    """A pool agent started by an earlier version (a shell on its stdin, no runner label) is
+    never handed a task: reconcile replaces it."""
+    client = docker.from_env()
+
+    async def scenario(manager: PoolManager, state: PoolState) -> Any:
+        old = client.containers.run(IMAGE, ["sh"], detach=True, stdin_open=True,
+                                    labels={"agentainer.dev/pool-uid": state.uid,
+                                            "agentainer.dev/channel": "shell"})
+        await manager.reconcile(state)
+        name, result = await task(manager, state, "echo from the runner")
+        return old.name, name, result
+
+    old, name, result = pools.run(scenario, minSize=1, maxSize=2)
+
+    assert name != old and result.stdout == "from the runner\n"
+    assert not client.containers.list(all=True, filters={"name": old})
 
 
 def test_draining_lets_the_running_task_finish_then_removes_the_agents(pools: Pools) -> None:
