@@ -12,11 +12,12 @@ replaced its agent after every task would pass the checks but lose its point).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import tempfile
 import threading
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -109,15 +110,15 @@ class PoolUnderAttack:
 
         return self.call(run())
 
-    def agent(self) -> Any:
-        """The pool's agent now (after a reconcile, which replaces a dead one)."""
-        async def current() -> Any:
-            await self.manager.reconcile(self.state)
-            agents = await self.state.backend.list_agents(
+    def runner_mode(self) -> str:
+        """How the agent's runner runs: ``user``, ``shared`` or ``root``."""
+        async def mode() -> str:
+            (agent,) = await self.state.backend.list_agents(
                 {"agentainer.dev/pool-uid": self.state.uid})
-            return agents[0]
+            channel = await self.state.backend._channel(agent)  # type: ignore[attr-defined]
+            return str(channel.info.mode)
 
-        return self.call(current())
+        return self.call(mode())
 
     def close(self) -> None:
         async def close() -> None:
@@ -130,6 +131,18 @@ class PoolUnderAttack:
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
+
+
+@contextlib.contextmanager
+def pool_under_attack(settings: Settings, connect: Callable[[], Awaitable[Backend]], mode: str,
+                      namespace: str = "default", **spec: Any) -> Iterator[PoolUnderAttack]:
+    """A pool of one agent whose runner runs in ``mode`` (checked), drained afterwards."""
+    pool = PoolUnderAttack(settings, connect, namespace, maxUses=1000, **spec)
+    try:
+        assert pool.runner_mode() == mode
+        yield pool
+    finally:
+        pool.close()
 
 
 def attack(pool: PoolUnderAttack, script: str, timeout: float = 60,

@@ -95,6 +95,22 @@ def test_invalid_manifest_is_refused_by_the_api_server(kubectl: Kubectl, spec: d
     assert kubectl("get", "workflow", document["metadata"]["name"], check=False).returncode != 0
 
 
+@pytest.mark.parametrize(("spec", "named"), [
+    ({"runAsUser": 1000, "pod": {"runAsUser": 2000}}, "pod.runAsUser and runAsUser must be"),
+    ({"runAsUser": -1}, "spec.runAsUser"),
+    ({"pod": {"runtimeClassName": "Not_A_Name"}}, "spec.pod.runtimeClassName"),
+])
+def test_invalid_agent_pool_is_refused_by_the_api_server(kubectl: Kubectl, spec: dict[str, Any],
+                                                         named: str) -> None:
+    document = {"apiVersion": "agentainer.dev/v1alpha1", "kind": "AgentPool",
+                "metadata": {"name": f"bad-{uuid.uuid4().hex[:6]}"},
+                "spec": {"image": "agentainer/busybox:latest", **spec}}
+
+    result = kubectl("apply", "-f", "-", input=yaml.safe_dump(document), check=False)
+
+    assert result.returncode != 0 and named in result.stderr, result.stderr
+
+
 def test_invalid_dag_fails_with_an_invalid_condition_and_others_still_run(
         kubectl: Kubectl, controller: Controller) -> None:
     cyclic = apply(kubectl, workflow_doc(

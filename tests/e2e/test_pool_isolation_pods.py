@@ -17,7 +17,7 @@ import pytest
 from controller.backends.kubernetes import KubernetesBackend
 from controller.config import Settings
 from tests.e2e.conftest import Kubectl
-from tests.pool_attacks import ATTACKS, PoolUnderAttack, build_attack_image
+from tests.pool_attacks import ATTACKS, PoolUnderAttack, build_attack_image, pool_under_attack
 
 pytestmark = pytest.mark.e2e
 
@@ -46,20 +46,15 @@ def attacked(request: pytest.FixtureRequest, kubectl: Kubectl, redis_url: str,
     kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION = kubectl.kubeconfig
     settings = Settings.from_env({}, redis_url=redis_url, pool_wait_seconds=0,
                                  default_backend="kubernetes")
-    spec: dict[str, object] = {"backend": "kubernetes", "maxUses": 1000}
-    namespace = "default"
-    if request.param == "restricted":
-        namespace = restricted_namespace(kubectl)
-        spec["pod"] = {"runAsNonRoot": True}
-    pool = PoolUnderAttack(settings, lambda: KubernetesBackend.connect(settings),
-                           namespace=namespace, **spec)
+    restricted = request.param == "restricted"
     try:
-        agent = pool.agent()
-        mode = "shared" if request.param == "restricted" else "user"
-        assert pool.call(pool.state.backend._channel(agent)).info.mode == mode  # type: ignore[attr-defined]
-        yield pool
+        with pool_under_attack(
+                settings, lambda: KubernetesBackend.connect(settings),
+                "shared" if restricted else "user", backend="kubernetes",
+                namespace=restricted_namespace(kubectl) if restricted else "default",
+                **({"pod": {"runAsNonRoot": True}} if restricted else {})) as pool:
+            yield pool
     finally:
-        pool.close()
         kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION = location
 
 

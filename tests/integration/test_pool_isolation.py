@@ -26,7 +26,7 @@ from controller.models import WorkflowPhase, WorkflowStatus, parse_agent_pool, p
 from controller.pools import PoolManager
 from controller.store import RedisStore
 from tests.conftest import sh, workflow_doc
-from tests.pool_attacks import ATTACKS, PoolUnderAttack, build_attack_image
+from tests.pool_attacks import ATTACKS, PoolUnderAttack, build_attack_image, pool_under_attack
 
 pytestmark = pytest.mark.integration
 
@@ -52,14 +52,8 @@ def attacked(request: pytest.FixtureRequest, redis_url: str,
              attack_image: str) -> Iterator[PoolUnderAttack]:
     settings = Settings.from_env({}, redis_url=redis_url, pool_wait_seconds=0)
     backend = DockerBackend if request.param == "user" else OneUserDockerBackend
-    pool = PoolUnderAttack(settings, lambda: backend.connect(settings), maxUses=1000)
-    try:
-        agent = pool.agent()
-        mode = "shared" if request.param == "shared" else "user"
-        assert pool.call(pool.state.backend._channel(agent)).info.mode == mode  # type: ignore[attr-defined]
+    with pool_under_attack(settings, lambda: backend.connect(settings), request.param) as pool:
         yield pool
-    finally:
-        pool.close()
 
 
 @pytest.mark.parametrize("attack", sorted(ATTACKS))
