@@ -145,3 +145,19 @@ def test_runner_killed_mid_task_fails_the_attempt_and_the_step_retries_on_a_new_
     first, second = step.agents
     assert first.phase == "Failed" and first.reason == "BackendError"
     assert first.name != second.name  # the dead agent was not leased again
+
+
+def test_pool_that_opts_into_root_runs_tasks_as_root_and_still_ends_what_they_leave(
+        redis_url: str, attack_image: str) -> None:
+    """runAsUser 0: what still holds (processes, scratch places, env); a root task may change
+    any file, which docs/pool-isolation.md says."""
+    settings = Settings.from_env({}, redis_url=redis_url, pool_wait_seconds=0)
+    with pool_under_attack(settings, lambda: DockerBackend.connect(settings), "root",
+                           runAsUser=0) as pool:
+        first, who = pool.task(sh("id -u; sleep 300 & echo x > /tmp/attack-left; "
+                                  "export LEFT=1"), {"ATTACKER": "1"})
+        second, after = pool.task(sh("ps -o args | grep -c '[s]leep 300'; ls -A /tmp; "
+                                     "echo ${LEFT-unset} ${ATTACKER-unset}"))
+
+    assert who.stdout == "0\n"
+    assert first == second and after.stdout == "0\nunset unset\n"
