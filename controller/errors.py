@@ -64,6 +64,19 @@ class AgentSpecError(AgentainerError):
     """The engine refused to create an agent from this spec (bad limit, bad option)."""
 
 
+class NotFoundError(AgentainerError):
+    """What a request named does not exist, or no longer does (a container, a pod)."""
+
+
+class ConflictError(AgentainerError):
+    """The request clashes with the state of the thing it names: a name in use, a removal
+    already in progress."""
+
+
+class ForbiddenError(AgentainerError):
+    """The engine or the API server does not allow this request (RBAC, an admission policy)."""
+
+
 class BackendError(TransientError):
     """The engine failed a request it should have served; worth retrying."""
 

@@ -30,10 +30,14 @@ from controller.backends.base import (
 from controller.backends.channel import DockerAttachChannel
 from controller.config import Settings
 from controller.errors import (
+    AgentainerError,
     AgentSpecError,
     BackendError,
     BackendUnavailableError,
+    ConflictError,
+    ForbiddenError,
     ImageNotFoundError,
+    NotFoundError,
 )
 
 logger = logging.getLogger(__name__)
@@ -42,6 +46,9 @@ T = TypeVar("T")
 
 # Docker refuses memory limits below this (it needs room for the runtime itself).
 DOCKER_MIN_MEMORY_BYTES = 6 * 1024 * 1024
+# The answers a caller must tell apart; other client errors refuse the spec (AgentSpecError).
+CLIENT_ERRORS: dict[int, type[AgentainerError]] = {
+    403: ForbiddenError, 404: NotFoundError, 409: ConflictError}
 
 
 def container_config(spec: AgentSpec, network_mode: str, pids_limit: int = 0) -> dict[str, Any]:
@@ -111,6 +118,9 @@ def docker_errors(action: str, image: str = "") -> Iterator[None]:
         ) from error
     except docker.errors.APIError as error:
         explanation = error.explanation or str(error)
+        refused = CLIENT_ERRORS.get(error.status_code or 0)
+        if refused is not None:
+            raise refused(f"{action}: Docker refused it: {explanation}") from error
         # Older engines answer 500 when the runtime cannot exec the command; it is still the
         # spec's fault (a typo in command), so retrying cannot help.
         if error.is_client_error() or "OCI runtime create failed" in explanation:
@@ -274,15 +284,15 @@ class DockerBackend:
         try:
             with docker_errors("stopping agent"):
                 self._client.api.stop(agent_id, timeout=max(0, round(grace_seconds)))
-        except AgentSpecError:
-            pass  # 404/409: already gone or already stopped
+        except (NotFoundError, ConflictError):
+            pass  # already gone, or being removed
 
     def _remove(self, agent_id: str) -> None:
         try:
             with docker_errors("removing agent"):
                 self._client.api.remove_container(agent_id, v=True, force=True)
-        except AgentSpecError:
-            pass  # 404: already gone; 409: removal already in progress
+        except (NotFoundError, ConflictError):
+            pass  # already gone, or its removal already in progress
 
     def _list(self, labels: dict[str, str]) -> list[AgentHandle]:
         filters = {"label": [f"{key}={value}" for key, value in labels.items()]}
@@ -330,8 +340,8 @@ class DockerBackend:
         try:
             with docker_errors("reading an agent's log"):
                 text = self._client.api.logs(agent_id, stdout=False, stderr=True, tail=5)
-        except AgentSpecError:
-            return ""
+        except AgentainerError:
+            return ""  # only for a message: an error already being reported
         return bytes(text).decode(errors="replace").strip()
 
     # --- the Backend protocol ------------------------------------------------------------------
@@ -349,7 +359,7 @@ class DockerBackend:
             except BaseException as error:
                 log = await self._call(self._log_tail, handle.id)
                 await asyncio.shield(self.remove(handle))
-                if isinstance(error, (AgentSpecError, BackendError, TimeoutError)):
+                if isinstance(error, (AgentainerError, TimeoutError)):
                     raise BackendError(f"agent {spec.name}: its task runner did not answer "
                                        f"({error}){': ' + log if log else ''}") from error
                 raise

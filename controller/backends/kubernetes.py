@@ -31,10 +31,14 @@ from controller.backends.base import (
 from controller.backends.runner import ChannelClosedError, RunnerChannel
 from controller.config import Settings
 from controller.errors import (
+    AgentainerError,
     AgentSpecError,
     BackendError,
     BackendUnavailableError,
+    ConflictError,
+    ForbiddenError,
     ImageNotFoundError,
+    NotFoundError,
 )
 from controller.models import PodOptions
 
@@ -46,6 +50,10 @@ RUNNER_INSTALLER = "runner-install"
 RUNNER_VOLUME, TASKS_VOLUME = "agentainer-runner", "agentainer-tasks"
 POLL_SECONDS = 0.25
 START_TIMEOUT_SECONDS = 300.0
+# The answers a caller must tell apart (400 and 422 refuse the spec).
+CLIENT_ERRORS: dict[int, type[AgentainerError]] = {
+    400: AgentSpecError, 403: ForbiddenError, 404: NotFoundError, 409: ConflictError,
+    422: AgentSpecError}
 """How long a pool pod may take to run (pull, schedule, start) before it is given up."""
 IMAGE_ERRORS = {"ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName"}
 SPEC_ERRORS = {"CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
@@ -242,9 +250,10 @@ class KubernetesBackend:
         try:
             return await asyncio.to_thread(functools.partial(function, *args, **kwargs))
         except ApiException as error:
-            if error.status in (400, 403, 404, 409, 422):
-                raise AgentSpecError(f"{action}: the API server refused it: {error.reason} "
-                                     f"{_message(error)}") from error
+            refused = CLIENT_ERRORS.get(error.status or 0)
+            if refused is not None:
+                raise refused(f"{action}: the API server refused it: {error.reason} "
+                              f"{_message(error)}") from error
             raise BackendError(f"{action}: API server error {error.status}: {error.reason}"
                                ) from error
         except OSError as error:  # connection refused, reset, DNS
@@ -295,8 +304,8 @@ class KubernetesBackend:
             log: Any = await self._call(f"reading the log of {name}",
                                         self._core.read_namespaced_pod_log, name, namespace,
                                         container=CONTAINER, tail_lines=5)
-        except (AgentSpecError, BackendError):
-            return ""
+        except AgentainerError:
+            return ""  # only for a message: an error already being reported
         return str(log or "").strip()
 
     @staticmethod
@@ -333,8 +342,8 @@ class KubernetesBackend:
             log: Any = await self._call(f"reading the log of {name}",
                                    self._core.read_namespaced_pod_log, name, namespace,
                                    container=CONTAINER)
-        except AgentSpecError:
-            log = ""  # the container never ran
+        except (AgentSpecError, NotFoundError):
+            log = ""  # the container never ran, or the pod is gone
         reason = terminated.reason if terminated else pod.status.reason
         message = "" if reason in (None, "Completed", "Error") else (
             f"{reason}: {pod.status.message or (terminated.message if terminated else '')}")
@@ -361,7 +370,7 @@ class KubernetesBackend:
         try:
             await self._call(f"deleting pod {name}", self._core.delete_namespaced_pod, name,
                              namespace, grace_period_seconds=grace)
-        except AgentSpecError:
+        except NotFoundError:
             pass  # already gone
 
     async def list_agents(self, labels: dict[str, str]) -> list[AgentHandle]:
