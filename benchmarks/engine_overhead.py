@@ -52,7 +52,8 @@ import redis  # noqa: E402
 from controller.backends.base import LABEL_WORKFLOW_UID  # noqa: E402
 from controller.backends.docker import DockerBackend, container_config  # noqa: E402
 from controller.config import Settings  # noqa: E402
-from controller.engine import Engine, build_agent_spec  # noqa: E402
+from controller.agents import build_agent_spec  # noqa: E402
+from controller.engine import Engine  # noqa: E402
 from controller.manifests import load_workflow  # noqa: E402
 from controller.models import Step, Workflow, WorkflowPhase  # noqa: E402
 from controller.store import Keys, Store, open_store  # noqa: E402

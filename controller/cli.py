@@ -14,10 +14,11 @@ from typing import TextIO
 from controller import __version__
 from controller.backends.base import LABEL_WORKFLOW_UID
 from controller.config import Settings
-from controller.engine import Engine, Event, EventKind, WorkflowRun, seconds_between
+from controller.clock import seconds_between
+from controller.engine import Engine, Event, EventKind, WorkflowRun
 from controller.errors import AgentainerError, InvalidSpecError
 from controller.manifests import load_run, parse, read_documents
-from controller.models import AgentPool, Backend, Workflow, WorkflowPhase, WorkflowStatus
+from controller.models import AgentPool, BackendKind, Workflow, WorkflowPhase, WorkflowStatus
 from controller.pools import PoolManager
 
 EXIT_SUCCEEDED = 0
@@ -91,8 +92,8 @@ def summary(workflow: Workflow, status: WorkflowStatus) -> str:
 
 async def _run(workflow: Workflow, agent_pools: list[AgentPool], settings: Settings,
                output: str) -> int:
-    backend_name = workflow.spec.backend or Backend(settings.default_backend)
-    if backend_name is not Backend.DOCKER:
+    backend_name = BackendKind.of(workflow.spec.backend, settings.default_backend)
+    if backend_name is not BackendKind.DOCKER:
         print(f"agentainer run: spec.backend is {backend_name.value}; `agentainer run` uses the "
               "docker backend (the kubernetes backend runs under the controller)",
               file=sys.stderr)

@@ -20,31 +20,22 @@ kopf. Semantics worth knowing (the README says the same to users):
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
-import re
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from controller import templating
+from controller.agents import agent_id, build_agent_spec, label_value, should_remove
+from controller.clock import age_seconds, now
 from controller.backends.base import (
     LABEL_AGENT_ID,
-    LABEL_ATTEMPT,
-    LABEL_INDEX,
-    LABEL_MANAGED_BY,
-    LABEL_STEP,
-    LABEL_WORKFLOW,
     LABEL_WORKFLOW_UID,
-    MANAGED_BY,
     AgentHandle,
     AgentResult,
-    AgentSpec,
     Backend,
 )
 from controller.config import Settings
@@ -53,7 +44,6 @@ from controller.models import (
     AgentPhase,
     AgentReason,
     AgentStatus,
-    CleanupPolicy,
     Condition,
     ConditionStatus,
     Step,
@@ -62,149 +52,15 @@ from controller.models import (
     Workflow,
     WorkflowPhase,
     WorkflowStatus,
-    dns_safe,
 )
 from controller.pools import PoolManager
 from controller.store import Record, Store
 
 logger = logging.getLogger(__name__)
 
-UID_SUFFIX_LENGTH = 5
 # Where the backend enforces deadlines (pods' activeDeadlineSeconds), the engine waits this
 # much longer before killing the agent itself, so that the backend's reason is the one reported.
 BACKEND_DEADLINE_MARGIN_SECONDS = 30
-
-
-def now() -> str:
-    """The current time as RFC 3339 in UTC, to the millisecond."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def parse_time(timestamp: str) -> datetime:
-    """A time written by :func:`now`."""
-    return datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
-
-
-def seconds_between(start: str | None, end: str | None) -> float | None:
-    """Seconds from one time of ours to another; None when either is missing."""
-    if not start or not end:
-        return None
-    return (parse_time(end) - parse_time(start)).total_seconds()
-
-
-# --- pure builders ------------------------------------------------------------------------------
-
-
-def agent_id(step: str, index: int, attempt: int) -> str:
-    """An agent's id within its workflow: ``step.index.attempt`` (a step name has no dots)."""
-    return f"{step}.{index}.{attempt}"
-
-
-def agent_name(workflow: str, uid: str, step: Step, index: int, attempt: int) -> str:
-    """``<workflow>-<step>[-<index>][-r<retry>]-<uid prefix>``, DNS-safe and at most 63 long."""
-    base = f"{workflow}-{step.name}"
-    if step.width > 1:
-        base += f"-{index}"
-    if attempt > 1:
-        base += f"-r{attempt - 1}"
-    suffix = re.sub(r"[^a-z0-9]", "", uid.lower())[:UID_SUFFIX_LENGTH] or "x"
-    room = 63 - len(suffix) - 1
-    safe = dns_safe(base, max_length=10_000)
-    if len(safe) > room:
-        digest = hashlib.sha1(safe.encode()).hexdigest()[:6]
-        safe = safe[: room - 7].rstrip("-") + "-" + digest
-    return f"{safe}-{suffix}"
-
-
-def label_value(text: str) -> str:
-    """``text`` as a Kubernetes label value (at most 63 characters, alphanumeric at both ends);
-    a long one is cut and ends in a hash of the whole, so distinct texts stay distinct."""
-    if len(text) <= 63:
-        return text
-    digest = hashlib.sha1(text.encode()).hexdigest()[:8]
-    return text[:54].rstrip("-._") + "-" + digest
-
-
-def agent_labels(workflow: Workflow, uid: str, step: Step, index: int, attempt: int) -> dict[str, str]:
-    """The labels by which agents are found again after a restart."""
-    return {
-        LABEL_WORKFLOW: label_value(workflow.metadata.name),
-        LABEL_WORKFLOW_UID: uid,
-        LABEL_STEP: step.name,
-        LABEL_INDEX: str(index),
-        LABEL_ATTEMPT: str(attempt),
-        LABEL_AGENT_ID: label_value(agent_id(step.name, index, attempt)),
-        LABEL_MANAGED_BY: MANAGED_BY,
-    }
-
-
-def build_agent_spec(
-    workflow: Workflow,
-    uid: str,
-    step: Step,
-    index: int,
-    attempt: int,
-    outputs: dict[str, list[str]],
-) -> AgentSpec:
-    """The agent to start for one attempt of one unit of a step, templates rendered."""
-    item: str | None = None
-    if step.parallel is not None and step.parallel.items is not None:
-        item = templating.item_text(step.parallel.items[index])
-    context = templating.Context(
-        workflow_name=workflow.metadata.name, workflow_uid=uid, item=item, outputs=outputs
-    )
-    env = {e.name: templating.render(e.value, context) for e in workflow.spec.env}
-    env.update({e.name: templating.render(e.value, context) for e in step.env})
-    env.update(
-        AGENTAINER_WORKFLOW=workflow.metadata.name,
-        AGENTAINER_WORKFLOW_UID=uid,
-        AGENTAINER_STEP=step.name,
-        AGENTAINER_AGENT_ID=agent_id(step.name, index, attempt),
-        AGENTAINER_ATTEMPT=str(attempt),
-    )
-    if step.parallel is not None:
-        env["AGENTAINER_ITEM_INDEX"] = str(index)
-        if item is not None:
-            env["AGENTAINER_ITEM"] = item
-    resources = step.resources
-    owner = None
-    if workflow.metadata.uid:  # a resource of the cluster: its agents die with it
-        owner = {"apiVersion": workflow.api_version, "kind": workflow.kind,
-                 "name": workflow.metadata.name, "uid": workflow.metadata.uid,
-                 "controller": True, "blockOwnerDeletion": False}
-    return AgentSpec(
-        name=agent_name(workflow.metadata.name, uid, step, index, attempt),
-        image=step.image or "",
-        command=[templating.render(c, context) for c in step.command] if step.command else None,
-        args=[templating.render(a, context) for a in step.args] if step.args else None,
-        env=env,
-        labels=agent_labels(workflow, uid, step, index, attempt),
-        nano_cpus=resources.nano_cpus if resources else None,
-        memory_bytes=resources.memory_bytes if resources else None,
-        namespace=workflow.metadata.namespace,
-        owner=owner,
-        timeout_seconds=step.timeout_seconds,
-        pod=step.pod,
-    )
-
-
-def should_remove(policy: CleanupPolicy, succeeded: bool) -> bool:
-    if policy is CleanupPolicy.ALWAYS:
-        return True
-    if policy is CleanupPolicy.ON_SUCCESS:
-        return succeeded
-    return False
-
-
-def compact_status(status: WorkflowStatus, output_limit: int) -> dict[str, Any]:
-    """The status as written to the custom resource: outputs truncated, full lists left out."""
-    compact = status.model_copy(deep=True)
-    for step in compact.steps:
-        step.outputs = None
-        if step.output is not None and len(step.output) > output_limit:
-            step.output = step.output[:output_limit]
-            step.output_truncated = True
-    return compact.to_dict()
 
 
 # --- events -------------------------------------------------------------------------------------
@@ -365,7 +221,7 @@ class WorkflowRun:
         timeout = self.workflow.spec.timeout_seconds
         deadline = None
         if timeout:
-            deadline = time.monotonic() + timeout - _age_seconds(status.started_at)
+            deadline = time.monotonic() + timeout - age_seconds(status.started_at)
         try:
             await self._schedule(deadline)
         finally:
@@ -670,7 +526,7 @@ class WorkflowRun:
                 agent.phase = AgentPhase.RUNNING
                 agent.started_at = agent.started_at or now()
                 if timeout:
-                    timeout = max(0.0, timeout - _age_seconds(agent.started_at))
+                    timeout = max(0.0, timeout - age_seconds(agent.started_at))
                 self._emit(EventKind.AGENT_STARTED, f"agent {agent.name} adopted", status, agent)
             if timeout and self.backend.enforces_deadlines:
                 timeout += BACKEND_DEADLINE_MARGIN_SECONDS  # the backend's own deadline first
@@ -826,13 +682,6 @@ class WorkflowRun:
             await self.backend.remove(handle)
         except AgentainerError as error:
             logger.warning("could not remove agent %s: %s", handle.name, error)
-
-
-def _age_seconds(timestamp: str | None) -> float:
-    """Seconds since an RFC 3339 time of ours; 0 when there is none."""
-    if not timestamp:
-        return 0.0
-    return max(0.0, (datetime.now(UTC) - parse_time(timestamp)).total_seconds())
 
 
 async def _settled(starting: asyncio.Future[AgentHandle]) -> AgentHandle | None:

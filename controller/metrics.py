@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from controller.engine import Event, EventKind, seconds_between
+from controller.clock import seconds_between
+from controller.engine import Event, EventKind
 from controller.models import AgentPhase, StepPhase, WorkflowPhase, WorkflowStatus
 from controller.pools import PoolEvent, PoolEventKind
 

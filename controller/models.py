@@ -39,9 +39,16 @@ DEFAULT_TASK_USER = 65532
 owns anything in usual images."""
 
 
-class Backend(StrEnum):
+class BackendKind(StrEnum):
+    """Where agents run (the backends themselves are ``controller.backends``)."""
+
     DOCKER = "docker"
     KUBERNETES = "kubernetes"
+
+    @classmethod
+    def of(cls, chosen: str | None, default: str) -> BackendKind:
+        """A resource's own choice of backend, else the controller's default setting."""
+        return cls(chosen or default)
 
 
 class CleanupPolicy(StrEnum):
@@ -93,6 +100,21 @@ class ConditionStatus(StrEnum):
     TRUE = "True"
     FALSE = "False"
     UNKNOWN = "Unknown"
+
+
+class ConditionType(StrEnum):
+    """The conditions both kinds may carry; each means the same on a Workflow and a pool."""
+
+    COMPLETED = "Completed"
+    """A Workflow ended; its reason says how (Succeeded, Failed, DeadlineExceeded, ...)."""
+    READY = "Ready"
+    """An AgentPool has its minSize warm (False: warming up, or why it cannot)."""
+    INVALID = "Invalid"
+    """The spec can never work as written (a rule the CRD schema cannot check)."""
+    SPEC_CHANGE_IGNORED = "SpecChangeIgnored"
+    """A Workflow's spec changed after it started; it runs the spec it started with."""
+    BACKEND_UNAVAILABLE = "BackendUnavailable"
+    """The resource asks for a backend this controller does not have."""
 
 
 class ApiModel(BaseModel):
@@ -323,7 +345,7 @@ class WorkflowSpec(ApiModel):
     description: str | None = Field(
         default=None, max_length=1024, description="What this workflow does, for people."
     )
-    backend: Backend | None = Field(
+    backend: BackendKind | None = Field(
         default=None,
         description="Where agents run: docker or kubernetes. Default: the controller's setting.",
     )
@@ -387,7 +409,7 @@ class AgentPoolSpec(ApiModel):
         }],
     })
 
-    backend: Backend | None = Field(default=None, description="Where the pool's agents run.")
+    backend: BackendKind | None = Field(default=None, description="Where the pool's agents run.")
     image: str = Field(min_length=1, description="Image of every agent in the pool.")
     min_size: int = Field(default=1, ge=0, le=1000, description="Warm agents kept at least.")
     max_size: int = Field(default=10, ge=1, le=1000, description="Agents the pool grows to.")

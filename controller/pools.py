@@ -22,21 +22,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from controller.agents import build_pool_agent_spec
 from controller.backends import runner
 from controller.backends.base import (
-    LABEL_MANAGED_BY,
-    LABEL_POOL,
     LABEL_POOL_UID,
     LABEL_RUNNER,
-    MANAGED_BY,
     AgentHandle,
-    AgentSpec,
     Backend,
     TaskResult,
 )
 from controller.config import Settings
 from controller.errors import AgentainerError, PoolUnavailableError
-from controller.models import AgentPool, AgentPoolStatus, dns_safe
+from controller.models import AgentPool, AgentPoolStatus
 from controller.store import Store
 
 logger = logging.getLogger(__name__)
@@ -65,33 +62,6 @@ class PoolEvent:
 
 
 PoolObserver = Callable[[PoolEvent], None]
-
-
-def pool_labels(pool: AgentPool, uid: str) -> dict[str, str]:
-    return {LABEL_POOL: dns_safe(pool.metadata.name), LABEL_POOL_UID: uid,
-            LABEL_MANAGED_BY: MANAGED_BY}
-
-
-def build_pool_agent_spec(pool: AgentPool, uid: str) -> AgentSpec:
-    """A warm agent of the pool: the pool's image, env and limits, idling until leased."""
-    resources = pool.spec.resources
-    return AgentSpec(
-        name=f"pool-{dns_safe(pool.metadata.name, 48)}-{secrets.token_hex(3)}",
-        image=pool.spec.image,
-        command=None,
-        args=None,
-        env={e.name: e.value for e in pool.spec.env} | {"AGENTAINER_POOL": pool.metadata.name},
-        labels=pool_labels(pool, uid),
-        nano_cpus=resources.nano_cpus if resources else None,
-        memory_bytes=resources.memory_bytes if resources else None,
-        resident=True,
-        task_user=pool.spec.task_user,
-        namespace=pool.metadata.namespace,
-        owner={"apiVersion": pool.api_version, "kind": pool.kind, "name": pool.metadata.name,
-               "uid": uid, "controller": True, "blockOwnerDeletion": False}
-        if pool.metadata.uid else None,
-        pod=pool.spec.pod,
-    )
 
 
 @dataclass

@@ -15,7 +15,7 @@ from controller.backends.kubernetes import KubernetesBackend, load_credentials
 from controller.config import Settings
 from controller.errors import AgentainerError, TransientError
 from controller.metrics import Metrics
-from controller.models import API_GROUP, API_VERSION, Condition, WorkflowPhase
+from controller.models import API_GROUP, API_VERSION, BackendKind, Condition, WorkflowPhase
 from controller.pools import PoolManager
 from controller.store import Store
 
@@ -31,7 +31,7 @@ class KubernetesError(TransientError):
 
 
 @dataclass
-class Context:
+class Services:
     """Clients and shared state of one controller process."""
 
     settings: Settings
@@ -45,19 +45,25 @@ class Context:
     _kubernetes: KubernetesBackend | None = None
     _backend_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
-    async def backend(self, name: str) -> Backend:
-        """The backend of that name, connected on first use (so the controller starts even
+    def backend_kind(self, chosen: str | None) -> BackendKind:
+        """A resource's own backend, else the controller's default."""
+        try:
+            return BackendKind.of(chosen, self.settings.default_backend)
+        except ValueError:
+            raise UnsupportedBackendError(
+                f"backend {chosen!r} does not exist (docker, kubernetes)") from None
+
+    async def backend(self, kind: BackendKind) -> Backend:
+        """The backend of that kind, connected on first use (so the controller starts even
         when an engine it may never need is down)."""
         async with self._backend_lock:
-            if name == "docker":
+            if kind is BackendKind.DOCKER:
                 if self._docker is None:
                     self._docker = await DockerBackend.connect(self.settings)
                 return self._docker
-            if name == "kubernetes":
-                if self._kubernetes is None:
-                    self._kubernetes = await KubernetesBackend.connect(self.settings)
-                return self._kubernetes
-        raise UnsupportedBackendError(f"backend {name!r} does not exist (docker, kubernetes)")
+            if self._kubernetes is None:
+                self._kubernetes = await KubernetesBackend.connect(self.settings)
+            return self._kubernetes
 
     def workflow_phase(self, uid: str, phase: WorkflowPhase | None) -> None:
         """Note a workflow's phase; called on every engine event, so the gauge of workflows by

@@ -11,7 +11,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from controller.config import Settings
 from controller.errors import AgentainerError
-from controller.handlers.context import Context, kubernetes_client
+from controller.handlers.context import Services, kubernetes_client
+from controller.handlers.reporting import to_kopf
 from controller.metrics import Metrics, PoolMetrics
 from controller.pools import PoolManager
 from controller.store import open_store
@@ -21,7 +22,7 @@ FINALIZER = "agentainer.dev/finalizer"
 
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo,
-                  logger: kopf.Logger, **_: Any) -> None:
+                  logger: kopf.Logger, retry: int, **_: Any) -> None:
     # Our status schema is structural, so kopf keeps its own bookkeeping in annotations.
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
@@ -33,16 +34,16 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo,
     try:
         store = await open_store(config)
     except AgentainerError as error:
-        raise kopf.TemporaryError(str(error), delay=error.delay) from error
+        raise to_kopf(error, retry) from error
     try:
         custom_objects = kubernetes_client()
     except AgentainerError as error:
         await store.close()
-        raise kopf.TemporaryError(str(error), delay=error.delay) from error
+        raise to_kopf(error, retry) from error
     metrics = Metrics()
     pools = PoolManager(store, config, PoolMetrics(metrics))
-    memo.context = Context(settings=config, store=store, metrics=metrics, pools=pools,
-                           custom_objects=custom_objects)
+    memo.services = Services(settings=config, store=store, metrics=metrics, pools=pools,
+                             custom_objects=custom_objects)
     memo.http = await serve_metrics(metrics, config) if config.metrics_port else None
     logger.info("agentainer controller started: store %s, default backend %s, metrics on :%s",
                 config.store, config.default_backend, config.metrics_port or "off")
@@ -71,5 +72,5 @@ async def serve_metrics(metrics: Metrics, config: Settings) -> web.AppRunner:
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     if getattr(memo, "http", None) is not None:
         await memo.http.cleanup()
-    if getattr(memo, "context", None) is not None:
-        await memo.context.close()
+    if getattr(memo, "services", None) is not None:
+        await memo.services.close()

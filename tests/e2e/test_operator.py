@@ -272,3 +272,32 @@ def test_metrics_endpoint_reports_the_runs(kubectl: Kubectl, controller: Control
     assert samples['agentainer_workflows{phase="Succeeded"}'] >= 1
     assert any(key.startswith("agentainer_step_duration_seconds_bucket") for key in samples)
     assert not any("uid" in key for key in samples)  # bounded labels only
+
+
+def test_agent_pool_whose_image_is_missing_is_retried_later_and_later_saying_why(
+        kubectl: Kubectl, controller: Controller) -> None:
+    """Not in a loop: each retry waits twice as long as the one before; its Ready condition
+    names the reason, so that `kubectl describe` tells the user what to fix."""
+    name = f"ghost-{uuid.uuid4().hex[:6]}"
+    image = f"agentainer/not-here-{name}:1"
+    kubectl("apply", "-f", "-", input=yaml.safe_dump({
+        "apiVersion": "agentainer.dev/v1alpha1", "kind": "AgentPool",
+        "metadata": {"name": name}, "spec": {"image": image, "minSize": 1, "maxSize": 1}}))
+
+    def not_ready(body: dict[str, Any]) -> bool:
+        return any(c["type"] == "Ready" and c["status"] == "False" and
+                   c["reason"] == "ImageNotFound"
+                   for c in body.get("status", {}).get("conditions", []))
+
+    body = kubectl.wait_for("agentpool", name, not_ready, timeout=60)
+    time.sleep(16)  # long enough for a few retries of the create handler: 1, 2, 4, 8 s
+    attempts = [datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                for line in controller.log.read_text().splitlines()
+                if "pool_changed' failed temporarily" in line and image in line]
+    kubectl("delete", "agentpool", name, "--timeout=60s")
+
+    (ready,) = [c for c in body["status"]["conditions"] if c["type"] == "Ready"]
+    assert image in ready["message"]
+    gaps = [later - earlier for earlier, later in zip(attempts, attempts[1:], strict=False)]
+    assert 3 <= len(attempts) <= 8, gaps  # not a loop, and not given up
+    assert all(later > earlier * 1.5 for earlier, later in zip(gaps, gaps[1:], strict=False)), gaps

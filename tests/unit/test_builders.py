@@ -11,14 +11,9 @@ import pytest
 from controller.backends.base import AgentSpec
 from controller.backends.docker import container_config
 from controller.config import Settings
-from controller.engine import (
-    agent_labels,
-    agent_name,
-    build_agent_spec,
-    compact_status,
-    should_remove,
-)
+from controller.agents import agent_labels, agent_name, build_agent_spec, should_remove
 from controller.errors import AgentSpecError, ConfigError, InvalidSpecError
+from controller.handlers.reporting import compact_status
 from controller.models import (
     CleanupPolicy,
     Step,

@@ -7,12 +7,12 @@ from typing import Any
 
 import pytest
 
+from controller.agents import build_pool_agent_spec
 from controller.backends.base import AgentSpec
 from controller.backends.docker import container_config, runner_archive
 from controller.backends.kubernetes import build_pod
 from controller.errors import InvalidSpecError
 from controller.models import DEFAULT_TASK_USER, parse_agent_pool
-from controller.pools import build_pool_agent_spec
 
 RUNNER_IMAGE = "agentainer/runner:9.9.9"
 

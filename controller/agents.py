@@ -1,0 +1,161 @@
+"""The agents to start, as pure functions of the resources: names, labels, specs, owners.
+
+Names and labels are deterministic, so that a restarted controller finds its agents again by
+them; nothing here talks to a backend or the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from typing import Any
+
+from controller import templating
+from controller.backends.base import (
+    LABEL_AGENT_ID,
+    LABEL_ATTEMPT,
+    LABEL_INDEX,
+    LABEL_MANAGED_BY,
+    LABEL_POOL,
+    LABEL_POOL_UID,
+    LABEL_STEP,
+    LABEL_WORKFLOW,
+    LABEL_WORKFLOW_UID,
+    MANAGED_BY,
+    AgentSpec,
+)
+from controller.models import AgentPool, CleanupPolicy, Step, Workflow, dns_safe
+
+UID_SUFFIX_LENGTH = 5
+
+
+def owner_reference(resource: Workflow | AgentPool, uid: str | None) -> dict[str, Any] | None:
+    """The ownerReference that makes an agent die with its resource (through the garbage
+    collector); None for a resource that is not in a cluster (``agentainer run``)."""
+    if not uid:
+        return None
+    return {"apiVersion": resource.api_version, "kind": resource.kind,
+            "name": resource.metadata.name, "uid": uid, "controller": True,
+            "blockOwnerDeletion": False}
+
+
+def agent_id(step: str, index: int, attempt: int) -> str:
+    """An agent's id within its workflow: ``step.index.attempt`` (a step name has no dots)."""
+    return f"{step}.{index}.{attempt}"
+
+
+def agent_name(workflow: str, uid: str, step: Step, index: int, attempt: int) -> str:
+    """``<workflow>-<step>[-<index>][-r<retry>]-<uid prefix>``, DNS-safe and at most 63 long."""
+    base = f"{workflow}-{step.name}"
+    if step.width > 1:
+        base += f"-{index}"
+    if attempt > 1:
+        base += f"-r{attempt - 1}"
+    suffix = re.sub(r"[^a-z0-9]", "", uid.lower())[:UID_SUFFIX_LENGTH] or "x"
+    room = 63 - len(suffix) - 1
+    safe = dns_safe(base, max_length=10_000)
+    if len(safe) > room:
+        digest = hashlib.sha1(safe.encode()).hexdigest()[:6]
+        safe = safe[: room - 7].rstrip("-") + "-" + digest
+    return f"{safe}-{suffix}"
+
+
+def label_value(text: str) -> str:
+    """``text`` as a Kubernetes label value (at most 63 characters, alphanumeric at both ends);
+    a long one is cut and ends in a hash of the whole, so distinct texts stay distinct."""
+    if len(text) <= 63:
+        return text
+    digest = hashlib.sha1(text.encode()).hexdigest()[:8]
+    return text[:54].rstrip("-._") + "-" + digest
+
+
+def agent_labels(workflow: Workflow, uid: str, step: Step, index: int, attempt: int) -> dict[str, str]:
+    """The labels by which agents are found again after a restart."""
+    return {
+        LABEL_WORKFLOW: label_value(workflow.metadata.name),
+        LABEL_WORKFLOW_UID: uid,
+        LABEL_STEP: step.name,
+        LABEL_INDEX: str(index),
+        LABEL_ATTEMPT: str(attempt),
+        LABEL_AGENT_ID: label_value(agent_id(step.name, index, attempt)),
+        LABEL_MANAGED_BY: MANAGED_BY,
+    }
+
+
+def build_agent_spec(
+    workflow: Workflow,
+    uid: str,
+    step: Step,
+    index: int,
+    attempt: int,
+    outputs: dict[str, list[str]],
+) -> AgentSpec:
+    """The agent to start for one attempt of one unit of a step, templates rendered."""
+    item: str | None = None
+    if step.parallel is not None and step.parallel.items is not None:
+        item = templating.item_text(step.parallel.items[index])
+    context = templating.Context(
+        workflow_name=workflow.metadata.name, workflow_uid=uid, item=item, outputs=outputs
+    )
+    env = {e.name: templating.render(e.value, context) for e in workflow.spec.env}
+    env.update({e.name: templating.render(e.value, context) for e in step.env})
+    env.update(
+        AGENTAINER_WORKFLOW=workflow.metadata.name,
+        AGENTAINER_WORKFLOW_UID=uid,
+        AGENTAINER_STEP=step.name,
+        AGENTAINER_AGENT_ID=agent_id(step.name, index, attempt),
+        AGENTAINER_ATTEMPT=str(attempt),
+    )
+    if step.parallel is not None:
+        env["AGENTAINER_ITEM_INDEX"] = str(index)
+        if item is not None:
+            env["AGENTAINER_ITEM"] = item
+    resources = step.resources
+    return AgentSpec(
+        name=agent_name(workflow.metadata.name, uid, step, index, attempt),
+        image=step.image or "",
+        command=[templating.render(c, context) for c in step.command] if step.command else None,
+        args=[templating.render(a, context) for a in step.args] if step.args else None,
+        env=env,
+        labels=agent_labels(workflow, uid, step, index, attempt),
+        nano_cpus=resources.nano_cpus if resources else None,
+        memory_bytes=resources.memory_bytes if resources else None,
+        namespace=workflow.metadata.namespace,
+        owner=owner_reference(workflow, workflow.metadata.uid),
+        timeout_seconds=step.timeout_seconds,
+        pod=step.pod,
+    )
+
+
+def should_remove(policy: CleanupPolicy, succeeded: bool) -> bool:
+    if policy is CleanupPolicy.ALWAYS:
+        return True
+    if policy is CleanupPolicy.ON_SUCCESS:
+        return succeeded
+    return False
+
+
+def pool_labels(pool: AgentPool, uid: str) -> dict[str, str]:
+    return {LABEL_POOL: dns_safe(pool.metadata.name), LABEL_POOL_UID: uid,
+            LABEL_MANAGED_BY: MANAGED_BY}
+
+
+def build_pool_agent_spec(pool: AgentPool, uid: str) -> AgentSpec:
+    """A warm agent of the pool: the pool's image, env and limits, idling until leased."""
+    resources = pool.spec.resources
+    return AgentSpec(
+        name=f"pool-{dns_safe(pool.metadata.name, 48)}-{secrets.token_hex(3)}",
+        image=pool.spec.image,
+        command=None,
+        args=None,
+        env={e.name: e.value for e in pool.spec.env} | {"AGENTAINER_POOL": pool.metadata.name},
+        labels=pool_labels(pool, uid),
+        nano_cpus=resources.nano_cpus if resources else None,
+        memory_bytes=resources.memory_bytes if resources else None,
+        resident=True,
+        task_user=pool.spec.task_user,
+        namespace=pool.metadata.namespace,
+        owner=owner_reference(pool, uid if pool.metadata.uid else None),
+        pod=pool.spec.pod,
+    )

@@ -1,0 +1,195 @@
+"""What the handlers tell Kubernetes: statuses, conditions and Events, and errors as kopf's retries.
+
+The one place where the project's errors become kopf's: a retryable error becomes a
+TemporaryError whose delay doubles with every retry of the same handler (up to five minutes), the
+rest a PermanentError, after the caller has recorded a False condition that names the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import kopf
+
+from controller.clock import now
+from controller.engine import Event, EventKind, Observer
+from controller.errors import AgentainerError
+from controller.handlers.context import Services
+from controller.models import (
+    Condition,
+    ConditionStatus,
+    ConditionType,
+    StepPhase,
+    WorkflowPhase,
+    WorkflowStatus,
+)
+
+logger = logging.getLogger(__name__)
+
+WORKFLOWS = "workflows"
+BACKOFF_CAP_SECONDS = 300.0
+
+
+# --- errors as kopf's retries -------------------------------------------------------------------
+
+
+def backoff(error: AgentainerError, retry: int) -> float:
+    """Seconds before the next try of a handler that has failed ``retry`` times already: the
+    error's own hint (or a second), doubled with every retry, at most five minutes."""
+    return float(min((error.delay or 1.0) * 2 ** min(retry, 16), BACKOFF_CAP_SECONDS))
+
+
+def to_kopf(error: AgentainerError, retry: int,
+            converge: bool = False) -> kopf.TemporaryError | kopf.PermanentError:
+    """The kopf error to raise for ``error``. ``converge``: the resource is converged on for as
+    long as it exists (a pool's image may be loaded later, a deletion's rights granted later),
+    so even an error that is not retryable is retried, with the same growing delay."""
+    if error.retryable or converge:
+        return kopf.TemporaryError(str(error), delay=backoff(error, retry))
+    return kopf.PermanentError(str(error))
+
+
+def reconcile_failed(services: Services, kind: str, error: AgentainerError, retry: int,
+                     converge: bool = False) -> kopf.TemporaryError | kopf.PermanentError:
+    """:func:`to_kopf`, counted in the metrics by kind and error."""
+    services.metrics.reconcile_errors.labels(kind, type(error).__name__).inc()
+    return to_kopf(error, retry, converge)
+
+
+def error_reason(error: AgentainerError) -> str:
+    """A condition's reason for an error: its class, in one CamelCase word."""
+    return type(error).__name__.removesuffix("Error") or "Error"
+
+
+# --- conditions ---------------------------------------------------------------------------------
+
+
+def condition(kind: ConditionType, true: bool, reason: str, message: str,
+              previous: Iterable[dict[str, Any]] = ()) -> Condition:
+    """A condition whose ``lastTransitionTime`` moves only when its status changes."""
+    status = ConditionStatus.TRUE if true else ConditionStatus.FALSE
+    old = next((c for c in previous if c.get("type") == kind.value), {})
+    since = old.get("lastTransitionTime") if old.get("status") == status.value else None
+    return Condition(type=kind.value, status=status, reason=reason, message=message,
+                     last_transition_time=since or now())
+
+
+def dumped(conditions: Iterable[Condition]) -> list[dict[str, Any]]:
+    return [c.model_dump(mode="json", by_alias=True) for c in conditions]
+
+
+# --- a Workflow's status and Events -------------------------------------------------------------
+
+
+def compact_status(status: WorkflowStatus, output_limit: int) -> dict[str, Any]:
+    """The status as written to the custom resource: outputs truncated, full lists left out."""
+    compact = status.model_copy(deep=True)
+    for step in compact.steps:
+        step.outputs = None
+        if step.output is not None and len(step.output) > output_limit:
+            step.output = step.output[:output_limit]
+            step.output_truncated = True
+    return compact.to_dict()
+
+
+def refused_status(kind: ConditionType, message: str, generation: int | None) -> dict[str, Any]:
+    """The status of a Workflow that will never run as written."""
+    at = now()
+    return WorkflowStatus(
+        phase=WorkflowPhase.FAILED, message=message, observed_generation=generation,
+        started_at=at, finished_at=at,
+        conditions=[condition(kind, True, kind.value, message)],
+    ).to_dict()
+
+
+class StatusWriter:
+    """Engine observer that writes the status to the resource, at most once per interval."""
+
+    def __init__(self, services: Services, namespace: str, name: str, uid: str) -> None:
+        self.services = services
+        self.namespace = namespace
+        self.name = name
+        self.uid = uid
+        self._status: WorkflowStatus | None = None  # the run's, as the engine keeps it
+        self._dirty = asyncio.Event()
+        self._closing = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def __call__(self, event: Event, status: WorkflowStatus) -> None:
+        self._status = status
+        self._dirty.set()
+        self.services.workflow_phase(self.uid, status.phase)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name=f"status-{self.name}")
+
+    async def _loop(self) -> None:
+        while True:
+            await self._dirty.wait()
+            if self._closing.is_set():
+                return
+            self._dirty.clear()
+            try:
+                await self.flush()
+            except AgentainerError as error:
+                logger.warning("status of %s: %s", self.name, error)
+            try:  # the interval between writes, cut short by stop()
+                await asyncio.wait_for(self._closing.wait(),
+                                       self.services.settings.status_interval_seconds)
+            except TimeoutError:
+                pass
+
+    async def flush(self) -> None:
+        if self._status is None:
+            return  # the run has not begun
+        status = compact_status(self._status, self.services.settings.status_output_limit)
+        extra = self.services.extra_conditions.get(self.uid, [])
+        status["conditions"] = status.get("conditions", []) + dumped(extra)
+        await self.services.patch_status(WORKFLOWS, self.namespace, self.name, status)
+
+    async def stop(self) -> None:
+        """Write the final status. The loop is let finish, not cancelled: a patch it has in
+        flight runs on in its thread whatever happens to the task, and landing after the final
+        one it would put an older status back."""
+        self._closing.set()
+        self._dirty.set()
+        if self._task is not None:
+            await self._task
+        await self.flush()
+
+    def abandon(self) -> None:
+        """Stop writing without a last word (the run was detached; another process goes on)."""
+        if self._task is not None:
+            self._task.cancel()
+
+
+def post_event(body: kopf.Body) -> Observer:
+    """Engine observer that posts Kubernetes Events for what people care about: starts, ends,
+    failures and retries (not one per agent, which a large fan-out would flood)."""
+
+    def observe(event: Event, status: WorkflowStatus) -> None:
+        step = event.step
+        match event.kind:
+            case EventKind.WORKFLOW_STARTED:
+                kopf.info(body, reason="Started", message=event.message)
+            case EventKind.STEP_STARTED:
+                kopf.info(body, reason="StepStarted", message=event.message)
+            case EventKind.STEP_FINISHED if step is not None:
+                if step.phase is StepPhase.SUCCEEDED:
+                    kopf.info(body, reason="StepSucceeded", message=event.message)
+                elif step.phase is StepPhase.FAILED:
+                    kopf.warn(body, reason="StepFailed", message=f"step {step.name}: "
+                              f"{step.message}")
+            case EventKind.AGENT_RETRYING:
+                kopf.warn(body, reason="Retrying", message=event.message)
+            case EventKind.WORKFLOW_FINISHED:
+                if status.phase is WorkflowPhase.SUCCEEDED:
+                    kopf.info(body, reason="Succeeded", message=event.message)
+                else:
+                    kopf.warn(body, reason=status.phase.value,
+                              message=status.message or event.message)
+
+    return observe
