@@ -85,5 +85,9 @@ class StoreUnavailableError(TransientError):
     """Redis cannot be reached or refused the operation."""
 
 
+class StoreDataError(AgentainerError):
+    """What the store holds cannot be read as ours (written by something else, or damaged)."""
+
+
 class PoolUnavailableError(AgentainerError):
     """A pooled step names an AgentPool that this runner does not have."""

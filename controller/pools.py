@@ -34,7 +34,7 @@ from controller.backends.base import (
 from controller.config import Settings
 from controller.errors import AgentainerError, PoolUnavailableError
 from controller.models import AgentPool, AgentPoolStatus
-from controller.store import Store
+from controller.store import PoolAgent, PoolStore
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,6 @@ class PoolEventKind(StrEnum):
     TASK_DONE = "task_done"      # value: seconds the task took on the agent
     RECYCLED = "recycled"        # an agent served maxUses tasks
     REPLACED = "replaced"        # an agent died, timed out, failed its reset, or was reclaimed
-    SIZE = "size"                # after a change; value unused
 
 
 @dataclass(frozen=True)
@@ -57,8 +56,6 @@ class PoolEvent:
     kind: PoolEventKind
     pool: str
     value: float = 0.0
-    ready: int = 0
-    busy: int = 0
 
 
 PoolObserver = Callable[[PoolEvent], None]
@@ -92,20 +89,18 @@ class PoolState:
         return self.pool.metadata.name
 
 
-def _record(handle: AgentHandle) -> dict[str, object]:
-    return {"id": handle.id, "name": handle.name, "labels": handle.labels}
+def _record(handle: AgentHandle) -> PoolAgent:
+    return PoolAgent(name=handle.name, id=handle.id, labels=dict(handle.labels))
 
 
-def _handle(record: dict[str, object]) -> AgentHandle:
-    labels = record.get("labels")
-    return AgentHandle(id=str(record["id"]), name=str(record["name"]),
-                       labels=dict(labels) if isinstance(labels, dict) else {})
+def _handle(record: PoolAgent) -> AgentHandle:
+    return AgentHandle(id=record.id, name=record.name, labels=dict(record.labels))
 
 
 class PoolManager:
     """Every pool of one process: leases, tasks, reconciliation, draining."""
 
-    def __init__(self, store: Store, settings: Settings,
+    def __init__(self, store: PoolStore, settings: Settings,
                  observer: PoolObserver | None = None) -> None:
         self.store = store
         self.settings = settings
@@ -208,7 +203,7 @@ class PoolManager:
             await asyncio.shield(self.store.pool_remove(state.uid, placeholder))
             raise
         state.handles[handle.name] = handle
-        await self.store.pool_add(state.uid, handle.name, _record(handle), replaces=placeholder)
+        await self.store.pool_add(state.uid, _record(handle), replaces=placeholder)
         state.returned.set()
         return True
 
@@ -272,7 +267,6 @@ class PoolManager:
             state.returned.set()
         else:
             await self._retire(state, lease.agent, recycled=keep and uses == 0)
-        self._emit(PoolEventKind.SIZE, state)
 
     async def _retire(self, state: PoolState, agent: AgentHandle, recycled: bool) -> None:
         """Remove an agent for good; the pool is topped up to minSize again."""
@@ -306,8 +300,8 @@ class PoolManager:
         records = await self.store.pool_agents(state.uid)
         starting = set()
         for name, record in list(records.items()):
-            if "pending" in record:  # an agent being started, here or by another process
-                if time.time() - float(record["pending"]) > STALE_PENDING_SECONDS:
+            if record.pending_since is not None:  # being started, here or by another process
+                if time.time() - record.pending_since > STALE_PENDING_SECONDS:
                     await self.store.pool_remove(state.uid, name)  # its starter died
                 else:
                     starting.add(name.removeprefix(PENDING))
@@ -324,7 +318,7 @@ class PoolManager:
                     self._emit(PoolEventKind.REPLACED, state)
                 records.pop(name, None)
             elif name not in records:
-                await self.store.pool_add(state.uid, name, _record(handle))
+                await self.store.pool_add(state.uid, _record(handle))
                 records[name] = _record(handle)
         for name in [n for n in records if n not in containers]:
             await self.store.pool_remove(state.uid, name)

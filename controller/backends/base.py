@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any, Protocol
 
 from controller.models import DEFAULT_TASK_USER, PodOptions
@@ -95,8 +94,6 @@ class AgentResult:
     """What the backend said about how it ended, when it said more than the exit code."""
     output_truncated: bool = False
     """It printed more than the output limit; the rest was dropped."""
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
 
 
 class Backend(Protocol):

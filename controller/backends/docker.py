@@ -11,7 +11,6 @@ import tarfile
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime
 from typing import Any, TypeVar
 
 import docker
@@ -276,8 +275,6 @@ class DockerBackend:
             stdout=stdout.decode("utf-8", errors="replace"),
             stderr=stderr.decode("utf-8", errors="replace"),
             oom_killed=bool(state.get("OOMKilled")),
-            started_at=_docker_time(state.get("StartedAt")),
-            finished_at=_docker_time(state.get("FinishedAt")),
         )
 
     def _stop(self, agent_id: str, grace_seconds: float) -> None:
@@ -399,15 +396,3 @@ def runner_archive(binary: bytes) -> bytes:
         program.mode, program.size = 0o555, len(binary)
         archive.addfile(program, io.BytesIO(binary))
     return buffer.getvalue()
-
-
-def _docker_time(value: str | None) -> datetime | None:
-    """Docker's RFC 3339 times carry nanoseconds, which fromisoformat does not take."""
-    if not value or value.startswith("0001-"):
-        return None
-    head, _, fraction = value.rstrip("Z").partition(".")
-    micros = (fraction + "000000")[:6] if fraction else "000000"
-    try:
-        return datetime.fromisoformat(f"{head}.{micros}+00:00")
-    except ValueError:
-        return None

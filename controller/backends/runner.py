@@ -18,14 +18,12 @@ import abc
 import asyncio
 import binascii
 import collections
-import logging
 import secrets
 from dataclasses import dataclass
 
 from controller.backends.base import TaskResult
 from controller.errors import AgentSpecError, BackendError
 
-logger = logging.getLogger(__name__)
 
 PROTOCOL = "agentainer-runner/1"
 VERSION_LABEL_VALUE = "1"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +18,6 @@ from controller.models import API_GROUP, API_VERSION, BackendKind, Condition, Wo
 from controller.pools import PoolManager
 from controller.store import Store
 
-logger = logging.getLogger(__name__)
 
 
 class UnsupportedBackendError(AgentainerError):

@@ -1,0 +1,347 @@
+"""One attempt of one item (or replica) of a step: an agent of its own, started (or adopted after
+a restart) and waited for, or a task on an agent leased from a pool; then recorded, reported
+and cleaned up the same way whichever it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from enum import StrEnum
+
+from controller.agents import agent_id, build_agent_spec, label_value, should_remove
+from controller.backends.base import (
+    LABEL_AGENT_ID,
+    LABEL_WORKFLOW_UID,
+    AgentHandle,
+    AgentResult,
+    AgentSpec,
+    Backend,
+)
+from controller.clock import age_seconds, now
+from controller.config import Settings
+from controller.engine.events import Emitter, EventKind
+from controller.engine.journal import Journal
+from controller.errors import AgentainerError, PoolUnavailableError
+from controller.models import (
+    AgentPhase,
+    AgentReason,
+    AgentStatus,
+    Step,
+    StepStatus,
+    Workflow,
+    WorkflowStatus,
+)
+from controller.pools import Lease, PoolManager
+
+logger = logging.getLogger(__name__)
+
+# Where the backend enforces deadlines (pods' activeDeadlineSeconds), the engine waits this
+# much longer before killing the agent itself, so that the backend's reason is the one reported.
+BACKEND_DEADLINE_MARGIN_SECONDS = 30
+
+
+class StopReason(StrEnum):
+    CANCELLED = "Cancelled"
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    DETACHED = "Detached"
+
+
+@dataclass
+class RunState:
+    """What a run shares with its attempts: its progress, and whether it is being stopped."""
+
+    units_total: int
+    units_done: int = 0
+    stop_reason: StopReason | None = None
+
+    @property
+    def progress(self) -> str:
+        return f"{self.units_done}/{self.units_total}"
+
+    @property
+    def leaves_agents(self) -> bool:
+        """Agents are stopped only when the run is stopped on purpose (cancel, deadline). When
+        it is detached, or cancelled from outside (the process is going away), they run on,
+        to be adopted by whoever resumes the workflow."""
+        return self.stop_reason not in (StopReason.CANCELLED, StopReason.DEADLINE_EXCEEDED)
+
+
+@dataclass(frozen=True)
+class AttemptOutcome:
+    succeeded: bool
+    output: str = ""
+    retryable: bool = True
+
+
+@dataclass
+class Attempts:
+    """Runs the attempts of one workflow run."""
+
+    workflow: Workflow
+    uid: str
+    backend: Backend
+    pools: PoolManager | None
+    settings: Settings
+    journal: Journal
+    emit: Emitter
+    state: RunState
+    status: WorkflowStatus
+
+    async def run(self, step: Step, status: StepStatus, index: int, attempt: int,
+                  earlier: AgentStatus | None, outputs: dict[str, list[str]]) -> AttemptOutcome:
+        """One attempt. ``earlier``: the agent an earlier process recorded as started for it
+        (adopted when its container runs on; a pooled task is run again: its lease went)."""
+        spec = build_agent_spec(self.workflow, self.uid, step, index, attempt, outputs)
+        place: _Place = _Leased(self, step, spec) if step.pool else _Started(self, step, spec)
+        handle = await place.adoptable(earlier)
+        agent = earlier
+        if agent is None:
+            agent = AgentStatus(id=agent_id(step.name, index, attempt), name=place.name,
+                                index=index, attempt=attempt, phase=AgentPhase.CREATED,
+                                created_at=now())
+            status.agents.append(agent)
+            status.attempts += 1
+        if handle is None:
+            await self.journal.agent(agent, step=status)
+        try:
+            if handle is None:
+                handle = await place.start(agent, status)
+            else:
+                place.adopt(agent, status)
+            result, reason = await place.result(handle, agent)
+        except asyncio.CancelledError:
+            if self.state.leaves_agents:
+                raise  # the agent runs on, to be adopted
+            handle = handle or await place.starting()
+            await asyncio.shield(self._abort(agent, handle if place.owned else None, status))
+            raise
+        except AgentainerError as error:
+            return await self._errored(agent, handle, status, error, place.owned)
+        return await self._finished(agent, handle, result, reason, status, step, place.owned)
+
+    async def _errored(self, agent: AgentStatus, handle: AgentHandle | None,
+                       status: StepStatus, error: AgentainerError,
+                       owned: bool) -> AttemptOutcome:
+        agent.phase = AgentPhase.FAILED
+        agent.reason = AgentReason.BACKEND_ERROR
+        agent.finished_at = now()
+        status.message = str(error)
+        await self.journal.agent(agent, handle.id if handle else "", status)
+        self.emit(EventKind.AGENT_FINISHED, f"agent {agent.name} failed: {error}", status, agent)
+        if handle is not None and owned:
+            await self._cleanup(handle, succeeded=False)
+        return AttemptOutcome(False, retryable=error.retryable)
+
+    async def _finished(self, agent: AgentStatus, handle: AgentHandle, result: AgentResult,
+                        reason: AgentReason, status: StepStatus, step: Step,
+                        owned: bool) -> AttemptOutcome:
+        succeeded = reason is AgentReason.COMPLETED
+        agent.phase = AgentPhase.SUCCEEDED if succeeded else AgentPhase.FAILED
+        agent.exit_code = result.exit_code
+        agent.reason = reason
+        agent.output_truncated = result.output_truncated or None
+        agent.finished_at = now()
+        output = result.stdout.strip()
+        if succeeded:
+            self.state.units_done += 1
+            self.status.progress = self.state.progress
+        else:
+            status.message = _failure_message(agent, step, result)
+        await self.journal.agent_ended(agent, handle.id, status, self.status,
+                                       output if succeeded else None, result.stderr)
+        self.emit(EventKind.AGENT_FINISHED,
+                  f"agent {agent.name} {agent.phase.value.lower()} (exit {result.exit_code})",
+                  status, agent)
+        if owned:
+            await self._cleanup(handle, succeeded)
+        return AttemptOutcome(succeeded, output)
+
+    async def _abort(self, agent: AgentStatus, handle: AgentHandle | None,
+                     status: StepStatus) -> None:
+        """The run is being stopped: stop this agent, record it, clean up per the policy."""
+        if handle is not None:
+            try:
+                await self.backend.stop(handle, self.settings.stop_grace_seconds)
+            except AgentainerError as error:
+                logger.warning("could not stop agent %s: %s", agent.name, error)
+        agent.phase = AgentPhase.FAILED
+        agent.reason = (AgentReason.DEADLINE_EXCEEDED
+                        if self.state.stop_reason is StopReason.DEADLINE_EXCEEDED
+                        else AgentReason.CANCELLED)
+        agent.finished_at = now()
+        try:
+            await self.journal.agent(agent, handle.id if handle else "", status)
+        except AgentainerError as error:
+            logger.warning("could not record agent %s: %s", agent.name, error)
+        self.emit(EventKind.AGENT_FINISHED, f"agent {agent.name} stopped ({agent.reason})",
+                  status, agent)
+        if handle is not None:
+            await self._cleanup(handle, succeeded=False)
+
+    async def _cleanup(self, handle: AgentHandle, succeeded: bool) -> None:
+        if not should_remove(self.workflow.spec.cleanup, succeeded):
+            return
+        try:
+            await self.backend.remove(handle)
+        except AgentainerError as error:
+            logger.warning("could not remove agent %s: %s", handle.name, error)
+
+
+class _Place:
+    """Where an attempt's agent comes from, and how its result is had."""
+
+    owned = True
+    """The agent is the attempt's own: stopped when the run is, removed per the cleanup."""
+
+    def __init__(self, attempts: Attempts, step: Step, spec: AgentSpec) -> None:
+        self.attempts = attempts
+        self.step = step
+        self.spec = spec
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    async def adoptable(self, earlier: AgentStatus | None) -> AgentHandle | None:
+        return None
+
+    def adopt(self, agent: AgentStatus, status: StepStatus) -> None:
+        raise NotImplementedError
+
+    async def start(self, agent: AgentStatus, status: StepStatus) -> AgentHandle:
+        raise NotImplementedError
+
+    async def result(self, handle: AgentHandle,
+                     agent: AgentStatus) -> tuple[AgentResult, AgentReason]:
+        raise NotImplementedError
+
+    async def starting(self) -> AgentHandle | None:
+        """The agent whose start the cancellation cut off, once it has started."""
+        return None
+
+    async def _running(self, agent: AgentStatus, handle: AgentHandle, status: StepStatus,
+                       message: str) -> None:
+        agent.name = handle.name
+        agent.phase = AgentPhase.RUNNING
+        agent.started_at = now()
+        await self.attempts.journal.agent(agent, handle.id)
+        self.attempts.emit(EventKind.AGENT_STARTED, message, status, agent)
+
+
+class _Started(_Place):
+    """A container or pod of the attempt's own."""
+
+    _start: asyncio.Future[AgentHandle] | None = None
+    _timeout: float | None = None
+
+    async def adoptable(self, earlier: AgentStatus | None) -> AgentHandle | None:
+        """The container of an agent recorded by an earlier process, if it got to start;
+        one that was only created is removed, to be started afresh under the same name."""
+        if earlier is None:
+            return None
+        backend = self.attempts.backend
+        found = await backend.list_agents({LABEL_WORKFLOW_UID: self.attempts.uid,
+                                           LABEL_AGENT_ID: label_value(earlier.id)})
+        for handle in found:
+            if handle.state != "created":
+                return handle
+            await backend.remove(handle)
+        return None
+
+    def adopt(self, agent: AgentStatus, status: StepStatus) -> None:
+        agent.phase = AgentPhase.RUNNING
+        agent.started_at = agent.started_at or now()
+        self._timeout = self.step.timeout_seconds
+        if self._timeout:  # its deadline counts from when it started, before the restart
+            self._timeout = max(0.0, self._timeout - age_seconds(agent.started_at))
+        self.attempts.emit(EventKind.AGENT_STARTED, f"agent {agent.name} adopted", status,
+                           agent)
+
+    async def start(self, agent: AgentStatus, status: StepStatus) -> AgentHandle:
+        self._timeout = self.step.timeout_seconds
+        # Shielded: a start cut off half-way would leave an agent nobody knows of.
+        self._start = asyncio.ensure_future(self.attempts.backend.start(self.spec))
+        handle = await asyncio.shield(self._start)
+        await self._running(agent, handle, status, f"agent {agent.name} started")
+        return handle
+
+    async def result(self, handle: AgentHandle,
+                     agent: AgentStatus) -> tuple[AgentResult, AgentReason]:
+        backend = self.attempts.backend
+        timeout = self._timeout
+        if timeout and backend.enforces_deadlines:
+            timeout += BACKEND_DEADLINE_MARGIN_SECONDS  # the backend's own deadline first
+        try:
+            result = await asyncio.wait_for(backend.wait(handle), timeout)
+        except TimeoutError:
+            await backend.stop(handle, 0)
+            return await backend.wait(handle), AgentReason.DEADLINE_EXCEEDED
+        return result, (AgentReason.OOM_KILLED if result.oom_killed else
+                        AgentReason.DEADLINE_EXCEEDED if result.deadline_exceeded else
+                        AgentReason.COMPLETED if result.exit_code == 0 else AgentReason.ERROR)
+
+    async def starting(self) -> AgentHandle | None:
+        """Cancelled while the backend was creating it: let that finish, so that it can be
+        stopped and no agent is left behind."""
+        if self._start is None:
+            return None
+        try:
+            return await self._start
+        except (AgentainerError, asyncio.CancelledError):
+            return None
+
+
+class _Leased(_Place):
+    """A task on an agent leased from the step's pool; the pool cleans and keeps the agent.
+    A task cut off by a restart is run again: its agent was reclaimed with its lease."""
+
+    owned = False
+    _lease: Lease
+
+    @property
+    def name(self) -> str:
+        return f"{self.step.pool} (leasing)"
+
+    async def start(self, agent: AgentStatus, status: StepStatus) -> AgentHandle:
+        pools, pool_name = self.attempts.pools, self.step.pool or ""
+        if pools is None:
+            raise PoolUnavailableError(
+                f"AgentPool {pool_name} is not available: put it in the same file as the "
+                "workflow (agentainer run) or create it in the workflow's namespace")
+        pool = await pools.find(self.attempts.workflow.metadata.namespace, pool_name,
+                                self.attempts.settings.pool_wait_seconds)
+        self._lease = await pools.lease(pool)
+        handle = self._lease.agent
+        await self._running(agent, handle, status, f"agent {handle.name} leased from "
+                            f"{pool_name} in {self._lease.waited * 1000:.1f} ms")
+        return handle
+
+    async def result(self, handle: AgentHandle,
+                     agent: AgentStatus) -> tuple[AgentResult, AgentReason]:
+        assert self.attempts.pools is not None
+        argv = [*(self.spec.command or []), *(self.spec.args or [])]
+        try:
+            task = await self.attempts.pools.run(self._lease, argv, self.spec.env,
+                                                 self.step.timeout_seconds)
+        except TimeoutError:  # its runner stopped answering: the agent is replaced
+            return AgentResult(137, "", ""), AgentReason.DEADLINE_EXCEEDED
+        return (AgentResult(task.exit_code, task.stdout, task.stderr,
+                            deadline_exceeded=task.timed_out,
+                            output_truncated=task.stdout_truncated),
+                AgentReason.DEADLINE_EXCEEDED if task.timed_out else
+                AgentReason.COMPLETED if task.exit_code == 0 else AgentReason.ERROR)
+
+
+def _failure_message(agent: AgentStatus, step: Step, result: AgentResult) -> str:
+    if agent.reason is AgentReason.DEADLINE_EXCEEDED:
+        return f"agent {agent.name} ran past timeoutSeconds ({step.timeout_seconds}) and was killed"
+    if agent.reason is AgentReason.OOM_KILLED:
+        limit = step.resources.memory if step.resources else "?"
+        return f"agent {agent.name} ran out of memory (limit {limit}) and was killed"
+    if result.message:
+        return f"agent {agent.name} failed: {result.message}"
+    last_line = result.stderr.strip().splitlines()[-1:] or [""]
+    detail = f": {last_line[0][:200]}" if last_line[0] else ""
+    return f"agent {agent.name} exited with code {result.exit_code}{detail}"

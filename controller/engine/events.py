@@ -1,0 +1,51 @@
+"""What a run tells its observers (progress displays, Kubernetes Events, metrics) as it goes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+
+from controller.models import AgentStatus, StepStatus, WorkflowStatus
+
+logger = logging.getLogger(__name__)
+
+
+class EventKind(StrEnum):
+    WORKFLOW_STARTED = "WorkflowStarted"
+    STEP_STARTED = "StepStarted"
+    AGENT_STARTED = "AgentStarted"
+    AGENT_FINISHED = "AgentFinished"
+    AGENT_RETRYING = "AgentRetrying"
+    STEP_FINISHED = "StepFinished"
+    WORKFLOW_FINISHED = "WorkflowFinished"
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something that happened in a run, for progress displays and Kubernetes Events."""
+
+    kind: EventKind
+    message: str
+    step: StepStatus | None = None
+    agent: AgentStatus | None = None
+
+
+Observer = Callable[[Event, WorkflowStatus], None]
+
+
+class Emitter:
+    """Hands a run's events, with its status as it is now, to the run's observer."""
+
+    def __init__(self, workflow: str, status: WorkflowStatus,
+                 observer: Observer | None = None) -> None:
+        self.workflow = workflow
+        self.status = status
+        self.observer = observer
+
+    def __call__(self, kind: EventKind, message: str, step: StepStatus | None = None,
+                 agent: AgentStatus | None = None) -> None:
+        logger.debug("%s: %s", self.workflow, message)
+        if self.observer is not None:
+            self.observer(Event(kind, message, step, agent), self.status)

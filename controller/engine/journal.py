@@ -1,0 +1,85 @@
+"""What a run writes to the store as it goes, and reads back to resume after a restart: the
+mapping between a run's state and the store's records (whose format is the store's own)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from controller.models import AgentStatus, StepStatus, Workflow, WorkflowStatus
+from controller.store import AgentRecord, Change, Output, WorkflowRecord, WorkflowStore
+
+
+@dataclass
+class Restored:
+    """What an earlier process recorded of a run."""
+
+    workflow: WorkflowRecord
+    steps: dict[str, StepStatus]
+    agents: dict[str, list[AgentStatus]]
+    """Each step's agents, in the order of their index and attempt."""
+    outputs: dict[str, dict[int, str]]
+    """Each step's outputs so far, by agent index."""
+
+
+class Journal:
+    """The store's view of one run: every write is one atomic change."""
+
+    def __init__(self, store: WorkflowStore, workflow: Workflow, uid: str) -> None:
+        self.store = store
+        self.workflow = workflow
+        self.uid = uid
+
+    def _whole(self, status: WorkflowStatus) -> WorkflowRecord:
+        return WorkflowRecord(
+            name=self.workflow.metadata.name, namespace=self.workflow.metadata.namespace,
+            phase=status.phase, progress=status.progress, started_at=status.started_at,
+            finished_at=status.finished_at, message=status.message)
+
+    def _agent(self, agent: AgentStatus, container: str) -> AgentRecord:
+        return AgentRecord(status=agent, workflow=self.workflow.metadata.name,
+                           workflow_uid=self.uid, container=container)
+
+    async def began(self, status: WorkflowStatus) -> None:
+        """The run began (or resumed): the workflow, in the index of workflows."""
+        await self.store.record(self.uid, Change(workflow=self._whole(status),
+                                                 started_at=time.time()))
+
+    async def step(self, step: StepStatus) -> None:
+        await self.store.record(self.uid, Change(step=step))
+
+    async def agent(self, agent: AgentStatus, container: str = "",
+                    step: StepStatus | None = None) -> None:
+        await self.store.record(self.uid, Change(agent=self._agent(agent, container), step=step))
+
+    async def agent_ended(self, agent: AgentStatus, container: str, step: StepStatus,
+                          status: WorkflowStatus, output: str | None, stderr: str) -> None:
+        """An agent ended: it, its step, its output and the progress change together, or not
+        at all (``output`` None: it did not succeed, and gave none)."""
+        await self.store.record(self.uid, Change(
+            agent=self._agent(agent, container), step=step,
+            output=Output(step.name, agent.index, output) if output is not None else None,
+            workflow=self._whole(status) if output is not None else None,
+            log=(agent.id, stderr) if stderr else None))
+
+    async def ended(self, status: WorkflowStatus, ttl_seconds: int) -> None:
+        """The run ended: its final state, expiring after ``ttl_seconds``."""
+        await self.store.record(self.uid, Change(workflow=self._whole(status)))
+        await self.store.finish(self.uid, ttl_seconds)
+
+    async def restore(self, steps: list[str]) -> Restored | None:
+        """What an earlier process recorded of this run, for the steps of its spec; None when
+        nothing was."""
+        workflow = await self.store.workflow(self.uid)
+        if workflow is None:
+            return None
+        agents: dict[str, list[AgentStatus]] = {name: [] for name in steps}
+        records = await self.store.agents(self.uid)
+        for record in sorted(records.values(),
+                             key=lambda r: (r.status.index, r.status.attempt)):
+            if record.step in agents:
+                agents[record.step].append(record.status)
+        recorded = {name: state for name, state in (await self.store.steps(self.uid)).items()
+                    if name in agents}
+        outputs = {name: await self.store.outputs(self.uid, name) for name in recorded}
+        return Restored(workflow=workflow, steps=recorded, agents=agents, outputs=outputs)

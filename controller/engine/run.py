@@ -1,0 +1,401 @@
+"""One run of one Workflow: its steps as a DAG, each step's fan-out with its retries, and how the
+run ends (succeeded, failed fast, timed out, cancelled, or detached for another process).
+
+Semantics worth knowing (the README says the same to users):
+
+- A step waits for the steps it depends on; steps whose dependencies are met run at once.
+- A fan-out runs one agent per item (or replica), at most ``maxWorkers`` at a time.
+- A failed agent is run again, as a new agent, up to ``retries.limit`` times, with backoff.
+- ``timeoutSeconds`` of a step bounds each attempt: the agent is killed and the attempt fails
+  with reason DeadlineExceeded.
+- Fail fast, as Argo's DAGs do: once a step fails, no new step (and no new agent of the failing
+  step) is started; agents already running are allowed to finish. Steps that depend on the
+  failed one, and steps that never got to start, end as Skipped. The workflow is Failed.
+- Workflow ``timeoutSeconds`` and cancellation stop every running agent (SIGTERM, then SIGKILL
+  after ``stop_grace_seconds``); the workflow ends Failed (DeadlineExceeded) or Cancelled.
+- Cleanup: ``Always`` removes every agent once it stops, ``OnSuccess`` removes the agents that
+  succeeded and keeps the others for debugging, ``Never`` keeps all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+
+from controller.backends.base import Backend
+from controller.clock import age_seconds, now
+from controller.config import Settings
+from controller.engine.attempts import Attempts, AttemptOutcome, RunState, StopReason
+from controller.engine.events import Emitter, EventKind, Observer
+from controller.engine.journal import Journal, Restored
+from controller.errors import AgentainerError
+from controller.models import (
+    AgentPhase,
+    AgentStatus,
+    Condition,
+    ConditionStatus,
+    ConditionType,
+    Step,
+    StepPhase,
+    StepStatus,
+    Workflow,
+    WorkflowPhase,
+    WorkflowStatus,
+)
+from controller.pools import PoolManager
+from controller.store import WorkflowStore
+
+logger = logging.getLogger(__name__)
+
+
+class WorkflowRun:
+    """One execution of one Workflow. Create it (``Engine.prepare``), then ``await
+    run.execute()``."""
+
+    def __init__(self, workflow: Workflow, backend: Backend, store: WorkflowStore,
+                 settings: Settings, observer: Observer | None = None,
+                 pools: PoolManager | None = None) -> None:
+        self.workflow = workflow
+        self.uid = workflow.metadata.uid or str(uuid.uuid4())
+        self.settings = settings
+        self.dependencies = workflow.spec.dependency_map()
+        self.steps = {step.name: step for step in workflow.spec.steps}
+        self.status = WorkflowStatus(
+            observed_generation=workflow.metadata.generation,
+            steps=[StepStatus(name=step.name) for step in workflow.spec.steps],
+        )
+        self.state = RunState(units_total=sum(step.width for step in workflow.spec.steps))
+        self.journal = Journal(store, workflow, self.uid)
+        self.emit = Emitter(workflow.metadata.name, self.status, observer)
+        self.attempts = Attempts(workflow, self.uid, backend, pools, settings, self.journal,
+                                 self.emit, self.state, self.status)
+        self.outputs: dict[str, list[str]] = {}
+        self.failed_step: str | None = None
+        self.interrupted_by: AgentainerError | None = None
+        self._stop = asyncio.Event()
+        self._step_tasks: dict[str, asyncio.Task[bool]] = {}
+        self._restored_outputs: dict[str, dict[int, str]] = {}
+
+    @property
+    def units_total(self) -> int:
+        return self.state.units_total
+
+    @property
+    def stop_reason(self) -> StopReason | None:
+        return self.state.stop_reason
+
+    def cancel(self) -> None:
+        """Stop the run: running agents are stopped and cleaned up, the phase is Cancelled."""
+        self._stop_for(StopReason.CANCELLED)
+
+    def detach(self) -> None:
+        """Stop watching without touching anything: agents run on and the state stays as it is,
+        for another process (a restarted controller) to resume from the store and the labels."""
+        self._stop_for(StopReason.DETACHED)
+
+    def _stop_for(self, reason: StopReason) -> None:
+        self.state.stop_reason = self.state.stop_reason or reason
+        self._stop.set()
+
+    @property
+    def detached(self) -> bool:
+        return self.stop_reason is StopReason.DETACHED
+
+    # --- the whole run --------------------------------------------------------------------------
+
+    async def execute(self) -> WorkflowStatus:
+        """Run to the end; returns the final status (also kept in ``self.status``)."""
+        status = self.status
+        restored = await self.journal.restore(list(self.steps))
+        if restored is not None:
+            self._take_up(restored)
+            if status.phase.finished:
+                return status
+            self.emit(EventKind.WORKFLOW_STARTED,
+                      f"workflow {self.workflow.metadata.name} resumed at {status.progress}")
+        else:
+            status.started_at = now()
+            status.progress = self.state.progress
+            self.emit(EventKind.WORKFLOW_STARTED,
+                      f"workflow {self.workflow.metadata.name} started")
+        status.phase = WorkflowPhase.RUNNING
+        await self.journal.began(status)
+        timeout = self.workflow.spec.timeout_seconds
+        deadline = None
+        if timeout:
+            deadline = time.monotonic() + timeout - age_seconds(status.started_at)
+        try:
+            await self._schedule(deadline)
+        finally:
+            # Whatever ended the run, no step task may outlive it.
+            await self._stop_steps()
+        if self.interrupted_by is not None:
+            raise self.interrupted_by
+        if self.detached:
+            return status
+        await self._skip_unstarted()
+        self._conclude(timeout)
+        await self.journal.ended(status, self.settings.state_ttl_seconds)
+        self.emit(EventKind.WORKFLOW_FINISHED,
+                  f"workflow {self.workflow.metadata.name} {status.phase.value.lower()}")
+        return status
+
+    def _conclude(self, timeout: int | None) -> None:
+        status = self.status
+        if self.stop_reason is StopReason.CANCELLED:
+            status.phase = WorkflowPhase.CANCELLED
+            status.message = "cancelled"
+        elif self.stop_reason is StopReason.DEADLINE_EXCEEDED:
+            status.phase = WorkflowPhase.FAILED
+            status.message = f"workflow exceeded its timeoutSeconds ({timeout})"
+        elif self.failed_step is not None:
+            status.phase = WorkflowPhase.FAILED
+            failed = status.step(self.failed_step)
+            status.message = f"step {failed.name} failed: {failed.message}"
+        else:
+            status.phase = WorkflowPhase.SUCCEEDED
+            status.message = None
+        status.finished_at = now()
+        reason = self.stop_reason.value if self.stop_reason else status.phase.value
+        status.conditions = [Condition(
+            type=ConditionType.COMPLETED.value, status=ConditionStatus.TRUE, reason=reason,
+            message=status.message or "all steps succeeded",
+            last_transition_time=status.finished_at,
+        )]
+
+    def _take_up(self, restored: Restored) -> None:
+        """Take up what an earlier process recorded. Steps that succeeded keep their outputs
+        and are not run again; agents that were running are adopted by ``_run_unit`` through
+        their labels, never started a second time."""
+        status = self.status
+        status.started_at = restored.workflow.started_at or now()
+        for name, agents in restored.agents.items():
+            status.step(name).agents.extend(agents)
+        for name, state in restored.steps.items():
+            step = status.step(name)
+            step.attempts = len(step.agents)
+            step.started_at, step.finished_at = state.started_at, state.finished_at
+            step.message = state.message
+            outputs = restored.outputs.get(name, {})
+            self._restored_outputs[name] = outputs
+            self.state.units_done += len(outputs)
+            if state.phase is StepPhase.SUCCEEDED:
+                self._step_succeeded(self.steps[name], step,
+                                     [outputs.get(i, "") for i in range(self.steps[name].width)])
+            elif state.phase in (StepPhase.FAILED, StepPhase.SKIPPED, StepPhase.CANCELLED):
+                step.phase = state.phase
+                if state.phase is StepPhase.FAILED:
+                    self.failed_step = self.failed_step or name
+        status.progress = self.state.progress
+        if restored.workflow.phase.finished:
+            status.phase = restored.workflow.phase
+            status.finished_at = restored.workflow.finished_at
+            status.message = restored.workflow.message
+
+    def _step_succeeded(self, step: Step, status: StepStatus, outputs: list[str]) -> None:
+        self.outputs[step.name] = outputs
+        status.phase = StepPhase.SUCCEEDED
+        status.outputs = outputs
+        status.output = outputs[0] if step.width == 1 else json.dumps(outputs)
+
+    # --- the DAG --------------------------------------------------------------------------------
+
+    def _ready_steps(self) -> list[str]:
+        ready = []
+        for step in self.status.steps:
+            if step.phase is not StepPhase.PENDING or step.name in self._step_tasks:
+                continue
+            deps = [self.status.step(d) for d in self.dependencies[step.name]]
+            if all(d.phase is StepPhase.SUCCEEDED for d in deps):
+                ready.append(step.name)
+        return ready
+
+    async def _schedule(self, deadline: float | None) -> None:
+        stop_waiter = asyncio.ensure_future(self._stop.wait())
+        try:
+            while True:
+                if self.failed_step is None and self.stop_reason is None:
+                    for name in self._ready_steps():
+                        self._step_tasks[name] = asyncio.create_task(
+                            self._run_step(self.steps[name]), name=f"step-{name}"
+                        )
+                running = {t for t in self._step_tasks.values() if not t.done()}
+                if not running:
+                    break
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                done, _ = await asyncio.wait(running | {stop_waiter}, timeout=remaining,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                for task in done - {stop_waiter}:
+                    if not task.cancelled() and (error := task.exception()) is not None:
+                        await self._step_crashed(task, error)
+                if deadline is not None and time.monotonic() >= deadline:
+                    self._stop_for(StopReason.DEADLINE_EXCEEDED)
+                if self.stop_reason is not None:
+                    break
+        finally:
+            stop_waiter.cancel()
+        await self._skip_unstarted()
+
+    async def _step_crashed(self, task: asyncio.Task[bool], error: BaseException) -> None:
+        """A step ended by an error of ours or of the store, not of its agents."""
+        while isinstance(error, BaseExceptionGroup):
+            error = error.exceptions[0]
+        name = next(name for name, t in self._step_tasks.items() if t is task)
+        if isinstance(error, AgentainerError) and error.retryable:
+            # Redis or the engine is away for now: nothing failed for good, so stop watching
+            # and let the caller retry; a later run of the same uid resumes from the store.
+            logger.warning("step %s interrupted: %s", name, error)
+            self.interrupted_by = error
+            self._stop_for(StopReason.DETACHED)
+            return
+        status = self.status.step(name)
+        if isinstance(error, AgentainerError):
+            message = str(error)
+        else:
+            logger.error("step %s crashed", name, exc_info=error)
+            message = f"internal error: {error!r}"
+        status.phase = StepPhase.FAILED
+        status.message = message
+        status.finished_at = now()
+        self.failed_step = self.failed_step or name
+        self.emit(EventKind.STEP_FINISHED, f"step {name} failed: {message}", status)
+        try:
+            await self.journal.step(status)
+        except AgentainerError as record_error:
+            logger.warning("could not record step %s: %s", name, record_error)
+
+    async def _stop_steps(self) -> None:
+        tasks = [t for t in self._step_tasks.values() if not t.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _skip_unstarted(self) -> None:
+        if self.detached:
+            return
+        for step in self.status.steps:
+            if step.phase is not StepPhase.PENDING:
+                continue
+            failed_deps = [d for d in self.dependencies[step.name]
+                           if self.status.step(d).phase is not StepPhase.SUCCEEDED]
+            step.phase = StepPhase.SKIPPED
+            if self.stop_reason is StopReason.CANCELLED:
+                step.message = "not started: the workflow was cancelled"
+            elif self.stop_reason is StopReason.DEADLINE_EXCEEDED:
+                step.message = "not started: the workflow exceeded its timeout"
+            elif failed_deps:
+                step.message = f"not started: dependency {failed_deps[0]} did not succeed"
+            else:
+                step.message = f"not started: step {self.failed_step} failed"
+            await self.journal.step(step)
+
+    # --- one step -------------------------------------------------------------------------------
+
+    async def _run_step(self, step: Step) -> bool:
+        status = self.status.step(step.name)
+        status.phase = StepPhase.RUNNING
+        status.started_at = status.started_at or now()
+        await self.journal.step(status)
+        self.emit(EventKind.STEP_STARTED,
+                  f"step {step.name} started: {step.width} agent(s), "
+                  f"at most {step.max_workers} at once", status)
+        results: list[str | None] = [None] * step.width
+        gate = asyncio.Semaphore(step.max_workers)
+        failures: list[str] = []
+
+        async def unit(index: int) -> None:
+            async with gate:
+                if failures or self.failed_step is not None or self.stop_reason is not None:
+                    return  # fail fast: no new agents once something failed
+                outcome = await self._run_unit(step, status, index)
+                if outcome.succeeded:
+                    results[index] = outcome.output
+                else:
+                    failures.append(status.message or "failed")
+
+        try:
+            # A TaskGroup, unlike gather, waits for every agent to be stopped when cancelled.
+            async with asyncio.TaskGroup() as group:
+                for index in range(step.width):
+                    group.create_task(unit(index), name=f"{step.name}-{index}")
+        except asyncio.CancelledError:
+            if self.state.leaves_agents:
+                raise
+            deadline = self.stop_reason is StopReason.DEADLINE_EXCEEDED
+            status.phase = StepPhase.FAILED if deadline else StepPhase.CANCELLED
+            status.message = ("stopped: the workflow exceeded its timeout" if deadline
+                              else "cancelled")
+            status.finished_at = now()
+            await self.journal.step(status)
+            self.emit(EventKind.STEP_FINISHED, f"step {step.name} {status.message}", status)
+            raise
+        status.finished_at = now()
+        if failures or any(r is None for r in results):
+            status.phase = StepPhase.FAILED
+            if not failures:
+                status.message = "stopped: another step failed"
+            if self.failed_step is None:
+                self.failed_step = step.name
+        else:
+            self._step_succeeded(step, status, [r or "" for r in results])
+        await self.journal.step(status)
+        self.emit(EventKind.STEP_FINISHED, f"step {step.name} {status.phase.value.lower()}",
+                  status)
+        return status.phase is StepPhase.SUCCEEDED
+
+    async def _run_unit(self, step: Step, status: StepStatus, index: int) -> AttemptOutcome:
+        """One item (or replica) of a step, with its retries."""
+        retries = step.retries.limit if step.retries else 0
+        restored = self._restored_outputs.get(step.name, {})
+        if index in restored:
+            return AttemptOutcome(True, restored[index])  # finished before a restart
+        attempt = 1
+        earlier: AgentStatus | None = None
+        recorded = [a for a in status.agents if a.index == index]
+        if recorded:
+            last = recorded[-1]
+            if last.phase in (AgentPhase.CREATED, AgentPhase.RUNNING):
+                attempt, earlier = last.attempt, last
+            elif last.attempt > retries:
+                status.message = status.message or f"agent {last.name} failed"
+                return AttemptOutcome(False, retryable=False)
+            else:
+                attempt = last.attempt + 1
+        while True:
+            outcome = await self.attempts.run(step, status, index, attempt, earlier,
+                                              self.outputs)
+            earlier = None
+            if outcome.succeeded:
+                return outcome
+            if not outcome.retryable or attempt > retries or self.stop_reason is not None:
+                return outcome
+            assert step.retries is not None
+            delay = step.retries.delay(attempt)
+            agent = status.agents[-1]
+            self.emit(EventKind.AGENT_RETRYING,
+                      f"agent {agent.name} failed ({status.message}); "
+                      f"retry {attempt} of {retries} in {delay:g}s", status, agent)
+            await asyncio.sleep(delay)
+            attempt += 1
+
+
+class Engine:
+    """Runs Workflows on one backend with one store (and the pools of this process)."""
+
+    def __init__(self, backend: Backend, store: WorkflowStore, settings: Settings,
+                 pools: PoolManager | None = None) -> None:
+        self.backend = backend
+        self.store = store
+        self.settings = settings
+        self.pools = pools
+
+    def prepare(self, workflow: Workflow, observer: Observer | None = None) -> WorkflowRun:
+        return WorkflowRun(workflow, self.backend, self.store, self.settings, observer,
+                           self.pools)
+
+    async def run(self, workflow: Workflow, observer: Observer | None = None) -> WorkflowStatus:
+        return await self.prepare(workflow, observer).execute()

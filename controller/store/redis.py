@@ -1,0 +1,279 @@
+"""The store of record, in Redis: what the controller and ``agentainer run`` use by default.
+
+Each :meth:`RedisStore.record` writes all of its parts in one transaction, so a reader never
+sees an agent finished without its output, or a step done without its agents; pool leases are
+taken and returned by Lua scripts, so that no two holders ever get the same agent. The only
+module that imports redis.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import redis.asyncio
+import redis.exceptions
+
+from controller.errors import StoreUnavailableError
+from controller.models import StepStatus
+from controller.store.keys import Keys
+from controller.store.records import (
+    AgentRecord,
+    Change,
+    PoolAgent,
+    WorkflowRecord,
+    decode_agent,
+    decode_pool_agent,
+    decode_step,
+    encode_agent,
+    encode_pool_agent,
+    encode_step,
+    tail,
+)
+
+# Lease the most recently returned idle agent (the warmest; the others age towards the idle
+# timeout), in one step with its lease, so that no two holders ever get the same agent.
+ACQUIRE = """
+local popped = redis.call('ZPOPMAX', KEYS[1])
+if #popped == 0 then return false end
+redis.call('SET', ARGV[1] .. popped[1], ARGV[2], 'PX', ARGV[3])
+return popped[1]
+"""
+# Return a leased agent: only its holder may; it goes back to idle unless it has been used
+# maxUses times or is not to be kept. Returns its uses, 0 when it is to be recycled, -1 when
+# the lease was no longer ours (it expired and the agent was reclaimed).
+RELEASE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[2] then return -1 end
+redis.call('DEL', KEYS[1])
+local uses = redis.call('HINCRBY', KEYS[3], ARGV[1], 1)
+if ARGV[5] == '1' and uses < tonumber(ARGV[4]) then
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+  return uses
+end
+return 0
+"""
+RENEW = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+"""
+# Hold a place for an agent about to be started, unless the pool is full: a placeholder in the
+# agents hash, so that processes growing a pool at once never exceed maxSize together.
+RESERVE = """
+if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return 1
+"""
+# Take idle agents that have idled since before ARGV[1], keeping ARGV[2] agents in the pool.
+TAKE_IDLE = """
+local spare = redis.call('HLEN', KEYS[1]) - tonumber(ARGV[2])
+if spare <= 0 then return {} end
+local old = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, spare)
+for _, agent in ipairs(old) do redis.call('ZREM', KEYS[2], agent) end
+return old
+"""
+
+
+def redacted(url: str) -> str:
+    """The URL without its password, fit for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class RedisStore:
+    """The store of record: what the controller and ``agentainer run`` use by default."""
+
+    def __init__(self, client: redis.asyncio.Redis, url: str) -> None:
+        self._client = client
+        self._url = url
+        self._acquire = client.register_script(ACQUIRE)
+        self._release = client.register_script(RELEASE)
+        self._renew = client.register_script(RENEW)
+        self._take_idle = client.register_script(TAKE_IDLE)
+        self._reserve = client.register_script(RESERVE)
+
+    @classmethod
+    async def connect(cls, url: str) -> RedisStore:
+        try:
+            client = redis.asyncio.Redis.from_url(url, decode_responses=True)
+        except ValueError as error:
+            raise StoreUnavailableError(f"AGENTAINER_REDIS_URL={url!r}: {error}") from None
+        store = cls(client, url)
+        async with store._errors("connecting"):
+            await client.ping()
+        return store
+
+    @asynccontextmanager
+    async def _errors(self, action: str) -> AsyncIterator[None]:
+        try:
+            yield
+        except redis.exceptions.RedisError as error:
+            raise StoreUnavailableError(
+                f"Redis at {redacted(self._url)} failed while {action}: {error}; start it "
+                "(`make redis`), set AGENTAINER_REDIS_URL, or run with --store memory"
+            ) from error
+
+    async def record(self, uid: str, change: Change) -> None:
+        async with self._errors("recording state"), self._client.pipeline(
+            transaction=True
+        ) as pipe:
+            if change.started_at is not None:
+                pipe.zadd(Keys.workflows, {uid: change.started_at})
+            if change.workflow:
+                pipe.hset(Keys.workflow(uid), mapping=dict[Any, Any](change.workflow.fields()))
+            if change.step:
+                pipe.hset(Keys.steps(uid), change.step.name, encode_step(change.step))
+            if change.agent:
+                pipe.hset(Keys.agents(uid), change.agent.status.id, encode_agent(change.agent))
+            if change.output:
+                output = change.output
+                pipe.hset(Keys.outputs(uid, output.step), str(output.index), output.text)
+            if change.log:
+                agent_id, text = change.log
+                pipe.hset(Keys.logs(uid), agent_id, tail(text))
+            await pipe.execute()
+
+    async def finish(self, uid: str, ttl_seconds: int) -> None:
+        """Let a finished workflow's keys expire; drop long-expired uids from the index."""
+        if ttl_seconds <= 0:
+            return
+        async with self._errors("expiring state"):
+            steps = [_text(step) for step in await self._client.hkeys(Keys.steps(uid))]
+            async with self._client.pipeline(transaction=True) as pipe:
+                for key in Keys.workflow_keys(uid, steps):
+                    pipe.expire(key, ttl_seconds)
+                pipe.zremrangebyscore(Keys.workflows, 0, time.time() - ttl_seconds)
+                await pipe.execute()
+
+    async def delete(self, uid: str) -> None:
+        """Forget a workflow (its resource was deleted)."""
+        async with self._errors("deleting state"):
+            steps = [_text(step) for step in await self._client.hkeys(Keys.steps(uid))]
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.delete(*Keys.workflow_keys(uid, steps))
+                pipe.zrem(Keys.workflows, uid)
+                await pipe.execute()
+
+    async def workflow(self, uid: str) -> WorkflowRecord | None:
+        async with self._errors("reading state"):
+            return WorkflowRecord.from_fields(_texts(await self._client.hgetall(Keys.workflow(uid))))
+
+    async def steps(self, uid: str) -> dict[str, StepStatus]:
+        async with self._errors("reading state"):
+            raw = _texts(await self._client.hgetall(Keys.steps(uid)))
+        return {name: decode_step(value) for name, value in raw.items()}
+
+    async def agents(self, uid: str) -> dict[str, AgentRecord]:
+        async with self._errors("reading state"):
+            raw = _texts(await self._client.hgetall(Keys.agents(uid)))
+        return {agent_id: decode_agent(value) for agent_id, value in raw.items()}
+
+    async def outputs(self, uid: str, step: str) -> dict[int, str]:
+        async with self._errors("reading outputs"):
+            raw = _texts(await self._client.hgetall(Keys.outputs(uid, step)))
+        return {int(index): text for index, text in raw.items() if index.isdigit()}
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    # --- pools ----------------------------------------------------------------------------------
+
+    async def pool_reserve(self, uid: str, placeholder: str, max_size: int) -> bool:
+        async with self._errors("growing a pool"):
+            return bool(await self._reserve(
+                keys=[Keys.pool_agents(uid)],
+                args=[placeholder, max_size,
+                      encode_pool_agent(PoolAgent(placeholder, pending_since=time.time()))]))
+
+    async def pool_add(self, uid: str, agent: PoolAgent, replaces: str = "") -> None:
+        async with self._errors("adding a pool agent"), self._client.pipeline(
+                transaction=True) as pipe:
+            if replaces:
+                pipe.hdel(Keys.pool_agents(uid), replaces)
+            pipe.hset(Keys.pool_agents(uid), agent.name, encode_pool_agent(agent))
+            pipe.zadd(Keys.pool_idle(uid), {agent.name: time.time()})
+            await pipe.execute()
+
+    async def pool_acquire(self, uid: str, holder: str, ttl_ms: int) -> str | None:
+        async with self._errors("leasing a pool agent"):
+            agent = await self._acquire(keys=[Keys.pool_idle(uid)],
+                                        args=[Keys.pool_lease(uid, ""), holder, ttl_ms])
+        return _text(agent) if agent else None
+
+    async def pool_renew(self, uid: str, agent: str, holder: str, ttl_ms: int) -> bool:
+        async with self._errors("renewing a lease"):
+            return bool(await self._renew(keys=[Keys.pool_lease(uid, agent)],
+                                          args=[holder, ttl_ms]))
+
+    async def pool_release(self, uid: str, agent: str, holder: str, keep: bool,
+                           max_uses: int) -> int:
+        async with self._errors("returning a pool agent"):
+            return int(await self._release(
+                keys=[Keys.pool_lease(uid, agent), Keys.pool_idle(uid), Keys.pool_uses(uid)],
+                args=[agent, holder, time.time(), max_uses, "1" if keep else "0"]))
+
+    async def pool_remove(self, uid: str, agent: str) -> None:
+        async with self._errors("removing a pool agent"), self._client.pipeline(
+                transaction=True) as pipe:
+            pipe.hdel(Keys.pool_agents(uid), agent)
+            pipe.zrem(Keys.pool_idle(uid), agent)
+            pipe.hdel(Keys.pool_uses(uid), agent)
+            pipe.delete(Keys.pool_lease(uid, agent))
+            await pipe.execute()
+
+    async def pool_agents(self, uid: str) -> dict[str, PoolAgent]:
+        async with self._errors("reading a pool"):
+            raw = _texts(await self._client.hgetall(Keys.pool_agents(uid)))
+        return {agent: decode_pool_agent(agent, value) for agent, value in raw.items()}
+
+    async def pool_idle(self, uid: str) -> dict[str, float]:
+        async with self._errors("reading a pool"):
+            pairs: list[Any] = await self._client.zrange(Keys.pool_idle(uid), 0, -1,
+                                                         withscores=True)
+        return {_text(agent): float(score) for agent, score in pairs}
+
+    async def pool_counts(self, uid: str) -> tuple[int, int]:
+        """(agents, idle agents) of one moment; agents being started are not counted."""
+        async with self._errors("reading a pool"), self._client.pipeline(
+                transaction=True) as pipe:
+            pipe.hvals(Keys.pool_agents(uid))
+            pipe.zcard(Keys.pool_idle(uid))
+            records, idle = await pipe.execute()
+        agents = [decode_pool_agent("", _text(record)) for record in records]
+        return sum(1 for agent in agents if agent.pending_since is None), int(idle)
+
+    async def pool_leased(self, uid: str, agents: list[str]) -> set[str]:
+        if not agents:
+            return set()
+        async with self._errors("reading leases"):
+            holders = await self._client.mget([Keys.pool_lease(uid, a) for a in agents])
+        return {agent for agent, holder in zip(agents, holders, strict=True) if holder is not None}
+
+    async def pool_take_idle(self, uid: str, idle_before: float, keep: int) -> list[str]:
+        async with self._errors("shrinking a pool"):
+            taken = await self._take_idle(keys=[Keys.pool_agents(uid), Keys.pool_idle(uid)],
+                                          args=[idle_before, keep])
+        return [_text(agent) for agent in taken]
+
+    async def pool_delete(self, uid: str) -> None:
+        async with self._errors("deleting a pool"):
+            agents = await self._client.hkeys(Keys.pool_agents(uid))
+            await self._client.delete(
+                Keys.pool_agents(uid), Keys.pool_idle(uid), Keys.pool_uses(uid),
+                *[Keys.pool_lease(uid, _text(agent)) for agent in agents])
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _texts(mapping: dict[bytes | str, bytes | str]) -> dict[str, str]:
+    """The client decodes responses; this only narrows the types its stubs give."""
+    return {_text(key): _text(value) for key, value in mapping.items()}
+
+
