@@ -301,3 +301,24 @@ def test_agent_pool_whose_image_is_missing_is_retried_later_and_later_saying_why
     gaps = [later - earlier for earlier, later in zip(attempts, attempts[1:], strict=False)]
     assert 3 <= len(attempts) <= 8, gaps  # not a loop, and not given up
     assert all(later > earlier * 1.5 for earlier, later in zip(gaps, gaps[1:], strict=False)), gaps
+
+
+def test_agent_pool_invalid_beyond_the_schema_says_so_in_the_same_words_as_a_workflow(
+        kubectl: Kubectl, controller: Controller) -> None:
+    """One condition vocabulary: Invalid=True on both kinds, and the pool is not Ready."""
+    name = f"bad-pool-{uuid.uuid4().hex[:6]}"
+    kubectl("apply", "-f", "-", input=yaml.safe_dump({
+        "apiVersion": "agentainer.dev/v1alpha1", "kind": "AgentPool",
+        "metadata": {"name": name},
+        "spec": {"image": "agentainer/busybox:latest", "runAsUser": 0,
+                 "pod": {"runAsNonRoot": True}}}))
+
+    def conditions(body: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        return {c["type"]: c for c in body.get("status", {}).get("conditions", [])}
+
+    body = kubectl.wait_for("agentpool", name, lambda b: "Invalid" in conditions(b), timeout=60)
+    kubectl("delete", "agentpool", name, "--timeout=60s")
+
+    invalid, ready = conditions(body)["Invalid"], conditions(body)["Ready"]
+    assert invalid["status"] == "True" and "spec.runAsUser" in invalid["message"]
+    assert (ready["status"], ready["reason"]) == ("False", "Invalid")

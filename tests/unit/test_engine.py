@@ -1,0 +1,563 @@
+"""The workflow engine on a fake backend with the in-memory store: scheduling, fan-out, retries,
+timeouts, fail-fast, cancellation, cleanup, templates, and resuming after a restart.
+
+Agents are scripted (``tests/unit/fake_backend.py``) to run for milliseconds, so what the
+integration tests prove on real Docker in seconds is proven here in a blink; the two tests of
+``timeoutSeconds`` (at least 1 s by the schema) take about a second each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import pytest
+
+from controller.agents import build_agent_spec
+from controller.backends.base import LABEL_STEP, LABEL_WORKFLOW_UID, AgentSpec
+from controller.config import Settings
+from controller.engine import Engine, WorkflowRun
+from controller.errors import BackendError, ImageNotFoundError
+from controller.models import (
+    AgentPhase,
+    AgentReason,
+    StepPhase,
+    WorkflowPhase,
+    WorkflowStatus,
+    parse_workflow,
+)
+from controller.store import MemoryStore
+from tests.conftest import workflow_doc
+from tests.unit.fake_backend import KILLED, Behaviour, FakeAgent, FakeBackend, Script, succeed
+
+SETTINGS = Settings.from_env({}, store="memory", stop_grace_seconds=0)
+LIMIT_SECONDS = 10
+"""No scenario takes this long; an engine that hangs fails the test instead of stalling it."""
+
+T = TypeVar("T")
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+def step_of(spec: AgentSpec) -> str:
+    return spec.labels[LABEL_STEP]
+
+
+def index_of(spec: AgentSpec) -> int:
+    return int(spec.env["AGENTAINER_ITEM_INDEX"])
+
+
+def attempt_of(spec: AgentSpec) -> int:
+    return int(spec.env["AGENTAINER_ATTEMPT"])
+
+
+def by_step(behaviours: dict[str, Behaviour]) -> Script:
+    """Every agent of a step does the same; steps not named succeed at once."""
+    return lambda spec: behaviours.get(step_of(spec), Behaviour())
+
+
+def with_uid(document: dict[str, Any]) -> dict[str, Any]:
+    """The document with a uid of its own, as the cluster gives every resource."""
+    document["metadata"]["uid"] = str(uuid.uuid4())
+    return document
+
+
+def new_run(document: dict[str, Any], fake: FakeBackend, store: MemoryStore) -> WorkflowRun:
+    return Engine(fake, store, SETTINGS).prepare(parse_workflow(document))
+
+
+def scenario(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Play a scenario in an event loop of its own, within ``LIMIT_SECONDS``."""
+    return asyncio.run(asyncio.wait_for(coroutine, LIMIT_SECONDS))
+
+
+def run(document: dict[str, Any], script: Script = succeed) -> tuple[WorkflowStatus, FakeBackend]:
+    """Run a workflow to its end on a fresh fake backend and store."""
+    fake = FakeBackend(script)
+    return scenario(new_run(document, fake, MemoryStore()).execute()), fake
+
+
+async def until(condition: Callable[[], bool], seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "the fake never got there"
+        await asyncio.sleep(0.001)
+
+
+def only(agents: list[FakeAgent]) -> FakeAgent:
+    assert len(agents) == 1, agents
+    return agents[0]
+
+
+def interval(agent: FakeAgent) -> tuple[float, float]:
+    assert agent.started_at is not None and agent.finished_at is not None
+    return agent.started_at, agent.finished_at
+
+
+# --- the DAG --------------------------------------------------------------------------------------
+
+
+def test_steps_wait_for_their_dependencies_and_independent_branches_run_at_once() -> None:
+    status, fake = run(workflow_doc(
+        {"name": "root"},
+        {"name": "left", "dependsOn": ["root"]},
+        {"name": "right", "dependsOn": ["root"]},
+        {"name": "join", "dependsOn": ["left", "right"]},
+    ), by_step({"root": Behaviour(0.02), "left": Behaviour(0.03), "right": Behaviour(0.06)}))
+
+    assert status.phase is WorkflowPhase.SUCCEEDED, status.message
+    assert status.progress == "4/4"
+    root = interval(only(fake.starts("root")))
+    left = interval(only(fake.starts("left")))
+    right = interval(only(fake.starts("right")))
+    join = interval(only(fake.starts("join")))
+    assert root[1] <= min(left[0], right[0])
+    assert left[0] < right[1] and right[0] < left[1]  # the branches ran at the same time
+    assert join[0] >= max(left[1], right[1])
+
+
+def test_steps_without_depends_on_run_one_after_the_other() -> None:
+    status, fake = run(workflow_doc({"name": "one"}, {"name": "two"}, {"name": "three"}),
+                       lambda spec: Behaviour(0.01))
+
+    assert status.phase is WorkflowPhase.SUCCEEDED
+    assert [a.step for a in fake.starts()] == ["one", "two", "three"]
+    assert fake.most_at_once() == 1
+
+
+def test_templates_give_a_later_step_the_output_and_outputs_of_earlier_steps() -> None:
+    def agent(spec: AgentSpec) -> Behaviour:
+        if step_of(spec) == "first":
+            return Behaviour(stdout="  one\n")  # an output is the trimmed stdout
+        if step_of(spec) == "fan":
+            return Behaviour(stdout=f"{spec.env['AGENTAINER_ITEM']}!\n")
+        return Behaviour(stdout=spec.env["MESSAGE"] + "\n")
+
+    status, fake = run(workflow_doc(
+        {"name": "first"},
+        {"name": "fan", "parallel": {"items": ["a", "b", "c"]}},
+        {"name": "last", "dependsOn": ["first", "fan"],
+         "env": [{"name": "MESSAGE",
+                  "value": "{{ steps.first.output }} {{ steps.fan.outputs }}"}],
+         "args": ["{{ steps.first.output }}"]},
+    ), agent)
+
+    assert status.phase is WorkflowPhase.SUCCEEDED, status.message
+    assert status.step("first").output == "one"
+    assert status.step("last").output == 'one ["a!", "b!", "c!"]'
+    assert only(fake.starts("last")).spec.args == ["one"]
+
+
+# --- fan-out --------------------------------------------------------------------------------------
+
+
+def test_fan_out_over_items_runs_one_agent_per_item_and_keeps_outputs_in_item_order() -> None:
+    items = ["apple", "banana", "cherry", "date"]
+
+    def agent(spec: AgentSpec) -> Behaviour:  # the first item finishes last
+        return Behaviour(0.02 * (len(items) - index_of(spec)),
+                         stdout=spec.env["AGENTAINER_ITEM"].upper())
+
+    status, fake = run(workflow_doc({"name": "fan", "parallel": {"items": items}}), agent)
+
+    assert status.phase is WorkflowPhase.SUCCEEDED
+    assert status.step("fan").outputs == ["APPLE", "BANANA", "CHERRY", "DATE"]
+    assert sorted(a.spec.env["AGENTAINER_ITEM"] for a in fake.starts("fan")) == sorted(items)
+    assert len({a.name for a in fake.starts("fan")}) == 4
+    finished = sorted(fake.starts("fan"), key=lambda a: a.finished_at or 0)
+    assert finished[0].spec.env["AGENTAINER_ITEM"] == "date"  # order is not finishing order
+    assert status.progress == "4/4"
+
+
+@pytest.mark.parametrize(("max_workers", "at_once"), [(None, 6), (2, 2), (1, 1)])
+def test_max_workers_bounds_how_many_agents_of_a_fan_out_run_at_once(
+        max_workers: int | None, at_once: int) -> None:
+    parallel: dict[str, Any] = {"replicas": 6}
+    if max_workers is not None:
+        parallel["maxWorkers"] = max_workers
+
+    status, fake = run(workflow_doc({"name": "fan", "parallel": parallel}),
+                       lambda spec: Behaviour(0.05, stdout=str(index_of(spec))))
+
+    assert status.phase is WorkflowPhase.SUCCEEDED
+    assert status.step("fan").outputs == ["0", "1", "2", "3", "4", "5"]
+    assert status.step("fan").output == '["0", "1", "2", "3", "4", "5"]'
+    assert len(fake.starts("fan")) == 6
+    assert fake.most_at_once("fan") == at_once
+
+
+# --- retries --------------------------------------------------------------------------------------
+
+
+def test_failing_agent_is_retried_as_new_agents_after_growing_delays_until_it_succeeds() -> None:
+    def flaky(spec: AgentSpec) -> Behaviour:
+        attempt = attempt_of(spec)
+        if attempt < 3:
+            return Behaviour(exit_code=3, stderr="boom\n")
+        return Behaviour(stdout=f"attempt {attempt}")
+
+    status, fake = run(workflow_doc(
+        {"name": "flaky", "retries": {"limit": 3, "backoffSeconds": 0.02, "backoffFactor": 3}},
+    ), flaky)
+
+    assert status.phase is WorkflowPhase.SUCCEEDED, status.message
+    step = status.step("flaky")
+    assert step.output == "attempt 3"
+    assert step.attempts == 3
+    assert [(a.attempt, a.exit_code, a.phase) for a in step.agents] == [
+        (1, 3, AgentPhase.FAILED), (2, 3, AgentPhase.FAILED), (3, 0, AgentPhase.SUCCEEDED)]
+    first, second, third = fake.starts("flaky")
+    assert [a.attempt for a in (first, second, third)] == [1, 2, 3]
+    assert len({first.name, second.name, third.name}) == 3  # each attempt a new agent
+    assert interval(second)[0] - interval(first)[1] >= 0.02 - 0.001
+    assert interval(third)[0] - interval(second)[1] >= 0.06 - 0.001  # 0.02 * 3
+    # OnSuccess keeps the failed attempts for debugging.
+    assert {a.name for a in fake.held()} == {first.name, second.name}
+
+
+def test_agent_that_keeps_failing_fails_the_workflow_after_its_last_retry() -> None:
+    status, fake = run(workflow_doc(
+        {"name": "broken", "retries": {"limit": 2, "backoffSeconds": 0}},
+        {"name": "after"},
+    ), by_step({"broken": Behaviour(exit_code=7, stderr="warming up\nno such table\n")}))
+
+    assert status.phase is WorkflowPhase.FAILED
+    broken = status.step("broken")
+    assert broken.phase is StepPhase.FAILED
+    assert broken.attempts == 3
+    assert [a.attempt for a in fake.starts("broken")] == [1, 2, 3]
+    assert "exited with code 7: no such table" in (broken.message or "")
+    assert (status.message or "").startswith("step broken failed: ")
+    assert status.step("after").phase is StepPhase.SKIPPED
+    assert fake.starts("after") == []
+
+
+def test_agent_whose_image_is_missing_is_not_retried_but_one_hit_by_an_engine_error_is() -> None:
+    def agent(spec: AgentSpec) -> Behaviour:
+        if step_of(spec) == "ghost":
+            return Behaviour(start_error=ImageNotFoundError("image 'ghost:1' is not there"))
+        if attempt_of(spec) == 1:
+            return Behaviour(start_error=BackendError("the engine hung up"))
+        return Behaviour(stdout="fine")
+
+    status, _ = run(workflow_doc(
+        {"name": "hiccup", "retries": {"limit": 3, "backoffSeconds": 0}},
+        {"name": "ghost", "dependsOn": [], "retries": {"limit": 3, "backoffSeconds": 0}},
+    ), agent)
+
+    assert status.step("hiccup").phase is StepPhase.SUCCEEDED
+    assert status.step("hiccup").attempts == 2
+    assert status.step("hiccup").agents[0].reason is AgentReason.BACKEND_ERROR
+    ghost = status.step("ghost")
+    assert ghost.phase is StepPhase.FAILED
+    assert ghost.attempts == 1
+    assert "image 'ghost:1' is not there" in (ghost.message or "")
+
+
+# --- timeouts -------------------------------------------------------------------------------------
+
+
+def test_attempt_past_its_timeout_is_killed_with_reason_deadline_exceeded() -> None:
+    began = time.monotonic()
+    status, fake = run(workflow_doc({"name": "slow", "timeoutSeconds": 1}, cleanup="Never"),
+                       lambda spec: Behaviour(60))
+
+    assert time.monotonic() - began < 10  # killed, not left to run its 60 s
+    assert status.phase is WorkflowPhase.FAILED
+    slow = status.step("slow")
+    assert slow.agents[0].reason is AgentReason.DEADLINE_EXCEEDED
+    assert slow.agents[0].exit_code == KILLED
+    assert "ran past timeoutSeconds (1) and was killed" in (slow.message or "")
+    agent = only(fake.held())
+    assert agent.killed and agent.state == "exited"
+    assert 1 <= interval(agent)[1] - interval(agent)[0] < 5
+
+
+def test_workflow_past_its_timeout_fails_and_its_running_agents_are_stopped() -> None:
+    status, fake = run(workflow_doc(
+        {"name": "forever", "parallel": {"replicas": 2}},
+        {"name": "later"},
+        timeoutSeconds=1, cleanup="OnSuccess",
+    ), lambda spec: Behaviour(60))
+
+    assert status.phase is WorkflowPhase.FAILED
+    assert status.message == "workflow exceeded its timeoutSeconds (1)"
+    assert status.conditions[0].reason == "DeadlineExceeded"
+    assert status.step("forever").phase is StepPhase.FAILED
+    assert {a.reason for a in status.step("forever").agents} == {AgentReason.DEADLINE_EXCEEDED}
+    assert status.step("later").phase is StepPhase.SKIPPED
+    assert fake.starts("later") == []
+    assert fake.running() == []
+    assert len(fake.held("forever")) == 2  # OnSuccess keeps them for debugging, stopped
+    assert all(a.killed for a in fake.held())
+
+
+# --- fail fast ------------------------------------------------------------------------------------
+
+
+def test_failed_step_fails_the_workflow_and_its_dependents_never_start() -> None:
+    status, fake = run(workflow_doc(
+        {"name": "prepare"},
+        {"name": "crash"},  # depends on prepare, as the step before
+        {"name": "after"},  # depends on crash
+        {"name": "side", "dependsOn": ["prepare"]},
+        {"name": "late", "dependsOn": ["side"]},
+        cleanup="Never",
+    ), by_step({"crash": Behaviour(0.01, exit_code=1), "side": Behaviour(0.2, stdout="side")}))
+
+    assert status.phase is WorkflowPhase.FAILED
+    assert status.step("crash").phase is StepPhase.FAILED
+    assert (status.message or "").startswith("step crash failed")
+    # An independent step that was already running is allowed to finish ...
+    assert status.step("side").phase is StepPhase.SUCCEEDED
+    assert status.step("side").output == "side"
+    assert not only(fake.starts("side")).killed
+    # ... but nothing new starts: neither the dependent nor a step whose dependency succeeded.
+    assert status.step("after").phase is StepPhase.SKIPPED
+    assert "dependency crash did not succeed" in (status.step("after").message or "")
+    assert status.step("late").phase is StepPhase.SKIPPED
+    assert "step crash failed" in (status.step("late").message or "")
+    assert fake.starts("after") == fake.starts("late") == []
+    assert status.step("after").agents == status.step("late").agents == []
+
+
+def test_fan_out_starts_no_new_agent_once_one_failed_and_lets_running_ones_finish() -> None:
+    def agent(spec: AgentSpec) -> Behaviour:
+        index = index_of(spec)
+        if index == 0:
+            return Behaviour(0.2, stdout="slow but fine")
+        return Behaviour(0.01, exit_code=1 if index == 1 else 0)
+
+    status, fake = run(workflow_doc(
+        {"name": "fan", "parallel": {"replicas": 6, "maxWorkers": 2}}, cleanup="Never",
+    ), agent)
+
+    assert status.phase is WorkflowPhase.FAILED
+    assert status.step("fan").phase is StepPhase.FAILED
+    assert sorted(index_of(a.spec) for a in fake.starts("fan")) == [0, 1]
+    running_one = next(a for a in fake.starts("fan") if index_of(a.spec) == 0)
+    assert running_one.exit_code == 0 and not running_one.killed
+    assert [a.phase for a in status.step("fan").agents] == [AgentPhase.SUCCEEDED,
+                                                            AgentPhase.FAILED]
+
+
+# --- cancellation ---------------------------------------------------------------------------------
+
+
+def test_cancelling_a_run_stops_its_agents_and_ends_cancelled() -> None:
+    document = workflow_doc(
+        {"name": "busy", "parallel": {"replicas": 3}},
+        {"name": "later"},
+        cleanup="Always",
+    )
+    fake = FakeBackend(lambda spec: Behaviour(60))
+    store = MemoryStore()
+
+    async def go() -> tuple[WorkflowStatus, WorkflowRun]:
+        run = new_run(document, fake, store)
+        task = asyncio.create_task(run.execute())
+        await until(lambda: len(fake.running()) == 3)
+        run.cancel()
+        return await task, run
+
+    began = time.monotonic()
+    status, run = scenario(go())
+
+    assert time.monotonic() - began < 2
+    assert status.phase is WorkflowPhase.CANCELLED
+    assert status.step("busy").phase is StepPhase.CANCELLED
+    assert {a.reason for a in status.step("busy").agents} == {AgentReason.CANCELLED}
+    assert status.step("later").phase is StepPhase.SKIPPED
+    assert "cancelled" in (status.step("later").message or "")
+    assert all(a.killed for a in fake.starts("busy"))
+    assert fake.running() == [] and fake.held() == []  # Always: stopped and removed
+    assert fake.starts("later") == []
+    recorded = asyncio.run(store.workflow(run.uid))
+    assert recorded is not None and recorded.phase is WorkflowPhase.CANCELLED
+
+
+# --- cleanup --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("policy", "kept"), [
+    ("Always", set()),
+    ("OnSuccess", {"bad"}),
+    ("Never", {"good", "bad"}),
+])
+def test_cleanup_policy_decides_which_agents_are_left(policy: str, kept: set[str]) -> None:
+    status, fake = run(workflow_doc(
+        {"name": "good"},
+        {"name": "bad", "dependsOn": []},
+        cleanup=policy,
+    ), by_step({"bad": Behaviour(exit_code=2)}))
+
+    assert status.phase is WorkflowPhase.FAILED
+    assert {a.step for a in fake.held()} == kept
+    assert {a.step for a in fake.removed} == {"good", "bad"} - kept
+    assert fake.running() == []
+
+
+# --- restarts -------------------------------------------------------------------------------------
+
+
+async def let_go(run: WorkflowRun, task: asyncio.Task[WorkflowStatus], how: str) -> None:
+    """The first process lets go of a run: it detaches, or its task is cancelled from outside
+    (the process is going away)."""
+    if how == "detach":
+        run.detach()
+        assert (await task).phase is WorkflowPhase.RUNNING  # left as it was, not cancelled
+    else:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+@pytest.mark.parametrize("how", ["detach", "cancel the task"])
+def test_a_restarted_run_keeps_finished_steps_and_adopts_running_agents(how: str) -> None:
+    document = with_uid(workflow_doc(
+        {"name": "first"},
+        {"name": "fan", "parallel": {"replicas": 3}},
+        {"name": "last", "env": [{"name": "ALL",
+                                  "value": "{{ steps.first.output }} {{ steps.fan.outputs }}"}]},
+    ))
+
+    def agent(spec: AgentSpec) -> Behaviour:
+        if step_of(spec) == "first":
+            return Behaviour(stdout="one")
+        if step_of(spec) == "fan":  # agent 0 is done before the restart, 1 and 2 are not
+            return Behaviour(0.01 if index_of(spec) == 0 else 0.2, stdout=str(index_of(spec)))
+        return Behaviour(stdout=spec.env["ALL"])
+
+    fake = FakeBackend(agent)
+    store = MemoryStore()
+
+    async def go() -> WorkflowStatus:
+        first = new_run(document, fake, store)
+        task = asyncio.create_task(first.execute())
+        await until(lambda: [a.phase for a in first.status.step("fan").agents] == [
+            AgentPhase.SUCCEEDED, AgentPhase.RUNNING, AgentPhase.RUNNING])
+        await let_go(first, task, how)
+        assert len(fake.running()) == 2 and not any(a.killed for a in fake.started)
+        second = new_run(document, fake, store)
+        assert second.uid == first.uid
+        return await second.execute()
+
+    status = scenario(go())
+
+    assert status.phase is WorkflowPhase.SUCCEEDED, status.message
+    assert status.step("first").output == "one"  # restored, not run again
+    assert status.step("fan").outputs == ["0", "1", "2"]
+    assert status.step("last").output == 'one ["0", "1", "2"]'
+    assert [a.attempt for a in status.step("fan").agents] == [1, 1, 1]
+    assert fake.starts_per_agent() == {"first.0.1": 1, "fan.0.1": 1, "fan.1.1": 1,
+                                       "fan.2.1": 1, "last.0.1": 1}
+    assert status.progress == "5/5"
+    assert fake.held() == []  # OnSuccess: the adopted agents were removed too
+
+
+def test_a_restarted_run_reads_agents_that_ended_unwatched_and_retries_the_failed_one() -> None:
+    document = with_uid(workflow_doc(
+        {"name": "fan", "parallel": {"replicas": 2}, "retries": {"limit": 1, "backoffSeconds": 0}},
+    ))
+
+    def agent(spec: AgentSpec) -> Behaviour:
+        fails = index_of(spec) == 1 and attempt_of(spec) == 1
+        return Behaviour(0.1, exit_code=1 if fails else 0, stdout=f"{index_of(spec)}")
+
+    fake = FakeBackend(agent)
+    store = MemoryStore()
+
+    async def go() -> WorkflowStatus:
+        first = new_run(document, fake, store)
+        task = asyncio.create_task(first.execute())
+        await until(lambda: len(fake.running()) == 2)
+        first.detach()
+        await task
+        await until(lambda: fake.running() == [])  # both ended with nobody watching
+        return await new_run(document, fake, store).execute()
+
+    status = scenario(go())
+
+    assert status.phase is WorkflowPhase.SUCCEEDED, status.message
+    assert status.step("fan").outputs == ["0", "1"]
+    assert fake.starts_per_agent() == {"fan.0.1": 1, "fan.1.1": 1, "fan.1.2": 1}
+    assert [(a.id, a.phase) for a in status.step("fan").agents] == [
+        ("fan.0.1", AgentPhase.SUCCEEDED), ("fan.1.1", AgentPhase.FAILED),
+        ("fan.1.2", AgentPhase.SUCCEEDED)]
+
+
+def test_an_agent_only_created_before_a_restart_is_replaced_by_one_that_runs() -> None:
+    document = with_uid(workflow_doc({"name": "pull", "image": "big/image:1"}))
+    fake = FakeBackend(lambda spec: Behaviour(start_seconds=60))  # a pull that never ends
+    store = MemoryStore()
+
+    async def go() -> WorkflowStatus:
+        first = new_run(document, fake, store)
+        task = asyncio.create_task(first.execute())
+        await until(lambda: [a.state for a in fake.held()] == ["created"])
+        first.detach()
+        await task
+        fake.script = lambda spec: Behaviour(stdout="pulled")
+        return await new_run(document, fake, store).execute()
+
+    status = scenario(go())
+
+    assert status.phase is WorkflowPhase.SUCCEEDED, status.message
+    assert status.step("pull").output == "pulled"
+    assert [a.attempt for a in status.step("pull").agents] == [1]
+    stale, fresh = fake.starts("pull")
+    assert stale.name == fresh.name
+    assert stale in fake.removed and stale.started_at is None  # removed, never ran
+    assert fresh.exit_code == 0
+
+
+def test_a_restarted_run_adopts_only_the_agents_of_its_own_workflow_uid() -> None:
+    """A Workflow deleted and created again has the same name and another uid; the agents of
+    the old one must not be taken for the new one's."""
+    document = workflow_doc({"name": "fan", "parallel": {"replicas": 2}}, name="twice")
+    document["metadata"]["uid"] = "new00000-uid"
+    old = parse_workflow({**document, "metadata": {"name": "twice", "uid": "old00000-uid"}})
+    fake = FakeBackend(lambda spec: Behaviour(0.2, stdout=f"new {index_of(spec)}"))
+    store = MemoryStore()
+
+    async def go() -> WorkflowStatus:
+        for index in (0, 1):
+            spec = build_agent_spec(old, "old00000-uid", old.spec.steps[0], index, 1, {})
+            await fake.hold(spec, Behaviour(0.2, stdout=f"old {index}"))
+        first = new_run(document, fake, store)
+        task = asyncio.create_task(first.execute())
+        await until(lambda: len(fake.running()) == 4)
+        first.detach()
+        await task
+        return await new_run(document, fake, store).execute()
+
+    status = scenario(go())
+
+    assert status.phase is WorkflowPhase.SUCCEEDED, status.message
+    assert status.step("fan").outputs == ["new 0", "new 1"]
+    assert fake.starts_per_agent() == {"fan.0.1": 1, "fan.1.1": 1}
+    old_agents = [a for a in fake.agents.values()
+                  if a.spec.labels[LABEL_WORKFLOW_UID] == "old00000-uid"]
+    assert [a.stdout for a in old_agents] == ["old 0", "old 1"]  # left alone to finish
+    assert not any(a.killed for a in old_agents)
+
+
+def test_running_a_finished_workflow_again_starts_nothing_and_reports_its_outcome() -> None:
+    document = with_uid(workflow_doc({"name": "only"}))
+    fake = FakeBackend(lambda spec: Behaviour(stdout="done"))
+    store = MemoryStore()
+
+    async def go() -> tuple[WorkflowStatus, WorkflowStatus]:
+        once = await new_run(document, fake, store).execute()
+        return once, await new_run(document, fake, store).execute()
+
+    once, again = scenario(go())
+
+    assert once.phase is again.phase is WorkflowPhase.SUCCEEDED
+    assert again.step("only").output == "done"
+    assert again.finished_at == once.finished_at
+    assert len(fake.started) == 1
