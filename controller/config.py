@@ -64,6 +64,17 @@ class Settings:
     """How long a pooled step waits for its AgentPool to appear before failing, in seconds
     (a Workflow and its pool applied together reach the controller in either order)."""
 
+    backend_retry_seconds: int = 120
+    """How long, in seconds, the engine retries (with growing pauses) a backend that fails for
+    now (a Docker engine restarting, an API server away) while starting or watching an agent.
+    Long enough for either to come back; past it the run lets go, and the controller resumes it
+    later from the store and the agents' labels. Never counted as the agent's failure."""
+
+    max_agents_per_workflow: int = 100
+    """Agents of one workflow that run at once, over all its steps, whatever their maxWorkers:
+    a fan-out of 10,000 replicas without maxWorkers must not start 10,000 containers at once.
+    The other items wait their turn, costing nothing until they run."""
+
     runner_image: str = f"agentainer/runner:{__version__}"
     """Image of the task runner that every pool agent runs (``images/runner``, built by ``make
     image``): copied into each pool container on Docker, installed by an init container on
@@ -118,6 +129,7 @@ class Settings:
         minimums = {"docker_threads": 1, "state_ttl_seconds": 0, "stop_grace_seconds": 0,
                     "status_output_limit": 0, "metrics_port": 0, "status_interval_seconds": 0,
                     "lease_ttl_seconds": 1, "pool_wait_seconds": 0, "output_limit_bytes": 1,
+                    "backend_retry_seconds": 0, "max_agents_per_workflow": 1,
                     "agent_pids_limit": 0}
         for name, minimum in minimums.items():
             if getattr(self, name) < minimum:

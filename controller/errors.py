@@ -81,6 +81,13 @@ class BackendError(TransientError):
     """The engine failed a request it should have served; worth retrying."""
 
 
+class AgentLostError(AgentainerError):
+    """The agent went away before it ended: its container or pod was deleted, evicted or
+    preempted, or its task runner died. Its attempt failed; a new one may succeed."""
+
+    retryable = True
+
+
 class StoreUnavailableError(TransientError):
     """Redis cannot be reached or refused the operation."""
 

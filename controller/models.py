@@ -94,6 +94,9 @@ class AgentReason(StrEnum):
     OOM_KILLED = "OOMKilled"
     CANCELLED = "Cancelled"
     BACKEND_ERROR = "BackendError"
+    LOST = "Lost"
+    """Its container or pod went away before it ended (deleted, evicted, preempted), or the
+    task runner of its pool agent died."""
 
 
 class ConditionStatus(StrEnum):
@@ -235,10 +238,40 @@ class Parallel(ApiModel):
         description="At most this many agents of the step run at once; default: all of them.",
     )
 
+    @field_validator("items")
+    @classmethod
+    def _items_not_too_deep(cls, items: list[Any] | None) -> list[Any] | None:
+        for index, item in enumerate(items or []):
+            if nesting(item) > MAX_ITEM_NESTING:
+                raise ValueError(f"items[{index}] is nested more than {MAX_ITEM_NESTING} "
+                                 "levels deep")
+        return items
+
     @property
     def width(self) -> int:
         """How many agents the fan-out runs."""
         return len(self.items) if self.items is not None else (self.replicas or 1)
+
+
+MAX_ITEM_NESTING = 64
+"""How deep an item of a fan-out may nest lists and objects: far more than any data an agent
+reads, and far from where encoding it would run out of stack."""
+
+
+def nesting(value: Any) -> int:
+    """How deep ``value`` nests lists and objects (a scalar: 0), counted without recursion."""
+    deepest = 0
+    stack = [(value, 0)]
+    while stack:
+        current, depth = stack.pop()
+        if isinstance(current, dict):
+            current = list(current.values())
+        if isinstance(current, list):
+            deepest = max(deepest, depth + 1)
+            if deepest > MAX_ITEM_NESTING:
+                break
+            stack.extend((child, depth + 1) for child in current)
+    return deepest
 
 
 class Toleration(ApiModel):
@@ -324,6 +357,13 @@ class Step(ApiModel):
     @property
     def width(self) -> int:
         return self.parallel.width if self.parallel else 1
+
+    def inputs(self) -> set[str]:
+        """The steps whose outputs this step reads through its templates."""
+        kinds = (templating.ReferenceKind.STEP_OUTPUT, templating.ReferenceKind.STEP_OUTPUTS)
+        texts = [env.value for env in self.env] + (self.command or []) + (self.args or [])
+        return {ref.step for text in texts for ref in templating.references(text)
+                if ref.kind in kinds and ref.step}
 
     @property
     def max_workers(self) -> int:

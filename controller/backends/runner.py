@@ -22,7 +22,7 @@ import secrets
 from dataclasses import dataclass
 
 from controller.backends.base import TaskResult
-from controller.errors import AgentSpecError, BackendError
+from controller.errors import AgentLostError, AgentSpecError
 
 
 PROTOCOL = "agentainer-runner/1"
@@ -103,7 +103,7 @@ class LineSplitter:
         if b"\n" not in data:
             self._partial += data
             if len(self._partial) > MAX_LINE:
-                raise BackendError("the agent's runner sent a line longer than "
+                raise AgentLostError("the agent's runner sent a line longer than "
                                    f"{MAX_LINE} bytes: the channel is out of step")
             return []
         self._partial += data
@@ -128,7 +128,7 @@ class TaskCollector:
         task_id, _, rest = rest.partition(b" ")
         if task_id != self.task_id:
             if kind == b"FAIL" and task_id == b"-":
-                raise BackendError(f"the agent's runner refused a request: "
+                raise AgentLostError(f"the agent's runner refused a request: "
                                    f"{_decode(rest).decode(errors='replace')}")
             return  # another task's, or a hello's answer: not ours
         try:
@@ -139,10 +139,10 @@ class TaskCollector:
             elif kind == b"EXIT":
                 self.result = self._exit(rest.split(b" "))
             elif kind == b"FAIL":
-                raise BackendError(f"the agent's runner could not run the task: "
+                raise AgentLostError(f"the agent's runner could not run the task: "
                                    f"{_decode(rest).decode(errors='replace')}")
         except (binascii.Error, ValueError, IndexError) as error:
-            raise BackendError(f"the agent's runner sent a malformed frame: {error}") from error
+            raise AgentLostError(f"the agent's runner sent a malformed frame: {error}") from error
 
     def _exit(self, fields: list[bytes]) -> TaskResult:
         code, flags, run_us, clean_us, note = fields[:5]
@@ -161,7 +161,7 @@ class TaskCollector:
         )
 
 
-class ChannelClosedError(BackendError):
+class ChannelClosedError(AgentLostError):
     """The agent's runner went away (the agent stopped, or the connection broke)."""
 
 
@@ -227,7 +227,7 @@ class RunnerChannel(abc.ABC):
                 raise
             if self.info.protocol != PROTOCOL:
                 self.close()
-                raise BackendError(f"agent {self.agent_name} runs {self.info.protocol}, not "
+                raise AgentSpecError(f"agent {self.agent_name} runs {self.info.protocol}, not "
                                    f"{PROTOCOL}: its runner image does not match this "
                                    "controller")
             return self.info

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TypeVar
 
-from controller.agents import agent_id, build_agent_spec, label_value, should_remove
+from controller.agents import agent_id, build_agent_spec, should_remove
 from controller.backends.base import (
     LABEL_AGENT_ID,
     LABEL_WORKFLOW_UID,
@@ -23,7 +25,13 @@ from controller.clock import age_seconds, now
 from controller.config import Settings
 from controller.engine.events import Emitter, EventKind
 from controller.engine.journal import Journal
-from controller.errors import AgentainerError, PoolUnavailableError
+from controller.errors import (
+    AgentainerError,
+    AgentLostError,
+    ConflictError,
+    NotFoundError,
+    PoolUnavailableError,
+)
 from controller.models import (
     AgentPhase,
     AgentReason,
@@ -36,6 +44,9 @@ from controller.models import (
 from controller.pools import Lease, PoolManager
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+RETRY_PAUSE_CAP_SECONDS = 10.0
 
 # Where the backend enforces deadlines (pods' activeDeadlineSeconds), the engine waits this
 # much longer before killing the agent itself, so that the backend's reason is the one reported.
@@ -53,6 +64,8 @@ class RunState:
     """What a run shares with its attempts: its progress, and whether it is being stopped."""
 
     units_total: int
+    agents_at_once: asyncio.Semaphore
+    """Held by each agent (with its retries) while it runs: the run's cap on agents at once."""
     units_done: int = 0
     stop_reason: StopReason | None = None
 
@@ -118,14 +131,36 @@ class Attempts:
             await asyncio.shield(self._abort(agent, handle if place.owned else None, status))
             raise
         except AgentainerError as error:
+            if error.retryable and not isinstance(error, AgentLostError):
+                # The backend or the store is away, not the agent: nothing failed. The run
+                # lets go; whoever resumes it adopts the agent (or runs a pooled task again).
+                raise
             return await self._errored(agent, handle, status, error, place.owned)
         return await self._finished(agent, handle, result, reason, status, step, place.owned)
+
+    async def retrying(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """``call``, again after a growing pause while it fails for now (the engine restarting,
+        the API server away), for up to ``backend_retry_seconds``; then its error."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.backend_retry_seconds
+        pause = 0.5
+        while True:
+            try:
+                return await call()
+            except AgentainerError as error:
+                if not error.retryable or isinstance(error, AgentLostError) or \
+                        loop.time() + pause > deadline:
+                    raise
+                logger.warning("%s failed for now, again in %gs: %s", what, pause, error)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, RETRY_PAUSE_CAP_SECONDS)
 
     async def _errored(self, agent: AgentStatus, handle: AgentHandle | None,
                        status: StepStatus, error: AgentainerError,
                        owned: bool) -> AttemptOutcome:
         agent.phase = AgentPhase.FAILED
-        agent.reason = AgentReason.BACKEND_ERROR
+        agent.reason = (AgentReason.LOST if isinstance(error, AgentLostError)
+                        else AgentReason.BACKEND_ERROR)
         agent.finished_at = now()
         status.message = str(error)
         await self.journal.agent(agent, handle.id if handle else "", status)
@@ -231,53 +266,99 @@ class _Place:
 
 
 class _Started(_Place):
-    """A container or pod of the attempt's own."""
+    """A container or pod of the attempt's own. Starting it is idempotent: its name and labels
+    are the attempt's, so one that exists already is this attempt's, adopted, never started a
+    second time, whether or not the store remembers it."""
 
-    _start: asyncio.Future[AgentHandle] | None = None
-    _timeout: float | None = None
+    _start: asyncio.Future[tuple[AgentHandle, bool]] | None = None
+    _deadline: float | None = None
 
     async def adoptable(self, earlier: AgentStatus | None) -> AgentHandle | None:
-        """The container of an agent recorded by an earlier process, if it got to start;
-        one that was only created is removed, to be started afresh under the same name."""
-        if earlier is None:
-            return None
-        backend = self.attempts.backend
-        found = await backend.list_agents({LABEL_WORKFLOW_UID: self.attempts.uid,
-                                           LABEL_AGENT_ID: label_value(earlier.id)})
+        """The container of an agent recorded by an earlier process, if it got to start."""
+        return await self._existing() if earlier is not None else None
+
+    async def _existing(self) -> AgentHandle | None:
+        """This attempt's agent, found by its labels; one that was only created (its start
+        cut off) is removed, to be started afresh under the same name."""
+        found = await self._find()
         for handle in found:
             if handle.state != "created":
                 return handle
-            await backend.remove(handle)
+        for handle in found:
+            await self.attempts.backend.remove(handle)
         return None
+
+    async def _find(self) -> list[AgentHandle]:
+        backend = self.attempts.backend
+        labels = {LABEL_WORKFLOW_UID: self.attempts.uid,
+                  LABEL_AGENT_ID: self.spec.labels[LABEL_AGENT_ID]}
+        return await self.attempts.retrying(f"finding agent {self.spec.name}",
+                                            lambda: backend.list_agents(labels))
 
     def adopt(self, agent: AgentStatus, status: StepStatus) -> None:
         agent.phase = AgentPhase.RUNNING
         agent.started_at = agent.started_at or now()
-        self._timeout = self.step.timeout_seconds
-        if self._timeout:  # its deadline counts from when it started, before the restart
-            self._timeout = max(0.0, self._timeout - age_seconds(agent.started_at))
+        self._set_deadline(agent.started_at)
         self.attempts.emit(EventKind.AGENT_STARTED, f"agent {agent.name} adopted", status,
                            agent)
 
+    def _set_deadline(self, started_at: str | None) -> None:
+        """An attempt's deadline counts from when its agent started, before any restart."""
+        timeout: float | None = self.step.timeout_seconds
+        if timeout and self.attempts.backend.enforces_deadlines:
+            timeout += BACKEND_DEADLINE_MARGIN_SECONDS  # the backend's own deadline first
+        if timeout:
+            self._deadline = (asyncio.get_running_loop().time() + timeout
+                              - age_seconds(started_at))
+
     async def start(self, agent: AgentStatus, status: StepStatus) -> AgentHandle:
-        self._timeout = self.step.timeout_seconds
         # Shielded: a start cut off half-way would leave an agent nobody knows of.
-        self._start = asyncio.ensure_future(self.attempts.backend.start(self.spec))
-        handle = await asyncio.shield(self._start)
-        await self._running(agent, handle, status, f"agent {agent.name} started")
+        self._start = asyncio.ensure_future(self._launch())
+        handle, adopted = await asyncio.shield(self._start)
+        if adopted:  # started before, by a process whose record of it was lost
+            self.adopt(agent, status)
+            await self.attempts.journal.agent(agent, handle.id)
+        else:
+            await self._running(agent, handle, status, f"agent {agent.name} started")
+            self._set_deadline(agent.started_at)
         return handle
+
+    async def _launch(self) -> tuple[AgentHandle, bool]:
+        """Start the agent, or find it started already; True when it was found."""
+        backend = self.attempts.backend
+        for _ in range(3):  # a start cut off after creating it leaves it to be removed first
+            try:
+                return await self.attempts.retrying(f"starting agent {self.spec.name}",
+                                                    lambda: backend.start(self.spec)), False
+            except ConflictError:
+                found = await self._find()
+                if not found:
+                    raise  # the name is held by something that is not this attempt's
+                existing = await self._existing()
+                if existing is not None:
+                    return existing, True
+        raise ConflictError(f"agent {self.spec.name} was created, removed and created again "
+                            "by someone else meanwhile")
 
     async def result(self, handle: AgentHandle,
                      agent: AgentStatus) -> tuple[AgentResult, AgentReason]:
         backend = self.attempts.backend
-        timeout = self._timeout
-        if timeout and backend.enforces_deadlines:
-            timeout += BACKEND_DEADLINE_MARGIN_SECONDS  # the backend's own deadline first
+        loop = asyncio.get_running_loop()
         try:
-            result = await asyncio.wait_for(backend.wait(handle), timeout)
+            remaining = None if self._deadline is None else max(0.0, self._deadline - loop.time())
+            result = await asyncio.wait_for(
+                self.attempts.retrying(f"watching agent {agent.name}",
+                                       lambda: backend.wait(handle)), remaining)
         except TimeoutError:
-            await backend.stop(handle, 0)
-            return await backend.wait(handle), AgentReason.DEADLINE_EXCEEDED
+            await self.attempts.retrying(f"stopping agent {agent.name}",
+                                         lambda: backend.stop(handle, 0))
+            result = await self.attempts.retrying(f"watching agent {agent.name}",
+                                                  lambda: backend.wait(handle))
+            return result, AgentReason.DEADLINE_EXCEEDED
+        except (NotFoundError, ConflictError) as error:  # gone, or being removed
+            raise AgentLostError(f"agent {agent.name} was lost before it ended: its container "
+                                 f"or pod is gone (deleted, evicted or preempted): {error}"
+                                 ) from error
         return result, (AgentReason.OOM_KILLED if result.oom_killed else
                         AgentReason.DEADLINE_EXCEEDED if result.deadline_exceeded else
                         AgentReason.COMPLETED if result.exit_code == 0 else AgentReason.ERROR)
@@ -288,7 +369,7 @@ class _Started(_Place):
         if self._start is None:
             return None
         try:
-            return await self._start
+            return (await self._start)[0]
         except (AgentainerError, asyncio.CancelledError):
             return None
 

@@ -135,6 +135,28 @@ def test_pooled_step_on_pods(kubectl: Kubectl, controller: Controller) -> None:
     assert no_pods_left(kubectl, "agentainer.dev/pool=pod-pool")
 
 
+def test_pod_deleted_from_under_its_agent_is_retried_and_says_why(
+        kubectl: Kubectl, controller: Controller) -> None:
+    """A drain, a preemption or a person deletes the pod (the API answers 404 for it from
+    then on): not the agent's own exit, so the step's retries run it again."""
+    name = apply(kubectl, on_pods(
+        {"name": "victim", "retries": {"limit": 1, "backoffSeconds": 0},
+         "command": sh('[ "$AGENTAINER_ATTEMPT" = 1 ] && sleep 120; echo survived')}))
+    deadline = time.monotonic() + 90
+    while not (running := [p for p in pods(kubectl, f"agentainer.dev/workflow={name}")
+                           if p["status"]["phase"] == "Running"]):
+        assert time.monotonic() < deadline, "the pod never ran"
+        time.sleep(0.5)
+    kubectl("delete", "pod", running[0]["metadata"]["name"], "--grace-period=0", "--force")
+
+    status = kubectl.wait_for("workflow", name, finished, timeout=120)["status"]
+
+    assert status["phase"] == "Succeeded", status
+    assert status["steps"][0]["output"] == "survived"
+    first = status["steps"][0]["agents"][0]
+    assert first["reason"] == "Lost", first
+
+
 def test_controller_restarted_mid_run_adopts_its_pods(kubectl: Kubectl,
                                                       controller: Controller) -> None:
     name = apply(kubectl, on_pods(

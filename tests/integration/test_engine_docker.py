@@ -316,6 +316,29 @@ def test_cancelling_a_run_stops_its_agents_and_records_cancelled(
     client.close()
 
 
+def test_agent_removed_from_under_the_engine_is_retried_and_says_why(runner: Runner) -> None:
+    """Not its own exit: its container was removed (by a person, a cleanup, a node's end)."""
+    async def go() -> Any:
+        run, store, backend = await runner.start(workflow_doc(
+            {"name": "victim", "retries": {"limit": 1, "backoffSeconds": 0},
+             "command": sh('[ "$AGENTAINER_ATTEMPT" = 1 ] && sleep 60; echo survived')}))
+        task = asyncio.create_task(run.execute())
+        await agents_running(run, "victim", 1)
+        for container in runner.containers(run.uid):
+            container.remove(force=True)
+        status = await task
+        await backend.close()
+        await store.close()
+        return status
+
+    status = asyncio.run(go())
+
+    assert status.phase is WorkflowPhase.SUCCEEDED, status.message
+    victim = status.step("victim")
+    assert victim.output == "survived"
+    assert victim.agents[0].reason is AgentReason.LOST
+
+
 def test_missing_image_fails_the_step_with_a_message_a_user_can_act_on(runner: Runner) -> None:
     status, _ = runner.run(workflow_doc(
         {"name": "ghost", "image": "agentainer/does-not-exist:1.0",

@@ -143,7 +143,7 @@ def test_runner_killed_mid_task_fails_the_attempt_and_the_step_retries_on_a_new_
     step = status.step("work")
     assert step.output == "done 2"
     first, second = step.agents
-    assert first.phase == "Failed" and first.reason == "BackendError"
+    assert first.phase == "Failed" and first.reason == "Lost"
     assert first.name != second.name  # the dead agent was not leased again
 
 

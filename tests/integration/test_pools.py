@@ -17,7 +17,7 @@ import pytest
 
 from controller.backends.docker import DockerBackend
 from controller.config import Settings
-from controller.errors import BackendError, PoolUnavailableError
+from controller.errors import AgentLostError, PoolUnavailableError
 from controller.models import parse_agent_pool
 from controller.pools import PoolManager, PoolState
 from controller.store import RedisStore
@@ -160,7 +160,7 @@ def test_killed_agent_fails_its_task_and_is_replaced(pools: Pools) -> None:
         running = asyncio.create_task(manager.run(lease, sh("sleep 30"), {}, 60))
         await asyncio.sleep(0.5)
         client.containers.get(lease.agent.id).kill()
-        with pytest.raises(BackendError, match="is gone"):
+        with pytest.raises(AgentLostError, match="is gone"):
             await running
         after = await manager.reconcile(state)
         name, result = await task(manager, state, "echo alive")
@@ -314,6 +314,41 @@ def test_image_without_a_shell_runs_tasks_the_same_way(pools: Pools, tmp_path: P
     result = pools.run(scenario, minSize=1, maxSize=1, image="agentainer/noshell:test")
 
     assert (result.exit_code, result.stdout, result.stderr) == (0, "$(no shell)|$X", "")
+
+
+def test_reconcile_never_retires_an_agent_that_is_leased_or_just_returned(pools: Pools) -> None:
+    """Reconcile runs without a pause while 200 tasks lease and return three agents: an agent
+    returned between two reads of an older reconcile looked abandoned and was replaced, once
+    from under the task that had just leased it ("agent ... is gone")."""
+    from controller.pools import PoolEvent, PoolEventKind
+
+    replaced: list[PoolEvent] = []
+
+    async def scenario(manager: PoolManager, state: PoolState) -> Any:
+        manager.observer = lambda event: replaced.append(event) \
+            if event.kind is PoolEventKind.REPLACED else None
+        stop = asyncio.Event()
+
+        async def reconciling() -> int:
+            passes = 0
+            while not stop.is_set():
+                await manager.reconcile(state)
+                passes += 1
+            return passes
+
+        looping = asyncio.create_task(reconciling())
+        try:
+            results = await asyncio.gather(*(task(manager, state, "echo ok")
+                                             for _ in range(200)))
+        finally:
+            stop.set()
+        return results, await looping
+
+    results, passes = pools.run(scenario, minSize=3, maxSize=3)
+
+    assert [result.stdout for _, result in results] == ["ok\n"] * 200
+    assert replaced == [], f"{len(replaced)} agents replaced in {passes} reconciles"
+    assert passes > 10
 
 
 def test_agent_of_an_older_runner_is_replaced_not_adopted(pools: Pools) -> None:

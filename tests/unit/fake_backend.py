@@ -36,7 +36,7 @@ from controller.backends.base import (
     AgentSpec,
     TaskResult,
 )
-from controller.errors import AgentainerError, AgentSpecError
+from controller.errors import AgentainerError, AgentSpecError, ConflictError, NotFoundError
 
 KILLED = 137
 """Exit code of an agent that was stopped (SIGKILL), as Docker reports it."""
@@ -137,6 +137,10 @@ class FakeBackend:
         whose start failed at once (``Behaviour.start_error``)."""
         self.removed: list[FakeAgent] = []
         self.closed = False
+        self.hiccups: dict[str, list[AgentainerError]] = {}
+        """Errors the next calls of a method (``start``, ``wait``, ...) raise, one per call, as
+        an engine restarting or an API server away would. ``start`` raises its error after
+        starting the agent: the answer was lost, not the work."""
         self._ids = itertools.count(1)
 
     # --- for tests ------------------------------------------------------------------------------
@@ -177,10 +181,19 @@ class FakeBackend:
 
     # --- the Backend protocol -------------------------------------------------------------------
 
+    def lose(self, agent: FakeAgent) -> None:
+        """The agent goes away from under the engine (deleted, evicted, preempted)."""
+        self.agents.pop(agent.id, None)
+        self._kill(agent)
+
+    def _hiccup(self, method: str) -> None:
+        if self.hiccups.get(method):
+            raise self.hiccups[method].pop(0)
+
     async def start(self, spec: AgentSpec) -> AgentHandle:
         if any(a.name == spec.name for a in self.agents.values()):
-            raise AgentSpecError(f"creating agent {spec.name}: Conflict: the container name "
-                                 f'"/{spec.name}" is already in use')
+            raise ConflictError(f"creating agent {spec.name}: Conflict: the container name "
+                                f'"/{spec.name}" is already in use')
         behaviour = self.script(spec)
         if behaviour.start_error is not None:
             raise behaviour.start_error
@@ -188,13 +201,16 @@ class FakeBackend:
         self.started.append(agent)
         await asyncio.sleep(behaviour.start_seconds)
         if agent.id not in self.agents:
-            raise AgentSpecError(f"starting agent {spec.name}: No such container")
+            raise NotFoundError(f"starting agent {spec.name}: No such container")
         self._run(agent)
+        self._hiccup("start")
         return agent.handle()
 
     async def wait(self, agent: AgentHandle) -> AgentResult:
+        self._hiccup("wait")
         fake = self._find(agent, "waiting for")
         await fake.exited.wait()
+        self._find(agent, "reading the log of")
         assert fake.exit_code is not None
         return AgentResult(exit_code=fake.exit_code, stdout=fake.stdout, stderr=fake.stderr)
 
@@ -210,6 +226,7 @@ class FakeBackend:
             self.removed.append(fake)
 
     async def list_agents(self, labels: dict[str, str]) -> list[AgentHandle]:
+        self._hiccup("list_agents")
         return [a.handle() for a in self.agents.values()
                 if all(a.spec.labels.get(key) == value for key, value in labels.items())]
 
@@ -258,5 +275,5 @@ class FakeBackend:
     def _find(self, agent: AgentHandle, action: str) -> FakeAgent:
         fake = self.agents.get(agent.id)
         if fake is None:
-            raise AgentSpecError(f"{action} agent {agent.name}: No such container")
+            raise NotFoundError(f"{action} agent {agent.name}: No such container")
         return fake

@@ -236,26 +236,97 @@ def test_agent_that_keeps_failing_fails_the_workflow_after_its_last_retry() -> N
     assert fake.starts("after") == []
 
 
-def test_agent_whose_image_is_missing_is_not_retried_but_one_hit_by_an_engine_error_is() -> None:
+def test_agent_whose_image_is_missing_is_not_retried() -> None:
     def agent(spec: AgentSpec) -> Behaviour:
-        if step_of(spec) == "ghost":
-            return Behaviour(start_error=ImageNotFoundError("image 'ghost:1' is not there"))
-        if attempt_of(spec) == 1:
-            return Behaviour(start_error=BackendError("the engine hung up"))
-        return Behaviour(stdout="fine")
+        return Behaviour(start_error=ImageNotFoundError("image 'ghost:1' is not there"))
 
-    status, _ = run(workflow_doc(
-        {"name": "hiccup", "retries": {"limit": 3, "backoffSeconds": 0}},
-        {"name": "ghost", "dependsOn": [], "retries": {"limit": 3, "backoffSeconds": 0}},
-    ), agent)
+    status, _ = run(workflow_doc({"name": "ghost", "retries": {"limit": 3, "backoffSeconds": 0}}),
+                    agent)
 
-    assert status.step("hiccup").phase is StepPhase.SUCCEEDED
-    assert status.step("hiccup").attempts == 2
-    assert status.step("hiccup").agents[0].reason is AgentReason.BACKEND_ERROR
     ghost = status.step("ghost")
     assert ghost.phase is StepPhase.FAILED
     assert ghost.attempts == 1
     assert "image 'ghost:1' is not there" in (ghost.message or "")
+
+
+def test_a_start_that_fails_for_now_is_retried_as_the_same_agent_not_counted_as_its_failure(
+) -> None:
+    fake = FakeBackend(lambda spec: Behaviour(stdout="fine"))
+    # The engine answered an error, but had created the container: the start must not be
+    # repeated blindly (the name is taken), nor count as a failed attempt.
+    fake.hiccups["start"] = [BackendError("the engine hung up")]
+    fake.hiccups["wait"] = [BackendError("the engine restarted")]
+    store = MemoryStore()
+    status = scenario(new_run(workflow_doc({"name": "hiccup"}), fake, store).execute())
+
+    hiccup = status.step("hiccup")
+    assert status.phase is WorkflowPhase.SUCCEEDED, status.message
+    assert hiccup.attempts == 1 and hiccup.agents[0].reason is AgentReason.COMPLETED
+    assert hiccup.output == "fine"
+    assert len(fake.starts("hiccup")) == 1
+
+
+def test_an_agent_that_exists_already_is_adopted_even_when_the_store_forgot_it() -> None:
+    """The store lost its last second (a Redis restart): the agent's container is found by its
+    name and labels, and adopted; it is never started a second time."""
+    document = with_uid(workflow_doc({"name": "one"}))
+    workflow = parse_workflow(document)
+    fake = FakeBackend(lambda spec: Behaviour(0.05, stdout="from before"))
+
+    async def play() -> WorkflowStatus:
+        spec = build_agent_spec(workflow, workflow.metadata.uid or "", workflow.spec.steps[0],
+                                0, 1, {})
+        await fake.hold(spec)
+        return await new_run(document, fake, MemoryStore()).execute()
+
+    status = scenario(play())
+
+    assert status.phase is WorkflowPhase.SUCCEEDED, status.message
+    assert status.step("one").output == "from before"
+    assert fake.starts("one") == []  # adopted, not started
+
+
+def test_an_agent_lost_from_under_the_engine_is_retried_per_retries_and_says_why() -> None:
+    fake = FakeBackend(lambda spec: Behaviour(0.3 if attempt_of(spec) == 1 else 0,
+                                              stdout=f"attempt {attempt_of(spec)}"))
+
+    async def play() -> WorkflowStatus:
+        run = new_run(workflow_doc({"name": "evicted", "retries": {"limit": 1,
+                                                                   "backoffSeconds": 0}}),
+                      fake, MemoryStore())
+        execution = asyncio.ensure_future(run.execute())
+        while not fake.running():
+            await asyncio.sleep(0.01)
+        fake.lose(fake.running()[0])
+        return await execution
+
+    status = scenario(play())
+
+    evicted = status.step("evicted")
+    assert status.phase is WorkflowPhase.SUCCEEDED, status.message
+    assert evicted.output == "attempt 2"
+    first = evicted.agents[0]
+    assert first.reason is AgentReason.LOST and first.phase is AgentPhase.FAILED
+
+
+def test_an_engine_away_longer_than_the_retry_window_lets_the_run_go_without_failing_it() -> None:
+    settings = Settings.from_env({}, store="memory", stop_grace_seconds=0,
+                                 backend_retry_seconds=1)
+    fake = FakeBackend(lambda spec: Behaviour(stdout="fine"))
+    fake.hiccups["wait"] = [BackendError("the engine is down")] * 10
+
+    async def play() -> WorkflowRun:
+        run = Engine(fake, MemoryStore(), settings).prepare(
+            parse_workflow(workflow_doc({"name": "one"})))
+        with pytest.raises(BackendError, match="the engine is down"):
+            await run.execute()
+        return run
+
+    run = scenario(play())
+
+    assert run.detached  # not failed: whoever resumes it goes on
+    assert run.status.step("one").phase is not StepPhase.FAILED
+    assert [a.phase for a in run.status.step("one").agents] == [AgentPhase.RUNNING]
 
 
 # --- timeouts -------------------------------------------------------------------------------------
@@ -561,3 +632,104 @@ def test_running_a_finished_workflow_again_starts_nothing_and_reports_its_outcom
     assert again.step("only").output == "done"
     assert again.finished_at == once.finished_at
     assert len(fake.started) == 1
+
+
+def test_a_restarted_run_goes_on_with_the_spec_it_started_with() -> None:
+    """The resource's spec changed while no one watched (a controller down): the run still
+    runs the spec it started with, and reports that spec's generation."""
+    old = with_uid(workflow_doc(
+        {"name": "fan", "parallel": {"items": ["a", "b"]},
+         "env": [{"name": "WORD", "value": "old {{ item }}"}]}))
+    old["metadata"]["generation"] = 1
+    new = {**old, "metadata": {**old["metadata"], "generation": 2},
+           "spec": workflow_doc({"name": "fan", "parallel": {"items": ["x", "y", "z"]},
+                                 "env": [{"name": "WORD", "value": "new"}]})["spec"]}
+    fake = FakeBackend(lambda spec: Behaviour(0.2 if spec.env["WORD"].endswith("b") else 0,
+                                              stdout=spec.env["WORD"]))
+    store = MemoryStore()
+
+    async def play() -> WorkflowStatus:
+        first = new_run(old, fake, store)
+        execution = asyncio.ensure_future(first.execute())
+        while first.status.progress != "1/2":
+            await asyncio.sleep(0.01)
+        first.detach()
+        await execution
+        return await new_run(new, fake, store).execute()
+
+    status = scenario(play())
+
+    assert status.phase is WorkflowPhase.SUCCEEDED, status.message
+    assert status.step("fan").outputs == ["old a", "old b"]
+    assert status.observed_generation == 1
+    assert [a.spec.env["WORD"] for a in fake.started] == ["old a", "old b"]
+
+
+def test_an_output_lost_from_the_store_fails_the_step_that_reads_it_loudly() -> None:
+    """Never an empty string in its place: the step that needs it fails, saying why; a step
+    that does not read it still runs."""
+    from controller.store import Keys
+
+    document = with_uid(workflow_doc(
+        {"name": "map", "parallel": {"items": ["a", "b"]},
+         "env": [{"name": "WORD", "value": "{{ item }}"}]},
+        {"name": "reduce", "env": [{"name": "ALL", "value": "{{ steps.map.outputs }}"}]},
+        {"name": "aside", "dependsOn": ["map"]}))
+    fake = FakeBackend(lambda spec: Behaviour(0.3 if step_of(spec) == "reduce" else 0,
+                                              stdout=spec.env.get("WORD", "x")))
+    store = MemoryStore()
+
+    async def play() -> WorkflowStatus:
+        first = new_run(document, fake, store)
+        execution = asyncio.ensure_future(first.execute())
+        while not fake.running() or step_of(fake.running()[0].spec) != "reduce":
+            await asyncio.sleep(0.01)
+        first.detach()
+        await execution
+        for agent in fake.held("reduce"):
+            await fake.remove(agent.handle())
+        store.data[Keys.outputs(first.uid, "map")].pop("1")  # lost with a Redis restart
+        return await new_run(document, fake, store).execute()
+
+    status = scenario(play())
+
+    reduce = status.step("reduce")
+    assert status.phase is WorkflowPhase.FAILED
+    assert reduce.phase is StepPhase.FAILED
+    assert "output of its agent 1 is missing from the store" in (reduce.message or "")
+    assert status.step("aside").phase is StepPhase.SUCCEEDED
+
+
+def test_items_waiting_their_turn_cost_no_task() -> None:
+    """A fan-out of 10,000 replicas, 5 at once: the tasks alive stay a handful, not one per
+    item (a million items once took 1.4 GiB)."""
+    fake = FakeBackend(lambda spec: Behaviour(0.005))
+
+    async def play() -> int:
+        run = new_run(workflow_doc({"name": "wide", "parallel": {"replicas": 10000,
+                                                                  "maxWorkers": 5}}),
+                      fake, MemoryStore())
+        execution = asyncio.ensure_future(run.execute())
+        most = 0
+        while len(fake.started) < 50:
+            most = max(most, len(asyncio.all_tasks()))
+            await asyncio.sleep(0.002)
+        run.detach()
+        await execution
+        return most
+
+    assert scenario(play()) < 40
+
+
+def test_a_workflow_runs_at_most_its_cap_of_agents_at_once_over_all_its_steps() -> None:
+    settings = Settings.from_env({}, store="memory", stop_grace_seconds=0,
+                                 max_agents_per_workflow=4)
+    fake = FakeBackend(lambda spec: Behaviour(0.05))
+    workflow = parse_workflow(workflow_doc(
+        {"name": "left", "parallel": {"replicas": 10}},
+        {"name": "right", "dependsOn": [], "parallel": {"replicas": 10, "maxWorkers": 10}}))
+
+    status = scenario(Engine(fake, MemoryStore(), settings).run(workflow))
+
+    assert status.phase is WorkflowPhase.SUCCEEDED
+    assert fake.most_at_once() == 4

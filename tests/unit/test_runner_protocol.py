@@ -20,7 +20,7 @@ from controller.backends.runner import (
     TaskCollector,
     task_line,
 )
-from controller.errors import AgentSpecError, BackendError
+from controller.errors import AgentLostError, AgentSpecError
 
 
 def b64(data: bytes) -> bytes:
@@ -68,7 +68,7 @@ def test_lines_split_in_one_pass_whatever_the_pieces() -> None:
 
 def test_a_line_longer_than_any_frame_is_an_error_not_kept() -> None:
     splitter = LineSplitter()
-    with pytest.raises(BackendError, match="out of step"):
+    with pytest.raises(AgentLostError, match="out of step"):
         for _ in range(MAX_LINE // 65536 + 2):
             splitter.feed(b"x" * 65536)
 
@@ -129,7 +129,7 @@ def test_collector_keeps_at_most_the_limit_and_reports_the_flags() -> None:
 
 def test_a_refused_task_is_an_error_with_the_runners_reason() -> None:
     collector = TaskCollector("t", limit=5)
-    with pytest.raises(BackendError, match="a task needs a command"):
+    with pytest.raises(AgentLostError, match="a task needs a command"):
         collector.feed(b"FAIL t " + b64(b"a task needs a command"))
 
 
@@ -198,7 +198,7 @@ def test_runner_of_another_protocol_is_refused() -> None:
     async def scenario() -> None:
         await ScriptedChannel(old).hello()
 
-    with pytest.raises(BackendError, match="agentainer-runner/0, not agentainer-runner/1"):
+    with pytest.raises(AgentSpecError, match="agentainer-runner/0, not agentainer-runner/1"):
         asyncio.run(scenario())
 
 
