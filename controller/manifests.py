@@ -33,6 +33,8 @@ def read_documents(path: str | Path) -> list[Document]:
         raise ManifestError(f"{path}: cannot read it: {error}") from None
     try:
         bodies = [body for body in yaml.safe_load_all(text) if body is not None]
+    except RecursionError:
+        raise ManifestError(f"{path}: nested too deeply to be read") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

@@ -295,8 +295,7 @@ class PoolManager:
         spec = state.pool.spec
         if state.draining:
             return await self.status(state)
-        containers = {h.name: h for h in await state.backend.list_agents(
-            {LABEL_POOL_UID: state.uid})}
+        containers = await self._containers(state)
         records = await self.store.pool_agents(state.uid)
         starting = set()
         for name, record in list(records.items()):
@@ -320,16 +319,19 @@ class PoolManager:
             elif name not in records:
                 await self.store.pool_add(state.uid, _record(handle))
                 records[name] = _record(handle)
+        if any(name not in containers for name in records):
+            # Recorded since the listing (just started), or gone: look again before dropping.
+            containers = await self._containers(state)
         for name in [n for n in records if n not in containers]:
             await self.store.pool_remove(state.uid, name)
             self._emit(PoolEventKind.REPLACED, state)
             del records[name]
-        idle = await self.store.pool_idle(state.uid)
-        busy = [name for name in records if name not in idle]
-        leased = await self.store.pool_leased(state.uid, busy)
-        for name in busy:
-            if name not in leased:  # its holder is gone: its state is unknown, replace it
-                logger.info("pool %s: reclaiming %s, whose lease lapsed", state.name, name)
+        # Neither idle nor leased nor being started, in one atomic read: its holder died, and
+        # it is out of the pool before anyone can lease it. Its state is unknown: replace it.
+        for name in await self.store.pool_reclaim(state.uid, PENDING):
+            logger.info("pool %s: reclaiming %s, whose lease lapsed", state.name, name)
+            records.pop(name, None)
+            if name in containers:
                 await self._retire(state, containers[name], recycled=False)
         keep = spec.min_size if spec.warm_up else 0
         for name in await self.store.pool_take_idle(
@@ -345,6 +347,10 @@ class PoolManager:
             await self.store.pool_remove(state.uid, name)
             state.handles.pop(name, None)
         return await self.status(state)
+
+    @staticmethod
+    async def _containers(state: PoolState) -> dict[str, AgentHandle]:
+        return {h.name: h for h in await state.backend.list_agents({LABEL_POOL_UID: state.uid})}
 
     async def status(self, state: PoolState) -> AgentPoolStatus:
         total, ready = await self.store.pool_counts(state.uid)

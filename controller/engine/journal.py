@@ -34,7 +34,8 @@ class Journal:
         return WorkflowRecord(
             name=self.workflow.metadata.name, namespace=self.workflow.metadata.namespace,
             phase=status.phase, progress=status.progress, started_at=status.started_at,
-            finished_at=status.finished_at, message=status.message)
+            finished_at=status.finished_at, message=status.message, spec=self.workflow.spec,
+            generation=status.observed_generation)
 
     def _agent(self, agent: AgentStatus, container: str) -> AgentRecord:
         return AgentRecord(status=agent, workflow=self.workflow.metadata.name,
@@ -67,13 +68,14 @@ class Journal:
         await self.store.record(self.uid, Change(workflow=self._whole(status)))
         await self.store.finish(self.uid, ttl_seconds)
 
-    async def restore(self, steps: list[str]) -> Restored | None:
-        """What an earlier process recorded of this run, for the steps of its spec; None when
-        nothing was."""
+    async def restore(self) -> Restored | None:
+        """What an earlier process recorded of this run, for the steps of the spec it started
+        with; None when nothing was."""
         workflow = await self.store.workflow(self.uid)
         if workflow is None:
             return None
-        agents: dict[str, list[AgentStatus]] = {name: [] for name in steps}
+        spec = workflow.spec or self.workflow.spec
+        agents: dict[str, list[AgentStatus]] = {step.name: [] for step in spec.steps}
         records = await self.store.agents(self.uid)
         for record in sorted(records.values(),
                              key=lambda r: (r.status.index, r.status.attempt)):

@@ -31,7 +31,7 @@ from controller.config import Settings
 from controller.engine.attempts import Attempts, AttemptOutcome, RunState, StopReason
 from controller.engine.events import Emitter, EventKind, Observer
 from controller.engine.journal import Journal, Restored
-from controller.errors import AgentainerError
+from controller.errors import AgentainerError, StoreDataError
 from controller.models import (
     AgentPhase,
     AgentStatus,
@@ -58,26 +58,32 @@ class WorkflowRun:
     def __init__(self, workflow: Workflow, backend: Backend, store: WorkflowStore,
                  settings: Settings, observer: Observer | None = None,
                  pools: PoolManager | None = None) -> None:
-        self.workflow = workflow
         self.uid = workflow.metadata.uid or str(uuid.uuid4())
         self.settings = settings
-        self.dependencies = workflow.spec.dependency_map()
-        self.steps = {step.name: step for step in workflow.spec.steps}
-        self.status = WorkflowStatus(
-            observed_generation=workflow.metadata.generation,
-            steps=[StepStatus(name=step.name) for step in workflow.spec.steps],
-        )
-        self.state = RunState(units_total=sum(step.width for step in workflow.spec.steps))
+        self.status = WorkflowStatus()
+        self.state = RunState(units_total=0, agents_at_once=asyncio.Semaphore(
+            settings.max_agents_per_workflow))
         self.journal = Journal(store, workflow, self.uid)
         self.emit = Emitter(workflow.metadata.name, self.status, observer)
         self.attempts = Attempts(workflow, self.uid, backend, pools, settings, self.journal,
                                  self.emit, self.state, self.status)
+        self._plan(workflow)
         self.outputs: dict[str, list[str]] = {}
         self.failed_step: str | None = None
         self.interrupted_by: AgentainerError | None = None
         self._stop = asyncio.Event()
         self._step_tasks: dict[str, asyncio.Task[bool]] = {}
         self._restored_outputs: dict[str, dict[int, str]] = {}
+        self._lost_outputs: dict[str, list[int]] = {}
+
+    def _plan(self, workflow: Workflow) -> None:
+        """Take ``workflow``'s spec as the one to run."""
+        self.workflow = self.journal.workflow = self.attempts.workflow = workflow
+        self.dependencies = workflow.spec.dependency_map()
+        self.steps = {step.name: step for step in workflow.spec.steps}
+        self.status.observed_generation = workflow.metadata.generation
+        self.status.steps = [StepStatus(name=step.name) for step in workflow.spec.steps]
+        self.state.units_total = sum(step.width for step in workflow.spec.steps)
 
     @property
     def units_total(self) -> int:
@@ -109,7 +115,7 @@ class WorkflowRun:
     async def execute(self) -> WorkflowStatus:
         """Run to the end; returns the final status (also kept in ``self.status``)."""
         status = self.status
-        restored = await self.journal.restore(list(self.steps))
+        restored = await self.journal.restore()
         if restored is not None:
             self._take_up(restored)
             if status.phase.finished:
@@ -167,9 +173,16 @@ class WorkflowRun:
         )]
 
     def _take_up(self, restored: Restored) -> None:
-        """Take up what an earlier process recorded. Steps that succeeded keep their outputs
-        and are not run again; agents that were running are adopted by ``_run_unit`` through
-        their labels, never started a second time."""
+        """Take up what an earlier process recorded. The run goes on with the spec it started
+        with (changed since or not). Steps that succeeded keep their outputs and are not run
+        again; agents that were running are adopted by ``_run_unit`` through their labels,
+        never started a second time."""
+        recorded = restored.workflow
+        if recorded.spec is not None and recorded.spec != self.workflow.spec:
+            metadata = self.workflow.metadata.model_copy(
+                update={"generation": recorded.generation})
+            self._plan(self.workflow.model_copy(update={"spec": recorded.spec,
+                                                        "metadata": metadata}))
         status = self.status
         status.started_at = restored.workflow.started_at or now()
         for name, agents in restored.agents.items():
@@ -183,8 +196,10 @@ class WorkflowRun:
             self._restored_outputs[name] = outputs
             self.state.units_done += len(outputs)
             if state.phase is StepPhase.SUCCEEDED:
+                width = self.steps[name].width
+                self._lost_outputs[name] = [i for i in range(width) if i not in outputs]
                 self._step_succeeded(self.steps[name], step,
-                                     [outputs.get(i, "") for i in range(self.steps[name].width)])
+                                     [outputs.get(i, "") for i in range(width)])
             elif state.phase in (StepPhase.FAILED, StepPhase.SKIPPED, StepPhase.CANCELLED):
                 step.phase = state.phase
                 if state.phase is StepPhase.FAILED:
@@ -296,6 +311,12 @@ class WorkflowRun:
     # --- one step -------------------------------------------------------------------------------
 
     async def _run_step(self, step: Step) -> bool:
+        for name in sorted(step.inputs()):
+            if self._lost_outputs.get(name):
+                raise StoreDataError(
+                    f"step {step.name} reads the outputs of step {name}, but the output of its "
+                    f"agent {self._lost_outputs[name][0]} is missing from the store: it was "
+                    "lost; run the workflow again")
         status = self.status.step(step.name)
         status.phase = StepPhase.RUNNING
         status.started_at = status.started_at or now()
@@ -304,14 +325,20 @@ class WorkflowRun:
                   f"step {step.name} started: {step.width} agent(s), "
                   f"at most {step.max_workers} at once", status)
         results: list[str | None] = [None] * step.width
-        gate = asyncio.Semaphore(step.max_workers)
         failures: list[str] = []
+        pending = iter(range(step.width))  # taken one by one: a waiting item costs no task
 
-        async def unit(index: int) -> None:
-            async with gate:
-                if failures or self.failed_step is not None or self.stop_reason is not None:
-                    return  # fail fast: no new agents once something failed
-                outcome = await self._run_unit(step, status, index)
+        def stopping() -> bool:  # fail fast: no new agents once something failed
+            return bool(failures) or self.failed_step is not None or self.stop_reason is not None
+
+        async def worker() -> None:
+            for index in pending:
+                if stopping():
+                    return
+                async with self.state.agents_at_once:
+                    if stopping():
+                        return
+                    outcome = await self._run_unit(step, status, index)
                 if outcome.succeeded:
                     results[index] = outcome.output
                 else:
@@ -320,8 +347,8 @@ class WorkflowRun:
         try:
             # A TaskGroup, unlike gather, waits for every agent to be stopped when cancelled.
             async with asyncio.TaskGroup() as group:
-                for index in range(step.width):
-                    group.create_task(unit(index), name=f"{step.name}-{index}")
+                for number in range(step.max_workers):
+                    group.create_task(worker(), name=f"{step.name}-worker-{number}")
         except asyncio.CancelledError:
             if self.state.leaves_agents:
                 raise
@@ -360,6 +387,10 @@ class WorkflowRun:
             last = recorded[-1]
             if last.phase in (AgentPhase.CREATED, AgentPhase.RUNNING):
                 attempt, earlier = last.attempt, last
+            elif last.phase is AgentPhase.SUCCEEDED:  # but its output is not in the store
+                status.message = (f"agent {last.name} succeeded, but its output is missing "
+                                  "from the store: it was lost; run the workflow again")
+                return AttemptOutcome(False, retryable=False)
             elif last.attempt > retries:
                 status.message = status.message or f"agent {last.name} failed"
                 return AttemptOutcome(False, retryable=False)

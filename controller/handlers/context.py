@@ -14,7 +14,7 @@ from controller.backends.kubernetes import KubernetesBackend, load_credentials
 from controller.config import Settings
 from controller.errors import AgentainerError, TransientError
 from controller.metrics import Metrics
-from controller.models import API_GROUP, API_VERSION, BackendKind, Condition, WorkflowPhase
+from controller.models import API_GROUP, API_VERSION, BackendKind, WorkflowPhase
 from controller.pools import PoolManager
 from controller.store import Store
 
@@ -38,7 +38,6 @@ class Services:
     custom_objects: Any
     pools: PoolManager
     phases: dict[str, WorkflowPhase] = field(default_factory=dict)
-    extra_conditions: dict[str, list[Condition]] = field(default_factory=dict)
     _docker: DockerBackend | None = None
     _kubernetes: KubernetesBackend | None = None
     _backend_lock: asyncio.Lock = field(default_factory=asyncio.Lock)

@@ -81,6 +81,19 @@ def dumped(conditions: Iterable[Condition]) -> list[dict[str, Any]]:
     return [c.model_dump(mode="json", by_alias=True) for c in conditions]
 
 
+def spec_change_ignored(body: kopf.Body, running: int | None) -> Condition | None:
+    """SpecChangeIgnored, when the Workflow's spec changed after its run started with
+    generation ``running``: a Workflow runs the spec it started with."""
+    generation = body.metadata.get("generation")
+    if running is None or generation is None or generation == running:
+        return None
+    message = (f"spec changed to generation {generation} after generation {running} started; "
+               "a Workflow runs the spec it started with (delete and re-create it to run the "
+               "new one)")
+    return condition(ConditionType.SPEC_CHANGE_IGNORED, True, "SpecChangedAfterStart",
+                     message, (body.get("status") or {}).get("conditions", []))
+
+
 # --- a Workflow's status and Events -------------------------------------------------------------
 
 
@@ -108,11 +121,15 @@ def refused_status(kind: ConditionType, message: str, generation: int | None) ->
 class StatusWriter:
     """Engine observer that writes the status to the resource, at most once per interval."""
 
-    def __init__(self, services: Services, namespace: str, name: str, uid: str) -> None:
+    def __init__(self, services: Services, namespace: str, name: str, uid: str,
+                 body: kopf.Body | None = None) -> None:
         self.services = services
         self.namespace = namespace
         self.name = name
         self.uid = uid
+        self.body = body
+        """The resource, as kopf keeps it up to date: its generation now, against the one the
+        run started with, says whether its spec changed since."""
         self._status: WorkflowStatus | None = None  # the run's, as the engine keeps it
         self._dirty = asyncio.Event()
         self._closing = asyncio.Event()
@@ -146,8 +163,10 @@ class StatusWriter:
         if self._status is None:
             return  # the run has not begun
         status = compact_status(self._status, self.services.settings.status_output_limit)
-        extra = self.services.extra_conditions.get(self.uid, [])
-        status["conditions"] = status.get("conditions", []) + dumped(extra)
+        if self.body is not None:
+            ignored = spec_change_ignored(self.body, self._status.observed_generation)
+            status["conditions"] = status.get("conditions", []) + dumped(
+                [ignored] if ignored else [])
         await self.services.patch_status(WORKFLOWS, self.namespace, self.name, status)
 
     async def stop(self) -> None:

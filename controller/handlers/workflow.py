@@ -66,7 +66,7 @@ async def run_workflow(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonSto
         await _refuse(services, body, ConditionType.BACKEND_UNAVAILABLE, str(error))
         return
     writer = StatusWriter(services, body.metadata.namespace or "default",
-                          body.metadata.name or "", body.metadata.uid or "")
+                          body.metadata.name or "", body.metadata.uid or "", body)
     metrics = WorkflowMetrics(services.metrics, kind.value)
     events = reporting.post_event(body)
 
@@ -110,18 +110,15 @@ async def run_workflow(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonSto
 
 @kopf.on.update(API_GROUP, API_VERSION, WORKFLOWS, field="spec")
 async def spec_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """A Workflow runs the spec it started with; later changes are recorded and ignored."""
+    """A Workflow runs the spec it started with; a later change is said, in an Event and a
+    condition (which its run's status writer keeps while it runs, restarts included)."""
     services: Services = memo.services
     status = body.get("status") or {}
-    message = (f"spec changed to generation {body.metadata.get('generation')} after "
-               f"generation {status.get('observedGeneration')} started; a Workflow runs the "
-               "spec it started with (delete and re-create it to run the new one)")
-    ignored = reporting.condition(ConditionType.SPEC_CHANGE_IGNORED, True,
-                                  "SpecChangedAfterStart", message)
-    uid = body.metadata.uid or ""
-    services.extra_conditions[uid] = [ignored]
-    kopf.warn(body, reason=ignored.type, message=message)
-    if services.phases.get(uid) in {p for p in WorkflowPhase if p.finished}:
+    ignored = reporting.spec_change_ignored(body, status.get("observedGeneration"))
+    if ignored is None:
+        return
+    kopf.warn(body, reason=ignored.type, message=ignored.message)
+    if status.get("phase") in {p.value for p in WorkflowPhase if p.finished}:
         conditions = [c for c in status.get("conditions", []) if c.get("type") != ignored.type]
         await services.patch_status(WORKFLOWS, body.metadata.namespace or "default",
                                     body.metadata.name or "",
@@ -144,5 +141,4 @@ async def workflow_deleted(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger
         raise reporting.reconcile_failed(services, "Workflow", error, retry,
                                          converge=True) from error
     services.workflow_phase(uid, None)
-    services.extra_conditions.pop(uid, None)
     logger.info("removed the agents and state of the workflow")

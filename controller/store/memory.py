@@ -115,6 +115,7 @@ class MemoryStore:
         if keep and uses < max_uses:
             pool.idle[agent] = time.time()
             return uses
+        pool.leases[agent] = ("retiring", time.monotonic() + 300)  # held while removed
         return 0
 
     async def pool_remove(self, uid: str, agent: str) -> None:
@@ -125,16 +126,18 @@ class MemoryStore:
     async def pool_agents(self, uid: str) -> dict[str, PoolAgent]:
         return dict(self._pool(uid).agents)
 
-    async def pool_idle(self, uid: str) -> dict[str, float]:
-        return dict(self._pool(uid).idle)
-
     async def pool_counts(self, uid: str) -> tuple[int, int]:
         pool = self._pool(uid)
         return sum(1 for a in pool.agents.values() if a.pending_since is None), len(pool.idle)
 
-    async def pool_leased(self, uid: str, agents: list[str]) -> set[str]:
+    async def pool_reclaim(self, uid: str, pending_prefix: str) -> list[str]:
         pool = self._pool(uid)
-        return {agent for agent in agents if pool.holder(agent) is not None}
+        lapsed = [agent for agent in pool.agents if not agent.startswith(pending_prefix)
+                  and agent not in pool.idle and pool.holder(agent) is None]
+        for agent in lapsed:
+            pool.agents.pop(agent)
+            pool.uses.pop(agent, None)
+        return lapsed
 
     async def pool_take_idle(self, uid: str, idle_before: float, keep: int) -> list[str]:
         pool = self._pool(uid)

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from controller.errors import StoreDataError
-from controller.models import AgentStatus, StepStatus, WorkflowPhase
+from controller.models import AgentStatus, StepStatus, WorkflowPhase, WorkflowSpec
 
 LOG_LIMIT_BYTES = 64 * 1024
 M = TypeVar("M", bound=BaseModel)
@@ -22,7 +22,9 @@ M = TypeVar("M", bound=BaseModel)
 
 @dataclass(frozen=True)
 class WorkflowRecord:
-    """A workflow as a whole: the hash ``agentainer:workflow:UID``."""
+    """A workflow as a whole: the hash ``agentainer:workflow:UID``, with the spec its run
+    started with (a run goes on with that spec after a restart, whatever the resource says
+    now) and that spec's generation."""
 
     name: str
     namespace: str
@@ -31,11 +33,18 @@ class WorkflowRecord:
     started_at: str | None = None
     finished_at: str | None = None
     message: str | None = None
+    spec: WorkflowSpec | None = None
+    generation: int | None = None
 
     def fields(self) -> dict[str, str]:
-        return {"name": self.name, "namespace": self.namespace, "phase": self.phase.value,
-                "progress": self.progress, "startedAt": self.started_at or "",
-                "finishedAt": self.finished_at or "", "message": self.message or ""}
+        fields = {"name": self.name, "namespace": self.namespace, "phase": self.phase.value,
+                  "progress": self.progress, "startedAt": self.started_at or "",
+                  "finishedAt": self.finished_at or "", "message": self.message or ""}
+        if self.spec is not None:
+            fields["spec"] = self.spec.model_dump_json(by_alias=True, exclude_none=True)
+        if self.generation is not None:
+            fields["generation"] = str(self.generation)
+        return fields
 
     @classmethod
     def from_fields(cls, fields: dict[str, str]) -> WorkflowRecord | None:
@@ -45,11 +54,15 @@ class WorkflowRecord:
             phase = WorkflowPhase(fields.get("phase") or WorkflowPhase.PENDING)
         except ValueError:
             raise StoreDataError(f"a workflow record has phase {fields.get('phase')!r}") from None
+        generation = fields.get("generation", "")
         return cls(name=fields.get("name", ""), namespace=fields.get("namespace", ""),
                    phase=phase, progress=fields.get("progress", ""),
                    started_at=fields.get("startedAt") or None,
                    finished_at=fields.get("finishedAt") or None,
-                   message=fields.get("message") or None)
+                   message=fields.get("message") or None,
+                   spec=_validated(WorkflowSpec, fields["spec"], "a workflow's spec")
+                   if fields.get("spec") else None,
+                   generation=int(generation) if generation.isdigit() else None)
 
 
 @dataclass(frozen=True)

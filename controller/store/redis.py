@@ -34,6 +34,14 @@ from controller.store.records import (
     tail,
 )
 
+CONNECTIONS = 50
+"""Connections to Redis one process opens at most: a few hundred workflows and pooled tasks
+waiting at once share them, each command taking a millisecond."""
+CONNECTION_WAIT_SECONDS = 20
+"""How long a command waits for a free connection before it fails as Redis unavailable."""
+RETIRING_MS = 300_000
+"""How long an agent its holder is removing stays held; the removal takes seconds."""
+
 # Lease the most recently returned idle agent (the warmest; the others age towards the idle
 # timeout), in one step with its lease, so that no two holders ever get the same agent.
 ACQUIRE = """
@@ -44,16 +52,35 @@ return popped[1]
 """
 # Return a leased agent: only its holder may; it goes back to idle unless it has been used
 # maxUses times or is not to be kept. Returns its uses, 0 when it is to be recycled, -1 when
-# the lease was no longer ours (it expired and the agent was reclaimed).
+# the lease was no longer ours (it expired and the agent was reclaimed). An agent not kept
+# stays held ("retiring") while its holder removes it, so that no reconcile takes it for one
+# whose holder died.
 RELEASE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[2] then return -1 end
-redis.call('DEL', KEYS[1])
 local uses = redis.call('HINCRBY', KEYS[3], ARGV[1], 1)
 if ARGV[5] == '1' and uses < tonumber(ARGV[4]) then
+  redis.call('DEL', KEYS[1])
   redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
   return uses
 end
+redis.call('SET', KEYS[1], 'retiring', 'PX', ARGV[6])
 return 0
+"""
+# The agents that are neither idle, nor leased, nor being started (their names do not start
+# with ARGV[2]): their holder died. They leave the pool in the same step, so that nobody can
+# lease them while they are replaced.
+RECLAIM = """
+local lapsed = {}
+for _, agent in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if string.sub(agent, 1, #ARGV[2]) ~= ARGV[2]
+      and not redis.call('ZSCORE', KEYS[2], agent)
+      and redis.call('EXISTS', ARGV[1] .. agent) == 0 then
+    redis.call('HDEL', KEYS[1], agent)
+    redis.call('HDEL', KEYS[3], agent)
+    table.insert(lapsed, agent)
+  end
+end
+return lapsed
 """
 RENEW = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
@@ -95,12 +122,18 @@ class RedisStore:
         self._release = client.register_script(RELEASE)
         self._renew = client.register_script(RENEW)
         self._take_idle = client.register_script(TAKE_IDLE)
+        self._reclaim = client.register_script(RECLAIM)
         self._reserve = client.register_script(RESERVE)
 
     @classmethod
-    async def connect(cls, url: str) -> RedisStore:
+    async def connect(cls, url: str, connections: int = CONNECTIONS) -> RedisStore:
+        """A store on Redis at ``url``, checked. At most ``connections`` commands are in flight
+        at once; more wait their turn (a few seconds at the most) instead of failing."""
         try:
-            client = redis.asyncio.Redis.from_url(url, decode_responses=True)
+            pool = redis.asyncio.BlockingConnectionPool.from_url(
+                url, decode_responses=True, max_connections=connections,
+                timeout=CONNECTION_WAIT_SECONDS)
+            client = redis.asyncio.Redis.from_pool(pool)
         except ValueError as error:
             raise StoreUnavailableError(f"AGENTAINER_REDIS_URL={url!r}: {error}") from None
         store = cls(client, url)
@@ -215,7 +248,8 @@ class RedisStore:
         async with self._errors("returning a pool agent"):
             return int(await self._release(
                 keys=[Keys.pool_lease(uid, agent), Keys.pool_idle(uid), Keys.pool_uses(uid)],
-                args=[agent, holder, time.time(), max_uses, "1" if keep else "0"]))
+                args=[agent, holder, time.time(), max_uses, "1" if keep else "0",
+                      RETIRING_MS]))
 
     async def pool_remove(self, uid: str, agent: str) -> None:
         async with self._errors("removing a pool agent"), self._client.pipeline(
@@ -231,12 +265,6 @@ class RedisStore:
             raw = _texts(await self._client.hgetall(Keys.pool_agents(uid)))
         return {agent: decode_pool_agent(agent, value) for agent, value in raw.items()}
 
-    async def pool_idle(self, uid: str) -> dict[str, float]:
-        async with self._errors("reading a pool"):
-            pairs: list[Any] = await self._client.zrange(Keys.pool_idle(uid), 0, -1,
-                                                         withscores=True)
-        return {_text(agent): float(score) for agent, score in pairs}
-
     async def pool_counts(self, uid: str) -> tuple[int, int]:
         """(agents, idle agents) of one moment; agents being started are not counted."""
         async with self._errors("reading a pool"), self._client.pipeline(
@@ -247,12 +275,12 @@ class RedisStore:
         agents = [decode_pool_agent("", _text(record)) for record in records]
         return sum(1 for agent in agents if agent.pending_since is None), int(idle)
 
-    async def pool_leased(self, uid: str, agents: list[str]) -> set[str]:
-        if not agents:
-            return set()
-        async with self._errors("reading leases"):
-            holders = await self._client.mget([Keys.pool_lease(uid, a) for a in agents])
-        return {agent for agent, holder in zip(agents, holders, strict=True) if holder is not None}
+    async def pool_reclaim(self, uid: str, pending_prefix: str) -> list[str]:
+        async with self._errors("reclaiming pool agents"):
+            lapsed = await self._reclaim(
+                keys=[Keys.pool_agents(uid), Keys.pool_idle(uid), Keys.pool_uses(uid)],
+                args=[Keys.pool_lease(uid, ""), pending_prefix])
+        return [_text(agent) for agent in lapsed]
 
     async def pool_take_idle(self, uid: str, idle_before: float, keep: int) -> list[str]:
         async with self._errors("shrinking a pool"):

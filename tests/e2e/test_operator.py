@@ -213,6 +213,32 @@ def test_spec_change_after_the_run_is_recorded_and_ignored(kubectl: Kubectl,
     assert body["status"]["steps"][0]["output"] == "first"
 
 
+def test_spec_edited_while_the_controller_is_down_is_not_run_on_restart(
+        kubectl: Kubectl, controller: Controller) -> None:
+    """The run goes on with the spec it started with: the items and command of the edit are
+    never run, and the SpecChangeIgnored condition says so, after the restart too."""
+    name = apply(kubectl, workflow_doc(
+        {"name": "fan", "parallel": {"items": ["a", "b"]},
+         "command": sh('[ "$AGENTAINER_ITEM" = b ] && sleep 6; echo "old $AGENTAINER_ITEM"')}))
+    kubectl.wait_for("workflow", name, lambda b: (b.get("status") or {}).get("progress")
+                     == "1/2", timeout=60)
+
+    controller.kill()
+    try:
+        kubectl("patch", "workflow", name, "--type=json", "-p", json.dumps([
+            {"op": "replace", "path": "/spec/steps/0/parallel/items", "value": ["x", "y", "z"]},
+            {"op": "replace", "path": "/spec/steps/0/command",
+             "value": sh('echo "new $AGENTAINER_ITEM"')}]))
+    finally:
+        controller.start()
+    body = kubectl.wait_for("workflow", name, finished, timeout=120)
+
+    assert body["status"]["phase"] == "Succeeded", body["status"]
+    assert json.loads(body["status"]["steps"][0]["output"]) == ["old a", "old b"]
+    assert body["status"]["observedGeneration"] < body["metadata"]["generation"]
+    assert any(c["type"] == "SpecChangeIgnored" for c in body["status"]["conditions"])
+
+
 def test_agent_pool_keeps_its_minimum_warm_and_drains_on_delete(
         kubectl: Kubectl, controller: Controller, docker_client: Any) -> None:
     name = f"pool-{uuid.uuid4().hex[:6]}"
