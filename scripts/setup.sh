@@ -61,8 +61,9 @@ docker_up() {
     is_root || die "no Docker engine answers and starting dockerd needs root; start Docker (Docker Desktop, or sudo systemctl start docker) and add yourself to the docker group"
     command -v dockerd >/dev/null || die "dockerd is not installed (scripts/setup.sh packages)"
     say "starting dockerd (log: $CACHE/dockerd.log)"
-    # Outside systemd (containers, CI machines) nothing else starts it.
-    nohup dockerd --host unix:///var/run/docker.sock >"$CACHE/dockerd.log" 2>&1 &
+    # Outside systemd (containers, CI machines) nothing else starts it. live-restore: a
+    # restarted engine finds its containers still running, as on a well-kept node.
+    nohup dockerd --host unix:///var/run/docker.sock --live-restore >>"$CACHE/dockerd.log" 2>&1 &
     for _ in $(seq 1 60); do
         docker_answers && return 0
         sleep 1
@@ -83,9 +84,12 @@ PY
     port=$("$PYTHON" -c 'import sys; from urllib.parse import urlsplit; print(urlsplit(sys.argv[1]).port or 6379)' "$REDIS_URL")
     case "$host" in localhost|127.0.0.1) ;; *) die "Redis at $REDIS_URL does not answer; start it or set AGENTAINER_REDIS_URL" ;; esac
     command -v redis-server >/dev/null || die "redis-server is not installed (scripts/setup.sh packages)"
-    say "starting redis-server on 127.0.0.1:$port (log: $CACHE/redis.log)"
-    redis-server --port "$port" --bind 127.0.0.1 --daemonize yes --save '' --appendonly no \
-        --dir "$CACHE" --logfile "$CACHE/redis.log"
+    say "starting redis-server on 127.0.0.1:$port (log: $CACHE/redis.log, data: $CACHE/redis)"
+    # An append-only file, written every second: a Redis restarted keeps the workflows' state
+    # (what the last second lost, the controller finds again in the agents' labels).
+    mkdir -p "$CACHE/redis"
+    redis-server --port "$port" --bind 127.0.0.1 --daemonize yes --save '' --appendonly yes \
+        --appendfsync everysec --dir "$CACHE/redis" --logfile "$CACHE/redis.log"
     for _ in $(seq 1 20); do
         redis-cli -p "$port" ping >/dev/null 2>&1 && return 0
         sleep 0.25
