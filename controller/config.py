@@ -70,10 +70,13 @@ class Settings:
     Kubernetes. Its tag follows the controller's version, so that both speak one protocol."""
 
     output_limit_bytes: int = 1 << 20
-    """Bytes of a pooled task's stdout, and of its stderr, that are kept; the rest is dropped
-    as it comes (never buffered) and the output marked truncated. 1 MiB holds any output a
-    later step reads through a template, and bounds what one task can make the controller
-    hold."""
+    """Bytes of an agent's stdout, and of its stderr, that are kept (a pooled task's too); the
+    rest is dropped as it comes (never held whole) and the output marked truncated. An agent of
+    its own keeps the head of its stdout (the data a later step reads) and the tail of its
+    stderr (its last lines say why it failed). 1 MiB bounds what one agent can make the
+    controller (and Redis) hold; an output a later step reads through a template must stay
+    under 128 KiB anyway (Linux's limit on one argument or environment variable of a
+    program)."""
 
     agent_pids_limit: int = 1024
     """Processes a Docker agent may have at once (its pids limit), so that a fork bomb stays

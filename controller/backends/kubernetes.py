@@ -20,7 +20,7 @@ import kubernetes
 from kubernetes.client import ApiClient, ApiException, CoreV1Api
 from kubernetes.stream import stream
 
-from controller.backends import runner
+from controller.backends import output, runner
 from controller.backends.base import (
     LABEL_RUNNER,
     AgentHandle,
@@ -49,6 +49,8 @@ CONTAINER = "agent"
 RUNNER_INSTALLER = "runner-install"
 RUNNER_VOLUME, TASKS_VOLUME = "agentainer-runner", "agentainer-tasks"
 POLL_SECONDS = 0.25
+LOG_READ_BYTES = 64 * 1024
+"""A pod's log is read this much at a time."""
 START_TIMEOUT_SECONDS = 300.0
 # The answers a caller must tell apart (400 and 422 refuse the spec).
 CLIENT_ERRORS: dict[int, type[AgentainerError]] = {
@@ -300,13 +302,13 @@ class KubernetesBackend:
 
     async def _log_tail(self, agent: AgentHandle) -> str:
         namespace, name = _split(agent.id)
+        log = output.Head(self._settings.output_limit_bytes)
         try:
-            log: Any = await self._call(f"reading the log of {name}",
-                                        self._core.read_namespaced_pod_log, name, namespace,
-                                        container=CONTAINER, tail_lines=5)
+            await self._call(f"reading the log of {name}", self._read_log, name, namespace,
+                             log, tail_lines=5)
         except AgentainerError:
             return ""  # only for a message: an error already being reported
-        return str(log or "").strip()
+        return log.text().strip()
 
     @staticmethod
     def _check_waiting(pod: Any, agent: AgentHandle) -> None:
@@ -338,22 +340,39 @@ class KubernetesBackend:
             if status.name == CONTAINER and status.state and status.state.terminated:
                 terminated = status.state.terminated
         deadline = pod.status.reason == "DeadlineExceeded"
+        log = output.Head(self._settings.output_limit_bytes)
         try:
-            log: Any = await self._call(f"reading the log of {name}",
-                                   self._core.read_namespaced_pod_log, name, namespace,
-                                   container=CONTAINER)
+            await self._call(f"reading the log of {name}", self._read_log, name, namespace,
+                             log)
         except (AgentSpecError, NotFoundError):
-            log = ""  # the container never ran, or the pod is gone
+            pass  # the container never ran, or the pod is gone: no output
         reason = terminated.reason if terminated else pod.status.reason
         message = "" if reason in (None, "Completed", "Error") else (
             f"{reason}: {pod.status.message or (terminated.message if terminated else '')}")
         return AgentResult(
             exit_code=terminated.exit_code if terminated else 137 if deadline else -1,
-            stdout=log or "", stderr="",
+            stdout=log.text(), stderr="",
             oom_killed=bool(terminated and terminated.reason == "OOMKilled"),
             deadline_exceeded=deadline,
             message=message.strip().rstrip(":"),
+            output_truncated=log.truncated,
         )
+
+    def _read_log(self, name: str, namespace: str, keep: output.Head,
+                  **query: Any) -> None:
+        """Read the head of a pod's log into ``keep``, a piece at a time and never whole. The
+        API server stops at about ``limitBytes`` (one more than the limit, to tell a log of
+        exactly the limit from a longer one); what it sends past that is not read."""
+        response: Any = self._core.read_namespaced_pod_log(
+            name, namespace, container=CONTAINER, limit_bytes=keep.limit + 1,
+            _preload_content=False, **query)
+        try:
+            for piece in response.stream(LOG_READ_BYTES):
+                if not keep.feed(piece):
+                    response.close()  # unread bytes may remain: the connection is not reused
+                    break
+        finally:
+            response.release_conn()
 
     async def stop(self, agent: AgentHandle, grace_seconds: float) -> None:
         await self._delete(agent, int(grace_seconds))
