@@ -44,7 +44,17 @@ class Settings:
 
     status_output_limit: int = 1024
     """Characters of a step's output copied into the resource's status; the rest stays in the
-    store. Kept small because a custom resource must stay far below etcd's 1.5 MB limit."""
+    store. Kept small because a custom resource must stay far below etcd's 1.5 MB limit; for
+    the same reason a step's message is cut there too, and all the outputs and messages of a
+    status keep at most 32 times this together (``handlers.reporting.TEXT_SHARES``: the short
+    ones whole, the long ones sharing the rest)."""
+
+    status_agent_limit: int = 100
+    """Agents listed in a Workflow's status, over all its steps; the rest are only counted
+    (each step's ``agentCounts``), and every one is in the store. About 500 bytes each: kept
+    small because a custom resource must stay far below etcd's 1.5 MB limit whatever the
+    workflow's size (10,000 replicas, 200 steps, retries). When there are more, those running
+    and those failed are listed first."""
 
     metrics_host: str = "0.0.0.0"
     """Address the controller serves ``/metrics`` and ``/healthz`` on."""
@@ -119,9 +129,9 @@ class Settings:
                     f"{ENV_PREFIX}{name.upper()}={value!r}: must be one of {', '.join(allowed)}"
                 )
         minimums = {"docker_threads": 1, "state_ttl_seconds": 0, "stop_grace_seconds": 0,
-                    "status_output_limit": 0, "metrics_port": 0, "status_interval_seconds": 0,
-                    "lease_ttl_seconds": 1, "pool_wait_seconds": 0, "output_limit_bytes": 1,
-                    "agent_pids_limit": 0}
+                    "status_output_limit": 0, "status_agent_limit": 0, "metrics_port": 0,
+                    "status_interval_seconds": 0, "lease_ttl_seconds": 1, "pool_wait_seconds": 0,
+                    "output_limit_bytes": 1, "agent_pids_limit": 0}
         for name, minimum in minimums.items():
             if getattr(self, name) < minimum:
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be at least {minimum}")
