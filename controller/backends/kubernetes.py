@@ -17,6 +17,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import kubernetes
+import urllib3.exceptions
+import websocket
 from kubernetes.client import ApiClient, ApiException, CoreV1Api
 from kubernetes.stream import stream
 
@@ -52,11 +54,16 @@ POLL_SECONDS = 0.25
 LOG_READ_BYTES = 64 * 1024
 """A pod's log is read this much at a time."""
 START_TIMEOUT_SECONDS = 300.0
+"""How long a pool pod may take to run (pull, schedule, start) before it is given up."""
 # The answers a caller must tell apart (400 and 422 refuse the spec).
 CLIENT_ERRORS: dict[int, type[AgentainerError]] = {
     400: AgentSpecError, 403: ForbiddenError, 404: NotFoundError, 409: ConflictError,
     422: AgentSpecError}
-"""How long a pool pod may take to run (pull, schedule, start) before it is given up."""
+TRANSPORT_ERRORS: tuple[type[Exception], ...] = (
+    urllib3.exceptions.HTTPError, websocket.WebSocketException, OSError)
+"""How the client says the API server could not be reached or the connection broke: urllib3's
+errors (MaxRetryError, ProtocolError, NewConnectionError...), the websocket client's (attach,
+exec), and the socket's own."""
 IMAGE_ERRORS = {"ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName"}
 SPEC_ERRORS = {"CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
 
@@ -199,7 +206,10 @@ class PodAttachChannel(RunnerChannel):
         self._client = client
 
     async def _send(self, data: bytes) -> None:
-        await asyncio.to_thread(self._client.write_stdin, data.decode())
+        try:
+            await asyncio.to_thread(self._client.write_stdin, data.decode())
+        except TRANSPORT_ERRORS as error:
+            raise self._broken(error) from error
 
     def _send_now(self, data: bytes) -> None:
         try:
@@ -215,11 +225,18 @@ class PodAttachChannel(RunnerChannel):
         if not client.is_open():
             raise ChannelClosedError(f"agent {self.agent_name} is gone: its runner's channel "
                                      "closed")
-        client.update(timeout=timeout)
-        if client.peek_stderr():
-            logger.warning("agent %s's runner: %s", self.agent_name,
-                           client.read_stderr().strip())
-        return str(client.read_stdout() if client.peek_stdout() else "").encode()
+        try:
+            client.update(timeout=timeout)
+            if client.peek_stderr():
+                logger.warning("agent %s's runner: %s", self.agent_name,
+                               client.read_stderr().strip())
+            return str(client.read_stdout() if client.peek_stdout() else "").encode()
+        except TRANSPORT_ERRORS as error:
+            raise self._broken(error) from error
+
+    def _broken(self, error: Exception) -> ChannelClosedError:
+        return ChannelClosedError(f"agent {self.agent_name} is gone: its runner's channel "
+                                  f"broke ({type(error).__name__}: {error})")
 
     def _close_transport(self) -> None:
         try:
@@ -258,7 +275,7 @@ class KubernetesBackend:
                               f"{_message(error)}") from error
             raise BackendError(f"{action}: API server error {error.status}: {error.reason}"
                                ) from error
-        except OSError as error:  # connection refused, reset, DNS
+        except TRANSPORT_ERRORS as error:
             raise BackendUnavailableError(f"{action}: cannot reach the API server: {error}"
                                           ) from error
 

@@ -211,6 +211,8 @@ class StatusWriter:
                 await self.flush()
             except AgentainerError as error:
                 logger.warning("status of %s: %s", self.name, error)
+            except Exception:  # whatever it was, the next write may land: never stop writing
+                logger.exception("status of %s: the write failed unexpectedly", self.name)
             try:  # the interval between writes, cut short by stop()
                 await asyncio.wait_for(self._closing.wait(),
                                        self.services.settings.status_interval_seconds)

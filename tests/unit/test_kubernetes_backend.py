@@ -1,5 +1,5 @@
-"""The Kubernetes backend against a fake API client: how much of a pod's log it reads. No API
-server is needed."""
+"""The Kubernetes backend against a fake API client: what it makes of the client's errors, and
+how much of a pod's log it reads. No API server is needed."""
 
 from __future__ import annotations
 
@@ -9,17 +9,121 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import urllib3.exceptions
+import websocket
 from kubernetes.client import ApiClient, CoreV1Api
 
-from controller.backends.base import AgentHandle
+from controller.backends.base import AgentHandle, AgentSpec
 from controller.backends.kubernetes import KubernetesBackend
+from controller.backends.runner import ChannelClosedError
 from controller.config import Settings
+from controller.errors import BackendUnavailableError
 
 MiB = 1 << 20
 AGENT = AgentHandle(id="team/wf-step-abcde", name="wf-step-abcde")
+SPEC = AgentSpec(name="wf-step-abcde", image="agent:1", command=None, args=None, env={},
+                 labels={}, namespace="team")
+
+TRANSPORT_ERRORS = [
+    pytest.param(urllib3.exceptions.MaxRetryError(None, "/api/v1/pods"), id="MaxRetryError"),
+    pytest.param(urllib3.exceptions.ProtocolError(
+        "Connection aborted.", ConnectionResetError(104, "reset")), id="ProtocolError"),
+    pytest.param(urllib3.exceptions.NewConnectionError(None, "Connection refused"),
+                 id="NewConnectionError"),
+    pytest.param(urllib3.exceptions.ReadTimeoutError(None, "/api", "read timed out"),
+                 id="ReadTimeoutError"),
+    pytest.param(ConnectionRefusedError(111, "Connection refused"), id="OSError"),
+]
+OPERATIONS = {
+    "start": ("create_namespaced_pod", lambda b: b.start(SPEC)),
+    "wait": ("read_namespaced_pod", lambda b: b.wait(AGENT)),
+    "stop": ("delete_namespaced_pod", lambda b: b.stop(AGENT, 2)),
+    "list_agents": ("list_pod_for_all_namespaces", lambda b: b.list_agents({"a": "b"})),
+}
+
 
 def backend(**settings: Any) -> KubernetesBackend:
     return KubernetesBackend(CoreV1Api(ApiClient()), Settings(**settings))
+
+
+def raising(error: BaseException) -> Any:
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise error
+    return call
+
+
+@pytest.mark.parametrize("operation", list(OPERATIONS))
+@pytest.mark.parametrize("error", TRANSPORT_ERRORS)
+def test_an_unreachable_api_server_is_a_backend_unavailable_error_in_every_call(
+        monkeypatch: pytest.MonkeyPatch, operation: str, error: Exception) -> None:
+    method, call = OPERATIONS[operation]
+    monkeypatch.setattr(CoreV1Api, method, raising(error))
+
+    with pytest.raises(BackendUnavailableError, match="cannot reach the API server") as raised:
+        asyncio.run(call(backend()))
+
+    assert raised.value.retryable
+    assert raised.value.__cause__ is error
+
+
+# --- the attach websocket of pool agents ------------------------------------------------------
+
+
+class BrokenWebsocket:
+    """An attach client whose ``fails`` method raises ``error``, as the websocket client does
+    when the connection breaks."""
+
+    def __init__(self, fails: str, error: Exception) -> None:
+        self.fails = fails
+        self.error = error
+
+    def _maybe_fail(self, name: str) -> None:
+        if name == self.fails:
+            raise self.error
+
+    def is_open(self) -> bool:
+        return True
+
+    def write_stdin(self, data: str) -> None:
+        self._maybe_fail("write_stdin")
+
+    def update(self, timeout: float = 0) -> None:
+        self._maybe_fail("update")
+
+    def peek_stderr(self) -> str:
+        return ""
+
+    def peek_stdout(self) -> str:
+        return ""
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("fails", ["write_stdin", "update"])
+@pytest.mark.parametrize("error", [
+    pytest.param(websocket.WebSocketConnectionClosedException("closed"), id="closed"),
+    pytest.param(websocket.WebSocketTimeoutException("timed out"), id="timeout"),
+    pytest.param(BrokenPipeError(32, "Broken pipe"), id="OSError"),
+])
+def test_a_broken_attach_websocket_is_a_closed_channel_not_a_foreign_error(
+        monkeypatch: pytest.MonkeyPatch, fails: str, error: Exception) -> None:
+    monkeypatch.setattr(CoreV1Api, "connect_get_namespaced_pod_attach",
+                        lambda self, *args, **kwargs: BrokenWebsocket(fails, error))
+
+    with pytest.raises(ChannelClosedError, match="channel broke") as raised:
+        asyncio.run(backend().run_task(AGENT, ["true"], {}, None))
+
+    assert raised.value.__cause__ is error
+
+
+def test_an_attach_the_api_server_cannot_be_reached_for_is_backend_unavailable(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    error = websocket.WebSocketAddressException("name or service not known")
+    monkeypatch.setattr(CoreV1Api, "connect_get_namespaced_pod_attach", raising(error))
+
+    with pytest.raises(BackendUnavailableError, match="attaching to pod"):
+        asyncio.run(backend().run_task(AGENT, ["true"], {}, None))
 
 
 # --- a pod's log, read within the limit -------------------------------------------------------

@@ -1,12 +1,19 @@
-"""What the handlers write to Kubernetes: a Workflow's status small at any size of workflow."""
+"""What the handlers write to Kubernetes: a Workflow's status small at any size of workflow, and
+a status writer that outlives any failed write."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from controller.config import Settings
-from controller.handlers.reporting import compact_status, text_limit
+from controller.engine import Event, EventKind
+from controller.handlers.reporting import StatusWriter, compact_status, text_limit
 from controller.models import (
     AgentPhase,
     AgentReason,
@@ -194,3 +201,77 @@ def test_messages_are_cut_like_outputs_and_say_so() -> None:
 
     assert written["steps"][0]["message"] == "m" * 10 + "..."
     assert written["steps"][0]["output"] == "o" * 10
+
+
+# --- the status writer ------------------------------------------------------------------------
+
+
+class FlakyServices:
+    """What a StatusWriter uses of Services; ``patch_status`` raises each of ``failures`` once,
+    in turn, then works."""
+
+    def __init__(self, *failures: BaseException) -> None:
+        self.settings = Settings(status_interval_seconds=0)
+        self.extra_conditions: dict[str, Any] = {}
+        self.failures = list(failures)
+        self.patched: list[dict[str, Any]] = []
+
+    def workflow_phase(self, uid: str, phase: WorkflowPhase | None) -> None:
+        pass
+
+    async def patch_status(self, plural: str, namespace: str, name: str,
+                           status: dict[str, Any]) -> None:
+        if self.failures:
+            raise self.failures.pop(0)
+        self.patched.append(status)
+
+
+async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    async def poll() -> None:
+        while not condition():
+            await asyncio.sleep(0.01)
+    await asyncio.wait_for(poll(), timeout)
+
+
+@pytest.mark.parametrize("failure", [
+    RuntimeError("something no one expected"), TypeError("not JSON serializable"),
+    ConnectionResetError(104, "reset")])
+def test_status_writer_logs_a_write_that_raises_anything_and_writes_the_next(
+        caplog: pytest.LogCaptureFixture, failure: Exception) -> None:
+    services = FlakyServices(failure)
+
+    async def run() -> None:
+        writer = StatusWriter(services, "team", "wf", "uid-1")  # type: ignore[arg-type]
+        writer.start()
+        writer(Event(EventKind.WORKFLOW_STARTED, "started"),
+               WorkflowStatus(phase=WorkflowPhase.RUNNING))
+        await until(lambda: not services.failures)  # the first write has failed
+        writer(Event(EventKind.WORKFLOW_FINISHED, "done"),
+               WorkflowStatus(phase=WorkflowPhase.SUCCEEDED))
+        await until(lambda: bool(services.patched))  # the writer wrote on
+        await writer.stop()
+
+    with caplog.at_level(logging.ERROR, logger="controller.handlers.reporting"):
+        asyncio.run(run())
+
+    assert services.patched[0]["phase"] == "Succeeded"
+    assert services.patched[-1]["phase"] == "Succeeded"  # the final write, by stop()
+    assert "status of wf: the write failed unexpectedly" in caplog.text
+
+
+def test_status_writer_is_still_stopped_by_cancellation() -> None:
+    class Hanging(FlakyServices):
+        async def patch_status(self, plural: str, namespace: str, name: str,
+                               status: dict[str, Any]) -> None:
+            await asyncio.Event().wait()
+
+    async def run() -> set[str]:
+        writer = StatusWriter(Hanging(), "team", "wf", "uid-1")  # type: ignore[arg-type]
+        writer.start()
+        writer(Event(EventKind.WORKFLOW_STARTED, "started"), WorkflowStatus())
+        await asyncio.sleep(0.05)
+        writer.abandon()
+        await asyncio.sleep(0.05)
+        return {task.get_name() for task in asyncio.all_tasks()}
+
+    assert "status-wf" not in asyncio.run(run())
