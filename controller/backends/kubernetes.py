@@ -195,6 +195,19 @@ def _split(agent_id: str) -> tuple[str, str]:
     return namespace, name
 
 
+class _NothingKept:
+    """Where a websocket client would keep a copy of all it receives: nothing is kept."""
+
+    def write(self, data: object) -> None:
+        pass
+
+    def getvalue(self) -> str:
+        return ""
+
+
+NOTHING_KEPT = _NothingKept()
+
+
 class PodAttachChannel(RunnerChannel):
     """A pod's runner over the API server's attach websocket. The websocket client blocks, so
     each read runs in a thread, for a short slice at a time: a long task holds no thread."""
@@ -432,6 +445,11 @@ class KubernetesBackend:
                     f"attaching to pod {name}", _stream, "connect_get_namespaced_pod_attach",
                     name, namespace, container=CONTAINER, stdin=True, stdout=True,
                     stderr=True, tty=False, _preload_content=False)
+                # The websocket client keeps a copy of all it receives, for read_all(), which
+                # is never used here; stream() cannot tell it not to (capture_all: see
+                # kubernetes-client/python#2302), and one channel lives for many tasks: their
+                # output would pile up without bound.
+                client._all = NOTHING_KEPT
                 channel = PodAttachChannel(client, agent.name)
                 await channel.hello()
                 self._channels[agent.id] = channel

@@ -1,9 +1,13 @@
-"""The Kubernetes backend against a fake API client: what it makes of the client's errors, and
-how much of a pod's log it reads. No API server is needed."""
+"""The Kubernetes backend against a fake API client: what it makes of the client's errors, how
+much of a pod's log it reads, and what a pool pod's channel keeps. No API server is needed."""
 
 from __future__ import annotations
 
 import asyncio
+import binascii
+import collections
+import socket
+import tracemalloc
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -12,6 +16,8 @@ import pytest
 import urllib3.exceptions
 import websocket
 from kubernetes.client import ApiClient, CoreV1Api
+from kubernetes.stream import ws_client
+from websocket import ABNF
 
 from controller.backends.base import AgentHandle, AgentSpec
 from controller.backends.kubernetes import KubernetesBackend
@@ -204,3 +210,67 @@ def test_a_pods_log_that_is_not_utf8_is_read_with_replacement_characters(
     result = asyncio.run(backend().wait(AGENT))
 
     assert result.stdout == "\ufffd" * 3
+
+
+# --- a pool pod's runner, over a real websocket client ----------------------------------------
+
+
+class RunnerBehindWebsocket:
+    """The websocket under the Kubernetes client's own WSClient, with a runner at its far end
+    that answers a hello, and each task with ``task_bytes`` of output. Every frame it sends
+    rings a real socket, which is what the client polls."""
+
+    subprotocol = "v4.channel.k8s.io"
+    connected = True
+    OUT_PIECE = 64 * 1024  # bytes of output per OUT frame
+
+    def __init__(self, task_bytes: int) -> None:
+        self.sock, self._bell = socket.socketpair()
+        self.frames: collections.deque[bytes] = collections.deque()
+        self.task_bytes = task_bytes
+
+    def send(self, payload: str | bytes, opcode: int = 0) -> None:
+        text = payload[1:] if isinstance(payload, str) else payload[1:].decode()
+        words = text.split()
+        if words[0] == "HELLO":
+            self._say(f"READY {words[1]} agentainer-runner/1 user 65532 65532\n")
+        elif words[0] == "TASK":
+            piece = binascii.b2a_base64(b"x" * self.OUT_PIECE, newline=False).decode()
+            for _ in range(self.task_bytes // self.OUT_PIECE):
+                self._say(f"OUT {words[1]} {piece}\n")
+            self._say(f"EXIT {words[1]} 0 - 1000 1000 -\n")
+
+    def _say(self, line: str) -> None:
+        self.frames.append(bytes([ws_client.STDOUT_CHANNEL]) + line.encode())
+        self._bell.send(b"\0")
+
+    def recv_data_frame(self, control_frame: bool) -> tuple[int, Any]:
+        self.sock.recv(1)
+        return ABNF.OPCODE_BINARY, SimpleNamespace(data=self.frames.popleft())
+
+    def close(self, **kwargs: Any) -> None:
+        self.sock.close()
+        self._bell.close()
+
+
+def test_a_pool_pods_channel_keeps_none_of_the_output_of_the_tasks_it_ran(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    runner = RunnerBehindWebsocket(task_bytes=MiB)
+    monkeypatch.setattr(ws_client, "create_websocket", lambda *args, **kwargs: runner)
+    pool_backend = backend(output_limit_bytes=MiB)
+
+    async def output_sizes(tasks: int) -> list[int]:
+        return [len((await pool_backend.run_task(AGENT, ["true"], {}, None)).stdout)
+                for _ in range(tasks)]
+
+    tracemalloc.start()
+    try:
+        sizes = asyncio.run(output_sizes(30))
+        held, _ = tracemalloc.get_traced_memory()  # the channel is still open
+    finally:
+        tracemalloc.stop()
+        asyncio.run(pool_backend.close())
+
+    print(f"held after 30 tasks of 1 MiB output on one channel: {held / MiB:.1f} MiB")
+    assert sizes == [MiB] * 30
+    assert held < 8 * MiB  # the tasks' output (40 MiB in base64) is not kept
