@@ -44,7 +44,17 @@ class Settings:
 
     status_output_limit: int = 1024
     """Characters of a step's output copied into the resource's status; the rest stays in the
-    store. Kept small because a custom resource must stay far below etcd's 1.5 MB limit."""
+    store. Kept small because a custom resource must stay far below etcd's 1.5 MB limit; for
+    the same reason a step's message is cut there too, and all the outputs and messages of a
+    status keep at most 32 times this together (``handlers.reporting.TEXT_SHARES``: the short
+    ones whole, the long ones sharing the rest)."""
+
+    status_agent_limit: int = 100
+    """Agents listed in a Workflow's status, over all its steps; the rest are only counted
+    (each step's ``agentCounts``), and every one is in the store. About 500 bytes each: kept
+    small because a custom resource must stay far below etcd's 1.5 MB limit whatever the
+    workflow's size (10,000 replicas, 200 steps, retries). When there are more, those running
+    and those failed are listed first."""
 
     metrics_host: str = "0.0.0.0"
     """Address the controller serves ``/metrics`` and ``/healthz`` on."""
@@ -81,10 +91,13 @@ class Settings:
     Kubernetes. Its tag follows the controller's version, so that both speak one protocol."""
 
     output_limit_bytes: int = 1 << 20
-    """Bytes of a pooled task's stdout, and of its stderr, that are kept; the rest is dropped
-    as it comes (never buffered) and the output marked truncated. 1 MiB holds any output a
-    later step reads through a template, and bounds what one task can make the controller
-    hold."""
+    """Bytes of an agent's stdout, and of its stderr, that are kept (a pooled task's too); the
+    rest is dropped as it comes (never held whole) and the output marked truncated. An agent of
+    its own keeps the head of its stdout (the data a later step reads) and the tail of its
+    stderr (its last lines say why it failed). 1 MiB bounds what one agent can make the
+    controller (and Redis) hold; an output a later step reads through a template must stay
+    under 128 KiB anyway (Linux's limit on one argument or environment variable of a
+    program)."""
 
     agent_pids_limit: int = 1024
     """Processes a Docker agent may have at once (its pids limit), so that a fork bomb stays
@@ -127,10 +140,10 @@ class Settings:
                     f"{ENV_PREFIX}{name.upper()}={value!r}: must be one of {', '.join(allowed)}"
                 )
         minimums = {"docker_threads": 1, "state_ttl_seconds": 0, "stop_grace_seconds": 0,
-                    "status_output_limit": 0, "metrics_port": 0, "status_interval_seconds": 0,
-                    "lease_ttl_seconds": 1, "pool_wait_seconds": 0, "output_limit_bytes": 1,
-                    "backend_retry_seconds": 0, "max_agents_per_workflow": 1,
-                    "agent_pids_limit": 0}
+                    "status_output_limit": 0, "status_agent_limit": 0, "metrics_port": 0,
+                    "status_interval_seconds": 0, "lease_ttl_seconds": 1, "pool_wait_seconds": 0,
+                    "output_limit_bytes": 1, "agent_pids_limit": 0, "backend_retry_seconds": 0,
+                    "max_agents_per_workflow": 1}
         for name, minimum in minimums.items():
             if getattr(self, name) < minimum:
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be at least {minimum}")

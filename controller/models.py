@@ -537,13 +537,31 @@ class AgentStatus(StatusModel):
     finished_at: str | None = Field(default=None, description="When it stopped.")
 
 
+class AgentCounts(StatusModel):
+    """How many of a step's agents are in each phase (a phase none is in is left out)."""
+
+    created: int | None = Field(default=None, alias="Created", description="Not started yet.")
+    running: int | None = Field(default=None, alias="Running", description="Running.")
+    succeeded: int | None = Field(default=None, alias="Succeeded", description="Succeeded.")
+    failed: int | None = Field(default=None, alias="Failed",
+                               description="Failed, stopped or timed out.")
+
+
 class StepStatus(StatusModel):
     """What became of one step."""
 
     name: str = Field(description="The step's name.")
     phase: StepPhase = Field(default=StepPhase.PENDING,
                              description="Pending, Running, Succeeded, Failed, Skipped, Cancelled.")
-    agents: list[AgentStatus] = Field(default_factory=list, description="Its agents.")
+    agents: list[AgentStatus] = Field(
+        default_factory=list,
+        description="Its agents. On the resource, when a workflow has many, only those worth "
+                    "showing: the running, the failed and the last (agentsOmitted says how "
+                    "many are not); every agent is in the store.")
+    agent_counts: AgentCounts | None = Field(
+        default=None, description="All its agents by phase, listed or not (resource only).")
+    agents_omitted: int | None = Field(
+        default=None, description="Agents not listed in agents, to keep the resource small.")
     attempts: int = Field(default=0, description="Agent runs, retries included.")
     output: str | None = Field(
         default=None,

@@ -18,7 +18,7 @@ import docker.errors
 import requests.exceptions
 from docker.models.containers import Container
 
-from controller.backends import runner
+from controller.backends import output, runner
 from controller.backends.base import (
     LABEL_RUNNER,
     AgentHandle,
@@ -264,18 +264,33 @@ class DockerBackend:
             return member.read()
 
     def _wait(self, agent: AgentHandle) -> AgentResult:
+        limit = self._settings.output_limit_bytes
+        stdout, stderr = output.Head(limit), output.Tail(limit)
         with docker_errors(f"waiting for agent {agent.name}"):
             status = self._client.api.wait(agent.id)
             exit_code = int(status.get("StatusCode", -1))
-            stdout = self._client.api.logs(agent.id, stdout=True, stderr=False)
-            stderr = self._client.api.logs(agent.id, stdout=False, stderr=True)
+            self._read_log(agent.id, stdout, stderr=False)
+            self._read_log(agent.id, stderr, stderr=True)
             state = self._client.api.inspect_container(agent.id)["State"]
         return AgentResult(
             exit_code=exit_code,
-            stdout=stdout.decode("utf-8", errors="replace"),
-            stderr=stderr.decode("utf-8", errors="replace"),
+            stdout=stdout.text(),
+            stderr=stderr.text(),
             oom_killed=bool(state.get("OOMKilled")),
+            output_truncated=stdout.truncated,
         )
+
+    def _read_log(self, agent_id: str, keep: output.Head | output.Tail, stderr: bool) -> None:
+        """Stream one of an agent's logs into ``keep`` a frame at a time, never whole, and
+        stop reading (closing the stream) once it wants no more."""
+        frames = self._client.api.logs(agent_id, stdout=not stderr, stderr=stderr,
+                                       stream=True, follow=False)
+        try:
+            for frame in frames:
+                if not keep.feed(frame):
+                    break
+        finally:
+            frames.close()
 
     def _stop(self, agent_id: str, grace_seconds: float) -> None:
         try:

@@ -17,10 +17,12 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import kubernetes
+import urllib3.exceptions
+import websocket
 from kubernetes.client import ApiClient, ApiException, CoreV1Api
 from kubernetes.stream import stream
 
-from controller.backends import runner
+from controller.backends import output, runner
 from controller.backends.base import (
     LABEL_RUNNER,
     AgentHandle,
@@ -49,12 +51,19 @@ CONTAINER = "agent"
 RUNNER_INSTALLER = "runner-install"
 RUNNER_VOLUME, TASKS_VOLUME = "agentainer-runner", "agentainer-tasks"
 POLL_SECONDS = 0.25
+LOG_READ_BYTES = 64 * 1024
+"""A pod's log is read this much at a time."""
 START_TIMEOUT_SECONDS = 300.0
+"""How long a pool pod may take to run (pull, schedule, start) before it is given up."""
 # The answers a caller must tell apart (400 and 422 refuse the spec).
 CLIENT_ERRORS: dict[int, type[AgentainerError]] = {
     400: AgentSpecError, 403: ForbiddenError, 404: NotFoundError, 409: ConflictError,
     422: AgentSpecError}
-"""How long a pool pod may take to run (pull, schedule, start) before it is given up."""
+TRANSPORT_ERRORS: tuple[type[Exception], ...] = (
+    urllib3.exceptions.HTTPError, websocket.WebSocketException, OSError)
+"""How the client says the API server could not be reached or the connection broke: urllib3's
+errors (MaxRetryError, ProtocolError, NewConnectionError...), the websocket client's (attach,
+exec), and the socket's own."""
 IMAGE_ERRORS = {"ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName"}
 SPEC_ERRORS = {"CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
 
@@ -186,6 +195,19 @@ def _split(agent_id: str) -> tuple[str, str]:
     return namespace, name
 
 
+class _NothingKept:
+    """Where a websocket client would keep a copy of all it receives: nothing is kept."""
+
+    def write(self, data: object) -> None:
+        pass
+
+    def getvalue(self) -> str:
+        return ""
+
+
+NOTHING_KEPT = _NothingKept()
+
+
 class PodAttachChannel(RunnerChannel):
     """A pod's runner over the API server's attach websocket. The websocket client blocks, so
     each read runs in a thread, for a short slice at a time: a long task holds no thread."""
@@ -197,7 +219,10 @@ class PodAttachChannel(RunnerChannel):
         self._client = client
 
     async def _send(self, data: bytes) -> None:
-        await asyncio.to_thread(self._client.write_stdin, data.decode())
+        try:
+            await asyncio.to_thread(self._client.write_stdin, data.decode())
+        except TRANSPORT_ERRORS as error:
+            raise self._broken(error) from error
 
     def _send_now(self, data: bytes) -> None:
         try:
@@ -213,11 +238,18 @@ class PodAttachChannel(RunnerChannel):
         if not client.is_open():
             raise ChannelClosedError(f"agent {self.agent_name} is gone: its runner's channel "
                                      "closed")
-        client.update(timeout=timeout)
-        if client.peek_stderr():
-            logger.warning("agent %s's runner: %s", self.agent_name,
-                           client.read_stderr().strip())
-        return str(client.read_stdout() if client.peek_stdout() else "").encode()
+        try:
+            client.update(timeout=timeout)
+            if client.peek_stderr():
+                logger.warning("agent %s's runner: %s", self.agent_name,
+                               client.read_stderr().strip())
+            return str(client.read_stdout() if client.peek_stdout() else "").encode()
+        except TRANSPORT_ERRORS as error:
+            raise self._broken(error) from error
+
+    def _broken(self, error: Exception) -> ChannelClosedError:
+        return ChannelClosedError(f"agent {self.agent_name} is gone: its runner's channel "
+                                  f"broke ({type(error).__name__}: {error})")
 
     def _close_transport(self) -> None:
         try:
@@ -256,7 +288,7 @@ class KubernetesBackend:
                               f"{_message(error)}") from error
             raise BackendError(f"{action}: API server error {error.status}: {error.reason}"
                                ) from error
-        except OSError as error:  # connection refused, reset, DNS
+        except TRANSPORT_ERRORS as error:
             raise BackendUnavailableError(f"{action}: cannot reach the API server: {error}"
                                           ) from error
 
@@ -300,13 +332,13 @@ class KubernetesBackend:
 
     async def _log_tail(self, agent: AgentHandle) -> str:
         namespace, name = _split(agent.id)
+        log = output.Head(self._settings.output_limit_bytes)
         try:
-            log: Any = await self._call(f"reading the log of {name}",
-                                        self._core.read_namespaced_pod_log, name, namespace,
-                                        container=CONTAINER, tail_lines=5)
+            await self._call(f"reading the log of {name}", self._read_log, name, namespace,
+                             log, tail_lines=5)
         except AgentainerError:
             return ""  # only for a message: an error already being reported
-        return str(log or "").strip()
+        return log.text().strip()
 
     @staticmethod
     def _check_waiting(pod: Any, agent: AgentHandle) -> None:
@@ -338,22 +370,39 @@ class KubernetesBackend:
             if status.name == CONTAINER and status.state and status.state.terminated:
                 terminated = status.state.terminated
         deadline = pod.status.reason == "DeadlineExceeded"
+        log = output.Head(self._settings.output_limit_bytes)
         try:
-            log: Any = await self._call(f"reading the log of {name}",
-                                   self._core.read_namespaced_pod_log, name, namespace,
-                                   container=CONTAINER)
+            await self._call(f"reading the log of {name}", self._read_log, name, namespace,
+                             log)
         except (AgentSpecError, NotFoundError):
-            log = ""  # the container never ran, or the pod is gone
+            pass  # the container never ran, or the pod is gone: no output
         reason = terminated.reason if terminated else pod.status.reason
         message = "" if reason in (None, "Completed", "Error") else (
             f"{reason}: {pod.status.message or (terminated.message if terminated else '')}")
         return AgentResult(
             exit_code=terminated.exit_code if terminated else 137 if deadline else -1,
-            stdout=log or "", stderr="",
+            stdout=log.text(), stderr="",
             oom_killed=bool(terminated and terminated.reason == "OOMKilled"),
             deadline_exceeded=deadline,
             message=message.strip().rstrip(":"),
+            output_truncated=log.truncated,
         )
+
+    def _read_log(self, name: str, namespace: str, keep: output.Head,
+                  **query: Any) -> None:
+        """Read the head of a pod's log into ``keep``, a piece at a time and never whole. The
+        API server stops at about ``limitBytes`` (one more than the limit, to tell a log of
+        exactly the limit from a longer one); what it sends past that is not read."""
+        response: Any = self._core.read_namespaced_pod_log(
+            name, namespace, container=CONTAINER, limit_bytes=keep.limit + 1,
+            _preload_content=False, **query)
+        try:
+            for piece in response.stream(LOG_READ_BYTES):
+                if not keep.feed(piece):
+                    response.close()  # unread bytes may remain: the connection is not reused
+                    break
+        finally:
+            response.release_conn()
 
     async def stop(self, agent: AgentHandle, grace_seconds: float) -> None:
         await self._delete(agent, int(grace_seconds))
@@ -396,6 +445,11 @@ class KubernetesBackend:
                     f"attaching to pod {name}", _stream, "connect_get_namespaced_pod_attach",
                     name, namespace, container=CONTAINER, stdin=True, stdout=True,
                     stderr=True, tty=False, _preload_content=False)
+                # The websocket client keeps a copy of all it receives, for read_all(), which
+                # is never used here; stream() cannot tell it not to (capture_all: see
+                # kubernetes-client/python#2302), and one channel lives for many tasks: their
+                # output would pile up without bound.
+                client._all = NOTHING_KEPT
                 channel = PodAttachChannel(client, agent.name)
                 await channel.hello()
                 self._channels[agent.id] = channel

@@ -10,7 +10,7 @@ import kubernetes
 
 from controller.backends.base import Backend
 from controller.backends.docker import DockerBackend
-from controller.backends.kubernetes import KubernetesBackend, load_credentials
+from controller.backends.kubernetes import TRANSPORT_ERRORS, KubernetesBackend, load_credentials
 from controller.config import Settings
 from controller.errors import AgentainerError, TransientError
 from controller.metrics import Metrics
@@ -87,6 +87,9 @@ class Services:
             if error.status == 404:
                 return  # deleted meanwhile: nothing to report to
             raise KubernetesError(f"patching {plural}/{name} status: {error.reason}") from error
+        except TRANSPORT_ERRORS as error:
+            raise KubernetesError(f"patching {plural}/{name} status: cannot reach the API "
+                                  f"server: {error}") from error
 
     async def close(self) -> None:
         await self.store.close()

@@ -8,6 +8,8 @@ rest a PermanentError, after the caller has recorded a False condition that name
 from __future__ import annotations
 
 import asyncio
+import collections
+import heapq
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -19,10 +21,14 @@ from controller.engine import Event, EventKind, Observer
 from controller.errors import AgentainerError
 from controller.handlers.context import Services
 from controller.models import (
+    AgentCounts,
+    AgentPhase,
+    AgentStatus,
     Condition,
     ConditionStatus,
     ConditionType,
     StepPhase,
+    StepStatus,
     WorkflowPhase,
     WorkflowStatus,
 )
@@ -97,15 +103,84 @@ def spec_change_ignored(body: kopf.Body, running: int | None) -> Condition | Non
 # --- a Workflow's status and Events -------------------------------------------------------------
 
 
-def compact_status(status: WorkflowStatus, output_limit: int) -> dict[str, Any]:
-    """The status as written to the custom resource: outputs truncated, full lists left out."""
-    compact = status.model_copy(deep=True)
-    for step in compact.steps:
-        step.outputs = None
-        if step.output is not None and len(step.output) > output_limit:
-            step.output = step.output[:output_limit]
-            step.output_truncated = True
-    return compact.to_dict()
+TEXT_SHARES = 32
+"""The outputs and messages of a Workflow's status keep at most this many times
+``status_output_limit`` characters in all (each at most once that), so that a workflow of 200
+steps keeps its resource far below etcd's limit too."""
+SHOWN_FIRST = (AgentPhase.CREATED, AgentPhase.RUNNING), (AgentPhase.FAILED,)
+"""Which agents the status lists first when it cannot list all: those still going, then the
+failed ones; the last of the rest fill what room is left."""
+
+
+def compact_status(status: WorkflowStatus, output_limit: int,
+                   agent_limit: int) -> dict[str, Any]:
+    """The status as written to the custom resource, small whatever the size of the workflow:
+    each step's agents counted by phase but at most ``agent_limit`` of them listed over all
+    steps (:func:`shown_agents`), outputs and messages cut (``output_limit`` characters each,
+    less when they are many: :func:`text_limit`), full output lists left out. The full status
+    is the engine's (``agentainer run -o json`` prints it), and every agent is in the store."""
+    shown = shown_agents(status.steps, agent_limit)
+    lengths = [min(len(text), output_limit) for step in status.steps
+               for text in (step.output, step.message) if text is not None]
+    limit = text_limit(lengths, output_limit * TEXT_SHARES)
+    steps = []
+    for step, agents in zip(status.steps, shown, strict=True):
+        compact = step.model_copy(update={
+            "agents": agents, "outputs": None,
+            "agent_counts": agent_counts(step.agents),
+            "agents_omitted": len(step.agents) - len(agents) or None})
+        if step.output is not None and len(step.output) > limit:
+            compact.output = step.output[:limit]
+            compact.output_truncated = True
+        if step.message is not None and len(step.message) > limit:
+            compact.message = step.message[:limit] + "..."
+        steps.append(compact)
+    return status.model_copy(update={"steps": steps}).to_dict()
+
+
+def text_limit(lengths: list[int], budget: int) -> int:
+    """The most characters each of texts of these ``lengths`` may keep so that together they
+    keep at most ``budget``: the short ones keep all they have, leaving the rest to the long
+    ones, which share it evenly."""
+    remaining = budget
+    for left, length in zip(range(len(lengths), 0, -1), sorted(lengths), strict=True):
+        share = remaining // left
+        if length > share:
+            return share
+        remaining -= length
+    return max(lengths, default=0)
+
+
+def shown_agents(steps: list[StepStatus], limit: int) -> list[list[AgentStatus]]:
+    """Per step, the agents worth listing, at most ``limit`` over all steps, each step's in
+    their order. All of them when there are no more; else the running ones, then the failed,
+    then the last ones; within each kind the latest of every step before the second latest of
+    any, so that every step shows its own."""
+    ranked: list[tuple[tuple[int, int, int], int, int]] = []
+    for step_number, step in enumerate(steps):
+        seen = [0] * (len(SHOWN_FIRST) + 1)
+        for position in reversed(range(len(step.agents))):
+            phase = step.agents[position].phase
+            kind = next((k for k, phases in enumerate(SHOWN_FIRST) if phase in phases),
+                        len(SHOWN_FIRST))
+            ranked.append(((kind, seen[kind], step_number), step_number, position))
+            seen[kind] += 1
+    chosen: list[list[int]] = [[] for _ in steps]
+    for _, step_number, position in heapq.nsmallest(limit, ranked):
+        chosen[step_number].append(position)
+    return [[step.agents[p] for p in sorted(positions)]
+            for step, positions in zip(steps, chosen, strict=True)]
+
+
+def agent_counts(agents: list[AgentStatus]) -> AgentCounts | None:
+    """How many of these agents are in each phase; None when there are none."""
+    if not agents:
+        return None
+    counts = collections.Counter(agent.phase for agent in agents)
+    return AgentCounts(created=counts[AgentPhase.CREATED] or None,
+                       running=counts[AgentPhase.RUNNING] or None,
+                       succeeded=counts[AgentPhase.SUCCEEDED] or None,
+                       failed=counts[AgentPhase.FAILED] or None)
 
 
 def refused_status(kind: ConditionType, message: str, generation: int | None) -> dict[str, Any]:
@@ -153,6 +228,8 @@ class StatusWriter:
                 await self.flush()
             except AgentainerError as error:
                 logger.warning("status of %s: %s", self.name, error)
+            except Exception:  # whatever it was, the next write may land: never stop writing
+                logger.exception("status of %s: the write failed unexpectedly", self.name)
             try:  # the interval between writes, cut short by stop()
                 await asyncio.wait_for(self._closing.wait(),
                                        self.services.settings.status_interval_seconds)
@@ -162,7 +239,9 @@ class StatusWriter:
     async def flush(self) -> None:
         if self._status is None:
             return  # the run has not begun
-        status = compact_status(self._status, self.services.settings.status_output_limit)
+        settings = self.services.settings
+        status = compact_status(self._status, settings.status_output_limit,
+                                settings.status_agent_limit)
         if self.body is not None:
             ignored = spec_change_ignored(self.body, self._status.observed_generation)
             status["conditions"] = status.get("conditions", []) + dumped(

@@ -13,14 +13,17 @@ from typing import Any
 
 import docker
 import pytest
+import redis
 import yaml
 
 from controller.backends.base import LABEL_WORKFLOW
+from controller.store import Keys
 from tests.conftest import ROOT, free_port, sh, workflow_doc
 
 pytestmark = pytest.mark.integration
 
 AGENTAINER = [sys.executable, "-m", "controller.cli"]
+MiB = 1 << 20
 
 
 def agentainer(*args: str, env: dict[str, str] | None = None,
@@ -170,4 +173,36 @@ def test_redis_lost_mid_run_is_reported_and_no_agent_is_left(tmp_path: Path) -> 
     assert "Redis at redis://127.0.0.1" in stderr
     assert "Traceback" not in stderr
     assert client.containers.list(all=True, filters={"label": f"{LABEL_WORKFLOW}={name}"}) == []
+    client.close()
+
+
+def test_an_agent_printing_200_mb_has_its_output_cut_at_the_limit_in_bounded_memory(
+        tmp_path: Path, redis_url: str) -> None:
+    document = workflow_doc({"name": "loud", "command": sh(
+        "head -c 200000000 /dev/zero | tr '\\0' a")}, cleanup="Always")
+    name = document["metadata"]["name"]
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    redis_before = int(client.info("memory")["used_memory"])
+    with (tmp_path / "stdout").open("w") as stdout, (tmp_path / "stderr").open("w") as stderr:
+        process = subprocess.Popen(
+            [*AGENTAINER, "run", write(tmp_path, document), "--output", "json"], cwd=ROOT,
+            env={**os.environ, "AGENTAINER_REDIS_URL": redis_url}, stdout=stdout, stderr=stderr)
+        _, wait_status, usage = os.wait4(process.pid, 0)  # this child's own peak, no other's
+        process.returncode = os.waitstatus_to_exitcode(wait_status)
+    peak_rss = usage.ru_maxrss * 1024  # kilobytes on Linux
+    redis_growth = int(client.info("memory")["used_memory"]) - redis_before
+    print(f"agentainer run of an agent printing 200 MB: peak RSS {peak_rss / MiB:.0f} MiB, "
+          f"Redis grew by {redis_growth / MiB:.2f} MiB")
+
+    assert process.returncode == 0, (tmp_path / "stderr").read_text()
+    status = json.loads((tmp_path / "stdout").read_text())
+    (step,) = status["steps"]
+    assert step["outputs"] == ["a" * MiB]
+    assert step["agents"][0]["outputTruncated"] is True
+    uid = next(uid for uid in client.zrange(Keys.workflows, 0, -1)
+               if client.hget(Keys.workflow(uid), "name") == name)
+    assert client.hget(Keys.outputs(uid, "loud"), "0") == "a" * MiB
+    assert json.loads(client.hget(Keys.agents(uid), "loud.0.1") or "{}")["outputTruncated"]
+    assert peak_rss < 300 * MiB  # a guard that the output is not read whole, not a budget
+    assert redis_growth < 16 * MiB
     client.close()

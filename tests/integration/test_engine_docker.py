@@ -372,6 +372,22 @@ def test_agent_over_its_memory_limit_is_reported_oom_killed(runner: Runner) -> N
     assert "ran out of memory (limit 16Mi)" in (status.step("hog").message or "")
 
 
+def test_a_failing_agents_long_stderr_is_read_to_its_end_for_the_reason(
+        runner: Runner, redis_url: str) -> None:
+    status, run = runner.run(workflow_doc({"name": "noisy", "command": sh(
+        "head -c 20000000 /dev/zero | tr '\\0' e >&2; echo >&2; "
+        "echo 'disk full: the real reason' >&2; exit 3")}, cleanup="Always"))
+
+    assert status.phase is WorkflowPhase.FAILED
+    assert (status.step("noisy").message or "").endswith(
+        "exited with code 3: disk full: the real reason")
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    log = client.hget(Keys.logs(run.uid), "noisy.0.1") or ""
+    client.close()
+    assert log.endswith("e\ndisk full: the real reason\n")
+    assert len(log.encode()) == 64 * 1024  # the store keeps the last 64 KiB of it
+
+
 def test_a_new_run_resumes_from_redis_and_adopts_running_agents(runner: Runner) -> None:
     """What a restarted controller does: the first run goes away mid-fan-out without touching
     anything; a second run of the same uid finishes the work without starting any agent twice."""

@@ -348,14 +348,14 @@ def status_with_outputs() -> WorkflowStatus:
 
 
 def test_compact_status_truncates_long_outputs_and_marks_them() -> None:
-    compact = compact_status(status_with_outputs(), output_limit=10)
+    compact = compact_status(status_with_outputs(), output_limit=10, agent_limit=100)
     reduce = compact["steps"][1]
     assert reduce["output"] == "x" * 10
     assert reduce["outputTruncated"] is True
 
 
 def test_compact_status_keeps_outputs_within_the_limit_unmarked() -> None:
-    compact = compact_status(status_with_outputs(), output_limit=15)
+    compact = compact_status(status_with_outputs(), output_limit=15, agent_limit=100)
     assert compact["steps"][0]["output"] == '["1", "2", "3"]'
     assert compact["steps"][2]["output"] == "exactly10!"
     assert "outputTruncated" not in compact["steps"][0]
@@ -363,13 +363,13 @@ def test_compact_status_keeps_outputs_within_the_limit_unmarked() -> None:
 
 
 def test_compact_status_leaves_out_full_output_lists() -> None:
-    compact = compact_status(status_with_outputs(), output_limit=1024)
+    compact = compact_status(status_with_outputs(), output_limit=1024, agent_limit=100)
     assert all("outputs" not in step for step in compact["steps"])
 
 
 def test_compact_status_leaves_the_full_status_untouched() -> None:
     status = status_with_outputs()
-    compact_status(status, output_limit=10)
+    compact_status(status, output_limit=10, agent_limit=100)
     assert status.step("reduce").output == "x" * 5000
     assert status.step("reduce").outputs == ["x" * 5000]
     assert status.step("reduce").output_truncated is None

@@ -1,0 +1,276 @@
+"""The Kubernetes backend against a fake API client: what it makes of the client's errors, how
+much of a pod's log it reads, and what a pool pod's channel keeps. No API server is needed."""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import collections
+import socket
+import tracemalloc
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import urllib3.exceptions
+import websocket
+from kubernetes.client import ApiClient, CoreV1Api
+from kubernetes.stream import ws_client
+from websocket import ABNF
+
+from controller.backends.base import AgentHandle, AgentSpec
+from controller.backends.kubernetes import KubernetesBackend
+from controller.backends.runner import ChannelClosedError
+from controller.config import Settings
+from controller.errors import BackendUnavailableError
+
+MiB = 1 << 20
+AGENT = AgentHandle(id="team/wf-step-abcde", name="wf-step-abcde")
+SPEC = AgentSpec(name="wf-step-abcde", image="agent:1", command=None, args=None, env={},
+                 labels={}, namespace="team")
+
+TRANSPORT_ERRORS = [
+    pytest.param(urllib3.exceptions.MaxRetryError(None, "/api/v1/pods"), id="MaxRetryError"),
+    pytest.param(urllib3.exceptions.ProtocolError(
+        "Connection aborted.", ConnectionResetError(104, "reset")), id="ProtocolError"),
+    pytest.param(urllib3.exceptions.NewConnectionError(None, "Connection refused"),
+                 id="NewConnectionError"),
+    pytest.param(urllib3.exceptions.ReadTimeoutError(None, "/api", "read timed out"),
+                 id="ReadTimeoutError"),
+    pytest.param(ConnectionRefusedError(111, "Connection refused"), id="OSError"),
+]
+OPERATIONS = {
+    "start": ("create_namespaced_pod", lambda b: b.start(SPEC)),
+    "wait": ("read_namespaced_pod", lambda b: b.wait(AGENT)),
+    "stop": ("delete_namespaced_pod", lambda b: b.stop(AGENT, 2)),
+    "list_agents": ("list_pod_for_all_namespaces", lambda b: b.list_agents({"a": "b"})),
+}
+
+
+def backend(**settings: Any) -> KubernetesBackend:
+    return KubernetesBackend(CoreV1Api(ApiClient()), Settings(**settings))
+
+
+def raising(error: BaseException) -> Any:
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise error
+    return call
+
+
+@pytest.mark.parametrize("operation", list(OPERATIONS))
+@pytest.mark.parametrize("error", TRANSPORT_ERRORS)
+def test_an_unreachable_api_server_is_a_backend_unavailable_error_in_every_call(
+        monkeypatch: pytest.MonkeyPatch, operation: str, error: Exception) -> None:
+    method, call = OPERATIONS[operation]
+    monkeypatch.setattr(CoreV1Api, method, raising(error))
+
+    with pytest.raises(BackendUnavailableError, match="cannot reach the API server") as raised:
+        asyncio.run(call(backend()))
+
+    assert raised.value.retryable
+    assert raised.value.__cause__ is error
+
+
+# --- the attach websocket of pool agents ------------------------------------------------------
+
+
+class BrokenWebsocket:
+    """An attach client whose ``fails`` method raises ``error``, as the websocket client does
+    when the connection breaks."""
+
+    def __init__(self, fails: str, error: Exception) -> None:
+        self.fails = fails
+        self.error = error
+
+    def _maybe_fail(self, name: str) -> None:
+        if name == self.fails:
+            raise self.error
+
+    def is_open(self) -> bool:
+        return True
+
+    def write_stdin(self, data: str) -> None:
+        self._maybe_fail("write_stdin")
+
+    def update(self, timeout: float = 0) -> None:
+        self._maybe_fail("update")
+
+    def peek_stderr(self) -> str:
+        return ""
+
+    def peek_stdout(self) -> str:
+        return ""
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("fails", ["write_stdin", "update"])
+@pytest.mark.parametrize("error", [
+    pytest.param(websocket.WebSocketConnectionClosedException("closed"), id="closed"),
+    pytest.param(websocket.WebSocketTimeoutException("timed out"), id="timeout"),
+    pytest.param(BrokenPipeError(32, "Broken pipe"), id="OSError"),
+])
+def test_a_broken_attach_websocket_is_a_closed_channel_not_a_foreign_error(
+        monkeypatch: pytest.MonkeyPatch, fails: str, error: Exception) -> None:
+    monkeypatch.setattr(CoreV1Api, "connect_get_namespaced_pod_attach",
+                        lambda self, *args, **kwargs: BrokenWebsocket(fails, error))
+
+    with pytest.raises(ChannelClosedError, match="channel broke") as raised:
+        asyncio.run(backend().run_task(AGENT, ["true"], {}, None))
+
+    assert raised.value.__cause__ is error
+
+
+def test_an_attach_the_api_server_cannot_be_reached_for_is_backend_unavailable(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    error = websocket.WebSocketAddressException("name or service not known")
+    monkeypatch.setattr(CoreV1Api, "connect_get_namespaced_pod_attach", raising(error))
+
+    with pytest.raises(BackendUnavailableError, match="attaching to pod"):
+        asyncio.run(backend().run_task(AGENT, ["true"], {}, None))
+
+
+# --- a pod's log, read within the limit -------------------------------------------------------
+
+
+class LogResponse:
+    """A raw (unread) log response: the log in pieces, counting those read."""
+
+    def __init__(self, size: int, piece: int = 64 * 1024, fill: bytes = b"x") -> None:
+        self.size, self.piece, self.fill = size, piece, fill
+        self.pieces_read = 0
+        self.closed = self.released = False
+
+    def stream(self, amount: int) -> Iterator[bytes]:
+        for start in range(0, self.size, self.piece):
+            self.pieces_read += 1
+            yield self.fill * min(self.piece, self.size - start)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def release_conn(self) -> None:
+        self.released = True
+
+
+def finished_pod() -> Any:
+    terminated = SimpleNamespace(exit_code=0, reason="Completed", message=None)
+    container = SimpleNamespace(name="agent", state=SimpleNamespace(terminated=terminated,
+                                                                    waiting=None))
+    return SimpleNamespace(status=SimpleNamespace(
+        phase="Succeeded", reason=None, message=None, container_statuses=[container],
+        init_container_statuses=None))
+
+
+def serve_log(monkeypatch: pytest.MonkeyPatch, response: LogResponse) -> dict[str, Any]:
+    asked: dict[str, Any] = {}
+
+    def read_log(self: Any, name: str, namespace: str, **query: Any) -> LogResponse:
+        asked.update(query)
+        return response
+
+    monkeypatch.setattr(CoreV1Api, "read_namespaced_pod", lambda *a, **k: finished_pod())
+    monkeypatch.setattr(CoreV1Api, "read_namespaced_pod_log", read_log)
+    return asked
+
+
+def test_a_pods_log_is_read_up_to_the_limit_and_the_output_marked_truncated(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    response = LogResponse(size=200 * MiB)
+    asked = serve_log(monkeypatch, response)
+
+    result = asyncio.run(backend(output_limit_bytes=MiB).wait(AGENT))
+
+    assert len(result.stdout) == MiB
+    assert result.output_truncated is True
+    assert asked["limit_bytes"] == MiB + 1  # the API server stops there itself
+    assert asked["_preload_content"] is False  # read a piece at a time, never whole
+    assert response.pieces_read == MiB // response.piece + 1
+    assert response.closed and response.released
+
+
+def test_a_pods_log_within_the_limit_is_read_whole_and_not_marked(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    response = LogResponse(size=MiB)
+    serve_log(monkeypatch, response)
+
+    result = asyncio.run(backend(output_limit_bytes=MiB).wait(AGENT))
+
+    assert len(result.stdout) == MiB
+    assert result.output_truncated is False
+    assert response.released
+
+
+def test_a_pods_log_that_is_not_utf8_is_read_with_replacement_characters(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    serve_log(monkeypatch, LogResponse(size=3, fill=b"\xff"))
+
+    result = asyncio.run(backend().wait(AGENT))
+
+    assert result.stdout == "\ufffd" * 3
+
+
+# --- a pool pod's runner, over a real websocket client ----------------------------------------
+
+
+class RunnerBehindWebsocket:
+    """The websocket under the Kubernetes client's own WSClient, with a runner at its far end
+    that answers a hello, and each task with ``task_bytes`` of output. Every frame it sends
+    rings a real socket, which is what the client polls."""
+
+    subprotocol = "v4.channel.k8s.io"
+    connected = True
+    OUT_PIECE = 64 * 1024  # bytes of output per OUT frame
+
+    def __init__(self, task_bytes: int) -> None:
+        self.sock, self._bell = socket.socketpair()
+        self.frames: collections.deque[bytes] = collections.deque()
+        self.task_bytes = task_bytes
+
+    def send(self, payload: str | bytes, opcode: int = 0) -> None:
+        text = payload[1:] if isinstance(payload, str) else payload[1:].decode()
+        words = text.split()
+        if words[0] == "HELLO":
+            self._say(f"READY {words[1]} agentainer-runner/1 user 65532 65532\n")
+        elif words[0] == "TASK":
+            piece = binascii.b2a_base64(b"x" * self.OUT_PIECE, newline=False).decode()
+            for _ in range(self.task_bytes // self.OUT_PIECE):
+                self._say(f"OUT {words[1]} {piece}\n")
+            self._say(f"EXIT {words[1]} 0 - 1000 1000 -\n")
+
+    def _say(self, line: str) -> None:
+        self.frames.append(bytes([ws_client.STDOUT_CHANNEL]) + line.encode())
+        self._bell.send(b"\0")
+
+    def recv_data_frame(self, control_frame: bool) -> tuple[int, Any]:
+        self.sock.recv(1)
+        return ABNF.OPCODE_BINARY, SimpleNamespace(data=self.frames.popleft())
+
+    def close(self, **kwargs: Any) -> None:
+        self.sock.close()
+        self._bell.close()
+
+
+def test_a_pool_pods_channel_keeps_none_of_the_output_of_the_tasks_it_ran(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    runner = RunnerBehindWebsocket(task_bytes=MiB)
+    monkeypatch.setattr(ws_client, "create_websocket", lambda *args, **kwargs: runner)
+    pool_backend = backend(output_limit_bytes=MiB)
+
+    async def output_sizes(tasks: int) -> list[int]:
+        return [len((await pool_backend.run_task(AGENT, ["true"], {}, None)).stdout)
+                for _ in range(tasks)]
+
+    tracemalloc.start()
+    try:
+        sizes = asyncio.run(output_sizes(30))
+        held, _ = tracemalloc.get_traced_memory()  # the channel is still open
+    finally:
+        tracemalloc.stop()
+        asyncio.run(pool_backend.close())
+
+    print(f"held after 30 tasks of 1 MiB output on one channel: {held / MiB:.1f} MiB")
+    assert sizes == [MiB] * 30
+    assert held < 8 * MiB  # the tasks' output (40 MiB in base64) is not kept

@@ -1,0 +1,53 @@
+"""What the handlers share: the status patch turns every error of the Kubernetes client into
+ours (KubernetesError, retried), so that no handler sees a foreign one."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import urllib3.exceptions
+from kubernetes.client import ApiException
+
+from controller.config import Settings
+from controller.handlers.context import KubernetesError, Services
+from controller.metrics import Metrics
+
+
+class FailingCustomObjects:
+    """The custom objects API, failing every status patch with ``error``."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def patch_namespaced_custom_object_status(self, *args: Any) -> None:
+        raise self.error
+
+
+def services(error: Exception) -> Services:
+    """Services whose status patch fails with ``error``; nothing else of them is used."""
+    return Services(settings=Settings(), store=None, metrics=Metrics(),  # type: ignore[arg-type]
+                    custom_objects=FailingCustomObjects(error),
+                    pools=None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("error", [
+    pytest.param(urllib3.exceptions.MaxRetryError(None, "/apis"), id="MaxRetryError"),
+    pytest.param(urllib3.exceptions.ProtocolError("Connection aborted."), id="ProtocolError"),
+    pytest.param(urllib3.exceptions.NewConnectionError(None, "Connection refused"),
+                 id="NewConnectionError"),
+    pytest.param(ConnectionRefusedError(111, "Connection refused"), id="OSError"),
+    pytest.param(ApiException(status=500, reason="Internal Server Error"), id="ApiException"),
+])
+def test_a_status_patch_that_fails_raises_our_retryable_error(error: Exception) -> None:
+    with pytest.raises(KubernetesError, match="patching workflows/wf status") as raised:
+        asyncio.run(services(error).patch_status("workflows", "team", "wf", {"phase": "Running"}))
+
+    assert raised.value.retryable
+    assert raised.value.__cause__ is error
+
+
+def test_a_status_patch_of_a_deleted_resource_is_no_error() -> None:
+    asyncio.run(services(ApiException(status=404, reason="Not Found")).patch_status(
+        "workflows", "team", "wf", {"phase": "Running"}))
