@@ -32,7 +32,8 @@ KEPT = ("type", "description", "enum", "pattern", "minLength", "maxLength", "min
 
 def structural(schema: dict[str, Any], definitions: dict[str, Any]) -> dict[str, Any]:
     """A pydantic JSON schema node as a Kubernetes structural schema: references inlined,
-    optional (``anyOf [X, null]``) folded into X, titles dropped, free values marked."""
+    optional (``anyOf [X, null]``) folded into X, titles dropped, free values marked, maps kept
+    as maps (without ``additionalProperties`` the API server would drop every key)."""
     if "$ref" in schema:
         target = definitions[schema["$ref"].rsplit("/", 1)[-1]]
         merged = {**target, **{k: v for k, v in schema.items() if k != "$ref"}}
@@ -54,6 +55,9 @@ def structural(schema: dict[str, Any], definitions: dict[str, Any]) -> dict[str,
             result["required"] = list(schema["required"])
     if "items" in schema:
         result["items"] = structural(schema["items"], definitions)
+    if isinstance(schema.get("additionalProperties"), dict):  # a map (nodeSelector): keep its
+        result["additionalProperties"] = structural(schema["additionalProperties"],  # keys
+                                                    definitions)
     if "type" not in result:
         result["x-kubernetes-preserve-unknown-fields"] = True  # any JSON value (items)
     return result

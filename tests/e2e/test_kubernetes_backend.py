@@ -55,7 +55,8 @@ def test_agent_pods_are_built_restricted_and_owned_by_the_workflow(
         kubectl: Kubectl, controller: Controller) -> None:
     name = apply(kubectl, on_pods(
         {"name": "one", "command": sh("echo ok"), "resources": {"cpu": "250m",
-                                                                 "memory": "32Mi"}},
+                                                                 "memory": "32Mi"},
+         "pod": {"nodeSelector": {"kubernetes.io/hostname": "localhost"}}},
         cleanup="Never"))
     body = kubectl.wait_for("workflow", name, finished, timeout=120)
     assert body["status"]["phase"] == "Succeeded", body["status"]
@@ -70,6 +71,8 @@ def test_agent_pods_are_built_restricted_and_owned_by_the_workflow(
     assert container["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
     assert container["resources"]["limits"] == {"cpu": "250m", "memory": str(32 * 2**20)}
     assert pod["spec"]["restartPolicy"] == "Never"
+    # A map of the spec reaches the pod: the API server keeps its keys.
+    assert pod["spec"]["nodeSelector"] == {"kubernetes.io/hostname": "localhost"}
     assert pod["metadata"]["labels"]["agentainer.dev/step"] == "one"
 
     kubectl("delete", "workflow", name, "--timeout=90s")
