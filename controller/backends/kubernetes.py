@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -282,11 +283,12 @@ class KubernetesBackend:
         try:
             return await asyncio.to_thread(functools.partial(function, *args, **kwargs))
         except ApiException as error:
-            refused = CLIENT_ERRORS.get(error.status or 0)
+            status = error.status or _handshake_status(error)
+            refused = CLIENT_ERRORS.get(status)
             if refused is not None:
                 raise refused(f"{action}: the API server refused it: {error.reason} "
                               f"{_message(error)}") from error
-            raise BackendError(f"{action}: API server error {error.status}: {error.reason}"
+            raise BackendError(f"{action}: API server error {status}: {error.reason}"
                                ) from error
         except TRANSPORT_ERRORS as error:
             raise BackendUnavailableError(f"{action}: cannot reach the API server: {error}"
@@ -464,6 +466,13 @@ class KubernetesBackend:
         for channel in self._channels.values():
             channel.close()
         self._channels.clear()
+
+
+def _handshake_status(error: ApiException) -> int:
+    """The HTTP status of a websocket (attach, exec) the API server refused: the client reports
+    it as status 0, with "Handshake status 403 Forbidden" in its reason."""
+    found = re.search(r"Handshake status (\d{3})", str(error.reason or ""))
+    return int(found.group(1)) if found else 0
 
 
 def _message(error: ApiException) -> str:

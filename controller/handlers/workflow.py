@@ -105,7 +105,16 @@ async def run_workflow(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonSto
         if run.detached:
             writer.abandon()
         else:
-            await writer.stop()
+            await _final_status(services, writer, retry)
+
+
+async def _final_status(services: Services, writer: StatusWriter, retry: int) -> None:
+    """The last word of a run. Should it not land (the API server away), the daemon is run
+    again later: it finds the run finished in the store and writes this status then."""
+    try:
+        await writer.stop()
+    except AgentainerError as error:
+        raise reporting.reconcile_failed(services, "Workflow", error, retry) from error
 
 
 @kopf.on.update(API_GROUP, API_VERSION, WORKFLOWS, field="spec")

@@ -72,6 +72,23 @@ def test_an_unreachable_api_server_is_a_backend_unavailable_error_in_every_call(
     assert raised.value.__cause__ is error
 
 
+def test_a_websocket_the_api_server_refused_is_told_apart_by_its_handshake_status(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client reports a refused attach as status 0; the handshake's own status says what
+    it was (403: the controller may not attach; retrying cannot help)."""
+    from kubernetes.client import ApiException
+
+    from controller.errors import ForbiddenError
+
+    refused = ApiException(status=0, reason="Handshake status 403 Forbidden")
+    monkeypatch.setattr(CoreV1Api, "read_namespaced_pod", raising(refused))
+
+    with pytest.raises(ForbiddenError, match="Handshake status 403") as raised:
+        asyncio.run(backend().wait(AGENT))
+
+    assert not raised.value.retryable
+
+
 # --- the attach websocket of pool agents ------------------------------------------------------
 
 
