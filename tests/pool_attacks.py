@@ -250,11 +250,12 @@ def forks_a_bomb(pool: PoolUnderAttack) -> None:
 
 
 def floods_its_output(pool: PoolUnderAttack) -> None:
-    result = attack(pool, "yes agentainer | head -c 200000000; yes err | head -c 50000000 >&2")
+    result = attack(pool, "yes agentainer | head -c 200000000; "
+                          "yes err | head -c 50000000 >&2; echo the end >&2")
     limit = pool.settings.output_limit_bytes
     assert result.stdout_truncated and result.stderr_truncated
-    assert result.stdout == ("agentainer\n" * limit)[:limit]
-    assert len(result.stderr) == limit
+    assert result.stdout == ("agentainer\n" * limit)[:limit]  # its head: the output
+    assert len(result.stderr) == limit and result.stderr.endswith("err\nthe end\n")  # its tail
 
 
 def leaves_ipc_objects(pool: PoolUnderAttack) -> None:

@@ -26,7 +26,8 @@
  *   CANCEL <id>                 the task is ended now; its EXIT carries "cancelled"
  * A request that cannot run is answered FAIL <id> <message>. Payload, chunks, note and message
  * are base64; the payload holds NUL-terminated records "arg=WORD", "env=NAME=VALUE",
- * "timeout_ms=N" and "limit=N" (bytes kept of stdout and of stderr each). Flags are "-" or a
+ * "timeout_ms=N" and "limit=N" (bytes kept of stdout, its head, and of stderr, its tail, each;
+ * stdout is sent as it comes, stderr at the end). Flags are "-" or a
  * comma-separated list of timeout, cancelled, stdout-truncated, stderr-truncated, unclean.
  * Modes: "user" (tasks as another user than the runner's), "shared" (runner and tasks one
  * non-root user), "root" (tasks as root, by the pool's choice).
@@ -73,6 +74,7 @@
 #define CLEAN_DEADLINE_MS 20000      /* files removed within this, or the agent is unclean */
 #define MAX_TRACKED 1000000          /* entries walked at start; more and nothing is tracked */
 #define MAX_ID 64
+#define MAX_LIMIT (64u << 20)        /* bytes kept of a task's stdout, and of its stderr */
 
 enum mode { MODE_USER, MODE_SHARED, MODE_ROOT };
 static const char *mode_names[] = {"user", "shared", "root"};
@@ -638,6 +640,8 @@ struct task {
     int out, err;             /* read ends of its stdout and stderr; -1 once at end */
     size_t limit, kept[2];
     bool truncated[2];
+    uint8_t *tail;            /* the last `limit` bytes of stderr, a ring from `tail_at` */
+    size_t tail_at;
     bool timed_out, cancelled;
     int64_t started, deadline; /* microseconds; deadline 0: none */
     char workdir[MAX_ID + 8];
@@ -733,6 +737,7 @@ static bool parse_payload(char *payload, size_t size, struct request *req, char 
             req->timeout_ms = strtoll(record + 11, NULL, 10);
         } else if (!strncmp(record, "limit=", 6)) {
             req->limit = (size_t)strtoull(record + 6, NULL, 10);
+            if (req->limit > MAX_LIMIT) req->limit = MAX_LIMIT;
         }
     }
     if (req->argc == 0) {
@@ -896,9 +901,12 @@ static bool start_task(struct task *task, const char *id, char *payload_b64, siz
     fcntl(task->out, F_SETFL, O_NONBLOCK);
     fcntl(task->err, F_SETFL, O_NONBLOCK);
     task->limit = req.limit;
+    task->tail = xmalloc(req.limit);
     task->deadline = req.timeout_ms > 0 ? task->started + req.timeout_ms * 1000 : 0;
     return true;
 }
+
+static void keep_tail(struct task *task, const uint8_t *data, size_t size);
 
 /* Reads what is there on one of the task's pipes; false once it is at its end. */
 static bool pump(struct task *task, int which) {
@@ -913,14 +921,56 @@ static bool pump(struct task *task, int which) {
             *fd = -1;
             return false;
         }
-        /* Output past the limit is read and dropped: never kept, and the task never blocks. */
-        size_t room = task->limit - task->kept[which];
+        if (which == 1) {
+            keep_tail(task, buffer, (size_t)n);
+            continue;
+        }
+        /* stdout is the task's output: its head is sent as it comes; the rest is read and
+         * dropped, never kept, and the task never blocks. */
+        size_t room = task->limit - task->kept[0];
         size_t keep = (size_t)n < room ? (size_t)n : room;
-        if (keep > 0)
-            send_frame(which == 0 ? "OUT" : "ERR", task->id, NULL, buffer, keep);
-        if ((size_t)n > keep) task->truncated[which] = true;
-        task->kept[which] += keep;
+        if (keep > 0) send_frame("OUT", task->id, NULL, buffer, keep);
+        if ((size_t)n > keep) task->truncated[0] = true;
+        task->kept[0] += keep;
     }
+}
+
+/* stderr says why a task failed, in its last lines: the last `limit` bytes are kept. */
+static void keep_tail(struct task *task, const uint8_t *data, size_t size) {
+    if (task->limit == 0) {
+        task->truncated[1] |= size > 0;
+        return;
+    }
+    if (size >= task->limit) {  /* only the end of this piece stays */
+        task->truncated[1] |= task->kept[1] > 0 || size > task->limit;
+        memcpy(task->tail, data + size - task->limit, task->limit);
+        task->tail_at = 0;
+        task->kept[1] = task->limit;
+        return;
+    }
+    for (size_t i = 0; i < size; i++) {
+        size_t at = (task->tail_at + task->kept[1]) % task->limit;
+        if (task->kept[1] == task->limit) {  /* full: the oldest byte goes */
+            task->tail_at = (task->tail_at + 1) % task->limit;
+            task->truncated[1] = true;
+        } else {
+            task->kept[1]++;
+        }
+        task->tail[at] = data[i];
+    }
+}
+
+static void send_tail(struct task *task) {
+    uint8_t *ordered = xmalloc(task->kept[1]);
+    for (size_t i = 0; i < task->kept[1]; i++)
+        ordered[i] = task->tail[(task->tail_at + i) % task->limit];
+    for (size_t at = 0; at < task->kept[1]; at += CHUNK) {
+        size_t n = task->kept[1] - at < CHUNK ? task->kept[1] - at : CHUNK;
+        send_frame("ERR", task->id, NULL, ordered + at, n);
+    }
+    free(ordered);
+    free(task->tail);
+    task->tail = NULL;
 }
 
 static void finish_task(struct task *task) {
@@ -940,6 +990,7 @@ static void finish_task(struct task *task) {
         if (task->out >= 0) close(task->out);
         if (task->err >= 0) close(task->err);
     }
+    send_tail(task);
     clean &= restore_files(task->workdir, note, sizeof note);
     int status = task->status;
     int code = WIFEXITED(status) ? WEXITSTATUS(status)
