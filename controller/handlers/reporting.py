@@ -210,6 +210,11 @@ class StatusWriter:
         self._closing = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
+    def follow(self, status: WorkflowStatus) -> None:
+        """Write this status, the run's (the engine keeps it up to date): even a run restored
+        as finished, which has nothing left to say, gets its final status written."""
+        self._status = status
+
     def __call__(self, event: Event, status: WorkflowStatus) -> None:
         self._status = status
         self._dirty.set()

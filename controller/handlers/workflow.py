@@ -77,6 +77,7 @@ async def run_workflow(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonSto
 
     run = Engine(backend, services.store, services.settings, services.pools).prepare(
         workflow, observe)
+    writer.follow(run.status)
     writer.start()
     execution = asyncio.create_task(run.execute(), name=f"workflow-{workflow.metadata.name}")
     stop = asyncio.ensure_future(stopped.wait())

@@ -274,3 +274,19 @@ def test_status_writer_is_still_stopped_by_cancellation() -> None:
         return {task.get_name() for task in asyncio.all_tasks()}
 
     assert "status-wf" not in asyncio.run(run())
+
+
+def test_a_run_restored_as_finished_gets_its_final_status_written_without_any_event() -> None:
+    """A run that ended while the API server was away is found finished by the next daemon: it
+    has nothing to say, yet its final status must land (else the resource says Running)."""
+    services = FlakyServices()
+
+    async def run() -> None:
+        writer = StatusWriter(services, "team", "wf", "uid-1")  # type: ignore[arg-type]
+        writer.follow(WorkflowStatus(phase=WorkflowPhase.SUCCEEDED, progress="6/6"))
+        writer.start()
+        await writer.stop()
+
+    asyncio.run(run())
+
+    assert [(s["phase"], s["progress"]) for s in services.patched] == [("Succeeded", "6/6")]
