@@ -42,6 +42,8 @@ RESET_TIMEOUT_SECONDS = 30.0
 PENDING = "pending-"
 # A placeholder older than this belongs to a process that died while starting an agent.
 STALE_PENDING_SECONDS = 300.0
+# Tasks waiting for an agent look for agents whose holder died at most this often.
+RECLAIM_SECONDS = 1.0
 
 
 class PoolEventKind(StrEnum):
@@ -63,13 +65,14 @@ PoolObserver = Callable[[PoolEvent], None]
 
 @dataclass
 class Lease:
-    """An agent held by one task."""
+    """An agent held by one task, until it is released (whatever ends the task)."""
 
     pool: PoolState
     agent: AgentHandle
     holder: str
     waited: float
     renewer: asyncio.Task[None] | None = None
+    released: bool = False
 
 
 @dataclass
@@ -83,6 +86,8 @@ class PoolState:
     returned: asyncio.Event = field(default_factory=asyncio.Event)
     busy: int = 0
     draining: bool = False
+    reclaimed_at: float = 0.0
+    """When a task waiting here last looked for agents whose holder died (monotonic)."""
 
     @property
     def name(self) -> str:
@@ -167,6 +172,10 @@ class PoolManager:
                 return lease
             if await self._grow(state):
                 continue
+            if time.monotonic() - state.reclaimed_at > RECLAIM_SECONDS:
+                state.reclaimed_at = time.monotonic()
+                if await self._reclaim(state):
+                    continue  # an agent whose holder died left room: grow into it
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise PoolUnavailableError(
@@ -256,7 +265,10 @@ class PoolManager:
         return self._clean(lease, result, "its resetCommand")
 
     async def release(self, lease: Lease, keep: bool) -> None:
-        """Return the agent to the idle set, or replace it."""
+        """Return the agent to the idle set, or replace it; once per lease."""
+        if lease.released:
+            return
+        lease.released = True
         state = lease.pool
         if lease.renewer is not None:
             lease.renewer.cancel()
@@ -269,8 +281,15 @@ class PoolManager:
             await self._retire(state, lease.agent, recycled=keep and uses == 0)
 
     async def _retire(self, state: PoolState, agent: AgentHandle, recycled: bool) -> None:
-        """Remove an agent for good; the pool is topped up to minSize again."""
-        await state.backend.remove(agent)
+        """Remove an agent for good; the pool is topped up to minSize again. An agent that
+        cannot be removed now (the engine away) stays recorded, held for a lease's time: then
+        a reconcile, or a task waiting for an agent, takes it up again."""
+        try:
+            await state.backend.remove(agent)
+        except AgentainerError as error:
+            logger.warning("pool %s: removing %s failed, again later: %s", state.name,
+                           agent.name, error)
+            return
         await self.store.pool_remove(state.uid, agent.name)
         state.handles.pop(agent.name, None)
         self._emit(PoolEventKind.RECYCLED if recycled else PoolEventKind.REPLACED, state)
@@ -328,11 +347,8 @@ class PoolManager:
             del records[name]
         # Neither idle nor leased nor being started, in one atomic read: its holder died, and
         # it is out of the pool before anyone can lease it. Its state is unknown: replace it.
-        for name in await self.store.pool_reclaim(state.uid, PENDING):
-            logger.info("pool %s: reclaiming %s, whose lease lapsed", state.name, name)
+        for name in await self._reclaim(state, containers):
             records.pop(name, None)
-            if name in containers:
-                await self._retire(state, containers[name], recycled=False)
         keep = spec.min_size if spec.warm_up else 0
         for name in await self.store.pool_take_idle(
                 state.uid, time.time() - spec.idle_timeout_seconds, keep):
@@ -347,6 +363,21 @@ class PoolManager:
             await self.store.pool_remove(state.uid, name)
             state.handles.pop(name, None)
         return await self.status(state)
+
+    async def _reclaim(self, state: PoolState,
+                       containers: dict[str, AgentHandle] | None = None) -> list[str]:
+        """Replace the agents whose holder died: neither idle nor leased nor being started, in
+        one atomic read, and out of the pool before anyone can lease them. Their state is
+        unknown. Also what a task waiting for an agent does, so that a pool heals as soon as
+        a lease lapses."""
+        lapsed = await self.store.pool_reclaim(state.uid, PENDING)
+        if lapsed and containers is None:
+            containers = await self._containers(state)
+        for name in lapsed:
+            logger.info("pool %s: reclaiming %s, whose lease lapsed", state.name, name)
+            if containers and name in containers:
+                await self._retire(state, containers[name], recycled=False)
+        return lapsed
 
     @staticmethod
     async def _containers(state: PoolState) -> dict[str, AgentHandle]:

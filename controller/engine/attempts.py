@@ -125,12 +125,14 @@ class Attempts:
                 place.adopt(agent, status)
             result, reason = await place.result(handle, agent)
         except asyncio.CancelledError:
+            await asyncio.shield(place.let_go())
             if self.state.leaves_agents:
                 raise  # the agent runs on, to be adopted
             handle = handle or await place.starting()
             await asyncio.shield(self._abort(agent, handle if place.owned else None, status))
             raise
         except AgentainerError as error:
+            await asyncio.shield(place.let_go())
             if error.retryable and not isinstance(error, AgentLostError):
                 # The backend or the store is away, not the agent: nothing failed. The run
                 # lets go; whoever resumes it adopts the agent (or runs a pooled task again).
@@ -255,6 +257,9 @@ class _Place:
     async def starting(self) -> AgentHandle | None:
         """The agent whose start the cancellation cut off, once it has started."""
         return None
+
+    async def let_go(self) -> None:
+        """The attempt ends without a result: give back what it holds of others."""
 
     async def _running(self, agent: AgentStatus, handle: AgentHandle, status: StepStatus,
                        message: str) -> None:
@@ -398,6 +403,17 @@ class _Leased(_Place):
         await self._running(agent, handle, status, f"agent {handle.name} leased from "
                             f"{pool_name} in {self._lease.waited * 1000:.1f} ms")
         return handle
+
+    async def let_go(self) -> None:
+        """A lease taken but not run (the store failed right after, say) is given back, not
+        left to a renewer that would hold the agent for ever."""
+        lease = getattr(self, "_lease", None)
+        if lease is not None and self.attempts.pools is not None:
+            try:
+                await self.attempts.pools.release(lease, keep=False)
+            except AgentainerError as error:
+                logger.warning("returning %s failed (its lease lapses): %s", lease.agent.name,
+                               error)
 
     async def result(self, handle: AgentHandle,
                      agent: AgentStatus) -> tuple[AgentResult, AgentReason]:

@@ -115,7 +115,7 @@ class MemoryStore:
         if keep and uses < max_uses:
             pool.idle[agent] = time.time()
             return uses
-        pool.leases[agent] = ("retiring", time.monotonic() + 300)  # held while removed
+        pool.leases[agent] = ("retiring", time.monotonic() + 30)  # held while removed
         return 0
 
     async def pool_remove(self, uid: str, agent: str) -> None:

@@ -39,8 +39,9 @@ CONNECTIONS = 50
 waiting at once share them, each command taking a millisecond."""
 CONNECTION_WAIT_SECONDS = 20
 """How long a command waits for a free connection before it fails as Redis unavailable."""
-RETIRING_MS = 300_000
-"""How long an agent its holder is removing stays held; the removal takes seconds."""
+RETIRING_MS = 30_000
+"""How long an agent its holder is removing stays held (the removal takes seconds); should the
+removal fail, the agent is reclaimed after this, and removed again."""
 
 # Lease the most recently returned idle agent (the warmest; the others age towards the idle
 # timeout), in one step with its lease, so that no two holders ever get the same agent.

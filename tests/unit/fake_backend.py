@@ -232,7 +232,12 @@ class FakeBackend:
 
     async def run_task(self, agent: AgentHandle, argv: list[str], env: dict[str, str],
                        timeout: float | None) -> TaskResult:
-        raise AgentSpecError("the fake backend has no pool agents")
+        """A pool agent's task: it echoes its command, at once."""
+        self._hiccup("run_task")
+        fake = self._find(agent, "running a task in")
+        if not fake.spec.resident:
+            raise AgentSpecError(f"agent {fake.name} is not a pool agent")
+        return TaskResult(0, " ".join(argv) + "\n", "")
 
     async def close(self) -> None:
         self.closed = True  # agents run on, as containers outlive the controller's connection
@@ -247,7 +252,8 @@ class FakeBackend:
     def _run(self, agent: FakeAgent) -> None:
         agent.state = "running"
         agent.started_at = time.monotonic()
-        agent.process = asyncio.create_task(self._process(agent), name=f"fake-{agent.name}")
+        if not agent.spec.resident:  # a pool agent idles until it is removed
+            agent.process = asyncio.create_task(self._process(agent), name=f"fake-{agent.name}")
 
     async def _process(self, agent: FakeAgent) -> None:
         await asyncio.sleep(agent.behaviour.seconds)

@@ -733,3 +733,44 @@ def test_a_workflow_runs_at_most_its_cap_of_agents_at_once_over_all_its_steps() 
 
     assert status.phase is WorkflowPhase.SUCCEEDED
     assert fake.most_at_once() == 4
+
+
+def test_a_lease_taken_just_before_the_store_failed_is_given_back_not_held_for_ever() -> None:
+    """The pooled task never ran (the store failed as it recorded the lease): its agent goes
+    back, instead of a renewer holding it while every later task waits for it in vain."""
+    from controller.errors import StoreUnavailableError
+    from controller.models import parse_agent_pool
+    from controller.pools import PoolManager
+
+    class FailingOnce(MemoryStore):
+        failed = False
+
+        async def record(self, uid: str, change: Any) -> None:
+            agent = change.agent
+            if agent is not None and agent.status.name.startswith("pool-") and not self.failed:
+                self.failed = True
+                raise StoreUnavailableError("Redis went away")
+            await super().record(uid, change)
+
+    store = FailingOnce()
+    fake = FakeBackend()
+    pools = PoolManager(store, SETTINGS)
+    pool = parse_agent_pool({"apiVersion": "agentainer.dev/v1alpha1", "kind": "AgentPool",
+                             "metadata": {"name": "warm"},
+                             "spec": {"image": "agent:1", "minSize": 1, "maxSize": 1}})
+    document = with_uid(workflow_doc({"name": "task", "pool": "warm", "command": ["echo"]}))
+
+    async def play() -> tuple[int, int, WorkflowStatus]:
+        state = pools.register(pool, "pool-uid", fake)
+        await pools.reconcile(state)
+        with pytest.raises(StoreUnavailableError):
+            await Engine(fake, store, SETTINGS, pools).run(parse_workflow(document))
+        held = await store.pool_counts(state.uid)
+        resumed = await Engine(fake, store, SETTINGS, pools).run(parse_workflow(document))
+        await pools.drain(state, timeout=1)
+        return held[0] - held[1], len(fake.removed), resumed
+
+    busy, removed, status = scenario(play())
+
+    assert busy == 0  # nothing holds an agent after the run let go
+    assert status.phase is WorkflowPhase.SUCCEEDED, status.message
