@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import docker
 import docker.errors
 import requests.exceptions
+import urllib3.exceptions
 from docker.models.containers import Container
 
 from controller.backends import output, runner
@@ -125,7 +126,10 @@ def docker_errors(action: str, image: str = "") -> Iterator[None]:
         if error.is_client_error() or "OCI runtime create failed" in explanation:
             raise AgentSpecError(f"{action}: Docker refused it: {explanation}") from error
         raise BackendError(f"{action}: Docker engine error: {explanation}") from error
-    except (requests.exceptions.ConnectionError, docker.errors.DockerException) as error:
+    # Any failure of the connection itself, also mid-answer (a log stream cut short when the
+    # engine restarts is a ChunkedEncodingError): the engine is away, for now.
+    except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError,
+            docker.errors.DockerException) as error:
         raise BackendUnavailableError(
             f"{action}: cannot reach the Docker engine ({error}); is dockerd running and "
             "DOCKER_HOST right? (`make docker` starts one)"

@@ -430,3 +430,18 @@ def test_setting_that_cannot_work_is_refused_naming_the_variable(
         Settings.from_env(environ)
     for word in words:
         assert word in str(caught.value)
+
+
+@pytest.mark.parametrize("cut", [
+    "ChunkedEncodingError", "ReadTimeout", "ConnectionError"])
+def test_a_connection_to_the_docker_engine_cut_even_mid_answer_is_the_engine_away(cut: str) -> None:
+    """A log stream cut short when the engine restarts must be retried, never a step's
+    internal error."""
+    import requests.exceptions
+
+    from controller.backends.docker import docker_errors
+    from controller.errors import BackendUnavailableError
+
+    with pytest.raises(BackendUnavailableError, match="cannot reach the Docker engine"):
+        with docker_errors("waiting for agent a"):
+            raise getattr(requests.exceptions, cut)("Response ended prematurely")
