@@ -40,8 +40,6 @@ logger = logging.getLogger(__name__)
 
 RESET_TIMEOUT_SECONDS = 30.0
 PENDING = "pending-"
-# A placeholder older than this belongs to a process that died while starting an agent.
-STALE_PENDING_SECONDS = 300.0
 # Tasks waiting for an agent look for agents whose holder died at most this often.
 RECLAIM_SECONDS = 1.0
 
@@ -166,7 +164,8 @@ class PoolManager:
             if agent_id is not None:
                 handle = await self._known_handle(state, agent_id)
                 lease = Lease(state, handle, holder, time.monotonic() - started)
-                lease.renewer = asyncio.create_task(self._renew(lease))
+                lease.renewer = asyncio.create_task(
+                    self._keep_held(state.uid, handle.name, holder))
                 state.busy += 1
                 self._emit(PoolEventKind.LEASED, state, lease.waited)
                 return lease
@@ -202,29 +201,37 @@ class PoolManager:
         limit = min(up_to if up_to is not None else state.pool.spec.max_size,
                     state.pool.spec.max_size)
         spec = build_pool_agent_spec(state.pool, state.uid)
-        # The placeholder names the agent, so that reconcile leaves it to its starter.
+        # The placeholder names the agent, so that reconcile leaves it to its starter, and is
+        # held like a lease: should the starter die, it lapses and the place is taken back.
         placeholder = f"{PENDING}{spec.name}"
-        if not await self.store.pool_reserve(state.uid, placeholder, limit):
+        if not await self.store.pool_reserve(state.uid, placeholder, limit, self.holder,
+                                             self.settings.lease_ttl_seconds * 1000):
             return False
+        holding = asyncio.create_task(self._keep_held(state.uid, placeholder, self.holder))
         try:
             handle = await state.backend.start(spec)
         except BaseException:
+            holding.cancel()
             await asyncio.shield(self.store.pool_remove(state.uid, placeholder))
             raise
+        holding.cancel()
         state.handles[handle.name] = handle
-        await self.store.pool_add(state.uid, _record(handle), replaces=placeholder)
+        if not await self.store.pool_add(state.uid, _record(handle), replaces=placeholder):
+            # Its place lapsed while it started (the store was away): a reconcile adopts it.
+            logger.info("pool %s: %s started after its place lapsed", state.name, handle.name)
         state.returned.set()
         return True
 
-    async def _renew(self, lease: Lease) -> None:
+    async def _keep_held(self, uid: str, agent: str, holder: str) -> None:
+        """Renew a lease (or a placeholder's) every third of its time to live."""
         period = self.settings.lease_ttl_seconds / 3
         while True:
             await asyncio.sleep(period)
             try:
-                await self.store.pool_renew(lease.pool.uid, lease.agent.name, lease.holder,
+                await self.store.pool_renew(uid, agent, holder,
                                             self.settings.lease_ttl_seconds * 1000)
             except AgentainerError as error:
-                logger.warning("renewing the lease of %s: %s", lease.agent.name, error)
+                logger.warning("renewing the lease of %s: %s", agent, error)
 
     async def run(self, lease: Lease, argv: list[str], env: dict[str, str],
                   timeout: float | None) -> TaskResult:
@@ -319,10 +326,7 @@ class PoolManager:
         starting = set()
         for name, record in list(records.items()):
             if record.pending_since is not None:  # being started, here or by another process
-                if time.time() - record.pending_since > STALE_PENDING_SECONDS:
-                    await self.store.pool_remove(state.uid, name)  # its starter died
-                else:
-                    starting.add(name.removeprefix(PENDING))
+                starting.add(name.removeprefix(PENDING))
                 del records[name]
         for name, handle in containers.items():
             if name in starting:
@@ -370,13 +374,23 @@ class PoolManager:
         one atomic read, and out of the pool before anyone can lease them. Their state is
         unknown. Also what a task waiting for an agent does, so that a pool heals as soon as
         a lease lapses."""
-        lapsed = await self.store.pool_reclaim(state.uid, PENDING)
+        lapsed = await self.store.pool_reclaim(state.uid)
         if lapsed and containers is None:
             containers = await self._containers(state)
         for name in lapsed:
+            handle = (containers or {}).get(name.removeprefix(PENDING))
+            if name.startswith(PENDING):  # its starter died while starting it
+                if handle is not None and handle.state == "running" and \
+                        handle.labels.get(LABEL_RUNNER) == runner.VERSION_LABEL_VALUE:
+                    logger.info("pool %s: adopting %s, whose starter is gone", state.name,
+                                handle.name)
+                    await self.store.pool_add(state.uid, _record(handle))
+                elif handle is not None:
+                    await state.backend.remove(handle)
+                continue
             logger.info("pool %s: reclaiming %s, whose lease lapsed", state.name, name)
-            if containers and name in containers:
-                await self._retire(state, containers[name], recycled=False)
+            if handle is not None:
+                await self._retire(state, handle, recycled=False)
         return lapsed
 
     @staticmethod

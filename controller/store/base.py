@@ -32,11 +32,14 @@ class PoolStore(Protocol):
     """The agents of each pool, its idle set, the uses of each agent, and leases with a TTL,
     shared by every process that uses the pool."""
 
-    async def pool_reserve(self, uid: str, placeholder: str, max_size: int) -> bool:
-        """Hold a place for an agent about to start, unless the pool has ``max_size``."""
+    async def pool_reserve(self, uid: str, placeholder: str, max_size: int, holder: str,
+                           ttl_ms: int) -> bool:
+        """Hold a place for an agent about to start, unless the pool has ``max_size``; the
+        place is leased to ``holder`` (renewed like a lease; it lapses if the holder dies)."""
 
-    async def pool_add(self, uid: str, agent: PoolAgent, replaces: str = "") -> None:
-        """An agent that is up, idle from now (in place of its placeholder)."""
+    async def pool_add(self, uid: str, agent: PoolAgent, replaces: str = "") -> bool:
+        """An agent that is up, idle from now, in place of its placeholder: False (and not
+        added) when the placeholder lapsed meanwhile."""
 
     async def pool_acquire(self, uid: str, holder: str, ttl_ms: int) -> str | None:
         """Lease the most recently returned idle agent, or None."""
@@ -51,9 +54,9 @@ class PoolStore(Protocol):
     async def pool_remove(self, uid: str, agent: str) -> None: ...
     async def pool_agents(self, uid: str) -> dict[str, PoolAgent]: ...
 
-    async def pool_reclaim(self, uid: str, pending_prefix: str) -> list[str]:
-        """Take out of the pool, in one atomic step, the agents that are neither idle, nor
-        leased, nor being started (named ``pending_prefix...``): their holder died."""
+    async def pool_reclaim(self, uid: str) -> list[str]:
+        """Take out of the pool, in one atomic step, the agents and placeholders that are
+        neither idle nor held: their holder died."""
 
     async def pool_counts(self, uid: str) -> tuple[int, int]:
         """(agents, idle agents) of one moment; agents being started are not counted."""

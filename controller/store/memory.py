@@ -76,18 +76,25 @@ class MemoryStore:
     def _pool(self, uid: str) -> MemoryPool:
         return self.pools.setdefault(uid, MemoryPool())
 
-    async def pool_reserve(self, uid: str, placeholder: str, max_size: int) -> bool:
+    async def pool_reserve(self, uid: str, placeholder: str, max_size: int, holder: str,
+                           ttl_ms: int) -> bool:
         pool = self._pool(uid)
         if len(pool.agents) >= max_size:
             return False
         pool.agents[placeholder] = PoolAgent(placeholder, pending_since=time.time())
+        pool.leases[placeholder] = (holder, time.monotonic() + ttl_ms / 1000)
         return True
 
-    async def pool_add(self, uid: str, agent: PoolAgent, replaces: str = "") -> None:
+    async def pool_add(self, uid: str, agent: PoolAgent, replaces: str = "") -> bool:
         pool = self._pool(uid)
-        pool.agents.pop(replaces, None)
+        if replaces:
+            if replaces not in pool.agents:
+                return False
+            del pool.agents[replaces]
+            pool.leases.pop(replaces, None)
         pool.agents[agent.name] = agent
         pool.idle[agent.name] = time.time()
+        return True
 
     async def pool_acquire(self, uid: str, holder: str, ttl_ms: int) -> str | None:
         pool = self._pool(uid)
@@ -130,10 +137,10 @@ class MemoryStore:
         pool = self._pool(uid)
         return sum(1 for a in pool.agents.values() if a.pending_since is None), len(pool.idle)
 
-    async def pool_reclaim(self, uid: str, pending_prefix: str) -> list[str]:
+    async def pool_reclaim(self, uid: str) -> list[str]:
         pool = self._pool(uid)
-        lapsed = [agent for agent in pool.agents if not agent.startswith(pending_prefix)
-                  and agent not in pool.idle and pool.holder(agent) is None]
+        lapsed = [agent for agent in pool.agents
+                  if agent not in pool.idle and pool.holder(agent) is None]
         for agent in lapsed:
             pool.agents.pop(agent)
             pool.uses.pop(agent, None)

@@ -67,14 +67,12 @@ end
 redis.call('SET', KEYS[1], 'retiring', 'PX', ARGV[6])
 return 0
 """
-# The agents that are neither idle, nor leased, nor being started (their names do not start
-# with ARGV[2]): their holder died. They leave the pool in the same step, so that nobody can
-# lease them while they are replaced.
+# The agents (and placeholders) that are neither idle nor held: their holder died. They leave
+# the pool in the same step, so that nobody can lease them while they are replaced.
 RECLAIM = """
 local lapsed = {}
 for _, agent in ipairs(redis.call('HKEYS', KEYS[1])) do
-  if string.sub(agent, 1, #ARGV[2]) ~= ARGV[2]
-      and not redis.call('ZSCORE', KEYS[2], agent)
+  if not redis.call('ZSCORE', KEYS[2], agent)
       and redis.call('EXISTS', ARGV[1] .. agent) == 0 then
     redis.call('HDEL', KEYS[1], agent)
     redis.call('HDEL', KEYS[3], agent)
@@ -88,10 +86,24 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 """
 # Hold a place for an agent about to be started, unless the pool is full: a placeholder in the
-# agents hash, so that processes growing a pool at once never exceed maxSize together.
+# agents hash, so that processes growing a pool at once never exceed maxSize together, held by
+# its starter like a lease (so that it lapses if the starter dies).
 RESERVE = """
 if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('SET', ARGV[4], ARGV[5], 'PX', ARGV[6])
+return 1
+"""
+# An agent that is up joins the idle set, in place of its placeholder: only if the placeholder
+# is still there (if it lapsed, a reconcile took the agent over, and it must not join twice).
+ADD = """
+if ARGV[4] ~= '' then
+  if redis.call('HEXISTS', KEYS[1], ARGV[4]) == 0 then return 0 end
+  redis.call('HDEL', KEYS[1], ARGV[4])
+  redis.call('DEL', ARGV[5] .. ARGV[4])
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 return 1
 """
 # Take idle agents that have idled since before ARGV[1], keeping ARGV[2] agents in the pool.
@@ -124,6 +136,7 @@ class RedisStore:
         self._renew = client.register_script(RENEW)
         self._take_idle = client.register_script(TAKE_IDLE)
         self._reclaim = client.register_script(RECLAIM)
+        self._add = client.register_script(ADD)
         self._reserve = client.register_script(RESERVE)
 
     @classmethod
@@ -217,21 +230,21 @@ class RedisStore:
 
     # --- pools ----------------------------------------------------------------------------------
 
-    async def pool_reserve(self, uid: str, placeholder: str, max_size: int) -> bool:
+    async def pool_reserve(self, uid: str, placeholder: str, max_size: int, holder: str,
+                           ttl_ms: int) -> bool:
         async with self._errors("growing a pool"):
             return bool(await self._reserve(
                 keys=[Keys.pool_agents(uid)],
                 args=[placeholder, max_size,
-                      encode_pool_agent(PoolAgent(placeholder, pending_since=time.time()))]))
+                      encode_pool_agent(PoolAgent(placeholder, pending_since=time.time())),
+                      Keys.pool_lease(uid, placeholder), holder, ttl_ms]))
 
-    async def pool_add(self, uid: str, agent: PoolAgent, replaces: str = "") -> None:
-        async with self._errors("adding a pool agent"), self._client.pipeline(
-                transaction=True) as pipe:
-            if replaces:
-                pipe.hdel(Keys.pool_agents(uid), replaces)
-            pipe.hset(Keys.pool_agents(uid), agent.name, encode_pool_agent(agent))
-            pipe.zadd(Keys.pool_idle(uid), {agent.name: time.time()})
-            await pipe.execute()
+    async def pool_add(self, uid: str, agent: PoolAgent, replaces: str = "") -> bool:
+        async with self._errors("adding a pool agent"):
+            return bool(await self._add(
+                keys=[Keys.pool_agents(uid), Keys.pool_idle(uid)],
+                args=[agent.name, encode_pool_agent(agent), time.time(), replaces,
+                      Keys.pool_lease(uid, "")]))
 
     async def pool_acquire(self, uid: str, holder: str, ttl_ms: int) -> str | None:
         async with self._errors("leasing a pool agent"):
@@ -276,11 +289,11 @@ class RedisStore:
         agents = [decode_pool_agent("", _text(record)) for record in records]
         return sum(1 for agent in agents if agent.pending_since is None), int(idle)
 
-    async def pool_reclaim(self, uid: str, pending_prefix: str) -> list[str]:
+    async def pool_reclaim(self, uid: str) -> list[str]:
         async with self._errors("reclaiming pool agents"):
             lapsed = await self._reclaim(
                 keys=[Keys.pool_agents(uid), Keys.pool_idle(uid), Keys.pool_uses(uid)],
-                args=[Keys.pool_lease(uid, ""), pending_prefix])
+                args=[Keys.pool_lease(uid, "")])
         return [_text(agent) for agent in lapsed]
 
     async def pool_take_idle(self, uid: str, idle_before: float, keep: int) -> list[str]:

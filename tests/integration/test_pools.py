@@ -351,6 +351,34 @@ def test_reconcile_never_retires_an_agent_that_is_leased_or_just_returned(pools:
     assert passes > 10
 
 
+def test_a_place_whose_starter_died_lapses_and_its_agent_is_adopted(
+        settings: Settings, docker_client: docker.DockerClient) -> None:
+    """A controller killed while starting an agent (or a store that lost the moment it was
+    recorded) left a placeholder: it lapses like a lease, and the agent it stood for joins the
+    pool, instead of its place blocking a full pool for minutes."""
+    from controller.agents import build_pool_agent_spec
+    from controller.pools import PENDING
+
+    fast = Settings.from_env({}, redis_url=settings.redis_url, lease_ttl_seconds=1)
+    pools = Pools(fast)
+
+    async def scenario(manager: PoolManager, state: PoolState) -> Any:
+        spec = build_pool_agent_spec(state.pool, state.uid)
+        assert await manager.store.pool_reserve(state.uid, PENDING + spec.name, 1, "dead", 1000)
+        await state.backend.start(spec)  # ... and its starter died before recording it
+        stuck = await manager.reconcile(state)
+        await asyncio.sleep(1.5)
+        adopted = await manager.reconcile(state)
+        name, result = await task(manager, state, "echo adopted")
+        return spec.name, stuck, adopted, name, result
+
+    started, stuck, adopted, name, result = pools.run(scenario, minSize=0, maxSize=1)
+
+    assert stuck.total == 0  # while its starter may still be at it, it is left alone
+    assert adopted.total == 1 and adopted.ready == 1
+    assert name == started and result.stdout == "adopted\n"
+
+
 def test_agent_of_an_older_runner_is_replaced_not_adopted(pools: Pools) -> None:
     """A pool agent started by an earlier version (a shell on its stdin, no runner label) is
     never handed a task: reconcile replaces it."""
