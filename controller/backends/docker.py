@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import io
 import logging
 import socket
 import tarfile
@@ -21,7 +20,9 @@ from docker.models.containers import Container
 
 from controller.backends import output, runner
 from controller.backends.base import (
+    LABEL_MANAGED_BY,
     LABEL_RUNNER,
+    MANAGED_BY,
     AgentHandle,
     AgentResult,
     AgentSpec,
@@ -51,12 +52,17 @@ CLIENT_ERRORS: dict[int, type[AgentainerError]] = {
     403: ForbiddenError, 404: NotFoundError, 409: ConflictError}
 
 
-def container_config(spec: AgentSpec, network_mode: str, pids_limit: int = 0) -> dict[str, Any]:
+def container_config(spec: AgentSpec, network_mode: str, pids_limit: int = 0,
+                     through: runner.Exec | None = None) -> dict[str, Any]:
     """The ``containers.create`` arguments for an agent: a pure function, tested directly.
 
     A resident (pool) agent runs the task runner as its first process, reading its stdin, which
     stays open between attachments; the runner runs as root with just the capabilities it
     needs to run each task as the task user, and the image's own entrypoint is not used.
+
+    Given ``through``, an agent of its own runs its whole command through the runner, which
+    keeps its output in files of the container too: they outlive an engine that was down when
+    the agent ended. The runner (mounted read-only from a volume) starts as root.
     """
     config: dict[str, Any] = {
         "image": spec.image,
@@ -80,7 +86,11 @@ def container_config(spec: AgentSpec, network_mode: str, pids_limit: int = 0) ->
             user="0:0", working_dir="/",
             init=False,  # the runner is PID 1: it reaps, and ends every process of a task
             cap_drop=["ALL"], cap_add=list(runner.RUNNER_CAPABILITIES),
+            tmpfs={runner.TASKS_DIR: "mode=1777"},
         )
+        return config | _limits(spec)
+    if through is not None:
+        config.update(entrypoint=through.command(), command=[], user="0:0")
         return config | _limits(spec)
     if spec.command is not None:
         config["entrypoint"] = list(spec.command)
@@ -90,6 +100,14 @@ def container_config(spec: AgentSpec, network_mode: str, pids_limit: int = 0) ->
         # As in a pod: a command without args replaces the image's CMD too.
         config["command"] = []
     return config | _limits(spec)
+
+
+def agent_argv(spec: AgentSpec, entrypoint: list[str] | None, cmd: list[str] | None) -> list[str]:
+    """An agent's whole command, as Docker (and a pod) would make it of the image's
+    ``entrypoint`` and ``cmd`` and the spec's command and args."""
+    if spec.command is not None:
+        return [*spec.command, *(spec.args or [])]
+    return [*(entrypoint or []), *(spec.args if spec.args is not None else cmd or [])]
 
 
 def _limits(spec: AgentSpec) -> dict[str, Any]:
@@ -148,7 +166,11 @@ class DockerBackend:
         self._channels: dict[str, DockerAttachChannel] = {}
         self._channel_locks: dict[str, asyncio.Lock] = {}
         self._runner_lock = threading.Lock()
-        self._runner_archive: bytes | None = None
+        self._runner_volume_name: str | None = None
+        self._outages = 0
+        """Times a call found the engine away (its connection refused or cut)."""
+        self._started: dict[str, int] = {}
+        """Agents started by this process, with the count of outages then."""
 
     @classmethod
     async def connect(cls, settings: Settings) -> DockerBackend:
@@ -226,55 +248,90 @@ class DockerBackend:
             ) from error
 
     def _container_config(self, spec: AgentSpec) -> dict[str, Any]:
+        through = None if spec.resident else self._through_runner(spec)
         return container_config(spec, self._settings.docker_network,
-                                self._settings.agent_pids_limit)
+                                self._settings.agent_pids_limit, through)
+
+    def _through_runner(self, spec: AgentSpec) -> runner.Exec:
+        """How the runner runs an agent of its own: its whole command (the spec's, completed
+        by its image's), as its image's user."""
+        image = dict(self._inspect_image(spec.image, f"creating agent {spec.name}")
+                     .get("Config") or {})
+        argv = agent_argv(spec, image.get("Entrypoint"), image.get("Cmd"))
+        if not argv:
+            raise AgentSpecError(f"agent {spec.name}: image '{spec.image}' has no command; "
+                                 "give the step a command")
+        has_home = "HOME" in spec.env or any(str(e).startswith("HOME=")
+                                             for e in image.get("Env") or [])
+        return runner.Exec(argv, self._settings.output_limit_bytes, str(image.get("User") or ""),
+                           set_home=not has_home)
+
+    def _inspect_image(self, image: str, action: str) -> dict[str, Any]:
+        """The image's inspection, pulled first when it is missing and the policy allows."""
+        try:
+            with docker_errors(action, image):
+                return dict(self._client.api.inspect_image(image))  # type: ignore[no-untyped-call]
+        except ImageNotFoundError:
+            if self._settings.image_pull_policy == "Never":
+                raise
+        self._pull(image)
+        with docker_errors(action, image):
+            return dict(self._client.api.inspect_image(image))  # type: ignore[no-untyped-call]
 
     def _start(self, spec: AgentSpec) -> AgentHandle:
-        container = self._create(self._container_config(spec), f"creating agent {spec.name}")
+        config = self._container_config(spec)
+        config["volumes"] = {self._runner_volume(): {"bind": runner.RUNNER_BIN_DIR, "mode": "ro"}}
+        container = self._create(config, f"creating agent {spec.name}")
         try:
-            if spec.resident:
-                with docker_errors(f"putting the task runner into agent {spec.name}"):
-                    self._client.api.put_archive(str(container.id), "/", self._runner_tree())
             with docker_errors(f"starting agent {spec.name}", spec.image):
                 container.start()
         except BaseException:
             self._remove(str(container.id))
             raise
+        self._started[str(container.id)] = self._outages
         return AgentHandle(id=str(container.id), name=spec.name,
                            labels=dict(container.labels or spec.labels))
 
-    def _runner_tree(self) -> bytes:
-        """``/agentainer`` as an archive to put into pool containers: the runner (read from
-        its image once) and the folder of task working directories."""
+    def _runner_volume(self) -> str:
+        """A volume holding the task runner, mounted read-only into every agent (no copy per
+        agent): named after the runner image, filled from it once per process."""
         with self._runner_lock:
-            if self._runner_archive is None:
-                self._runner_archive = runner_archive(self._read_runner())
-            return self._runner_archive
-
-    def _read_runner(self) -> bytes:
-        image = self._settings.runner_image
-        container = self._create({"image": image, "command": ["version"]},
-                                 "reading the task runner")
-        try:
-            with docker_errors("reading the task runner", image):
-                chunks, _ = self._client.api.get_archive(str(container.id), "/runner")
-                data = b"".join(chunks)
-        finally:
-            self._remove(str(container.id))
-        with tarfile.open(fileobj=io.BytesIO(data)) as archive:
-            member = archive.extractfile("runner")
-            if member is None:
-                raise ImageNotFoundError(f"image '{image}' holds no /runner program")
-            return member.read()
+            if self._runner_volume_name is None:
+                image = self._settings.runner_image
+                found = self._inspect_image(image, "reading the task runner")
+                name = f"agentainer-runner-{str(found['Id']).split(':')[-1][:12]}"
+                with docker_errors("making the task runner's volume"):
+                    self._client.volumes.create(name, labels={LABEL_MANAGED_BY: MANAGED_BY})
+                container = self._create(
+                    {"image": image, "command": ["install", runner.RUNNER_PATH],
+                     "volumes": {name: {"bind": runner.RUNNER_BIN_DIR, "mode": "rw"}},
+                     "labels": {LABEL_MANAGED_BY: MANAGED_BY}, "network_mode": "none"},
+                    "filling the task runner's volume")
+                try:
+                    with docker_errors("filling the task runner's volume", image):
+                        container.start()
+                        code = int(self._client.api.wait(str(container.id)).get("StatusCode", -1))
+                finally:
+                    self._remove(str(container.id))
+                if code != 0:
+                    raise ImageNotFoundError(f"image '{image}' could not install the task "
+                                             f"runner (exit {code})")
+                self._runner_volume_name = name
+            return self._runner_volume_name
 
     def _wait(self, agent: AgentHandle) -> AgentResult:
         limit = self._settings.output_limit_bytes
         stdout, stderr = output.Head(limit), output.Tail(limit)
-        with docker_errors(f"waiting for agent {agent.name}"):
+        with docker_errors(f"waiting for agent {agent.name}"), self._noting_outages():
             status = self._client.api.wait(agent.id)
             exit_code = int(status.get("StatusCode", -1))
-            self._read_log(agent.id, stdout, stderr=False)
-            self._read_log(agent.id, stderr, stderr=True)
+            # Its log is whole unless the engine was away when it ended (or it is an agent of
+            # an earlier process, which may have seen that): then the runner's files are read.
+            if self._started.pop(agent.id, -1) == self._outages or \
+                    not self._read_kept(agent.id, stdout, stderr):
+                stdout, stderr = output.Head(limit), output.Tail(limit)
+                self._read_log(agent.id, stdout, stderr=False)
+                self._read_log(agent.id, stderr, stderr=True)
             state = self._client.api.inspect_container(agent.id)["State"]
         return AgentResult(
             exit_code=exit_code,
@@ -283,6 +340,38 @@ class DockerBackend:
             oom_killed=bool(state.get("OOMKilled")),
             output_truncated=stdout.truncated,
         )
+
+    @contextmanager
+    def _noting_outages(self) -> Iterator[None]:
+        """Count the times the engine was found away: an agent started before one may have
+        ended while it was, and lost its log's end."""
+        try:
+            yield
+        except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError):
+            self._outages += 1
+            raise
+
+    def _read_kept(self, agent_id: str, stdout: output.Head, stderr: output.Tail) -> bool:
+        """The output the runner kept in the container's files, read a piece at a time; False
+        when there is none (an agent started without the runner, or one that never ran)."""
+        try:
+            chunks, _ = self._client.api.get_archive(agent_id, runner.OUT_DIR)
+        except docker.errors.NotFound:
+            return False
+        found = set()
+        with tarfile.open(fileobj=output.ChunkReader(chunks), mode="r|") as archive:
+            for member in archive:
+                name = member.name.rsplit("/", 1)[-1]
+                found.add(name)
+                keep = stdout if name == "stdout" else stderr if name == "stderr" else None
+                source = archive.extractfile(member) if keep is not None else None
+                while source is not None and keep is not None:
+                    piece = source.read(65536)
+                    if not piece or not keep.feed(piece):
+                        break
+                if name == "stdout-truncated":
+                    stdout.truncated = True
+        return "stdout" in found
 
     def _read_log(self, agent_id: str, keep: output.Head | output.Tail, stderr: bool) -> None:
         """Stream one of an agent's logs into ``keep`` a frame at a time, never whole, and
@@ -399,19 +488,3 @@ class DockerBackend:
         for agent_id in list(self._channels):
             self._forget_channel(agent_id)
         self._client.close()
-
-
-def runner_archive(binary: bytes) -> bytes:
-    """A tar of ``/agentainer``: the runner (read-only, root's) and the folder where it makes
-    each task's working directory (open to all here; a runner that is root closes it)."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as archive:
-        for path, mode in (("agentainer", 0o755), (runner.RUNNER_BIN_DIR[1:], 0o755),
-                           (runner.TASKS_DIR[1:], 0o1777)):
-            folder = tarfile.TarInfo(path)
-            folder.type, folder.mode = tarfile.DIRTYPE, mode
-            archive.addfile(folder)
-        program = tarfile.TarInfo(runner.RUNNER_PATH[1:])
-        program.mode, program.size = 0o555, len(binary)
-        archive.addfile(program, io.BytesIO(binary))
-    return buffer.getvalue()

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import codecs
 import collections
+import io
+from collections.abc import Iterator
+from typing import Any
 
 UTF8_CONTINUATION_MASK, UTF8_CONTINUATION = 0b1100_0000, 0b1000_0000
 
@@ -73,3 +76,26 @@ class Tail:
                 start += 1
             data = data[start:]
         return data.decode("utf-8", errors="replace")
+
+
+class ChunkReader(io.RawIOBase):
+    """A file over an iterator of byte chunks (an HTTP response read piece by piece), for
+    readers that want a file, such as ``tarfile`` in stream mode."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = iter(chunks)
+        self._rest = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target: Any) -> int:
+        while not self._rest:
+            try:
+                self._rest = next(self._chunks)
+            except StopIteration:
+                return 0
+        n = min(len(target), len(self._rest))
+        target[:n] = self._rest[:n]
+        self._rest = self._rest[n:]
+        return n

@@ -31,6 +31,8 @@ VERSION_LABEL_VALUE = "1"
 RUNNER_BIN_DIR = "/agentainer/bin"
 RUNNER_PATH = f"{RUNNER_BIN_DIR}/runner"
 TASKS_DIR = "/agentainer/tasks"
+OUT_DIR = "/agentainer/out"
+"""Where an agent of its own run through the runner (``runner exec``) keeps its output."""
 RUNNER_CAPABILITIES = ["CHOWN", "DAC_OVERRIDE", "FOWNER", "KILL", "SETGID", "SETUID"]
 """What the runner needs to switch to the task user, end its processes and remove its files;
 all allowed by the Pod Security Standard ``baseline``. A task runs with none of them."""
@@ -48,6 +50,25 @@ MAX_LINE = 1 << 20
 def serve_command(uid: int, gid: int) -> list[str]:
     """The agent's entrypoint: the runner, with the user its tasks run as."""
     return [RUNNER_PATH, "serve", "--uid", str(uid), "--gid", str(gid)]
+
+
+@dataclass(frozen=True)
+class Exec:
+    """An agent of its own run through the runner, which keeps its output in ``OUT_DIR`` too
+    (where it outlives a container engine that was down when the agent ended). The runner starts
+    as root and runs the command as ``user`` (the image's), as the runtime would have."""
+
+    argv: list[str]
+    limit: int
+    user: str = ""
+    set_home: bool = False
+    """HOME is the user's, from the image's /etc/passwd (nobody else set it)."""
+
+    def command(self) -> list[str]:
+        options = ["--out", OUT_DIR, "--limit", str(self.limit)]
+        options += ["--user", self.user] if self.user else []
+        options += ["--set-home"] if self.set_home else []
+        return [RUNNER_PATH, "exec", *options, "--", *self.argv]
 
 
 def hello_line(nonce: str) -> bytes:

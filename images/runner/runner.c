@@ -33,6 +33,13 @@
  * non-root user), "root" (tasks as root, by the pool's choice).
  *
  *   runner serve [--uid N] [--gid N]   run tasks (as PID 1 of the agent)
+ *   runner exec --out DIR --limit N [--user USER] [--set-home] -- COMMAND...
+ *                                      run one command (an agent of its own): its output goes to
+ *                                      the container's log as ever, and its head (stdout) and
+ *                                      tail (stderr) to DIR, where they outlive a container
+ *                                      engine that was down when the command ended. Started as
+ *                                      root, it runs the command as USER (the image's, as the
+ *                                      runtime would), so the command cannot touch DIR
  *   runner install PATH                copy itself to PATH (an init container's job)
  *   runner version                     print the protocol
  */
@@ -1148,14 +1155,249 @@ static int install(const char *target) {
     return 0;
 }
 
+/* --- exec: one command, its output kept in files too ---------------------------------------- */
+
+static pid_t exec_child;
+
+static void forward_signal(int sig) {
+    if (exec_child > 0) kill(exec_child, sig);
+}
+
+struct kept_file {
+    int fd;
+    size_t size, limit;
+    bool tail;       /* keep the last `limit` bytes (rewriting the file when it doubles) */
+    bool truncated;
+    char *path;
+};
+
+static void keep_in_file(struct kept_file *f, const char *data, size_t n) {
+    if (f->fd < 0) return;
+    if (!f->tail) {
+        size_t room = f->limit - f->size, keep = n < room ? n : room;
+        if (keep > 0 && write(f->fd, data, keep) == (ssize_t)keep) f->size += keep;
+        f->truncated |= n > keep;
+        return;
+    }
+    if (write(f->fd, data, n) == (ssize_t)n) f->size += n;
+    if (f->size < 2 * f->limit + 1) return;
+    /* Twice the limit: keep the last `limit` bytes, so the file stays bounded. */
+    char *last = xmalloc(f->limit);
+    ssize_t got = pread(f->fd, last, f->limit, (off_t)(f->size - f->limit));
+    if (got == (ssize_t)f->limit && ftruncate(f->fd, 0) == 0 &&
+        pwrite(f->fd, last, f->limit, 0) == (ssize_t)f->limit) {
+        lseek(f->fd, (off_t)f->limit, SEEK_SET);
+        f->size = f->limit;
+        f->truncated = true;
+    }
+    free(last);
+}
+
+/* A user as the container runtime takes it: "name", "uid", "name:group" or "uid:gid", looked
+ * up in the image's /etc/passwd and /etc/group (a static program has no other way to them). */
+struct identity {
+    uid_t uid;
+    gid_t gid;
+    gid_t groups[64];
+    int group_count;
+    char home[PATH_MAX];
+};
+
+static bool numeric(const char *s, unsigned long *value) {
+    char *end;
+    if (!*s) return false;
+    *value = strtoul(s, &end, 10);
+    return *end == '\0';
+}
+
+/* The fields of the line of FILE whose field KEY_FIELD is KEY; false when there is none. */
+static bool lookup(const char *file, int key_field, const char *key, char fields[7][256]) {
+    FILE *f = fopen(file, "re");
+    if (!f) return false;
+    char line[1024];
+    bool found = false;
+    while (!found && fgets(line, sizeof line, f)) {
+        line[strcspn(line, "\n")] = '\0';
+        char *rest = line;
+        int n = 0;
+        for (; n < 7 && rest; n++) {
+            char *colon = strchr(rest, ':');
+            if (colon) *colon = '\0';
+            size_t len = strnlen(rest, 255);
+            memcpy(fields[n], rest, len);
+            fields[n][len] = '\0';
+            rest = colon ? colon + 1 : NULL;
+        }
+        for (; n < 7; n++) fields[n][0] = '\0';
+        found = !strcmp(fields[key_field], key);
+    }
+    fclose(f);
+    return found;
+}
+
+static bool resolve_user(const char *spec, struct identity *who, char *why, size_t n) {
+    char user[256], group[256] = "";
+    snprintf(user, sizeof user, "%s", spec);
+    char *colon = strchr(user, ':');
+    if (colon) {
+        *colon = '\0';
+        snprintf(group, sizeof group, "%s", colon + 1);
+    }
+    char pw[7][256];
+    unsigned long value;
+    bool known = lookup("/etc/passwd", numeric(user, &value) ? 2 : 0, user, pw);
+    if (!known && !numeric(user, &value)) {
+        snprintf(why, n, "no user %s in the image's /etc/passwd", user);
+        return false;
+    }
+    who->uid = known ? (uid_t)strtoul(pw[2], NULL, 10) : (uid_t)value;
+    who->gid = known ? (gid_t)strtoul(pw[3], NULL, 10) : 0;
+    snprintf(who->home, sizeof who->home, "%s", known && pw[5][0] ? pw[5] : "/");
+    who->group_count = 0;
+    char gr[7][256];
+    if (group[0]) {
+        bool found = lookup("/etc/group", numeric(group, &value) ? 2 : 0, group, gr);
+        if (!found && !numeric(group, &value)) {
+            snprintf(why, n, "no group %s in the image's /etc/group", group);
+            return false;
+        }
+        who->gid = found ? (gid_t)strtoul(gr[2], NULL, 10) : (gid_t)value;
+    }
+    FILE *f = known ? fopen("/etc/group", "re") : NULL;  /* its other groups, as a runtime adds */
+    char line[4096];
+    while (f && fgets(line, sizeof line, f) && who->group_count < 64) {
+        line[strcspn(line, "\n")] = '\0';
+        char *name = line, *gid = NULL, *members = NULL;
+        char *p = strchr(line, ':');
+        if (p) { *p = '\0'; p = strchr(p + 1, ':'); }
+        if (p) { gid = p + 1; p = strchr(gid, ':'); }
+        if (p) { *p = '\0'; members = p + 1; }
+        (void)name;
+        for (char *m = members ? strtok(members, ",") : NULL; m; m = strtok(NULL, ","))
+            if (!strcmp(m, pw[0]) && gid) who->groups[who->group_count++] = (gid_t)strtoul(gid, NULL, 10);
+    }
+    if (f) fclose(f);
+    return true;
+}
+
+static int run_exec(int argc, char **argv) {
+    const char *out = NULL, *user = NULL;
+    bool set_home = false;
+    size_t limit = 1 << 20;
+    int first = argc;
+    for (int i = 2; i < argc; i++) {
+        if (!strcmp(argv[i], "--out") && i + 1 < argc) out = argv[++i];
+        else if (!strcmp(argv[i], "--limit") && i + 1 < argc)
+            limit = (size_t)strtoull(argv[++i], NULL, 10);
+        else if (!strcmp(argv[i], "--user") && i + 1 < argc) user = argv[++i];
+        else if (!strcmp(argv[i], "--set-home")) set_home = true;
+        else if (!strcmp(argv[i], "--")) { first = i + 1; break; }
+        else fatal("unknown argument %s", argv[i]);
+    }
+    if (first >= argc) fatal("exec: no command to run");
+    if (limit > MAX_LIMIT) limit = MAX_LIMIT;
+    struct identity who = {.uid = geteuid(), .gid = getegid(), .home = "/"};
+    char why[300];
+    if (user && *user && !resolve_user(user, &who, why, sizeof why)) {
+        dprintf(STDERR_FILENO, "agentainer-runner: %s\n", why);
+        return 126;
+    }
+    struct kept_file files[2] = {{.fd = -1, .limit = limit}, {.fd = -1, .limit = limit, .tail = true}};
+    /* Root's, where the command (run as its own user) cannot reach it. */
+    if (out && (mkdir(out, geteuid() == 0 ? 0700 : 0755) == 0 || errno == EEXIST)) {
+        const char *names[2] = {"stdout", "stderr"};
+        for (int i = 0; i < 2; i++) {
+            char path[PATH_MAX];
+            snprintf(path, sizeof path, "%s/%s", out, names[i]);
+            files[i].path = xstrdup(path);
+            files[i].fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+        }
+    }
+    int pipes[2][2];
+    if (pipe2(pipes[0], O_CLOEXEC) < 0 || pipe2(pipes[1], O_CLOEXEC) < 0)
+        fatal("exec: pipes: %s", strerror(errno));
+    exec_child = fork();
+    if (exec_child < 0) fatal("exec: fork: %s", strerror(errno));
+    if (exec_child == 0) {
+        dup2(pipes[0][1], STDOUT_FILENO);
+        dup2(pipes[1][1], STDERR_FILENO);
+        if (geteuid() == 0 && who.uid != 0) {
+            if (setgroups((size_t)who.group_count, who.groups) < 0 ||
+                setresgid(who.gid, who.gid, who.gid) < 0 ||
+                setresuid(who.uid, who.uid, who.uid) < 0)
+                child_fail(126, "becoming user", user);
+        } else if (geteuid() == 0 && (setgroups((size_t)who.group_count, who.groups) < 0 ||
+                                      setresgid(who.gid, who.gid, who.gid) < 0)) {
+            child_fail(126, "setting the group of", user);
+        }
+        if (set_home) setenv("HOME", who.home, 1);
+        execvp(argv[first], argv + first);
+        child_fail(errno == ENOENT ? 127 : 126, "exec", argv[first]);
+    }
+    close(pipes[0][1]);
+    close(pipes[1][1]);
+    int forwarded[] = {SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2};
+    for (size_t i = 0; i < sizeof forwarded / sizeof *forwarded; i++)
+        signal(forwarded[i], forward_signal);
+    signal(SIGPIPE, SIG_IGN);
+    int fds[2] = {pipes[0][0], pipes[1][0]};
+    int status = 0;
+    bool exited = false;
+    int64_t quiet_since = 0;
+    char buffer[CHUNK];
+    while (fds[0] >= 0 || fds[1] >= 0) {
+        struct pollfd p[2] = {{.fd = fds[0], .events = POLLIN}, {.fd = fds[1], .events = POLLIN}};
+        int ready = poll(p, 2, 100);
+        if (!exited && waitpid(exec_child, &status, WNOHANG) == exec_child) {
+            exited = true;
+            quiet_since = now_us();
+        }
+        if (ready <= 0) {
+            /* The command ended but something it left holds its output open: stop waiting. */
+            if (exited && now_us() - quiet_since > 200000) break;
+            continue;
+        }
+        for (int i = 0; i < 2; i++) {
+            if (fds[i] < 0 || !p[i].revents) continue;
+            ssize_t n = read(fds[i], buffer, sizeof buffer);
+            if (n < 0 && errno == EINTR) continue;
+            if (n <= 0) {
+                close(fds[i]);
+                fds[i] = -1;
+                continue;
+            }
+            write_all(i == 0 ? STDOUT_FILENO : STDERR_FILENO, buffer, (size_t)n);
+            keep_in_file(&files[i], buffer, (size_t)n);
+            quiet_since = now_us();
+        }
+    }
+    while (!exited) {
+        if (waitpid(exec_child, &status, 0) == exec_child) exited = true;
+        else if (errno != EINTR) break;
+    }
+    for (int i = 0; i < 2; i++) {
+        if (files[i].fd < 0) continue;
+        if (files[i].truncated) {  /* said by a file beside it, empty */
+            char marker[PATH_MAX];
+            snprintf(marker, sizeof marker, "%s-truncated", files[i].path);
+            close(open(marker, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+        }
+        close(files[i].fd);
+    }
+    return WIFEXITED(status) ? WEXITSTATUS(status)
+         : WIFSIGNALED(status) ? 128 + WTERMSIG(status) : 255;
+}
+
 int main(int argc, char **argv) {
     if (argc >= 2 && !strcmp(argv[1], "version")) {
         puts(PROTOCOL);
         return 0;
     }
     if (argc == 3 && !strcmp(argv[1], "install")) return install(argv[2]);
+    if (argc >= 2 && !strcmp(argv[1], "exec")) return run_exec(argc, argv);
     if (argc < 2 || strcmp(argv[1], "serve")) {
-        fprintf(stderr, "usage: %s serve [--uid N] [--gid N] | install PATH | version\n", argv[0]);
+        fprintf(stderr, "usage: %s serve [--uid N] [--gid N] | exec --out DIR --limit N -- "
+                "COMMAND... | install PATH | version\n", argv[0]);
         return 2;
     }
     long uid = 65532, gid = -1;

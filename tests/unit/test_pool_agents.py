@@ -144,3 +144,36 @@ def test_fresh_agent_pod_has_no_runner() -> None:
     assert "initContainers" not in pod["spec"] and "volumes" not in pod["spec"]
     assert pod["spec"]["containers"][0]["command"] == ["sh"]
     assert pod["spec"]["activeDeadlineSeconds"] == 5
+
+
+# --- agents of their own, run through the runner (Docker) ------------------------------------
+
+
+@pytest.mark.parametrize(("command", "args", "argv"), [
+    (None, None, ["/entry", "--serve", "default"]),      # the image's, whole
+    (None, ["--other"], ["/entry", "--other"]),          # its entrypoint, our args
+    (["sh", "-c"], None, ["sh", "-c"]),                  # as in a pod: no image cmd
+    (["sh", "-c"], ["echo hi"], ["sh", "-c", "echo hi"]),
+])
+def test_an_agents_whole_command_is_made_as_docker_and_a_pod_make_it(
+        command: list[str] | None, args: list[str] | None, argv: list[str]) -> None:
+    from controller.backends.docker import agent_argv
+
+    spec = AgentSpec(name="a", image="i", command=command, args=args, env={}, labels={})
+
+    assert agent_argv(spec, ["/entry"], ["--serve", "default"]) == argv
+
+
+def test_an_agent_of_its_own_runs_through_the_runner_which_keeps_its_output() -> None:
+    from controller.backends import runner
+
+    spec = AgentSpec(name="a", image="i", command=["sh", "-c"], args=["echo hi"], env={},
+                     labels={})
+    through = runner.Exec(["sh", "-c", "echo hi"], 4096, user="app:staff", set_home=True)
+    config = container_config(spec, "none", through=through)
+
+    assert config["entrypoint"] == ["/agentainer/bin/runner", "exec", "--out", "/agentainer/out",
+                                    "--limit", "4096", "--user", "app:staff", "--set-home",
+                                    "--", "sh", "-c", "echo hi"]
+    assert config["command"] == [] and config["user"] == "0:0"  # it drops to app:staff itself
+    assert config["init"] is True
