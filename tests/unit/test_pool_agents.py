@@ -9,7 +9,7 @@ import pytest
 
 from controller.agents import build_pool_agent_spec
 from controller.backends.base import AgentSpec
-from controller.backends.docker import container_config, runner_archive
+from controller.backends.docker import container_config
 from controller.backends.kubernetes import build_pod
 from controller.errors import InvalidSpecError
 from controller.models import DEFAULT_TASK_USER, parse_agent_pool
@@ -71,19 +71,7 @@ def test_docker_pool_agent_runs_the_runner_as_pid_1_as_root_with_few_capabilitie
     assert config["security_opt"] == ["no-new-privileges:true"]
     assert config["pids_limit"] == 512
     assert config["labels"]["agentainer.dev/runner"] == "1"
-
-
-def test_runner_archive_puts_a_read_only_runner_and_a_tasks_folder_under_agentainer() -> None:
-    import io
-    import tarfile
-
-    with tarfile.open(fileobj=io.BytesIO(runner_archive(b"\x7fELF..."))) as archive:
-        members = {m.name: m for m in archive.getmembers()}
-        assert archive.extractfile("agentainer/bin/runner").read() == b"\x7fELF..."  # type: ignore[union-attr]
-
-    assert members["agentainer/bin/runner"].mode == 0o555
-    assert members["agentainer/tasks"].isdir()
-    assert all(m.uid == 0 and m.gid == 0 for m in members.values())
+    assert config["tmpfs"] == {"/agentainer/tasks": "mode=1777"}
 
 
 def test_pool_pod_installs_the_runner_from_an_init_container_into_a_read_only_volume() -> None:
