@@ -615,6 +615,19 @@ def start_dns(plane: ControlPlane) -> None:
     _wait(lambda: _http_ok(f"http://{ready}/ready"), "CoreDNS", log, 60)
 
 
+def restart_apiserver(plane: ControlPlane, down_seconds: float = 0.0) -> None:
+    """Stop the API server and start it again as it was, after ``down_seconds`` (for tests of
+    how clients live through it)."""
+    command = Path(f"/proc/{plane.apiserver_pid}/cmdline").read_bytes().split(b"\0")[:-1]
+    _terminate(plane.apiserver_pid)
+    time.sleep(down_seconds)
+    log = Path(plane.directory) / "logs" / "kube-apiserver.log"
+    plane.apiserver_pid = _spawn([word.decode() for word in command], log)
+    plane.save()
+    ca = Path(plane.directory) / "certs" / "apiserver.crt"
+    _wait(lambda: _ready(plane.server, plane.token, ca), "kube-apiserver", log, 120)
+
+
 def down(directory: Path) -> None:
     plane = ControlPlane.load(directory)
     if plane is not None:
