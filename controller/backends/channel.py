@@ -45,7 +45,11 @@ class DockerAttachChannel(RunnerChannel):
         self._raw = bytearray()
 
     async def _send(self, data: bytes) -> None:
-        await asyncio.get_running_loop().sock_sendall(self._sock, data)
+        try:
+            await asyncio.get_running_loop().sock_sendall(self._sock, data)
+        except OSError as error:  # the engine restarted or the container ended: it broke
+            raise ChannelClosedError(f"agent {self.agent_name} is gone: its runner's channel "
+                                     f"broke ({error})") from error
 
     def _send_now(self, data: bytes) -> None:
         try:
@@ -73,6 +77,18 @@ class DockerAttachChannel(RunnerChannel):
                 raise ChannelClosedError(f"agent {self.agent_name} is gone: its runner's "
                                          "channel closed")
             self._raw += chunk
+
+    def alive(self) -> bool:
+        """Whether the connection still stands, without waiting: a cached channel that the
+        engine closed (restarting) is found so before a task is sent on it."""
+        if self.closed:
+            return False
+        try:
+            return bool(self._sock.recv(1, socket.MSG_PEEK))
+        except BlockingIOError:
+            return True  # open, nothing to read
+        except OSError:
+            return False
 
     def _close_transport(self) -> None:
         self._sock.close()

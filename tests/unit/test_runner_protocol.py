@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import socket
 import struct
 from typing import Any
 
 import pytest
 
-from controller.backends.channel import demultiplex
+from controller.backends.channel import DockerAttachChannel, demultiplex
 from controller.backends.runner import (
     MAX_LINE,
     ChannelClosedError,
@@ -240,3 +241,18 @@ def test_runner_gone_mid_task_closes_the_channel_for_good() -> None:
         return channel
 
     assert asyncio.run(scenario()).closed
+
+
+def test_a_docker_channel_whose_connection_broke_says_the_agent_is_gone() -> None:
+    """The engine restarting cuts the attach socket: a task sent on it is the agent lost (its
+    task runs again elsewhere), never an internal error of the step."""
+
+    async def scenario() -> None:
+        ours, theirs = socket.socketpair()
+        theirs.close()
+        channel = DockerAttachChannel(ours, "agent-1")
+        with pytest.raises(ChannelClosedError, match="agent-1 is gone"):
+            await channel.run(["true"], {}, None, 100)
+        assert channel.closed
+
+    asyncio.run(scenario())
