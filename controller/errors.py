@@ -88,6 +88,12 @@ class AgentLostError(AgentainerError):
     retryable = True
 
 
+class AgentInterruptedError(AgentLostError):
+    """The container engine, not the agent, cut its run short: it stopped the agent as it shut
+    down, or the connection to a pool agent's runner broke while the agent ran on. Its attempt
+    is run again without counting as one of the step's retries."""
+
+
 class StoreUnavailableError(TransientError):
     """Redis cannot be reached or refused the operation."""
 

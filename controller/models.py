@@ -97,6 +97,9 @@ class AgentReason(StrEnum):
     LOST = "Lost"
     """Its container or pod went away before it ended (deleted, evicted, preempted), or the
     task runner of its pool agent died."""
+    INTERRUPTED = "Interrupted"
+    """The container engine cut it short (it stopped the agent as it shut down, or the
+    connection to a pool agent broke): run again, not counted as a retry."""
 
 
 class ConditionStatus(StrEnum):

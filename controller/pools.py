@@ -32,7 +32,7 @@ from controller.backends.base import (
     TaskResult,
 )
 from controller.config import Settings
-from controller.errors import AgentainerError, PoolUnavailableError
+from controller.errors import AgentainerError, AgentLostError, PoolUnavailableError
 from controller.models import AgentPool, AgentPoolStatus
 from controller.store import PoolAgent, PoolStore
 
@@ -236,17 +236,24 @@ class PoolManager:
     async def run(self, lease: Lease, argv: list[str], env: dict[str, str],
                   timeout: float | None) -> TaskResult:
         """Run one task on a leased agent, then return it, or replace it when its runner could
-        not prove it clean (or the ``resetCommand`` hook failed, or anything went wrong)."""
+        not prove it clean (or the ``resetCommand`` hook failed, or anything went wrong).
+
+        The engine away for now (its error retryable, the agent not lost) is found before the
+        task is sent: the lease is kept, for the caller to try again or let go."""
         state = lease.pool
-        keep = False
+        keep, held = False, False
         started = time.monotonic()
         try:
             result = await state.backend.run_task(lease.agent, argv, env, timeout)
             self._emit(PoolEventKind.TASK_DONE, state, time.monotonic() - started)
             keep = self._clean(lease, result, "its task") and await self._reset(lease)
             return result
+        except AgentainerError as error:
+            held = error.retryable and not isinstance(error, AgentLostError)
+            raise
         finally:
-            await asyncio.shield(self.release(lease, keep))
+            if not held:
+                await asyncio.shield(self.release(lease, keep))
 
     @staticmethod
     def _clean(lease: Lease, result: TaskResult, what: str) -> bool:

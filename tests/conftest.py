@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -64,3 +66,30 @@ def workflow_doc(*steps: dict[str, Any], name: str | None = None, **spec: Any) -
 
 def sh(script: str) -> list[str]:
     return ["sh", "-c", script]
+
+
+def restart_dockerd(down_seconds: float = 0.0) -> None:
+    """Stop the Docker engine and, ``down_seconds`` later, start it again as the set-up script
+    does (with live-restore: containers run on meanwhile). Needs root, as the script does."""
+    pids = subprocess.run(["pgrep", "-x", "dockerd"], capture_output=True, text=True).stdout
+    for pid in pids.split():
+        os.kill(int(pid), signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while subprocess.run(["pgrep", "-x", "dockerd"], capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, "dockerd did not stop within 60s"
+        time.sleep(0.1)
+    time.sleep(down_seconds)
+    subprocess.run([str(ROOT / "scripts" / "setup.sh"), "docker"], check=True,
+                   capture_output=True, timeout=120)
+
+
+@pytest.fixture
+def live_restore() -> None:
+    """An engine restarted by a test keeps its containers only with live-restore; one that
+    the set-up script did not start (no root to restart it) cannot be used for that."""
+    import docker  # only tests that restart the engine need it here
+
+    if os.geteuid() != 0 or not shutil.which("dockerd"):
+        pytest.skip("restarting the Docker engine needs root and a local dockerd")
+    if not docker.from_env().info().get("LiveRestoreEnabled"):
+        restart_dockerd()  # scripts/setup.sh starts it with live-restore

@@ -94,6 +94,8 @@ class AgentResult:
     """What the backend said about how it ended, when it said more than the exit code."""
     output_truncated: bool = False
     """It printed more than the output limit; the rest was dropped."""
+    interrupted: bool = False
+    """The container engine stopped it as the engine shut down: it did not end by itself."""
 
 
 class Backend(Protocol):

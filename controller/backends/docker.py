@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import signal
 import socket
 import tarfile
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import docker
@@ -32,6 +34,7 @@ from controller.backends.channel import DockerAttachChannel
 from controller.config import Settings
 from controller.errors import (
     AgentainerError,
+    AgentInterruptedError,
     AgentSpecError,
     BackendError,
     BackendUnavailableError,
@@ -125,6 +128,28 @@ def _limits(spec: AgentSpec) -> dict[str, Any]:
     return config
 
 
+@dataclass(frozen=True)
+class Ending:
+    """How the runner saw an agent's command end: its exit code, and the first signal the
+    runner was sent from outside (0: none), as the runner's exit file says them."""
+
+    code: int
+    signal: int
+
+    @classmethod
+    def read(cls, text: bytes) -> Ending | None:
+        """The exit file: ``CODE SIGNAL`` and a newline; None for anything else."""
+        try:
+            code, number = (int(word) for word in text.decode("ascii").split())
+        except (UnicodeDecodeError, ValueError):
+            return None
+        return cls(code, number) if 0 <= code <= 255 and 0 <= number < 65 else None
+
+
+ENGINE_STOP_SIGNALS = (signal.SIGTERM, signal.SIGKILL)
+"""What the engine sends a container it stops (its stop signal, then a kill)."""
+
+
 @contextmanager
 def docker_errors(action: str, image: str = "") -> Iterator[None]:
     """Turn docker-py and connection errors into the project's errors, naming the action."""
@@ -171,6 +196,8 @@ class DockerBackend:
         """Times a call found the engine away (its connection refused or cut)."""
         self._started: dict[str, int] = {}
         """Agents started by this process, with the count of outages then."""
+        self._stopping: set[str] = set()
+        """Agents this process stopped: a signal they got was not the engine's own doing."""
 
     @classmethod
     async def connect(cls, settings: Settings) -> DockerBackend:
@@ -324,54 +351,80 @@ class DockerBackend:
         stdout, stderr = output.Head(limit), output.Tail(limit)
         with docker_errors(f"waiting for agent {agent.name}"), self._noting_outages():
             status = self._client.api.wait(agent.id)
+            state = self._client.api.inspect_container(agent.id)["State"]
+            if state.get("Running"):  # the engine, shutting down, let go of its waiters
+                self._outages += 1
+                error = status.get("Error")
+                why = error.get("Message") if error else "no reason given"
+                raise BackendUnavailableError(f"waiting for agent {agent.name}: the Docker engine "
+                                              f"stopped waiting before the agent ended ({why})")
             exit_code = int(status.get("StatusCode", -1))
-            # Its log is whole unless the engine was away when it ended (or it is an agent of
-            # an earlier process, which may have seen that): then the runner's files are read.
-            if self._started.pop(agent.id, -1) == self._outages or \
-                    not self._read_kept(agent.id, stdout, stderr):
+            # Its log and exit code are whole unless the engine was away since it started (or it
+            # is an agent of an earlier process, which may have seen that): then the runner's
+            # files say them, and whether the engine stopped it as it shut down (with
+            # live-restore it stops the containers when it finds none running, such as those
+            # still starting).
+            kept, interrupted = False, False
+            if self._started.pop(agent.id, -1) != self._outages:
+                kept, ending = self._read_kept(agent.id, stdout, stderr)
+                if ending is not None:
+                    exit_code = ending.code
+                    interrupted = ending.signal in ENGINE_STOP_SIGNALS and \
+                        agent.id not in self._stopping
+            self._stopping.discard(agent.id)
+            if not kept:
                 stdout, stderr = output.Head(limit), output.Tail(limit)
                 self._read_log(agent.id, stdout, stderr=False)
                 self._read_log(agent.id, stderr, stderr=True)
-            state = self._client.api.inspect_container(agent.id)["State"]
         return AgentResult(
             exit_code=exit_code,
             stdout=stdout.text(),
             stderr=stderr.text(),
             oom_killed=bool(state.get("OOMKilled")),
             output_truncated=stdout.truncated,
+            interrupted=interrupted,
         )
 
     @contextmanager
     def _noting_outages(self) -> Iterator[None]:
         """Count the times the engine was found away: an agent started before one may have
-        ended while it was, and lost its log's end."""
+        ended while it was, and lost its log's end and its exit code."""
         try:
             yield
         except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError):
             self._outages += 1
             raise
 
-    def _read_kept(self, agent_id: str, stdout: output.Head, stderr: output.Tail) -> bool:
-        """The output the runner kept in the container's files, read a piece at a time; False
-        when there is none (an agent started without the runner, or one that never ran)."""
+    def _read_kept(self, agent_id: str, stdout: output.Head,
+                   stderr: output.Tail) -> tuple[bool, Ending | None]:
+        """The output and ending the runner kept in the container's files, read a piece at a
+        time: whether there was output (not for an agent started without the runner, or one
+        that never ran), and how it ended (None if the runner did not see it end)."""
         try:
             chunks, _ = self._client.api.get_archive(agent_id, runner.OUT_DIR)
         except docker.errors.NotFound:
-            return False
-        found = set()
-        with tarfile.open(fileobj=output.ChunkReader(chunks), mode="r|") as archive:
-            for member in archive:
-                name = member.name.rsplit("/", 1)[-1]
-                found.add(name)
-                keep = stdout if name == "stdout" else stderr if name == "stderr" else None
-                source = archive.extractfile(member) if keep is not None else None
-                while source is not None and keep is not None:
-                    piece = source.read(65536)
-                    if not piece or not keep.feed(piece):
-                        break
-                if name == "stdout-truncated":
-                    stdout.truncated = True
-        return "stdout" in found
+            return False, None
+        found, code = set(), None
+        try:
+            with tarfile.open(fileobj=output.ChunkReader(chunks), mode="r|") as archive:
+                for member in archive:
+                    name = member.name.rsplit("/", 1)[-1]
+                    found.add(name)
+                    source = archive.extractfile(member) if member.isfile() else None
+                    if source is not None and name == "exit":
+                        code = Ending.read(source.read(64))
+                    keep = stdout if name == "stdout" else stderr if name == "stderr" else None
+                    while source is not None and keep is not None:
+                        piece = source.read(65536)
+                        if not piece or not keep.feed(piece):
+                            break
+                    if name == "stdout-truncated":
+                        stdout.truncated = True
+        except tarfile.TarError as error:  # not an archive of the runner's files: the log says
+            logger.warning("agent %s: its kept output cannot be read (%s); its log is read",
+                           agent_id[:12], error)
+            return False, None
+        return "stdout" in found, code
 
     def _read_log(self, agent_id: str, keep: output.Head | output.Tail, stderr: bool) -> None:
         """Stream one of an agent's logs into ``keep`` a frame at a time, never whole, and
@@ -386,6 +439,7 @@ class DockerBackend:
             frames.close()
 
     def _stop(self, agent_id: str, grace_seconds: float) -> None:
+        self._stopping.add(agent_id)
         try:
             with docker_errors("stopping agent"):
                 self._client.api.stop(agent_id, timeout=max(0, round(grace_seconds)))
@@ -393,6 +447,8 @@ class DockerBackend:
             pass  # already gone, or being removed
 
     def _remove(self, agent_id: str) -> None:
+        self._started.pop(agent_id, None)
+        self._stopping.discard(agent_id)
         try:
             with docker_errors("removing agent"):
                 self._client.api.remove_container(agent_id, v=True, force=True)
@@ -428,7 +484,9 @@ class DockerBackend:
         """The agent's runner, attached and greeted (once per agent and process)."""
         async with self._channel_locks.setdefault(agent.id, asyncio.Lock()):
             channel = self._channels.get(agent.id)
-            if channel is None or channel.closed:
+            if channel is None or not channel.alive():
+                if channel is not None:
+                    channel.close()
                 channel = DockerAttachChannel(await self._call(self._attach, agent.id),
                                               agent.name)
                 await channel.hello()
@@ -454,7 +512,25 @@ class DockerBackend:
     async def run_task(self, agent: AgentHandle, argv: list[str], env: dict[str, str],
                        timeout: float | None) -> TaskResult:
         channel = await self._channel(agent)
-        return await channel.run(argv, env, timeout, self._settings.output_limit_bytes)
+        try:
+            return await channel.run(argv, env, timeout, self._settings.output_limit_bytes)
+        except runner.ChannelClosedError as error:
+            if await self._running_on(agent):
+                raise AgentInterruptedError(
+                    f"{error}; the agent runs on, so the Docker engine broke the connection "
+                    "(restarting?): the task runs again") from error
+            raise
+
+    async def _running_on(self, agent: AgentHandle) -> bool:
+        """Whether the agent still runs (True too while the engine cannot say: it is away)."""
+        try:
+            state = await self._call(self._client.api.inspect_container, agent.id)
+        except docker.errors.NotFound:
+            return False
+        except (docker.errors.DockerException, requests.exceptions.RequestException,
+                urllib3.exceptions.HTTPError):
+            return True
+        return bool(state["State"].get("Running"))
 
     async def start(self, spec: AgentSpec) -> AgentHandle:
         handle = await self._call(self._start, spec)

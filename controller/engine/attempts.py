@@ -27,6 +27,7 @@ from controller.engine.events import Emitter, EventKind
 from controller.engine.journal import Journal
 from controller.errors import (
     AgentainerError,
+    AgentInterruptedError,
     AgentLostError,
     ConflictError,
     NotFoundError,
@@ -86,6 +87,8 @@ class AttemptOutcome:
     succeeded: bool
     output: str = ""
     retryable: bool = True
+    counted: bool = True
+    """False when the container engine cut the attempt short: not one of the step's retries."""
 
 
 @dataclass
@@ -161,7 +164,8 @@ class Attempts:
                        status: StepStatus, error: AgentainerError,
                        owned: bool) -> AttemptOutcome:
         agent.phase = AgentPhase.FAILED
-        agent.reason = (AgentReason.LOST if isinstance(error, AgentLostError)
+        agent.reason = (AgentReason.INTERRUPTED if isinstance(error, AgentInterruptedError)
+                        else AgentReason.LOST if isinstance(error, AgentLostError)
                         else AgentReason.BACKEND_ERROR)
         agent.finished_at = now()
         status.message = str(error)
@@ -169,7 +173,8 @@ class Attempts:
         self.emit(EventKind.AGENT_FINISHED, f"agent {agent.name} failed: {error}", status, agent)
         if handle is not None and owned:
             await self._cleanup(handle, succeeded=False)
-        return AttemptOutcome(False, retryable=error.retryable)
+        return AttemptOutcome(False, retryable=error.retryable,
+                              counted=not isinstance(error, AgentInterruptedError))
 
     async def _finished(self, agent: AgentStatus, handle: AgentHandle, result: AgentResult,
                         reason: AgentReason, status: StepStatus, step: Step,
@@ -364,6 +369,11 @@ class _Started(_Place):
             raise AgentLostError(f"agent {agent.name} was lost before it ended: its container "
                                  f"or pod is gone (deleted, evicted or preempted): {error}"
                                  ) from error
+        if result.interrupted:
+            agent.exit_code = result.exit_code
+            raise AgentInterruptedError(
+                f"agent {agent.name} was stopped by its container engine as the engine shut "
+                f"down (exit {result.exit_code}), not by itself: it runs again")
         return result, (AgentReason.OOM_KILLED if result.oom_killed else
                         AgentReason.DEADLINE_EXCEEDED if result.deadline_exceeded else
                         AgentReason.COMPLETED if result.exit_code == 0 else AgentReason.ERROR)
@@ -419,9 +429,11 @@ class _Leased(_Place):
                      agent: AgentStatus) -> tuple[AgentResult, AgentReason]:
         assert self.attempts.pools is not None
         argv = [*(self.spec.command or []), *(self.spec.args or [])]
+        pools = self.attempts.pools
         try:
-            task = await self.attempts.pools.run(self._lease, argv, self.spec.env,
-                                                 self.step.timeout_seconds)
+            task = await self.attempts.retrying(
+                f"running a task on {handle.name}",
+                lambda: pools.run(self._lease, argv, self.spec.env, self.step.timeout_seconds))
         except TimeoutError:  # its runner stopped answering: the agent is replaced
             return AgentResult(137, "", ""), AgentReason.DEADLINE_EXCEEDED
         return (AgentResult(task.exit_code, task.stdout, task.stderr,

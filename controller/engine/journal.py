@@ -3,10 +3,18 @@ mapping between a run's state and the store's records (whose format is the store
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 
-from controller.models import AgentStatus, StepStatus, Workflow, WorkflowStatus
+from controller.models import (
+    AgentStatus,
+    StepPhase,
+    StepStatus,
+    Workflow,
+    WorkflowPhase,
+    WorkflowStatus,
+)
 from controller.store import AgentRecord, Change, Output, WorkflowRecord, WorkflowStore
 
 
@@ -68,12 +76,21 @@ class Journal:
         await self.store.record(self.uid, Change(workflow=self._whole(status)))
         await self.store.finish(self.uid, ttl_seconds)
 
-    async def restore(self) -> Restored | None:
+    async def restore(self, last_known: WorkflowStatus | None = None) -> Restored | None:
         """What an earlier process recorded of this run, for the steps of the spec it started
-        with; None when nothing was."""
+        with; None when nothing was.
+
+        ``last_known`` is the status the resource carries: where the store lost what it said
+        (Redis restarted without its last second, or emptied), the steps that status says
+        finished stay finished, with the outputs it shows whole; they are not run again."""
         workflow = await self.store.workflow(self.uid)
         if workflow is None:
-            return None
+            if last_known is None or last_known.started_at is None:
+                return None
+            workflow = WorkflowRecord(  # the store lost it all; the resource remembers
+                name=self.workflow.metadata.name, namespace=self.workflow.metadata.namespace,
+                phase=WorkflowPhase.RUNNING, progress=last_known.progress,
+                started_at=last_known.started_at)
         spec = workflow.spec or self.workflow.spec
         agents: dict[str, list[AgentStatus]] = {step.name: [] for step in spec.steps}
         records = await self.store.agents(self.uid)
@@ -84,4 +101,33 @@ class Journal:
         recorded = {name: state for name, state in (await self.store.steps(self.uid)).items()
                     if name in agents}
         outputs = {name: await self.store.outputs(self.uid, name) for name in recorded}
+        widths = {step.name: step.width for step in spec.steps}
+        for shown in last_known.steps if last_known is not None else []:
+            state = recorded.get(shown.name)
+            if shown.name not in widths or shown.phase not in FINISHED_STEPS or \
+                    state is not None and state.phase in FINISHED_STEPS:
+                continue
+            recorded[shown.name] = shown.model_copy(update={"agents": []})
+            outputs[shown.name] = outputs.get(shown.name) or _shown_outputs(
+                shown, widths[shown.name])
         return Restored(workflow=workflow, steps=recorded, agents=agents, outputs=outputs)
+
+
+FINISHED_STEPS = (StepPhase.SUCCEEDED, StepPhase.FAILED, StepPhase.SKIPPED, StepPhase.CANCELLED)
+
+
+def _shown_outputs(step: StepStatus, width: int) -> dict[int, str]:
+    """A finished step's outputs as its status shows them, when it shows them whole (a fan-out's
+    as the JSON list it prints); none when cut or left out."""
+    if step.phase is not StepPhase.SUCCEEDED or step.output is None or step.output_truncated:
+        return {}
+    if width == 1:
+        return {0: step.output}
+    try:
+        shown = json.loads(step.output)
+    except ValueError:
+        return {}
+    if not isinstance(shown, list) or len(shown) != width or \
+            not all(isinstance(text, str) for text in shown):
+        return {}
+    return dict(enumerate(shown))

@@ -34,6 +34,7 @@ from controller.engine.journal import Journal, Restored
 from controller.errors import AgentainerError, StoreDataError
 from controller.models import (
     AgentPhase,
+    AgentReason,
     AgentStatus,
     Condition,
     ConditionStatus,
@@ -50,6 +51,11 @@ from controller.store import WorkflowStore
 
 logger = logging.getLogger(__name__)
 
+MAX_UNCOUNTED_ATTEMPTS = 5
+"""Attempts of one item the container engine may cut short (stopping it as the engine shuts
+down) before they count as the step's retries: an engine restarting in a loop fails it."""
+UNCOUNTED_PAUSE_SECONDS = 1.0
+
 
 class WorkflowRun:
     """One execution of one Workflow. Create it (``Engine.prepare``), then ``await
@@ -57,7 +63,11 @@ class WorkflowRun:
 
     def __init__(self, workflow: Workflow, backend: Backend, store: WorkflowStore,
                  settings: Settings, observer: Observer | None = None,
-                 pools: PoolManager | None = None) -> None:
+                 pools: PoolManager | None = None,
+                 last_known: WorkflowStatus | None = None) -> None:
+        self.last_known = last_known
+        """The status the resource carries: what the run had done, should the store have lost
+        it."""
         self.uid = workflow.metadata.uid or str(uuid.uuid4())
         self.settings = settings
         self.status = WorkflowStatus()
@@ -115,7 +125,7 @@ class WorkflowRun:
     async def execute(self) -> WorkflowStatus:
         """Run to the end; returns the final status (also kept in ``self.status``)."""
         status = self.status
-        restored = await self.journal.restore()
+        restored = await self.journal.restore(self.last_known)
         if restored is not None:
             self._take_up(restored)
             if status.phase.finished:
@@ -213,6 +223,7 @@ class WorkflowRun:
     def _step_succeeded(self, step: Step, status: StepStatus, outputs: list[str]) -> None:
         self.outputs[step.name] = outputs
         status.phase = StepPhase.SUCCEEDED
+        status.message = None  # what failed on the way is in its agents' reasons
         status.outputs = outputs
         status.output = outputs[0] if step.width == 1 else json.dumps(outputs)
 
@@ -383,6 +394,8 @@ class WorkflowRun:
         attempt = 1
         earlier: AgentStatus | None = None
         recorded = [a for a in status.agents if a.index == index]
+        # Attempts the container engine cut short are not the step's retries (up to a bound).
+        uncounted = sum(a.reason is AgentReason.INTERRUPTED for a in recorded)
         if recorded:
             last = recorded[-1]
             if last.phase in (AgentPhase.CREATED, AgentPhase.RUNNING):
@@ -391,7 +404,7 @@ class WorkflowRun:
                 status.message = (f"agent {last.name} succeeded, but its output is missing "
                                   "from the store: it was lost; run the workflow again")
                 return AttemptOutcome(False, retryable=False)
-            elif last.attempt > retries:
+            elif last.attempt - min(uncounted, MAX_UNCOUNTED_ATTEMPTS) > retries:
                 status.message = status.message or f"agent {last.name} failed"
                 return AttemptOutcome(False, retryable=False)
             else:
@@ -400,16 +413,25 @@ class WorkflowRun:
             outcome = await self.attempts.run(step, status, index, attempt, earlier,
                                               self.outputs)
             earlier = None
-            if outcome.succeeded:
+            if outcome.succeeded or self.stop_reason is not None:
                 return outcome
-            if not outcome.retryable or attempt > retries or self.stop_reason is not None:
+            agent = status.agents[-1]
+            if not outcome.counted and uncounted < MAX_UNCOUNTED_ATTEMPTS:
+                uncounted += 1
+                self.emit(EventKind.AGENT_RETRYING,
+                          f"agent {agent.name} was cut short by its container engine; run "
+                          "again, not counted as a retry", status, agent)
+                await asyncio.sleep(UNCOUNTED_PAUSE_SECONDS)
+                attempt += 1
+                continue
+            counted = attempt - uncounted
+            if not outcome.retryable or counted > retries:
                 return outcome
             assert step.retries is not None
-            delay = step.retries.delay(attempt)
-            agent = status.agents[-1]
+            delay = step.retries.delay(counted)
             self.emit(EventKind.AGENT_RETRYING,
                       f"agent {agent.name} failed ({status.message}); "
-                      f"retry {attempt} of {retries} in {delay:g}s", status, agent)
+                      f"retry {counted} of {retries} in {delay:g}s", status, agent)
             await asyncio.sleep(delay)
             attempt += 1
 
@@ -424,9 +446,11 @@ class Engine:
         self.settings = settings
         self.pools = pools
 
-    def prepare(self, workflow: Workflow, observer: Observer | None = None) -> WorkflowRun:
+    def prepare(self, workflow: Workflow, observer: Observer | None = None,
+                last_known: WorkflowStatus | None = None) -> WorkflowRun:
+        """A run of ``workflow``; ``last_known``: the status its resource carries, if any."""
         return WorkflowRun(workflow, self.backend, self.store, self.settings, observer,
-                           self.pools)
+                           self.pools, last_known)
 
     async def run(self, workflow: Workflow, observer: Observer | None = None) -> WorkflowStatus:
         return await self.prepare(workflow, observer).execute()

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import kopf
+import pydantic
 
 from controller.clock import now
 from controller.engine import Event, EventKind, Observer
@@ -191,6 +192,20 @@ def refused_status(kind: ConditionType, message: str, generation: int | None) ->
         started_at=at, finished_at=at,
         conditions=[condition(kind, True, kind.value, message)],
     ).to_dict()
+
+
+def last_known_status(body: kopf.Body) -> WorkflowStatus | None:
+    """The status the resource carries, for a run whose store lost what it had done; None when
+    it has none, or one that cannot be read (written by hand, or by another version)."""
+    status = body.get("status")
+    if not status:
+        return None
+    try:
+        return WorkflowStatus.model_validate(dict(status))
+    except pydantic.ValidationError as error:
+        logger.warning("workflow %s: its status cannot be read, so it is not resumed from it: "
+                       "%s", body.metadata.name, error.errors()[:1])
+        return None
 
 
 class StatusWriter:

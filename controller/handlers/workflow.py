@@ -76,7 +76,7 @@ async def run_workflow(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonSto
         events(event, status)
 
     run = Engine(backend, services.store, services.settings, services.pools).prepare(
-        workflow, observe)
+        workflow, observe, reporting.last_known_status(body))
     writer.follow(run.status)
     writer.start()
     execution = asyncio.create_task(run.execute(), name=f"workflow-{workflow.metadata.name}")

@@ -36,10 +36,12 @@
  *   runner exec --out DIR --limit N [--user USER] [--set-home] -- COMMAND...
  *                                      run one command (an agent of its own): its output goes to
  *                                      the container's log as ever, and its head (stdout) and
- *                                      tail (stderr) to DIR, where they outlive a container
- *                                      engine that was down when the command ended. Started as
- *                                      root, it runs the command as USER (the image's, as the
- *                                      runtime would), so the command cannot touch DIR
+ *                                      tail (stderr) to DIR with its exit code and the signal
+ *                                      that stopped it from outside if any (DIR/exit), where
+ *                                      they outlive a container engine that was down when the
+ *                                      command ended. Started as root, it runs the command as
+ *                                      USER (the image's, as the runtime would), so the command
+ *                                      cannot touch DIR
  *   runner install PATH                copy itself to PATH (an init container's job)
  *   runner version                     print the protocol
  */
@@ -1158,8 +1160,10 @@ static int install(const char *target) {
 /* --- exec: one command, its output kept in files too ---------------------------------------- */
 
 static pid_t exec_child;
+static volatile sig_atomic_t first_signal;  /* the first one from outside: who stopped it */
 
 static void forward_signal(int sig) {
+    if (!first_signal) first_signal = sig;
     if (exec_child > 0) kill(exec_child, sig);
 }
 
@@ -1191,6 +1195,21 @@ static void keep_in_file(struct kept_file *f, const char *data, size_t n) {
         f->truncated = true;
     }
     free(last);
+}
+
+/* The command's exit code and the first signal the runner was sent from outside (0: none),
+ * in DIR/exit, whole or not at all: an engine that was down when the container ended may not
+ * know them, and only the signal tells the engine stopping the container (as it shuts down)
+ * from the command ending by itself. */
+static void keep_exit_code(const char *out, int code, int signal_number) {
+    char path[PATH_MAX], part[PATH_MAX];
+    snprintf(path, sizeof path, "%s/exit", out);
+    snprintf(part, sizeof part, "%s/exit.part", out);
+    int fd = open(part, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) return;
+    bool written = dprintf(fd, "%d %d\n", code, signal_number) > 0;
+    close(fd);
+    if (written) rename(part, path);
 }
 
 /* A user as the container runtime takes it: "name", "uid", "name:group" or "uid:gid", looked
@@ -1384,8 +1403,10 @@ static int run_exec(int argc, char **argv) {
         }
         close(files[i].fd);
     }
-    return WIFEXITED(status) ? WEXITSTATUS(status)
-         : WIFSIGNALED(status) ? 128 + WTERMSIG(status) : 255;
+    int code = WIFEXITED(status) ? WEXITSTATUS(status)
+             : WIFSIGNALED(status) ? 128 + WTERMSIG(status) : 255;
+    if (out) keep_exit_code(out, code, first_signal);
+    return code;
 }
 
 int main(int argc, char **argv) {

@@ -55,6 +55,8 @@ class Behaviour:
     """How long starting it takes (a slow image pull); it is ``created`` meanwhile."""
     start_error: AgentainerError | None = None
     """Starting it fails with this error (a missing image, an engine that is away)."""
+    interrupted: bool = False
+    """The engine stops it as the engine shuts down (exit 143), as Docker may."""
 
 
 Script = Callable[[AgentSpec], Behaviour]
@@ -212,7 +214,8 @@ class FakeBackend:
         await fake.exited.wait()
         self._find(agent, "reading the log of")
         assert fake.exit_code is not None
-        return AgentResult(exit_code=fake.exit_code, stdout=fake.stdout, stderr=fake.stderr)
+        return AgentResult(exit_code=fake.exit_code, stdout=fake.stdout, stderr=fake.stderr,
+                           interrupted=fake.behaviour.interrupted)
 
     async def stop(self, agent: AgentHandle, grace_seconds: float) -> None:
         fake = self.agents.get(agent.id)

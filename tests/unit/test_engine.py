@@ -20,6 +20,7 @@ from controller.agents import build_agent_spec
 from controller.backends.base import LABEL_STEP, LABEL_WORKFLOW_UID, AgentSpec
 from controller.config import Settings
 from controller.engine import Engine, WorkflowRun
+from controller.engine.run import MAX_UNCOUNTED_ATTEMPTS
 from controller.errors import BackendError, ImageNotFoundError
 from controller.models import (
     AgentPhase,
@@ -330,6 +331,40 @@ def test_an_engine_away_longer_than_the_retry_window_lets_the_run_go_without_fai
 
 
 # --- timeouts -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("retries", [0, 2])
+def test_an_agent_the_engine_stopped_as_it_shut_down_runs_again_without_using_a_retry(
+        retries: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Docker, restarted with live-restore, may stop the containers it finds starting: the
+    agent did not fail, so it runs again whatever its retries, and says why."""
+    monkeypatch.setattr("controller.engine.run.UNCOUNTED_PAUSE_SECONDS", 0.01)
+    document = with_uid(workflow_doc({"name": "only", "retries": {"limit": retries,
+                                                                  "backoffSeconds": 1}}))
+    document["spec"]["steps"][0] = {k: v for k, v in document["spec"]["steps"][0].items()
+                                    if retries or k != "retries"}
+    status, fake = run(document, lambda spec: Behaviour(
+        exit_code=143 if attempt_of(spec) == 1 else 0, interrupted=attempt_of(spec) == 1,
+        stdout="done"))
+
+    assert status.phase is WorkflowPhase.SUCCEEDED, status.message
+    agents = status.step("only").agents
+    assert [(a.attempt, a.reason) for a in agents] == [
+        (1, AgentReason.INTERRUPTED), (2, AgentReason.COMPLETED)]
+    assert status.step("only").output == "done"
+
+
+def test_an_engine_that_stops_an_agent_again_and_again_fails_the_step_in_the_end(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("controller.engine.run.UNCOUNTED_PAUSE_SECONDS", 0.01)
+    status, fake = run(with_uid(workflow_doc({"name": "only"})),
+                       lambda spec: Behaviour(exit_code=143, interrupted=True))
+
+    assert status.phase is WorkflowPhase.FAILED
+    agents = status.step("only").agents
+    assert len(agents) == MAX_UNCOUNTED_ATTEMPTS + 1
+    assert {a.reason for a in agents} == {AgentReason.INTERRUPTED}
+    assert "stopped by its container engine" in (status.step("only").message or "")
 
 
 def test_attempt_past_its_timeout_is_killed_with_reason_deadline_exceeded() -> None:
@@ -698,6 +733,53 @@ def test_an_output_lost_from_the_store_fails_the_step_that_reads_it_loudly() -> 
     assert reduce.phase is StepPhase.FAILED
     assert "output of its agent 1 is missing from the store" in (reduce.message or "")
     assert status.step("aside").phase is StepPhase.SUCCEEDED
+
+
+def shown(status: WorkflowStatus, output_limit: int = 4096) -> WorkflowStatus:
+    """The status as the resource carries it (cut as the controller writes it), read back."""
+    from controller.handlers.reporting import compact_status
+
+    return WorkflowStatus.model_validate(compact_status(status, output_limit, 100))
+
+
+@pytest.mark.parametrize("cut", [False, True])
+def test_a_store_that_lost_the_run_resumes_it_from_the_status_of_its_resource(cut: bool) -> None:
+    """Redis emptied (or restarted without its last second) under a running workflow: what the
+    resource's status shows finished is not run again; its outputs are taken from there when
+    shown whole, else the step that reads them fails saying they are lost; a running agent is
+    adopted by its labels."""
+    document = with_uid(workflow_doc(
+        {"name": "map", "parallel": {"items": ["a", "b"]},
+         "env": [{"name": "WORD", "value": "{{ item }}"}]},
+        {"name": "reduce", "env": [{"name": "ALL", "value": "{{ steps.map.outputs }}"}]},
+        {"name": "aside", "dependsOn": ["map"]}))
+    fake = FakeBackend(lambda spec: Behaviour(0.3 if step_of(spec) == "reduce" else 0,
+                                              stdout=spec.env.get("ALL") or spec.env.get("WORD", "")))
+
+    async def play() -> WorkflowStatus:
+        first = new_run(document, fake, MemoryStore())
+        execution = asyncio.ensure_future(first.execute())
+        await until(lambda: first.status.step("reduce").phase is StepPhase.RUNNING and
+                    first.status.step("aside").phase is StepPhase.SUCCEEDED and
+                    bool(fake.running()))
+        first.detach()
+        await execution
+        last_known = shown(first.status, output_limit=3 if cut else 4096)
+        emptied = MemoryStore()
+        return await Engine(fake, emptied, SETTINGS).prepare(
+            parse_workflow(document), last_known=last_known).execute()
+
+    status = scenario(play())
+
+    assert fake.starts_per_agent() == {"map.0.1": 1, "map.1.1": 1, "reduce.0.1": 1,
+                                       "aside.0.1": 1}
+    assert status.step("aside").phase is StepPhase.SUCCEEDED
+    if cut:
+        assert status.phase is WorkflowPhase.FAILED
+        assert "missing from the store" in (status.step("reduce").message or "")
+    else:
+        assert status.phase is WorkflowPhase.SUCCEEDED, status.message
+        assert status.step("reduce").output == '["a", "b"]'
 
 
 def test_items_waiting_their_turn_cost_no_task() -> None:

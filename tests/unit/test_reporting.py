@@ -290,3 +290,30 @@ def test_a_run_restored_as_finished_gets_its_final_status_written_without_any_ev
     asyncio.run(run())
 
     assert [(s["phase"], s["progress"]) for s in services.patched] == [("Succeeded", "6/6")]
+
+
+def test_the_status_written_is_read_back_as_the_last_known_status() -> None:
+    """What a run resumes from when its store lost it: the status as written, read back; one
+    that cannot be read (edited by hand) is none, never a crash."""
+    import kopf
+
+    from controller.handlers.reporting import last_known_status
+
+    status = WorkflowStatus(phase=WorkflowPhase.RUNNING, started_at=AT, progress="2/3", steps=[
+        step("map", [agent("map", 0), agent("map", 1)]),
+        step("reduce", [agent("reduce", 0, AgentPhase.RUNNING)])])
+    status.steps[0].phase = StepPhase.SUCCEEDED
+    status.steps[0].output = '["a", "b"]'
+    written = compact(status)
+
+    def body(status: Any) -> kopf.Body:
+        return kopf.Body({"metadata": {"name": "w"}, "status": status})
+
+    known = last_known_status(body(written))
+    assert known is not None
+    assert known.started_at == AT and known.progress == "2/3"
+    assert known.step("map").phase is StepPhase.SUCCEEDED
+    assert known.step("map").output == '["a", "b"]'
+    assert [a.phase for a in known.step("reduce").agents] == [AgentPhase.RUNNING]
+    assert last_known_status(body({})) is None
+    assert last_known_status(body({"phase": "Sideways", "steps": "?"})) is None
