@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from controller.backends.base import AgentSpec
-from controller.backends.docker import container_config
+from controller.backends.containers import container_config
 from controller.config import Settings
 from controller.agents import agent_labels, agent_name, build_agent_spec, should_remove
 from controller.errors import AgentSpecError, ConfigError, InvalidSpecError

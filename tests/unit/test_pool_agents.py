@@ -9,8 +9,8 @@ import pytest
 
 from controller.agents import build_pool_agent_spec
 from controller.backends.base import AgentSpec
-from controller.backends.docker import container_config
-from controller.backends.kubernetes import build_pod
+from controller.backends.containers import container_config
+from controller.backends.pods import build_pod
 from controller.errors import InvalidSpecError
 from controller.models import DEFAULT_TASK_USER, parse_agent_pool
 
@@ -145,7 +145,7 @@ def test_fresh_agent_pod_has_no_runner() -> None:
 ])
 def test_an_agents_whole_command_is_made_as_docker_and_a_pod_make_it(
         command: list[str] | None, args: list[str] | None, argv: list[str]) -> None:
-    from controller.backends.docker import agent_argv
+    from controller.backends.containers import agent_argv
 
     spec = AgentSpec(name="a", image="i", command=command, args=args, env={}, labels={})
 

@@ -1,0 +1,116 @@
+"""What the API server is asked to create for an agent: its pod, a pure function of its spec
+(tested directly). A pool agent's pod runs the task runner, installed by an init container."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from controller.backends import runner
+from controller.backends.base import LABEL_RUNNER, AgentSpec
+from controller.models import PodOptions
+
+CONTAINER = "agent"
+RUNNER_INSTALLER = "runner-install"
+RUNNER_VOLUME, TASKS_VOLUME = "agentainer-runner", "agentainer-tasks"
+
+
+def _millicores(nano_cpus: int) -> str:
+    return f"{-(-nano_cpus // 1_000_000)}m"
+
+
+def shares_one_user(options: PodOptions) -> bool:
+    """A pool pod asked to run as one non-root user (as the Pod Security Standard
+    ``restricted`` requires): its runner may not switch users, and runs its tasks as itself."""
+    return options.run_as_non_root or bool(options.run_as_user)
+
+
+def build_pod(spec: AgentSpec, runner_image: str = "") -> dict[str, Any]:
+    """The pod of one agent: restrictive by default, limits as requests and limits, the
+    workflow as owner (so that the garbage collector removes it with the workflow).
+
+    A pool agent's pod runs the task runner: an init container copies it from its image into a
+    volume that the agent's container mounts read-only. The runner runs as root with the few
+    capabilities it needs to run each task as the task user, unless the pool asks for one
+    non-root user (then the pod passes ``restricted``, and the runner runs as that user too)."""
+    options = spec.pod or PodOptions()
+    security: dict[str, Any] = {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    if options.run_as_non_root:
+        security["runAsNonRoot"] = True
+    if options.run_as_user is not None:
+        security["runAsUser"] = options.run_as_user
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": spec.image,
+        # Agent images are often built locally and tagged latest: never pull what is there.
+        "imagePullPolicy": "IfNotPresent",
+        "env": [{"name": name, "value": value} for name, value in spec.env.items()],
+        "securityContext": security,
+    }
+    labels = dict(spec.labels)
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "containers": [container],
+        "enableServiceLinks": False,
+        "automountServiceAccountToken": options.service_account_name is not None,
+        "terminationGracePeriodSeconds": 5,
+    }
+    if spec.resident:
+        uid, gid = spec.task_user
+        if shares_one_user(options):
+            uid = options.run_as_user or uid
+            security.update(runAsNonRoot=True, runAsUser=uid, runAsGroup=gid)
+        else:
+            security.update(runAsUser=0, runAsGroup=0,
+                            capabilities={"drop": ["ALL"],
+                                          "add": list(runner.RUNNER_CAPABILITIES)})
+        labels[LABEL_RUNNER] = runner.VERSION_LABEL_VALUE
+        container.update(
+            command=runner.serve_command(uid, gid), stdin=True, stdinOnce=False, tty=False,
+            volumeMounts=[
+                {"name": RUNNER_VOLUME, "mountPath": runner.RUNNER_BIN_DIR, "readOnly": True},
+                {"name": TASKS_VOLUME, "mountPath": runner.TASKS_DIR}])
+        installer_security = {key: value for key, value in security.items()
+                              if key != "capabilities"} | {"capabilities": {"drop": ["ALL"]}}
+        pod_spec["initContainers"] = [{
+            "name": RUNNER_INSTALLER,
+            "image": runner_image,
+            "imagePullPolicy": "IfNotPresent",
+            "command": ["/runner", "install", runner.RUNNER_PATH],
+            "volumeMounts": [{"name": RUNNER_VOLUME, "mountPath": runner.RUNNER_BIN_DIR}],
+            "securityContext": installer_security,
+        }]
+        pod_spec["volumes"] = [{"name": RUNNER_VOLUME, "emptyDir": {}},
+                               {"name": TASKS_VOLUME, "emptyDir": {}}]
+    else:
+        if spec.command is not None:
+            container["command"] = list(spec.command)
+        if spec.args is not None:
+            container["args"] = list(spec.args)
+    limits: dict[str, str] = {}
+    if spec.nano_cpus is not None:
+        limits["cpu"] = _millicores(spec.nano_cpus)
+    if spec.memory_bytes is not None:
+        limits["memory"] = str(spec.memory_bytes)
+    if limits:
+        container["resources"] = {"limits": limits, "requests": dict(limits)}
+    metadata: dict[str, Any] = {"name": spec.name, "namespace": spec.namespace, "labels": labels}
+    if spec.owner is not None:
+        metadata["ownerReferences"] = [dict(spec.owner)]
+    if spec.timeout_seconds and not spec.resident:
+        pod_spec["activeDeadlineSeconds"] = spec.timeout_seconds
+    if options.service_account_name:
+        pod_spec["serviceAccountName"] = options.service_account_name
+    if options.runtime_class_name:
+        pod_spec["runtimeClassName"] = options.runtime_class_name
+    if options.node_selector:
+        pod_spec["nodeSelector"] = dict(options.node_selector)
+    if options.tolerations:
+        pod_spec["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True)
+                                   for t in options.tolerations]
+    if options.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": n} for n in options.image_pull_secrets]
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
