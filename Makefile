@@ -64,7 +64,7 @@ controller: setup redis
 controller-image: setup
 	PYTHON=$(PY) scripts/build-controller-image.sh
 
-bench: setup
+bench: setup redis
 	$(PY) benchmarks/engine_overhead.py
 	$(PY) benchmarks/pool.py
 
