@@ -124,7 +124,8 @@ async def _run(workflow: Workflow, agent_pools: list[AgentPool], settings: Setti
             status = await run.execute()
         except AgentainerError:
             # Nobody will resume a run of this process: take its agents down with it.
-            for agent in await backend.list_agents({LABEL_WORKFLOW_UID: run.uid}):
+            for agent in await backend.list_agents(workflow.metadata.namespace,
+                                                   {LABEL_WORKFLOW_UID: run.uid}):
                 await backend.stop(agent, settings.stop_grace_seconds)
                 await backend.remove(agent)
             raise
@@ -187,22 +188,13 @@ def command_validate(args: argparse.Namespace) -> int:
 
 
 def command_controller(args: argparse.Namespace) -> int:
-    """The operator: ``kopf run -m controller.handlers`` with our options."""
-    import kopf  # the CLI's other commands do without it
+    """The operator: kopf's, with our handlers, elected among replicas on a Lease."""
+    from controller import operator  # the CLI's other commands do without kopf
 
-    import controller.handlers  # noqa: F401  (registers the handlers)
-
-    Settings.from_env()  # refuse bad settings before connecting anywhere
-    namespaces = args.namespace or []
-    kopf.run(
-        clusterwide=not namespaces,
-        namespaces=namespaces,
-        # One replica: no peering. Several: they meet in a ClusterKopfPeering of this name
-        # and only the one with the highest priority (the oldest on ties) works.
-        standalone=args.peering is None,
-        peering_name=args.peering,
-    )
-    return EXIT_SUCCEEDED
+    settings = Settings.from_env()  # refuse bad settings before connecting anywhere
+    options = operator.Options(namespaces=args.namespace or [], lease=args.leader_election,
+                               lease_namespace=args.leader_election_namespace)
+    return asyncio.run(operator.run(options, settings))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -225,12 +217,15 @@ def parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=command_run)
 
     operator = commands.add_parser(
-        "controller", help="run the Kubernetes operator (kopf run -m controller.handlers)")
+        "controller", help="run the Kubernetes operator")
     operator.add_argument("-n", "--namespace", action="append", metavar="NS",
                           help="watch only this namespace (repeatable; default: all)")
-    operator.add_argument("--peering", metavar="NAME", default=None,
-                          help="run as one of several replicas that share the ClusterKopfPeering "
-                               "NAME; only one is active at a time")
+    operator.add_argument("--leader-election", metavar="LEASE", default=None,
+                          help="run as one of several replicas: only the holder of the "
+                               "coordination.k8s.io Lease LEASE works, the others stand by")
+    operator.add_argument("--leader-election-namespace", metavar="NS", default=None,
+                          help="namespace of that Lease (default: $POD_NAMESPACE, else the "
+                               "service account's)")
     operator.set_defaults(handler=command_controller)
 
     validate = commands.add_parser("validate", help="check Workflow and AgentPool manifests")

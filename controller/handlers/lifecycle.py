@@ -1,4 +1,5 @@
-"""Start-up and shut-down of the controller: settings, clients, the metrics endpoint."""
+"""Start-up and shut-down of the operator: settings and clients. The process around it
+(endpoints, leader election) is :mod:`controller.operator`."""
 
 from __future__ import annotations
 
@@ -6,9 +7,6 @@ import logging
 from typing import Any
 
 import kopf
-from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
 from controller.config import Settings
 from controller.errors import AgentainerError
 from controller.handlers.context import Services, kubernetes_client
@@ -40,37 +38,16 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo,
     except AgentainerError as error:
         await store.close()
         raise to_kopf(error, retry) from error
-    metrics = Metrics()
+    # The process's metrics, served since before it led (kopf run -m alone: its own).
+    metrics = memo.get("metrics") or Metrics()
     pools = PoolManager(store, config, PoolMetrics(metrics))
     memo.services = Services(settings=config, store=store, metrics=metrics, pools=pools,
                              custom_objects=custom_objects)
-    memo.http = await serve_metrics(metrics, config) if config.metrics_port else None
     logger.info("agentainer controller started: store %s, default backend %s, metrics on :%s",
                 config.store, config.default_backend, config.metrics_port or "off")
 
 
-async def serve_metrics(metrics: Metrics, config: Settings) -> web.AppRunner:
-    """``/metrics`` for Prometheus and ``/healthz`` for the liveness probe."""
-
-    async def scrape(_: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(metrics.registry),
-                            headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    async def health(_: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
-
-    app = web.Application()
-    app.router.add_get("/metrics", scrape)
-    app.router.add_get("/healthz", health)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, config.metrics_host, config.metrics_port).start()
-    return runner
-
-
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-    if getattr(memo, "http", None) is not None:
-        await memo.http.cleanup()
     if getattr(memo, "services", None) is not None:
         await memo.services.close()
