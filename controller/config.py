@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from controller import __version__
@@ -17,7 +17,12 @@ class Settings:
     """Every knob, each read from ``AGENTAINER_<FIELD NAME IN CAPITALS>``."""
 
     redis_url: str = "redis://localhost:6379/0"
-    """Where workflow state, agent records and full outputs are kept."""
+    """Where workflow state, agent records and full outputs are kept: ``redis://`` or, for TLS,
+    ``rediss://``; better without its password, which goes in ``redis_password``."""
+
+    redis_password: str = field(default="", repr=False)
+    """Redis's password (``AUTH``), apart from the URL so that it needs no escaping and never
+    shows where the URL does; it overrides one written in the URL."""
 
     store: str = "redis"
     """``redis`` or ``memory``; memory keeps state only for the life of one process (CLI runs)."""

@@ -25,29 +25,36 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real redis-server of our own on a free loopback port, gone after the session."""
+def start_redis(directory: Path, *options: str, tls_port: int | None = None
+                ) -> tuple[subprocess.Popen[bytes], int]:
+    """A real redis-server of our own on a free loopback port, with ``options`` of
+    redis-server's, once it answers (on ``tls_port`` if it has one): the process and port."""
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.fail("redis-server is not installed: run `scripts/setup.sh packages` (make test does)")
-    port = free_port()
-    directory = tmp_path_factory.mktemp("redis")
+    plain = free_port()
     process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(directory)],
+        [binary, "--port", str(plain), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(directory), *options],
         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
     )
+    port = tls_port or plain
     deadline = time.monotonic() + 10
     while True:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
+            return process, plain
         except OSError:
-            if time.monotonic() > deadline or process.poll() is not None:
+            if process.poll() is not None or time.monotonic() > deadline:
                 process.kill()
                 pytest.fail(f"redis-server did not start on port {port}")
             time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server of our own, gone after the session."""
+    process, port = start_redis(tmp_path_factory.mktemp("redis"))
     yield f"redis://127.0.0.1:{port}/0"
     process.terminate()
     process.wait(timeout=10)

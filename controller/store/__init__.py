@@ -19,4 +19,4 @@ async def open_store(settings: Settings) -> Store:
     """The store the settings ask for, connected and checked."""
     if settings.store == "memory":
         return MemoryStore()
-    return await RedisStore.connect(settings.redis_url)
+    return await RedisStore.connect(settings.redis_url, password=settings.redis_password or None)

@@ -140,16 +140,19 @@ class RedisStore:
         self._reserve = client.register_script(RESERVE)
 
     @classmethod
-    async def connect(cls, url: str, connections: int = CONNECTIONS) -> RedisStore:
+    async def connect(cls, url: str, connections: int = CONNECTIONS,
+                      password: str | None = None) -> RedisStore:
         """A store on Redis at ``url``, checked. At most ``connections`` commands are in flight
         at once; more wait their turn (a few seconds at the most) instead of failing."""
         try:
             pool = redis.asyncio.BlockingConnectionPool.from_url(
                 url, decode_responses=True, max_connections=connections,
-                timeout=CONNECTION_WAIT_SECONDS)
+                timeout=CONNECTION_WAIT_SECONDS,
+                **({"password": password} if password is not None else {}))
             client = redis.asyncio.Redis.from_pool(pool)
         except ValueError as error:
-            raise StoreUnavailableError(f"AGENTAINER_REDIS_URL={url!r}: {error}") from None
+            raise StoreUnavailableError(
+                f"AGENTAINER_REDIS_URL={redacted(url)!r}: {error}") from None
         store = cls(client, url)
         async with store._errors("connecting"):
             await client.ping()
@@ -159,6 +162,10 @@ class RedisStore:
     async def _errors(self, action: str) -> AsyncIterator[None]:
         try:
             yield
+        except redis.exceptions.AuthenticationError as error:
+            raise StoreUnavailableError(
+                f"Redis at {redacted(self._url)} refused us while {action}: {error}; set its "
+                "password in AGENTAINER_REDIS_PASSWORD") from error
         except redis.exceptions.RedisError as error:
             raise StoreUnavailableError(
                 f"Redis at {redacted(self._url)} failed while {action}: {error}; start it "
