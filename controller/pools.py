@@ -96,10 +96,6 @@ def _record(handle: AgentHandle) -> PoolAgent:
     return PoolAgent(name=handle.name, id=handle.id, labels=dict(handle.labels))
 
 
-def _handle(record: PoolAgent) -> AgentHandle:
-    return AgentHandle(id=record.id, name=record.name, labels=dict(record.labels))
-
-
 class PoolManager:
     """Every pool of one process: leases, tasks, reconciliation, draining."""
 
@@ -163,6 +159,9 @@ class PoolManager:
             agent_id = await self.store.pool_acquire(state.uid, holder, ttl_ms)
             if agent_id is not None:
                 handle = await self._known_handle(state, agent_id)
+                if handle is None:
+                    await self.store.pool_remove(state.uid, agent_id)
+                    continue
                 lease = Lease(state, handle, holder, time.monotonic() - started)
                 lease.renewer = asyncio.create_task(
                     self._keep_held(state.uid, handle.name, holder))
@@ -186,12 +185,24 @@ class PoolManager:
             except TimeoutError:
                 pass
 
-    async def _known_handle(self, state: PoolState, agent_id: str) -> AgentHandle:
+    async def _known_handle(self, state: PoolState, agent_id: str) -> AgentHandle | None:
+        """The agent a lease in the store names. What the store says is data to check, not
+        authority (whoever could write to it could send the next task, env and all, into a
+        pod of their choice): an agent this process did not start itself must be one the
+        backend lists as this pool's (in its namespace, owned by it), under the same name and
+        id. None for anything else, whose record is then dropped."""
         handle = state.handles.get(agent_id)
-        if handle is None:
-            records = await self.store.pool_agents(state.uid)
-            handle = state.handles[agent_id] = _handle(records[agent_id])
-        return handle
+        if handle is not None:
+            return handle
+        record = (await self.store.pool_agents(state.uid)).get(agent_id)
+        real = (await self._containers(state)).get(agent_id)
+        if record is None or real is None or record.id != real.id:
+            logger.warning("pool %s: the store names agent %s (id %r), which is not one of "
+                           "the pool's own: record dropped", state.name, agent_id,
+                           record.id if record else None)
+            return None
+        state.handles[agent_id] = real
+        return real
 
     async def _grow(self, state: PoolState, up_to: int | None = None) -> bool:
         """Start one more agent if the pool (every process's share of it) is below ``up_to``
@@ -368,9 +379,11 @@ class PoolManager:
             state.handles.pop(name, None)
         if spec.warm_up:
             await self._top_up(state)
-        records = await self.store.pool_agents(state.uid)
         for name in await self.store.pool_take_idle(state.uid, float("inf"), spec.max_size):
-            await state.backend.remove(_handle(records[name]))
+            # Only an agent the backend lists as the pool's is removed, whatever a record says.
+            listed = state.handles.get(name) or containers.get(name)
+            if listed is not None:
+                await state.backend.remove(listed)
             await self.store.pool_remove(state.uid, name)
             state.handles.pop(name, None)
         return await self.status(state)
@@ -402,7 +415,8 @@ class PoolManager:
 
     @staticmethod
     async def _containers(state: PoolState) -> dict[str, AgentHandle]:
-        return {h.name: h for h in await state.backend.list_agents({LABEL_POOL_UID: state.uid})}
+        return {h.name: h for h in await state.backend.list_agents(
+            state.pool.metadata.namespace, {LABEL_POOL_UID: state.uid})}
 
     async def status(self, state: PoolState) -> AgentPoolStatus:
         total, ready = await self.store.pool_counts(state.uid)
@@ -419,7 +433,8 @@ class PoolManager:
         removed = 0
         # Again until none is left: an agent that was being started when draining began
         # shows up only once its start returns.
-        while agents := await state.backend.list_agents({LABEL_POOL_UID: state.uid}):
+        while agents := await state.backend.list_agents(state.pool.metadata.namespace,
+                                                        {LABEL_POOL_UID: state.uid}):
             for agent in agents:
                 await state.backend.remove(agent)
             removed += len(agents)

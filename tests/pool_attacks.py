@@ -114,7 +114,7 @@ class PoolUnderAttack:
         """How the agent's runner runs: ``user``, ``shared`` or ``root``."""
         async def mode() -> str:
             (agent,) = await self.state.backend.list_agents(
-                {"agentainer.dev/pool-uid": self.state.uid})
+                self.state.pool.metadata.namespace, {"agentainer.dev/pool-uid": self.state.uid})
             channel = await self.state.backend._channel(agent)  # type: ignore[attr-defined]
             return str(channel.info.mode)
 

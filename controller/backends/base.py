@@ -116,8 +116,11 @@ class Backend(Protocol):
     async def remove(self, agent: AgentHandle) -> None:
         """Remove the stopped agent; no error if it is already gone."""
 
-    async def list_agents(self, labels: dict[str, str]) -> list[AgentHandle]:
-        """Agents, running or stopped, that carry all of these labels."""
+    async def list_agents(self, namespace: str, labels: dict[str, str]) -> list[AgentHandle]:
+        """Agents, running or stopped, that carry all of these labels, in ``namespace`` (a pod's;
+        Docker has none). Where the backend records owners (Kubernetes), only agents owned by
+        the resource whose uid the labels name: labels alone anyone who may create a pod
+        could copy."""
 
     async def run_task(self, agent: AgentHandle, argv: list[str], env: dict[str, str],
                        timeout: float | None) -> TaskResult:

@@ -449,7 +449,8 @@ class DockerBackend:
         self._forget_channel(agent.id)
         await self._call(self._remove, agent.id)
 
-    async def list_agents(self, labels: dict[str, str]) -> list[AgentHandle]:
+    async def list_agents(self, namespace: str, labels: dict[str, str]) -> list[AgentHandle]:
+        # Only the controller reaches this engine: whatever carries our labels is ours.
         return await self._call(self._list, labels)
 
     async def close(self) -> None:

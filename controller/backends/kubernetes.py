@@ -26,6 +26,8 @@ from kubernetes.stream import stream
 from controller.backends import output
 from controller.backends.pods import CONTAINER, build_pod
 from controller.backends.base import (
+    LABEL_POOL_UID,
+    LABEL_WORKFLOW_UID,
     AgentHandle,
     AgentResult,
     AgentSpec,
@@ -83,6 +85,11 @@ def _stream(method: str, *args: Any, **kwargs: Any) -> Any:
     shared client, from another thread, would go over a websocket too and fail."""
     with ApiClient() as api_client:
         return stream(getattr(CoreV1Api(api_client), method), *args, **kwargs)
+
+
+def owned(pod: Any, owners: set[str]) -> bool:
+    """Whether the pod names one of these uids among its ownerReferences."""
+    return any(ref.uid in owners for ref in pod.metadata.owner_references or [])
 
 
 def _split(agent_id: str) -> tuple[str, str]:
@@ -318,12 +325,18 @@ class KubernetesBackend:
         except NotFoundError:
             pass  # already gone
 
-    async def list_agents(self, labels: dict[str, str]) -> list[AgentHandle]:
+    async def list_agents(self, namespace: str, labels: dict[str, str]) -> list[AgentHandle]:
         selector = ",".join(f"{key}={value}" for key, value in labels.items())
-        pods: Any = await self._call("listing pods", self._core.list_pod_for_all_namespaces,
-                                     label_selector=selector)
+        pods: Any = await self._call("listing pods", self._core.list_namespaced_pod,
+                                     namespace, label_selector=selector)
+        owners = {labels[key] for key in (LABEL_WORKFLOW_UID, LABEL_POOL_UID) if key in labels}
         handles = []
         for pod in pods.items:
+            if owners and not owned(pod, owners):
+                logger.warning("pod %s/%s carries the labels of %s but is not owned by it: "
+                               "left alone", pod.metadata.namespace, pod.metadata.name,
+                               ", ".join(sorted(owners)))
+                continue
             phase = pod.status.phase if pod.status else None
             handles.append(AgentHandle(
                 id=f"{pod.metadata.namespace}/{pod.metadata.name}", name=pod.metadata.name,

@@ -302,8 +302,9 @@ class _Started(_Place):
         backend = self.attempts.backend
         labels = {LABEL_WORKFLOW_UID: self.attempts.uid,
                   LABEL_AGENT_ID: self.spec.labels[LABEL_AGENT_ID]}
+        namespace = self.spec.namespace
         return await self.attempts.retrying(f"finding agent {self.spec.name}",
-                                            lambda: backend.list_agents(labels))
+                                            lambda: backend.list_agents(namespace, labels))
 
     def adopt(self, agent: AgentStatus, status: StepStatus) -> None:
         agent.phase = AgentPhase.RUNNING

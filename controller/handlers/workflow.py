@@ -144,7 +144,8 @@ async def workflow_deleted(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger
     try:
         backend = await services.backend(
             services.backend_kind((body.get("spec") or {}).get("backend")))
-        for agent in await backend.list_agents({LABEL_WORKFLOW_UID: uid}):
+        for agent in await backend.list_agents(body.metadata.namespace or "default",
+                                               {LABEL_WORKFLOW_UID: uid}):
             await backend.remove(agent)
         await services.store.delete(uid)
     except AgentainerError as error:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from typing import Any
 
@@ -218,7 +219,7 @@ def test_websocket_calls_do_not_disturb_concurrent_api_calls(kubectl: Kubectl,
             env={}, labels=labels, resident=True))
         try:
             greetings = [attach_and_greet(agent.name) for _ in range(10)]
-            listings = [backend.list_agents(labels) for _ in range(60)]
+            listings = [backend.list_agents("default", labels) for _ in range(60)]
             results = await asyncio.gather(*greetings, *listings, return_exceptions=True)
             task = await backend.run_task(agent, sh("echo still fine"), {}, 60)
         finally:
@@ -231,3 +232,53 @@ def test_websocket_calls_do_not_disturb_concurrent_api_calls(kubectl: Kubectl,
     errors, count = asyncio.run(scenario())
     assert not errors, f"{len(errors)} of {count} calls failed, first: {errors[0]!r}"
     assert no_pods_left(kubectl, "agentainer.dev/test=websockets")
+
+
+def test_pods_carrying_a_pools_labels_are_not_adopted_unless_it_owns_them(
+        kubectl: Kubectl, controller: Controller, redis_url: str) -> None:
+    """Whoever may create a pod can copy a pool's labels: neither such a pod in another
+    namespace nor one in the pool's own without its ownerReference joins the pool (where it
+    would get the pool's next tasks, env and all)."""
+    for namespace in ("victim-team", "other-team"):
+        kubectl("create", "namespace", namespace, check=False)
+    name = "victim"
+    kubectl("apply", "-n", "victim-team", "-f", "-", input=yaml.safe_dump({
+        "apiVersion": "agentainer.dev/v1alpha1", "kind": "AgentPool",
+        "metadata": {"name": name},
+        "spec": {"image": "agentainer/busybox:latest", "backend": "kubernetes",
+                 "minSize": 1, "maxSize": 3}}))
+    try:
+        body = kubectl.wait_for("agentpool", name,
+                                lambda b: (b.get("status") or {}).get("ready") == 1,
+                                namespace="victim-team")
+        uid = body["metadata"]["uid"]
+        labels = {"agentainer.dev/pool-uid": uid, "agentainer.dev/pool": name,
+                  "agentainer.dev/runner": "1", "app.kubernetes.io/managed-by": "agentainer"}
+        for namespace in ("victim-team", "other-team"):
+            kubectl("apply", "-f", "-", input=yaml.safe_dump({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "decoy", "namespace": namespace, "labels": labels},
+                "spec": {"containers": [{
+                    "name": "agent", "image": "agentainer/busybox:latest",
+                    "imagePullPolicy": "Never", "command": ["sleep", "600"],
+                    "securityContext": {"allowPrivilegeEscalation": False}}]}}))
+        for namespace in ("victim-team", "other-team"):
+            kubectl("wait", "-n", namespace, "--for=condition=Ready", "--timeout=60s",
+                    "pod/decoy")
+        # Two reconciles of the pool (every 10 s) see the decoys, and leave them be.
+        time.sleep(25)
+        body = kubectl.get("agentpool", name, namespace="victim-team")
+        assert body["status"]["total"] == 1, body["status"]
+        recorded = subprocess.run(
+            ["redis-cli", "-u", redis_url, "HKEYS", f"agentainer:pool:{uid}:agents"],
+            capture_output=True, text=True, check=True).stdout.split()
+        assert len(recorded) == 1 and "decoy" not in recorded, recorded
+        for namespace in ("victim-team", "other-team"):
+            decoy = kubectl.get("pod", "decoy", namespace=namespace)
+            assert decoy["status"]["phase"] == "Running"
+            assert not decoy["metadata"].get("deletionTimestamp")
+        assert "carries the labels of" in controller.log.read_text()
+    finally:
+        for namespace in ("victim-team", "other-team"):
+            kubectl("delete", "namespace", namespace, "--wait=true", "--timeout=120s",
+                    check=False)

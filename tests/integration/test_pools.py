@@ -413,3 +413,34 @@ def test_draining_lets_the_running_task_finish_then_removes_the_agents(pools: Po
     assert result.stdout.strip() == "finished"
     assert removed == 2
     assert client.containers.list(all=True, filters={"label": f"agentainer.dev/pool-uid={uid}"}) == []
+
+
+def test_a_store_record_naming_a_container_not_of_the_pool_is_never_leased(
+        pools: Pools, settings: Settings, docker_client: docker.DockerClient) -> None:
+    """Whoever can write to Redis must not steer a task (its argv and env) into a container
+    of their choice: a process that did not start an agent checks it against what the engine
+    lists as the pool's, and drops a record that names anything else."""
+    from controller.store import PoolAgent
+
+    victim = docker_client.containers.run(IMAGE, ["sleep", "300"], detach=True,
+                                          name=f"victim-{uuid.uuid4().hex[:6]}")
+
+    async def scenario(manager: PoolManager, state: PoolState) -> Any:
+        held = await manager.lease(state)  # the real agent is busy: the forged one is next
+        await manager.store.pool_add(state.uid, PoolAgent(name=victim.name, id=victim.id))
+        other = PoolManager(manager.store, settings)  # another controller, which knows nothing
+        other_state = other.register(state.pool, state.uid, state.backend)
+        lease = await other.lease(other_state)
+        result = await other.run(lease, sh("hostname"), {"SECRET": "for the pool only"}, 30)
+        records = await manager.store.pool_agents(state.uid)
+        await manager.release(held, keep=True)
+        return lease.agent.name, result, records
+
+    try:
+        name, result, records = pools.run(scenario, minSize=1, maxSize=2)
+    finally:
+        victim.remove(force=True)
+
+    assert name != victim.name and name.startswith("pool-")
+    assert result.stdout.strip() != victim.id[:12]
+    assert victim.name not in records

@@ -228,10 +228,10 @@ class FakeBackend:
             self._kill(fake)  # removal is forced, as the Docker backend's is
             self.removed.append(fake)
 
-    async def list_agents(self, labels: dict[str, str]) -> list[AgentHandle]:
+    async def list_agents(self, namespace: str, labels: dict[str, str]) -> list[AgentHandle]:
         self._hiccup("list_agents")
         return [a.handle() for a in self.agents.values()
-                if all(a.spec.labels.get(key) == value for key, value in labels.items())]
+                if a.spec.namespace == namespace and all(a.spec.labels.get(key) == value for key, value in labels.items())]
 
     async def run_task(self, agent: AgentHandle, argv: list[str], env: dict[str, str],
                        timeout: float | None) -> TaskResult:

@@ -44,7 +44,7 @@ OPERATIONS = {
     "start": ("create_namespaced_pod", lambda b: b.start(SPEC)),
     "wait": ("read_namespaced_pod", lambda b: b.wait(AGENT)),
     "stop": ("delete_namespaced_pod", lambda b: b.stop(AGENT, 2)),
-    "list_agents": ("list_pod_for_all_namespaces", lambda b: b.list_agents({"a": "b"})),
+    "list_agents": ("list_namespaced_pod", lambda b: b.list_agents("default", {"a": "b"})),
 }
 
 
@@ -291,3 +291,25 @@ def test_a_pool_pods_channel_keeps_none_of_the_output_of_the_tasks_it_ran(
     print(f"held after 30 tasks of 1 MiB output on one channel: {held / MiB:.1f} MiB")
     assert sizes == [MiB] * 30
     assert held < 8 * MiB  # the tasks' output (40 MiB in base64) is not kept
+
+
+def test_only_pods_the_resource_owns_are_its_agents(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Labels anyone who may create a pod can copy; the ownerReference to the pool (or
+    workflow) whose uid they name is what makes a pod one of its agents."""
+    asked: list[tuple[Any, ...]] = []
+
+    def pod(name: str, *owners: str) -> Any:
+        return SimpleNamespace(
+            metadata=SimpleNamespace(name=name, namespace="team", labels={"k": "v"},
+                                     owner_references=[SimpleNamespace(uid=u) for u in owners]),
+            status=SimpleNamespace(phase="Running"))
+
+    def listing(self: Any, namespace: str, **kwargs: Any) -> Any:
+        asked.append((namespace, kwargs["label_selector"]))
+        return SimpleNamespace(items=[pod("ours", "pool-uid"), pod("copied"),
+                                      pod("someone-elses", "other-uid")])
+
+    monkeypatch.setattr(CoreV1Api, "list_namespaced_pod", listing)
+    found = asyncio.run(backend().list_agents("team", {"agentainer.dev/pool-uid": "pool-uid"}))
+    assert [agent.name for agent in found] == ["ours"]
+    assert asked == [("team", "agentainer.dev/pool-uid=pool-uid")]
