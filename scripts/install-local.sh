@@ -28,7 +28,7 @@ say "loading $controller and $redis into the node"
 
 # The bundled Redis's claim, bound to a folder of the node (kind's default storage class
 # provisions the same kind of volume on kind).
-if [ "$RELEASE" = agentainer ]; then fullname=agentainer; else fullname=$RELEASE-agentainer; fi
+case $RELEASE in *agentainer*) fullname=$RELEASE ;; *) fullname=$RELEASE-agentainer ;; esac
 volume=$cluster/volumes/$NAMESPACE-$fullname-redis
 mkdir -p "$volume"
 chmod 0777 "$volume"  # Redis runs as uid 999

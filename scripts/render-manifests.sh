@@ -2,6 +2,8 @@
 # Renders manifests/ (plain YAML for GitOps) from the Helm chart, so the two never differ:
 #   manifests/install.yaml   everything: namespace, CRDs, RBAC, controller, metrics Service, Redis
 #   manifests/rbac.yaml      the namespace, ServiceAccount and RBAC alone
+# The bundled Redis takes its password from the Secret agentainer-redis, which users create
+# (docs/production.md): a password written here would be the same for everyone.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 HELM=${HELM:-$("$ROOT/scripts/build-helm.sh")}
@@ -15,7 +17,7 @@ namespace() {
 }
 render() {
     "$HELM" template agentainer "$ROOT/helm/agentainer" --namespace "$NAMESPACE" \
-        --kube-version "$KUBE_VERSION" "$@"
+        --kube-version "$KUBE_VERSION" --set redis.auth.existingSecret=agentainer-redis "$@"
 }
 { namespace; render --include-crds; } > "$OUT/install.yaml"
 { namespace; render --show-only templates/serviceaccount.yaml --show-only templates/rbac.yaml; } \

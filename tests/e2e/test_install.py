@@ -47,7 +47,7 @@ def test_controller_is_hardened_and_probed(helm: str) -> None:
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["resources"]["limits"]["memory"]
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["AGENTAINER_REDIS_URL"] == "redis://agentainer-redis:6379/0"
@@ -55,24 +55,77 @@ def test_controller_is_hardened_and_probed(helm: str) -> None:
     assert pod["serviceAccountName"] == "agentainer"
 
 
-def test_several_replicas_elect_one_through_kopf_peering(helm: str) -> None:
-    documents = template(helm, "--set", "replicaCount=2")
+def test_one_replica_is_replaced_not_rolled_and_elects_itself_on_a_lease(helm: str) -> None:
+    documents = template(helm)
+    deployment = find(documents, "Deployment")
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert "--leader-election=agentainer" in container["args"]
+    lease_rules = find(documents, "Role", "agentainer-leader-election")["rules"]
+    assert {"get", "update"} <= set(lease_rules[1]["verbs"])
+    assert lease_rules[1]["resourceNames"] == ["agentainer"]
+    assert "strategy" not in find(template(helm, "--set", "replicaCount=2"),
+                                  "Deployment")["spec"]
+
+
+def test_watching_namespaces_grants_rights_in_those_namespaces_only(helm: str) -> None:
+    documents = template(helm, "--set", "watchNamespaces={team-a,team-b}")
+    cluster_rules = find(documents, "ClusterRole")["rules"]
+    assert not any("pods" in rule["resources"] for rule in cluster_rules), cluster_rules
+    roles = {d["metadata"]["namespace"]: d for d in documents
+             if d["kind"] == "Role" and d["metadata"]["name"] == "agentainer"}
+    assert set(roles) == {"team-a", "team-b"}
+    assert any("pods/exec" in rule["resources"] for rule in roles["team-a"]["rules"])
+    bindings = {d["metadata"]["namespace"] for d in documents if d["kind"] == "RoleBinding"
+                and d["roleRef"]["name"] == "agentainer"}
+    assert bindings == {"team-a", "team-b"}
+    everywhere = find(template(helm), "ClusterRole")["rules"]
+    assert any("pods/exec" in rule["resources"] for rule in everywhere)
+
+
+def test_bundled_redis_wants_a_password_and_only_the_controller_may_reach_it(helm: str) -> None:
+    documents = template(helm)
+    secret = find(documents, "Secret", "agentainer-redis")
+    assert len(secret["data"]["password"]) >= 40  # 32 characters, base64
+    redis = find(documents, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
+    assert "requirepass $REDIS_PASSWORD" in redis["command"][-1]
+    assert "protected-mode" not in " ".join(redis["command"])
+    assert "--maxmemory-policy noeviction" in redis["command"][-1]
     container = find(documents, "Deployment")["spec"]["template"]["spec"]["containers"][0]
-    assert "--peering=agentainer" in container["args"]
-    assert find(documents, "ClusterKopfPeering", "agentainer")
-    rules = find(documents, "ClusterRole")["rules"]
-    assert any("kopf.dev" in rule["apiGroups"] for rule in rules)
+    env = {e["name"]: e for e in container["env"]}
+    assert env["AGENTAINER_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "agentainer-redis", "key": "password"}
+    policy = find(documents, "NetworkPolicy")["spec"]
+    assert policy["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "redis"
+    (allowed,) = policy["ingress"]
+    assert allowed["from"][0]["podSelector"]["matchLabels"][
+        "app.kubernetes.io/component"] == "controller"
+    mine = template(helm, "--set", "redis.auth.existingSecret=mine")
+    assert not [d for d in mine if d["kind"] == "Secret"]
 
 
-def test_external_redis_takes_its_password_from_a_secret(helm: str) -> None:
-    documents = template(helm, "--set", "redis.enabled=false",
-                         "--set", "externalRedis.url=redis://cache.example:6379/2",
+@pytest.mark.parametrize("url", ["redis://cache.example:6379/2", "rediss://cache.example:6380/0"])
+def test_external_redis_takes_its_password_from_a_secret(helm: str, url: str) -> None:
+    documents = template(helm, "--set", "redis.enabled=false", "--set", f"externalRedis.url={url}",
                          "--set", "externalRedis.existingSecret=redis-auth")
     container = find(documents, "Deployment")["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e for e in container["env"]}
-    assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "redis-auth"
-    assert env["AGENTAINER_REDIS_URL"]["value"] == "redis://:$(REDIS_PASSWORD)@cache.example:6379/2"
-    assert not [d for d in documents if d["kind"] == "StatefulSet"]
+    assert env["AGENTAINER_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "redis-auth"
+    assert env["AGENTAINER_REDIS_URL"]["value"] == url  # the password goes apart, unescaped
+    assert not [d for d in documents if d["kind"] in ("StatefulSet", "NetworkPolicy", "Secret")]
+
+
+def test_usual_values_are_taken_and_helm_template_needs_no_kube_version(helm: str) -> None:
+    result = subprocess.run(
+        [helm, "template", "agentainer", str(CHART), "--set", "fullnameOverride=agents",
+         "--set", "imagePullSecrets[0].name=regcred", "--set", "serviceAccount.create=false",
+         "--set", "serviceAccount.name=existing"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    documents = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    pod = find(documents, "Deployment", "agents")["spec"]["template"]["spec"]
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert pod["serviceAccountName"] == "existing"
+    assert not [d for d in documents if d["kind"] == "ServiceAccount"]
 
 
 def test_service_monitor_is_optional(helm: str) -> None:
