@@ -1,16 +1,24 @@
 # The controller image: `agentainer controller` as a non-root user, no build tools inside.
 #
-#   make controller-image                      # here: wheels built on the host, a local base
-#   docker build --build-arg BASE_IMAGE=python:3.11-slim-bookworm -t agentainer/controller .
+#   docker build -t agentainer .       # where images are pulled and PyPI answers
+#   make controller-image              # offline: wheels built on the host, a local base image
 #
-# The wheels come from `pip wheel` on the host (dist/wheels), so the build needs no network.
+# The build stage installs the package from this source tree into a venv. Offline,
+# scripts/build-controller-image.sh passes PIP_ARGS="--no-index --find-links /src/dist/wheels"
+# and PACKAGE=agentainer-operator: the same install, from wheels built beforehand. Behind a
+# proxy that re-signs TLS, PIP_CA_PEM (the proxy's CA, as PEM text) is what pip trusts; it
+# stays in the build stage.
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 FROM ${BASE_IMAGE} AS build
-COPY dist/wheels /wheels
-RUN python3 -m venv /opt/agentainer \
- && /opt/agentainer/bin/pip install --no-cache-dir --no-index --find-links /wheels \
-        agentainer-operator \
+ARG PIP_ARGS=""
+ARG PACKAGE=/src
+ARG PIP_CA_PEM=""
+COPY . /src
+RUN if [ -n "$PIP_CA_PEM" ]; then printf '%s\n' "$PIP_CA_PEM" > /tmp/ca.pem \
+      && export PIP_CERT=/tmp/ca.pem; fi \
+ && python3 -m venv /opt/agentainer \
+ && /opt/agentainer/bin/pip install --no-cache-dir ${PIP_ARGS} "${PACKAGE}" \
  && /opt/agentainer/bin/pip uninstall -y pip
 
 FROM ${BASE_IMAGE}

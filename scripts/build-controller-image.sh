@@ -12,5 +12,7 @@ if [ "$BASE_IMAGE" = agentainer/debian-python:bookworm ]; then images/base/build
 rm -rf dist/wheels && mkdir -p dist/wheels
 # async-timeout too: redis needs it on Pythons before 3.11.3 (Debian bookworm has 3.11.2).
 "$PYTHON" -m pip wheel -q --wheel-dir dist/wheels . "async-timeout>=4.0.3" >/dev/null
-DOCKER_BUILDKIT=0 docker build -q --build-arg BASE_IMAGE="$BASE_IMAGE" -t "$TAG" . >/dev/null
+DOCKER_BUILDKIT=0 docker build -q --build-arg BASE_IMAGE="$BASE_IMAGE" \
+    --build-arg PIP_ARGS="--no-index --find-links /src/dist/wheels" \
+    --build-arg PACKAGE=agentainer-operator -t "$TAG" . >/dev/null
 echo "$TAG"
