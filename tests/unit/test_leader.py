@@ -185,3 +185,50 @@ async def test_acquire_waits_and_stops_when_asked() -> None:
 def test_timing_refuses_a_renew_deadline_past_the_lease() -> None:
     with pytest.raises(ValueError, match="renew deadline"):
         Timing(duration=10, renew_deadline=10, retry_period=2)
+
+
+class Election:
+    """A LeaderElection stand-in that loses the lease when told."""
+
+    def __init__(self) -> None:
+        self.lost = asyncio.Event()
+        self.released = False
+
+    async def hold(self) -> None:
+        await self.lost.wait()
+
+    async def release(self) -> None:
+        self.released = True
+
+
+@pytest.mark.parametrize("how", ["lease lost", "stopped"])
+@synchronous
+async def test_a_leader_stops_its_operator_at_once_when_the_lease_is_lost(
+        how: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from controller import operator
+
+    stopped_by: list[str] = []
+
+    async def operate(options: Any, metrics: Any, health: Any, stopping: asyncio.Event) -> None:
+        await stopping.wait()  # kopf's stop flag: set by a signal, or by a lost lease
+        stopped_by.append("flag")
+
+    monkeypatch.setattr(operator, "_operate", operate)
+    election = Election()
+    stopping = asyncio.Event()
+    leading = asyncio.create_task(operator._lead(
+        election, operator.Options(), None, None, stopping))  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)
+    assert not leading.done()
+    if how == "lease lost":
+        election.lost.set()
+    else:
+        stopping.set()  # SIGTERM
+    code = await asyncio.wait_for(leading, 5)
+    assert stopped_by == ["flag"]
+    if how == "lease lost":
+        assert code == operator.EXIT_LOST_LEASE
+        assert not election.released  # it is another's now
+    else:
+        assert code == 0
+        assert election.released  # a standby takes over at its next try
