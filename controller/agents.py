@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 from controller import templating
@@ -25,7 +26,15 @@ from controller.backends.base import (
     MANAGED_BY,
     AgentSpec,
 )
-from controller.models import AgentPool, CleanupPolicy, Step, Workflow, dns_safe
+from controller.models import (
+    AgentPool,
+    CleanupPolicy,
+    EnvSource,
+    EnvVar,
+    Step,
+    Workflow,
+    dns_safe,
+)
 
 UID_SUFFIX_LENGTH = 5
 
@@ -98,8 +107,8 @@ def build_agent_spec(
     context = templating.Context(
         workflow_name=workflow.metadata.name, workflow_uid=uid, item=item, outputs=outputs
     )
-    env = {e.name: templating.render(e.value, context) for e in workflow.spec.env}
-    env.update({e.name: templating.render(e.value, context) for e in step.env})
+    env, env_refs = split_env([*workflow.spec.env, *step.env],
+                              lambda value: templating.render(value, context))
     env.update(
         AGENTAINER_WORKFLOW=workflow.metadata.name,
         AGENTAINER_WORKFLOW_UID=uid,
@@ -125,7 +134,25 @@ def build_agent_spec(
         owner=owner_reference(workflow, workflow.metadata.uid),
         timeout_seconds=step.timeout_seconds,
         pod=step.pod,
+        capabilities=tuple(workflow.spec.capabilities.add) if workflow.spec.capabilities else (),
+        env_refs=env_refs,
     )
+
+
+def split_env(variables: list[EnvVar], render: Callable[[str], str] = str
+              ) -> tuple[dict[str, str], dict[str, EnvSource]]:
+    """Variables in order (a later one of a name replaces an earlier one): those with a value,
+    rendered, and those whose value comes from a Secret or ConfigMap."""
+    env: dict[str, str] = {}
+    refs: dict[str, EnvSource] = {}
+    for variable in variables:
+        env.pop(variable.name, None)
+        refs.pop(variable.name, None)
+        if variable.value_from is not None:
+            refs[variable.name] = variable.value_from
+        else:
+            env[variable.name] = render(variable.value)
+    return env, refs
 
 
 def should_remove(policy: CleanupPolicy, succeeded: bool) -> bool:
@@ -144,12 +171,13 @@ def pool_labels(pool: AgentPool, uid: str) -> dict[str, str]:
 def build_pool_agent_spec(pool: AgentPool, uid: str) -> AgentSpec:
     """A warm agent of the pool: the pool's image, env and limits, idling until leased."""
     resources = pool.spec.resources
+    env, env_refs = split_env(pool.spec.env)
     return AgentSpec(
         name=f"pool-{dns_safe(pool.metadata.name, 48)}-{secrets.token_hex(3)}",
         image=pool.spec.image,
         command=None,
         args=None,
-        env={e.name: e.value for e in pool.spec.env} | {"AGENTAINER_POOL": pool.metadata.name},
+        env=env | {"AGENTAINER_POOL": pool.metadata.name},
         labels=pool_labels(pool, uid),
         nano_cpus=resources.nano_cpus if resources else None,
         memory_bytes=resources.memory_bytes if resources else None,
@@ -158,4 +186,6 @@ def build_pool_agent_spec(pool: AgentPool, uid: str) -> AgentSpec:
         namespace=pool.metadata.namespace,
         owner=owner_reference(pool, uid if pool.metadata.uid else None),
         pod=pool.spec.pod,
+        capabilities=tuple(pool.spec.capabilities.add) if pool.spec.capabilities else (),
+        env_refs=env_refs,
     )

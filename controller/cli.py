@@ -17,6 +17,7 @@ from controller.config import Settings
 from controller.clock import seconds_between
 from controller.engine import Engine, Event, EventKind, WorkflowRun
 from controller.errors import AgentainerError, InvalidSpecError
+from controller.local_env import LocalEnv
 from controller.manifests import load_run, parse, read_documents
 from controller.models import AgentPool, BackendKind, Workflow, WorkflowPhase, WorkflowStatus
 from controller.pools import PoolManager
@@ -91,7 +92,7 @@ def summary(workflow: Workflow, status: WorkflowStatus) -> str:
 
 
 async def _run(workflow: Workflow, agent_pools: list[AgentPool], settings: Settings,
-               output: str) -> int:
+               output: str, env: LocalEnv) -> int:
     backend_name = BackendKind.of(workflow.spec.backend, settings.default_backend)
     if backend_name is not BackendKind.DOCKER:
         print(f"agentainer run: spec.backend is {backend_name.value}; `agentainer run` uses the "
@@ -105,7 +106,7 @@ async def _run(workflow: Workflow, agent_pools: list[AgentPool], settings: Setti
     progress_out = sys.stdout if output == "text" else sys.stderr
     store = await open_store(settings)
     try:
-        backend = await DockerBackend.connect(settings)
+        backend = await DockerBackend.connect(settings, env)
     except AgentainerError:
         await store.close()
         raise
@@ -158,8 +159,9 @@ def _cancel_on_signals(run: WorkflowRun, out: TextIO) -> None:
 def command_run(args: argparse.Namespace) -> int:
     # Every pool of a file run is in the file: a missing one will not turn up later.
     settings = Settings.from_env(store=args.store, redis_url=args.redis_url, pool_wait_seconds=0)
+    env = LocalEnv.parse(args.secret or [], args.config_map or [])
     workflow, agent_pools = load_run(args.file)
-    return asyncio.run(_run(workflow, agent_pools, settings, args.output))
+    return asyncio.run(_run(workflow, agent_pools, settings, args.output, env))
 
 
 def command_validate(args: argparse.Namespace) -> int:
@@ -214,6 +216,12 @@ def parser() -> argparse.ArgumentParser:
                      help="where state goes (default: $AGENTAINER_STORE or redis)")
     run.add_argument("--redis-url", default=None,
                      help="Redis URL (default: $AGENTAINER_REDIS_URL or redis://localhost:6379/0)")
+    run.add_argument("--secret", action="append", metavar="NAME[=FILE]",
+                     help="the Secret NAME that env valueFrom.secretKeyRef names: an env file "
+                          "of KEY=VALUE lines, or without =FILE each key from the environment "
+                          "variable of its name (repeatable); never written anywhere")
+    run.add_argument("--config-map", action="append", metavar="NAME[=FILE]",
+                     help="the ConfigMap NAME that configMapKeyRef names, the same way")
     run.set_defaults(handler=command_run)
 
     operator = commands.add_parser(

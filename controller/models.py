@@ -15,7 +15,7 @@ from enum import StrEnum
 from functools import cached_property
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from controller import templating
@@ -134,8 +134,75 @@ class ApiModel(BaseModel):
 # --- spec -------------------------------------------------------------------------------------
 
 
+class KeyRef(ApiModel):
+    """One key of a Secret or ConfigMap in the resource's own namespace."""
+
+    name: str = Field(pattern=DNS_SUBDOMAIN, max_length=253,
+                      description="Name of the Secret or ConfigMap.")
+    key: str = Field(pattern=r"^[-._a-zA-Z0-9]+$", max_length=253, description="Its key.")
+    optional: bool = Field(default=False,
+                           description="A missing Secret, ConfigMap or key leaves the variable "
+                                       "unset instead of failing the agent.")
+
+
+class EnvSource(ApiModel):
+    """Where a variable's value comes from, as in a pod: exactly one of the two."""
+
+    secret_key_ref: KeyRef | None = Field(default=None, description="A key of a Secret.")
+    config_map_key_ref: KeyRef | None = Field(default=None, description="A key of a ConfigMap.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> EnvSource:
+        if (self.secret_key_ref is None) == (self.config_map_key_ref is None):
+            raise ValueError("set exactly one of secretKeyRef or configMapKeyRef")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return "Secret" if self.secret_key_ref is not None else "ConfigMap"
+
+    @property
+    def ref(self) -> KeyRef:
+        ref = self.secret_key_ref or self.config_map_key_ref
+        assert ref is not None
+        return ref
+
+
+AGENT_CAPABILITIES = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "NET_BIND_SERVICE",
+                      "SETGID", "SETUID")
+"""What a Docker agent may do as root by default: Docker's defaults but NET_RAW (raw sockets:
+spoofing, sniffing), MKNOD, SETFCAP, SETPCAP, SYS_CHROOT and AUDIT_WRITE. A pod's agent has
+none (it runs as a non-root user), as the Pod Security Standard restricted wants."""
+LINUX_CAPABILITIES = frozenset({
+    "AUDIT_CONTROL", "AUDIT_READ", "AUDIT_WRITE", "BLOCK_SUSPEND", "BPF", "CHECKPOINT_RESTORE",
+    "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "IPC_LOCK", "IPC_OWNER",
+    "KILL", "LEASE", "LINUX_IMMUTABLE", "MAC_ADMIN", "MAC_OVERRIDE", "MKNOD", "NET_ADMIN",
+    "NET_BIND_SERVICE", "NET_BROADCAST", "NET_RAW", "PERFMON", "SETFCAP", "SETGID", "SETPCAP",
+    "SETUID", "SYS_ADMIN", "SYS_BOOT", "SYS_CHROOT", "SYS_MODULE", "SYS_NICE", "SYS_PACCT",
+    "SYS_PTRACE", "SYS_RAWIO", "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "SYSLOG",
+    "WAKE_ALARM"})
+
+
+class Capabilities(ApiModel):
+    """Linux capabilities the agents get beyond the defaults, where an agent needs one."""
+
+    add: list[str] = Field(
+        default_factory=list, max_length=len(LINUX_CAPABILITIES),
+        description="Capabilities to add, by name without CAP_ (NET_RAW, SYS_PTRACE...). "
+                    "Docker agents have CHOWN, DAC_OVERRIDE, FOWNER, FSETID, KILL, "
+                    "NET_BIND_SERVICE, SETGID and SETUID by default; a pod's agent none.")
+
+    @field_validator("add")
+    @classmethod
+    def _known(cls, names: list[str]) -> list[str]:
+        for index, name in enumerate(names):
+            if name.upper().removeprefix("CAP_") not in LINUX_CAPABILITIES:
+                raise ValueError(f"add[{index}]: {name!r} is not a Linux capability")
+        return [name.upper().removeprefix("CAP_") for name in names]
+
+
 class EnvVar(ApiModel):
-    """An environment variable of the agents."""
+    """An environment variable of the agents: a value, or a key of a Secret or ConfigMap."""
 
     name: str = Field(
         pattern=ENV_NAME,
@@ -146,6 +213,17 @@ class EnvVar(ApiModel):
         default="",
         description="Value; may hold templates such as {{ steps.NAME.output }}.",
     )
+    value_from: EnvSource | None = Field(
+        default=None,
+        description="Take the value from a Secret or ConfigMap of the resource's namespace "
+                    "(agentainer run: from --secret and --config-map) instead; it is never "
+                    "stored, shown in status or logged.")
+
+    @model_validator(mode="after")
+    def _value_or_source(self) -> EnvVar:
+        if self.value and self.value_from is not None:
+            raise ValueError("set value or valueFrom, not both")
+        return self
 
 
 def parse_quantity(text: str) -> Decimal:
@@ -301,10 +379,14 @@ class PodOptions(ApiModel):
                                           description="Taints the pods tolerate.")
     image_pull_secrets: list[str] = Field(default_factory=list,
                                           description="Names of Secrets to pull images with.")
-    run_as_non_root: bool = Field(default=False,
-                                  description="Refuse to start agents whose user is root.")
+    run_as_non_root: bool | None = Field(
+        default=None,
+        description="Refuse to start agents whose user is root. Unset with runAsUser unset, "
+                    "an agent's pod runs as user 65532 and passes the Pod Security Standard "
+                    "restricted; false runs the image's own user, root included.")
     run_as_user: int | None = Field(default=None, ge=0,
-                                    description="User id the agent runs as.")
+                                    description="User id the agent runs as; 0 (root) only "
+                                                "when asked for.")
     runtime_class_name: str | None = Field(
         default=None, pattern=DNS_SUBDOMAIN, max_length=253,
         description="RuntimeClass of the pods, for a sandbox stronger than the node's default "
@@ -403,6 +485,8 @@ class WorkflowSpec(ApiModel):
         default=None, ge=1, description="The whole workflow fails past this many seconds."
     )
     env: list[EnvVar] = Field(default_factory=list, description="Environment of every agent.")
+    capabilities: Capabilities | None = Field(
+        default=None, description="Linux capabilities every agent gets beyond the defaults.")
     steps: list[Step] = Field(min_length=1, max_length=200, description="The steps to run.")
 
     def dependencies(self, index: int) -> list[str]:
@@ -481,6 +565,9 @@ class AgentPoolSpec(ApiModel):
         description="How long a task waits for an agent when all maxSize agents are busy.",
     )
     env: list[EnvVar] = Field(default_factory=list, description="Environment of every agent.")
+    capabilities: Capabilities | None = Field(
+        default=None, description="Linux capabilities the agents (and tasks run as root) get "
+                                  "beyond the defaults.")
     resources: Resources | None = Field(default=None, description="Limits of each agent.")
     pod: PodOptions | None = Field(default=None,
                                    description="Pod settings, for backend kubernetes.")
@@ -735,6 +822,9 @@ def semantic_problems(spec: WorkflowSpec) -> list[Problem]:
                     Problem(f"{path}.env[{j}].name", f"names starting with "
                             f"{RESERVED_ENV_PREFIX} are set by agentainer")
                 )
+        if step.pod and step.pod.run_as_non_root and step.pod.run_as_user == 0:
+            problems.append(Problem(f"{path}.pod.runAsUser",
+                                    "0 (root) contradicts pod.runAsNonRoot"))
         for j, dep in enumerate(step.depends_on or []):
             if dep == step.name:
                 problems.append(Problem(f"{path}.dependsOn[{j}]", "a step cannot depend on itself"))

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -33,7 +33,7 @@ from controller.backends.base import (
 )
 from controller.config import Settings
 from controller.errors import AgentainerError, AgentLostError, PoolUnavailableError
-from controller.models import AgentPool, AgentPoolStatus
+from controller.models import AgentPool, AgentPoolStatus, EnvSource
 from controller.store import PoolAgent, PoolStore
 
 logger = logging.getLogger(__name__)
@@ -90,6 +90,12 @@ class PoolState:
     @property
     def name(self) -> str:
         return self.pool.metadata.name
+
+    @property
+    def owner(self) -> str | None:
+        """The uid its agents' ownerReference names (the resource's: none for a pool of a
+        file that `agentainer run` runs)."""
+        return self.uid if self.pool.metadata.uid else None
 
 
 def _record(handle: AgentHandle) -> PoolAgent:
@@ -245,13 +251,23 @@ class PoolManager:
                 logger.warning("renewing the lease of %s: %s", agent, error)
 
     async def run(self, lease: Lease, argv: list[str], env: dict[str, str],
-                  timeout: float | None) -> TaskResult:
+                  timeout: float | None,
+                  env_refs: Mapping[str, EnvSource] | None = None) -> TaskResult:
         """Run one task on a leased agent, then return it, or replace it when its runner could
         not prove it clean (or the ``resetCommand`` hook failed, or anything went wrong).
 
         The engine away for now (its error retryable, the agent not lost) is found before the
-        task is sent: the lease is kept, for the caller to try again or let go."""
+        task is sent: the lease is kept, for the caller to try again or let go. ``env_refs``
+        are read (from the pool's namespace) just before the task is sent, with it alone."""
         state = lease.pool
+        if env_refs:
+            try:
+                env = env | await state.backend.env_values(state.pool.metadata.namespace,
+                                                           env_refs)
+            except AgentainerError as error:
+                if not error.retryable:  # nothing ran: the agent is as clean as it was
+                    await asyncio.shield(self.release(lease, keep=True))
+                raise
         keep, held = False, False
         started = time.monotonic()
         try:
@@ -416,7 +432,7 @@ class PoolManager:
     @staticmethod
     async def _containers(state: PoolState) -> dict[str, AgentHandle]:
         return {h.name: h for h in await state.backend.list_agents(
-            state.pool.metadata.namespace, {LABEL_POOL_UID: state.uid})}
+            state.pool.metadata.namespace, {LABEL_POOL_UID: state.uid}, state.owner)}
 
     async def status(self, state: PoolState) -> AgentPoolStatus:
         total, ready = await self.store.pool_counts(state.uid)
@@ -433,8 +449,8 @@ class PoolManager:
         removed = 0
         # Again until none is left: an agent that was being started when draining began
         # shows up only once its start returns.
-        while agents := await state.backend.list_agents(state.pool.metadata.namespace,
-                                                        {LABEL_POOL_UID: state.uid}):
+        while agents := await state.backend.list_agents(
+                state.pool.metadata.namespace, {LABEL_POOL_UID: state.uid}, state.owner):
             for agent in agents:
                 await state.backend.remove(agent)
             removed += len(agents)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from controller.models import DEFAULT_TASK_USER, PodOptions
+from controller.errors import AgentSpecError
+from controller.models import DEFAULT_TASK_USER, EnvSource, PodOptions
 
 LABEL_PREFIX = "agentainer.dev/"
 LABEL_WORKFLOW = LABEL_PREFIX + "workflow"
@@ -30,7 +32,7 @@ class AgentSpec:
     image: str
     command: list[str] | None
     args: list[str] | None
-    env: dict[str, str]
+    env: dict[str, str] = field(repr=False)
     labels: dict[str, str]
     nano_cpus: int | None = None
     memory_bytes: int | None = None
@@ -46,6 +48,39 @@ class AgentSpec:
     timeout_seconds: int | None = None
     """Deadline of the agent, for backends that enforce it themselves."""
     pod: PodOptions | None = None
+    capabilities: tuple[str, ...] = ()
+    """Linux capabilities beyond the defaults (``models.AGENT_CAPABILITIES`` on Docker; none
+    in a pod)."""
+    env_refs: dict[str, EnvSource] = field(default_factory=dict)
+    """Variables whose values are keys of Secrets and ConfigMaps, read only where they are
+    used (a pod reads them itself) and never kept."""
+
+
+class EnvSources(Protocol):
+    """Where ``valueFrom`` variables get their values: the cluster's Secrets and ConfigMaps,
+    or what ``agentainer run`` was given."""
+
+    async def values(self, namespace: str, refs: Mapping[str, EnvSource]) -> dict[str, str]:
+        """The values of these variables; an optional one whose key is missing is left out.
+        Raises AgentSpecError naming the variable and what is missing (never a value)."""
+
+
+class NoEnvSources:
+    """Where no Secrets or ConfigMaps can be read."""
+
+    async def values(self, namespace: str, refs: Mapping[str, EnvSource]) -> dict[str, str]:
+        for name, source in refs.items():
+            raise AgentSpecError(f"env {name}: valueFrom ({source.kind} {source.ref.name}) "
+                                 "cannot be read here")
+        return {}
+
+
+def missing(name: str, source: EnvSource, namespace: str, what: str,
+            remedy: str = "create it, or mark the reference optional") -> AgentSpecError:
+    """The error of a variable whose Secret or ConfigMap (or key) is not there."""
+    ref = source.ref
+    return AgentSpecError(f"env {name}: {source.kind} {namespace}/{ref.name} {what} "
+                          f"(key {ref.key}); {remedy}")
 
 
 @dataclass(frozen=True)
@@ -116,11 +151,17 @@ class Backend(Protocol):
     async def remove(self, agent: AgentHandle) -> None:
         """Remove the stopped agent; no error if it is already gone."""
 
-    async def list_agents(self, namespace: str, labels: dict[str, str]) -> list[AgentHandle]:
+    async def list_agents(self, namespace: str, labels: dict[str, str],
+                          owner: str | None = None) -> list[AgentHandle]:
         """Agents, running or stopped, that carry all of these labels, in ``namespace`` (a pod's;
-        Docker has none). Where the backend records owners (Kubernetes), only agents owned by
-        the resource whose uid the labels name: labels alone anyone who may create a pod
-        could copy."""
+        Docker has none). Given the ``owner``'s uid, where the backend records owners
+        (Kubernetes), only agents it owns: labels alone anyone who may create a pod could
+        copy."""
+
+    async def env_values(self, namespace: str,
+                         refs: Mapping[str, EnvSource]) -> dict[str, str]:
+        """The values of ``valueFrom`` variables (a pooled task's env), as
+        ``EnvSources.values``."""
 
     async def run_task(self, agent: AgentHandle, argv: list[str], env: dict[str, str],
                        timeout: float | None) -> TaskResult:

@@ -12,13 +12,14 @@ from typing import Any
 from controller.backends import output, runner
 from controller.backends.base import LABEL_RUNNER, AgentSpec
 from controller.errors import AgentSpecError
+from controller.models import AGENT_CAPABILITIES
 
 # Docker refuses memory limits below this (it needs room for the runtime itself).
 DOCKER_MIN_MEMORY_BYTES = 6 * 1024 * 1024
 
 
 def container_config(spec: AgentSpec, network_mode: str, pids_limit: int = 0,
-                     through: runner.Exec | None = None) -> dict[str, Any]:
+                     through: runner.Exec | None = None, log_bytes: int = 0) -> dict[str, Any]:
     """The ``containers.create`` arguments for an agent: a pure function, tested directly.
 
     A resident (pool) agent runs the task runner as its first process, reading its stdin, which
@@ -28,6 +29,10 @@ def container_config(spec: AgentSpec, network_mode: str, pids_limit: int = 0,
     Given ``through``, an agent of its own runs its whole command through the runner, which
     keeps its output in files of the container too: they outlive an engine that was down when
     the agent ended. The runner (mounted read-only from a volume) starts as root.
+
+    Every agent has all capabilities dropped but ``AGENT_CAPABILITIES`` (a pool agent: but the
+    runner's) and those its resource adds, no new privileges, a pids limit, and at most
+    ``log_bytes`` of log kept by the engine.
     """
     config: dict[str, Any] = {
         "image": spec.image,
@@ -38,11 +43,16 @@ def container_config(spec: AgentSpec, network_mode: str, pids_limit: int = 0,
         "network_mode": network_mode,
         "privileged": False,
         "security_opt": ["no-new-privileges:true"],
+        "cap_drop": ["ALL"],
+        "cap_add": sorted({*AGENT_CAPABILITIES, *spec.capabilities}),
         # A tiny init as PID 1 forwards SIGTERM and reaps zombies, so a stop is prompt.
         "init": True,
     }
     if pids_limit:
         config["pids_limit"] = pids_limit
+    if log_bytes:
+        config["log_config"] = {"type": "json-file",
+                                "config": {"max-size": str(log_bytes), "max-file": "1"}}
     if spec.resident:
         uid, gid = spec.task_user
         config["labels"][LABEL_RUNNER] = runner.VERSION_LABEL_VALUE
@@ -50,7 +60,7 @@ def container_config(spec: AgentSpec, network_mode: str, pids_limit: int = 0,
             entrypoint=runner.serve_command(uid, gid), command=[], stdin_open=True,
             user="0:0", working_dir="/",
             init=False,  # the runner is PID 1: it reaps, and ends every process of a task
-            cap_drop=["ALL"], cap_add=list(runner.RUNNER_CAPABILITIES),
+            cap_add=sorted({*runner.RUNNER_CAPABILITIES, *spec.capabilities}),
             tmpfs={runner.TASKS_DIR: "mode=1777"},
         )
         return config | _limits(spec)

@@ -8,8 +8,9 @@ import logging
 import socket
 import tarfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import docker
@@ -32,10 +33,13 @@ from controller.backends.base import (
     AgentHandle,
     AgentResult,
     AgentSpec,
+    EnvSources,
+    NoEnvSources,
     TaskResult,
 )
 from controller.backends.channel import DockerAttachChannel
 from controller.config import Settings
+from controller.models import EnvSource
 from controller.errors import (
     AgentainerError,
     AgentInterruptedError,
@@ -91,9 +95,11 @@ class DockerBackend:
 
     enforces_deadlines = False
 
-    def __init__(self, client: docker.DockerClient, settings: Settings) -> None:
+    def __init__(self, client: docker.DockerClient, settings: Settings,
+                 env: EnvSources | None = None) -> None:
         self._client = client
         self._settings = settings
+        self._env = env or NoEnvSources()
         self._slots = asyncio.Semaphore(settings.docker_threads)
         self._channels: dict[str, DockerAttachChannel] = {}
         self._channel_locks: dict[str, asyncio.Lock] = {}
@@ -107,8 +113,9 @@ class DockerBackend:
         """Agents this process stopped: a signal they got was not the engine's own doing."""
 
     @classmethod
-    async def connect(cls, settings: Settings) -> DockerBackend:
-        """Connect to the engine named by DOCKER_HOST (or the default socket) and check it."""
+    async def connect(cls, settings: Settings, env: EnvSources | None = None) -> DockerBackend:
+        """Connect to the engine named by DOCKER_HOST (or the default socket) and check it.
+        ``env``: where ``valueFrom`` variables are read (none: refused)."""
 
         def make_client() -> docker.DockerClient:
             with docker_errors("connecting to Docker"):
@@ -116,7 +123,7 @@ class DockerBackend:
                 client.ping()
                 return client
 
-        return cls(await asyncio.to_thread(make_client), settings)
+        return cls(await asyncio.to_thread(make_client), settings, env)
 
     async def _call(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking docker-py call in a daemon thread of its own.
@@ -184,7 +191,8 @@ class DockerBackend:
     def _container_config(self, spec: AgentSpec) -> dict[str, Any]:
         through = None if spec.resident else self._through_runner(spec)
         return container_config(spec, self._settings.docker_network,
-                                self._settings.agent_pids_limit, through)
+                                self._settings.agent_pids_limit, through,
+                                self._settings.agent_log_bytes)
 
     def _through_runner(self, spec: AgentSpec) -> runner.Exec:
         """How the runner runs an agent of its own: its whole command (the spec's, completed
@@ -424,7 +432,15 @@ class DockerBackend:
             return True
         return bool(state["State"].get("Running"))
 
+    async def env_values(self, namespace: str,
+                         refs: Mapping[str, EnvSource]) -> dict[str, str]:
+        return await self._env.values(namespace, refs) if refs else {}
+
     async def start(self, spec: AgentSpec) -> AgentHandle:
+        if spec.env_refs:  # read now, given to the container, kept nowhere else
+            spec = replace(spec, env=spec.env | await self.env_values(spec.namespace,
+                                                                      spec.env_refs),
+                           env_refs={})
         handle = await self._call(self._start, spec)
         if spec.resident:
             try:  # a runner that cannot answer is found now, not at the first task
@@ -449,7 +465,8 @@ class DockerBackend:
         self._forget_channel(agent.id)
         await self._call(self._remove, agent.id)
 
-    async def list_agents(self, namespace: str, labels: dict[str, str]) -> list[AgentHandle]:
+    async def list_agents(self, namespace: str, labels: dict[str, str],
+                          owner: str | None = None) -> list[AgentHandle]:
         # Only the controller reaches this engine: whatever carries our labels is ours.
         return await self._call(self._list, labels)
 

@@ -11,10 +11,11 @@ with the same protocol as on Docker.
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import kubernetes
@@ -26,15 +27,15 @@ from kubernetes.stream import stream
 from controller.backends import output
 from controller.backends.pods import CONTAINER, build_pod
 from controller.backends.base import (
-    LABEL_POOL_UID,
-    LABEL_WORKFLOW_UID,
     AgentHandle,
     AgentResult,
     AgentSpec,
     TaskResult,
+    missing,
 )
 from controller.backends.runner import ChannelClosedError, RunnerChannel
 from controller.config import Settings
+from controller.models import EnvSource
 from controller.errors import (
     AgentainerError,
     AgentSpecError,
@@ -87,9 +88,62 @@ def _stream(method: str, *args: Any, **kwargs: Any) -> Any:
         return stream(getattr(CoreV1Api(api_client), method), *args, **kwargs)
 
 
-def owned(pod: Any, owners: set[str]) -> bool:
-    """Whether the pod names one of these uids among its ownerReferences."""
-    return any(ref.uid in owners for ref in pod.metadata.owner_references or [])
+class ClusterEnv:
+    """``valueFrom`` variables read from the cluster's Secrets and ConfigMaps, in the
+    namespace of the resource that names them (a ``get`` of each, once a call)."""
+
+    def __init__(self, core: CoreV1Api) -> None:
+        self._core = core
+
+    async def values(self, namespace: str, refs: Mapping[str, EnvSource]) -> dict[str, str]:
+        found: dict[tuple[str, str], dict[str, str] | None] = {}
+        values = {}
+        for name, source in refs.items():
+            where = (source.kind, source.ref.name)
+            if where not in found:
+                found[where] = await self._read(name, source, namespace)
+            data = found[where]
+            if data is None or source.ref.key not in data:
+                if source.ref.optional:
+                    continue
+                raise missing(name, source, namespace,
+                              "does not exist" if data is None else "has no such key")
+            values[name] = data[source.ref.key]
+        return values
+
+    async def _read(self, name: str, source: EnvSource,
+                    namespace: str) -> dict[str, str] | None:
+        read = (self._core.read_namespaced_secret if source.secret_key_ref is not None
+                else self._core.read_namespaced_config_map)
+        try:
+            found: Any = await asyncio.to_thread(read, source.ref.name, namespace)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            if error.status == 403:
+                raise ForbiddenError(
+                    f"env {name}: the controller may not read {source.kind} "
+                    f"{namespace}/{source.ref.name}: grant it get on "
+                    f"{source.kind.lower()}s in {namespace} (the chart's watchNamespaces "
+                    "does)") from error
+            raise BackendError(f"env {name}: reading {source.kind} {namespace}/"
+                               f"{source.ref.name}: API server error {error.status}") from error
+        except TRANSPORT_ERRORS as error:
+            raise BackendUnavailableError(f"env {name}: reading {source.kind}: cannot reach "
+                                          f"the API server: {error}") from error
+        if source.secret_key_ref is None:
+            return dict(found.data or {})
+        try:
+            return {key: base64.b64decode(value).decode()
+                    for key, value in (found.data or {}).items()}
+        except (ValueError, UnicodeDecodeError):
+            raise AgentSpecError(f"env {name}: Secret {namespace}/{source.ref.name} holds "
+                                 "a value that is not text") from None
+
+
+def owned(pod: Any, owner: str) -> bool:
+    """Whether the pod names this uid among its ownerReferences."""
+    return any(ref.uid == owner for ref in pod.metadata.owner_references or [])
 
 
 def _split(agent_id: str) -> tuple[str, str]:
@@ -325,17 +379,16 @@ class KubernetesBackend:
         except NotFoundError:
             pass  # already gone
 
-    async def list_agents(self, namespace: str, labels: dict[str, str]) -> list[AgentHandle]:
+    async def list_agents(self, namespace: str, labels: dict[str, str],
+                          owner: str | None = None) -> list[AgentHandle]:
         selector = ",".join(f"{key}={value}" for key, value in labels.items())
         pods: Any = await self._call("listing pods", self._core.list_namespaced_pod,
                                      namespace, label_selector=selector)
-        owners = {labels[key] for key in (LABEL_WORKFLOW_UID, LABEL_POOL_UID) if key in labels}
         handles = []
         for pod in pods.items:
-            if owners and not owned(pod, owners):
+            if owner and not owned(pod, owner):
                 logger.warning("pod %s/%s carries the labels of %s but is not owned by it: "
-                               "left alone", pod.metadata.namespace, pod.metadata.name,
-                               ", ".join(sorted(owners)))
+                               "left alone", pod.metadata.namespace, pod.metadata.name, owner)
                 continue
             phase = pod.status.phase if pod.status else None
             handles.append(AgentHandle(
@@ -363,6 +416,10 @@ class KubernetesBackend:
                 await channel.hello()
                 self._channels[agent.id] = channel
             return channel
+
+    async def env_values(self, namespace: str,
+                         refs: Mapping[str, EnvSource]) -> dict[str, str]:
+        return await ClusterEnv(self._core).values(namespace, refs) if refs else {}
 
     async def run_task(self, agent: AgentHandle, argv: list[str], env: dict[str, str],
                        timeout: float | None) -> TaskResult:

@@ -7,7 +7,7 @@ from typing import Any
 
 from controller.backends import runner
 from controller.backends.base import LABEL_RUNNER, AgentSpec
-from controller.models import PodOptions
+from controller.models import DEFAULT_TASK_USER, PodOptions
 
 CONTAINER = "agent"
 RUNNER_INSTALLER = "runner-install"
@@ -21,7 +21,20 @@ def _millicores(nano_cpus: int) -> str:
 def shares_one_user(options: PodOptions) -> bool:
     """A pool pod asked to run as one non-root user (as the Pod Security Standard
     ``restricted`` requires): its runner may not switch users, and runs its tasks as itself."""
-    return options.run_as_non_root or bool(options.run_as_user)
+    return bool(options.run_as_non_root) or bool(options.run_as_user)
+
+
+def agent_user(options: PodOptions) -> dict[str, Any]:
+    """Who an agent of its own runs as: by default a non-root user of no image's (the pod
+    passes the Pod Security Standard ``restricted``); root, or the image's own user, only when
+    the step asks (``runAsUser: 0``, ``runAsNonRoot: false``)."""
+    if options.run_as_user is not None:
+        return {"runAsUser": options.run_as_user} | (
+            {"runAsNonRoot": True} if options.run_as_user else {})
+    if options.run_as_non_root is None:
+        return {"runAsNonRoot": True, "runAsUser": DEFAULT_TASK_USER,
+                "runAsGroup": DEFAULT_TASK_USER}
+    return {"runAsNonRoot": True} if options.run_as_non_root else {}
 
 
 def build_pod(spec: AgentSpec, runner_image: str = "") -> dict[str, Any]:
@@ -35,19 +48,21 @@ def build_pod(spec: AgentSpec, runner_image: str = "") -> dict[str, Any]:
     options = spec.pod or PodOptions()
     security: dict[str, Any] = {
         "allowPrivilegeEscalation": False,
-        "capabilities": {"drop": ["ALL"]},
+        "capabilities": {"drop": ["ALL"]} | (
+            {"add": list(spec.capabilities)} if spec.capabilities else {}),
         "seccompProfile": {"type": "RuntimeDefault"},
     }
-    if options.run_as_non_root:
-        security["runAsNonRoot"] = True
-    if options.run_as_user is not None:
-        security["runAsUser"] = options.run_as_user
+    if not spec.resident:
+        security.update(agent_user(options))
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": spec.image,
         # Agent images are often built locally and tagged latest: never pull what is there.
         "imagePullPolicy": "IfNotPresent",
-        "env": [{"name": name, "value": value} for name, value in spec.env.items()],
+        "env": [{"name": name, "value": value} for name, value in spec.env.items()]
+        # Secrets and ConfigMaps: the kubelet reads them; the pod spec holds only where.
+        + [{"name": name, "valueFrom": source.model_dump(by_alias=True, exclude_none=True)}
+           for name, source in spec.env_refs.items()],
         "securityContext": security,
     }
     labels = dict(spec.labels)
@@ -65,8 +80,8 @@ def build_pod(spec: AgentSpec, runner_image: str = "") -> dict[str, Any]:
             security.update(runAsNonRoot=True, runAsUser=uid, runAsGroup=gid)
         else:
             security.update(runAsUser=0, runAsGroup=0,
-                            capabilities={"drop": ["ALL"],
-                                          "add": list(runner.RUNNER_CAPABILITIES)})
+                            capabilities={"drop": ["ALL"], "add": sorted(
+                                {*runner.RUNNER_CAPABILITIES, *spec.capabilities})})
         labels[LABEL_RUNNER] = runner.VERSION_LABEL_VALUE
         container.update(
             command=runner.serve_command(uid, gid), stdin=True, stdinOnce=False, tty=False,

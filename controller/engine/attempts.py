@@ -302,9 +302,9 @@ class _Started(_Place):
         backend = self.attempts.backend
         labels = {LABEL_WORKFLOW_UID: self.attempts.uid,
                   LABEL_AGENT_ID: self.spec.labels[LABEL_AGENT_ID]}
-        namespace = self.spec.namespace
+        namespace, owner = self.spec.namespace, self.attempts.workflow.metadata.uid
         return await self.attempts.retrying(f"finding agent {self.spec.name}",
-                                            lambda: backend.list_agents(namespace, labels))
+                                            lambda: backend.list_agents(namespace, labels, owner))
 
     def adopt(self, agent: AgentStatus, status: StepStatus) -> None:
         agent.phase = AgentPhase.RUNNING
@@ -434,7 +434,8 @@ class _Leased(_Place):
         try:
             task = await self.attempts.retrying(
                 f"running a task on {handle.name}",
-                lambda: pools.run(self._lease, argv, self.spec.env, self.step.timeout_seconds))
+                lambda: pools.run(self._lease, argv, self.spec.env, self.step.timeout_seconds,
+                                  self.spec.env_refs))
         except TimeoutError:  # its runner stopped answering: the agent is replaced
             return AgentResult(137, "", ""), AgentReason.DEADLINE_EXCEEDED
         return (AgentResult(task.exit_code, task.stdout, task.stderr,

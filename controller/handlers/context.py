@@ -10,7 +10,12 @@ import kubernetes
 
 from controller.backends.base import Backend
 from controller.backends.docker import DockerBackend
-from controller.backends.kubernetes import TRANSPORT_ERRORS, KubernetesBackend, load_credentials
+from controller.backends.kubernetes import (
+    TRANSPORT_ERRORS,
+    ClusterEnv,
+    KubernetesBackend,
+    load_credentials,
+)
 from controller.config import Settings
 from controller.errors import AgentainerError, TransientError
 from controller.metrics import Metrics
@@ -56,7 +61,9 @@ class Services:
         async with self._backend_lock:
             if kind is BackendKind.DOCKER:
                 if self._docker is None:
-                    self._docker = await DockerBackend.connect(self.settings)
+                    # Docker agents' valueFrom variables: read from the cluster, as a pod's.
+                    self._docker = await DockerBackend.connect(
+                        self.settings, ClusterEnv(kubernetes.client.CoreV1Api()))
                 return self._docker
             if self._kubernetes is None:
                 self._kubernetes = await KubernetesBackend.connect(self.settings)

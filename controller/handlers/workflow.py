@@ -145,7 +145,7 @@ async def workflow_deleted(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger
         backend = await services.backend(
             services.backend_kind((body.get("spec") or {}).get("backend")))
         for agent in await backend.list_agents(body.metadata.namespace or "default",
-                                               {LABEL_WORKFLOW_UID: uid}):
+                                               {LABEL_WORKFLOW_UID: uid}, uid):
             await backend.remove(agent)
         await services.store.delete(uid)
     except AgentainerError as error:

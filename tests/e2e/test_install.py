@@ -75,12 +75,15 @@ def test_watching_namespaces_grants_rights_in_those_namespaces_only(helm: str) -
     roles = {d["metadata"]["namespace"]: d for d in documents
              if d["kind"] == "Role" and d["metadata"]["name"] == "agentainer"}
     assert set(roles) == {"team-a", "team-b"}
-    assert any("pods/exec" in rule["resources"] for rule in roles["team-a"]["rules"])
+    assert any("pods/attach" in rule["resources"] for rule in roles["team-a"]["rules"])
+    secrets = next(r for r in roles["team-a"]["rules"] if "secrets" in r["resources"])
+    assert secrets["verbs"] == ["get"]  # read one by name, never list them all
     bindings = {d["metadata"]["namespace"] for d in documents if d["kind"] == "RoleBinding"
                 and d["roleRef"]["name"] == "agentainer"}
     assert bindings == {"team-a", "team-b"}
     everywhere = find(template(helm), "ClusterRole")["rules"]
-    assert any("pods/exec" in rule["resources"] for rule in everywhere)
+    assert any("pods/attach" in rule["resources"] for rule in everywhere)
+    assert not any("pods/exec" in rule["resources"] for rule in everywhere + cluster_rules)
 
 
 def test_bundled_redis_wants_a_password_and_only_the_controller_may_reach_it(helm: str) -> None:

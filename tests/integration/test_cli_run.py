@@ -206,3 +206,55 @@ def test_an_agent_printing_200_mb_has_its_output_cut_at_the_limit_in_bounded_mem
     assert peak_rss < 300 * MiB  # a guard that the output is not read whole, not a budget
     assert redis_growth < 16 * MiB
     client.close()
+
+
+def redis_dump(url: str) -> str:
+    """Every key and value in Redis, as text."""
+    client = redis.Redis.from_url(url, decode_responses=True)
+    try:
+        found = []
+        for key in client.scan_iter(count=1000):
+            kind = client.type(key)
+            value: Any = (client.hgetall(key) if kind == "hash" else
+                          client.zrange(key, 0, -1) if kind == "zset" else
+                          client.lrange(key, 0, -1) if kind == "list" else
+                          client.smembers(key) if kind == "set" else client.get(key))
+            found.append(f"{key} {value}")
+        return "\n".join(found)
+    finally:
+        client.close()
+
+
+def test_run_gives_secrets_from_an_env_file_and_the_environment_and_keeps_them_nowhere(
+        tmp_path: Path, redis_env: dict[str, str], redis_url: str) -> None:
+    import hashlib
+
+    secret, model = "sk-live-0f9e8d7c6b5a", "model-from-the-environment"
+    (tmp_path / "llm.env").write_text(f"# the model's key\napi-key={secret}\n")
+    env = [{"name": "KEY", "valueFrom": {"secretKeyRef": {"name": "llm", "key": "api-key"}}},
+           {"name": "MODEL", "valueFrom": {"configMapKeyRef": {"name": "settings",
+                                                               "key": "AGENT_MODEL"}}}]
+    digest = 'printf %s "$KEY" | sha256sum | cut -c1-16; echo "$MODEL"'
+    pool = {"apiVersion": "agentainer.dev/v1alpha1", "kind": "AgentPool",
+            "metadata": {"name": "warm"},
+            "spec": {"image": "agentainer/busybox:latest", "minSize": 1, "maxSize": 1}}
+    workflow = workflow_doc({"name": "fresh", "command": sh(digest), "env": env},
+                            {"name": "pooled", "pool": "warm", "command": sh(digest),
+                             "env": env}, name="secrets", cleanup="Always")
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump_all([pool, workflow]))
+
+    result = agentainer("run", str(path), "--output", "json", "--secret",
+                        f"llm={tmp_path / 'llm.env'}", "--config-map", "settings",
+                        env={**redis_env, "AGENT_MODEL": model})
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    status = json.loads(result.stdout)
+    expected = f"{hashlib.sha256(secret.encode()).hexdigest()[:16]}\n{model}"
+    assert [step["output"] for step in status["steps"]] == [expected, expected]
+    assert secret not in result.stdout + result.stderr
+    assert secret not in redis_dump(redis_url)
+
+    missing = agentainer("run", str(path), env=redis_env)
+    assert missing.returncode == 1
+    assert "env KEY: Secret default/llm was not given" in missing.stdout + missing.stderr

@@ -25,8 +25,8 @@ import asyncio
 import itertools
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 
 from controller.backends.base import (
     LABEL_AGENT_ID,
@@ -35,8 +35,10 @@ from controller.backends.base import (
     AgentResult,
     AgentSpec,
     TaskResult,
+    missing,
 )
 from controller.errors import AgentainerError, AgentSpecError, ConflictError, NotFoundError
+from controller.models import EnvSource
 
 KILLED = 137
 """Exit code of an agent that was stopped (SIGKILL), as Docker reports it."""
@@ -139,6 +141,10 @@ class FakeBackend:
         whose start failed at once (``Behaviour.start_error``)."""
         self.removed: list[FakeAgent] = []
         self.closed = False
+        self.secrets: dict[str, dict[str, str]] = {}
+        """Secrets (and ConfigMaps) by name, for ``valueFrom`` variables."""
+        self.task_envs: list[dict[str, str]] = []
+        """The env of every task run, in order."""
         self.hiccups: dict[str, list[AgentainerError]] = {}
         """Errors the next calls of a method (``start``, ``wait``, ...) raise, one per call, as
         an engine restarting or an API server away would. ``start`` raises its error after
@@ -192,7 +198,22 @@ class FakeBackend:
         if self.hiccups.get(method):
             raise self.hiccups[method].pop(0)
 
+    async def env_values(self, namespace: str,
+                         refs: Mapping[str, EnvSource]) -> dict[str, str]:
+        values = {}
+        for name, source in refs.items():
+            found = self.secrets.get(source.ref.name, {})
+            if source.ref.key in found:
+                values[name] = found[source.ref.key]
+            elif not source.ref.optional:
+                raise missing(name, source, namespace, "does not exist")
+        return values
+
     async def start(self, spec: AgentSpec) -> AgentHandle:
+        if spec.env_refs:  # as the Docker backend: read at the start, given to the agent
+            spec = replace(spec, env=spec.env | await self.env_values(spec.namespace,
+                                                                      spec.env_refs),
+                           env_refs={})
         if any(a.name == spec.name for a in self.agents.values()):
             raise ConflictError(f"creating agent {spec.name}: Conflict: the container name "
                                 f'"/{spec.name}" is already in use')
@@ -228,7 +249,8 @@ class FakeBackend:
             self._kill(fake)  # removal is forced, as the Docker backend's is
             self.removed.append(fake)
 
-    async def list_agents(self, namespace: str, labels: dict[str, str]) -> list[AgentHandle]:
+    async def list_agents(self, namespace: str, labels: dict[str, str],
+                          owner: str | None = None) -> list[AgentHandle]:
         self._hiccup("list_agents")
         return [a.handle() for a in self.agents.values()
                 if a.spec.namespace == namespace and all(a.spec.labels.get(key) == value for key, value in labels.items())]
@@ -240,6 +262,7 @@ class FakeBackend:
         fake = self._find(agent, "running a task in")
         if not fake.spec.resident:
             raise AgentSpecError(f"agent {fake.name} is not a pool agent")
+        self.task_envs.append(dict(env))
         return TaskResult(0, " ".join(argv) + "\n", "")
 
     async def close(self) -> None:

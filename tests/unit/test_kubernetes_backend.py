@@ -310,6 +310,7 @@ def test_only_pods_the_resource_owns_are_its_agents(monkeypatch: pytest.MonkeyPa
                                       pod("someone-elses", "other-uid")])
 
     monkeypatch.setattr(CoreV1Api, "list_namespaced_pod", listing)
-    found = asyncio.run(backend().list_agents("team", {"agentainer.dev/pool-uid": "pool-uid"}))
+    found = asyncio.run(backend().list_agents("team", {"agentainer.dev/pool-uid": "pool-uid"},
+                                              "pool-uid"))
     assert [agent.name for agent in found] == ["ours"]
     assert asked == [("team", "agentainer.dev/pool-uid=pool-uid")]

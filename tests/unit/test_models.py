@@ -222,9 +222,28 @@ REFUSED = [
         id="unknown-field-in-spec",
     ),
     pytest.param(
-        workflow(step("map", env=[{"name": "X", "valueFrom": "y"}])),
-        "spec.steps[0].env[0].valueFrom", ("unknown field",),
+        workflow(step("map", env=[{"name": "X", "valueFrom2": "y"}])),
+        "spec.steps[0].env[0].valueFrom2", ("unknown field",),
         id="unknown-field-in-env",
+    ),
+    pytest.param(
+        workflow(step("map", env=[{"name": "X", "value": "v",
+                                   "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}])),
+        "spec.steps[0].env[0]", ("value or valueFrom",),
+        id="env-with-value-and-value-from",
+    ),
+    pytest.param(
+        workflow(step("map"), env=[{"name": "X", "valueFrom": {
+            "secretKeyRef": {"name": "s", "key": "k"},
+            "configMapKeyRef": {"name": "c", "key": "k"}}}]),
+        "spec.env[0].valueFrom", ("exactly one of secretKeyRef or configMapKeyRef",),
+        id="env-from-a-secret-and-a-config-map",
+    ),
+    pytest.param(
+        workflow(step("map", env=[{"name": "X", "valueFrom": {
+            "secretKeyRef": {"name": "Not_A_Name", "key": "k"}}}])),
+        "spec.steps[0].env[0].valueFrom.secretKeyRef.name", ("DNS-1123",),
+        id="secret-name-not-a-dns-name",
     ),
     pytest.param(
         workflow(step("map", resources={"cpu": "1", "gpu": "1"})),

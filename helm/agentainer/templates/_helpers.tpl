@@ -40,7 +40,9 @@ app.kubernetes.io/component: redis
 {{- .Values.redis.auth.existingSecret | default (printf "%s-redis" (include "agentainer.fullname" .)) -}}
 {{- end -}}
 
-{{/* Rules the controller needs where it works: its resources, Events, the agents' pods. */}}
+{{/* Rules the controller needs where it works: its resources, Events, the agents' pods, and
+a get (never a list) of the Secrets and ConfigMaps that Docker agents' and pooled tasks' env
+names (a fresh pod's kubelet reads its own). No pods/exec: tasks go over attach. */}}
 {{- define "agentainer.namespacedRules" -}}
 - apiGroups: ["agentainer.dev"]
   resources: ["workflows", "agentpools"]
@@ -61,6 +63,9 @@ app.kubernetes.io/component: redis
   resources: ["pods/log"]
   verbs: ["get"]
 - apiGroups: [""]
-  resources: ["pods/attach", "pods/exec"]
+  resources: ["pods/attach"]
   verbs: ["get", "create"]
+- apiGroups: [""]
+  resources: ["secrets", "configmaps"]
+  verbs: ["get"]
 {{- end -}}
