@@ -226,6 +226,31 @@ def test_limits_and_hardening_are_visible_in_docker_inspect(runner: Runner) -> N
     assert container.name == status.step("limited").agents[0].name
 
 
+CAP_NET_RAW, CAP_MKNOD, CAP_CHOWN = 13, 27, 0
+
+
+@pytest.mark.parametrize("added", [[], ["NET_RAW"]], ids=["defaults", "NET_RAW added"])
+def test_agents_keep_few_capabilities_and_a_capped_log_unless_the_workflow_adds(
+        runner: Runner, added: list[str]) -> None:
+    """What the kernel says the agent may do (its bounding set), not what was asked: raw
+    sockets (spoofing, sniffing the bridge) only when the workflow adds NET_RAW."""
+    status, run = runner.run(workflow_doc(
+        {"name": "caps", "command": sh("grep CapBnd /proc/self/status | cut -f2")},
+        cleanup="Never", **({"capabilities": {"add": added}} if added else {})))
+
+    assert status.phase is WorkflowPhase.SUCCEEDED, status.message
+    bounding = int(status.step("caps").output, 16)
+    assert bool(bounding & 1 << CAP_NET_RAW) == bool(added)
+    assert not bounding & 1 << CAP_MKNOD
+    assert bounding & 1 << CAP_CHOWN
+    (container,) = runner.containers(run.uid)
+    host = container.attrs["HostConfig"]
+    assert host["CapDrop"] == ["ALL"]
+    assert host["LogConfig"] == {"Type": "json-file", "Config": {
+        "max-file": "1", "max-size": str(runner.settings.agent_log_bytes)}}
+    assert host["PidsLimit"] == runner.settings.agent_pids_limit
+
+
 def test_independent_branches_of_a_dag_run_at_the_same_time(runner: Runner) -> None:
     status, run = runner.run(workflow_doc(
         {"name": "root", "command": sh("echo go")},

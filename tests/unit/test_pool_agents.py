@@ -134,6 +134,26 @@ def test_fresh_agent_pod_has_no_runner() -> None:
     assert pod["spec"]["activeDeadlineSeconds"] == 5
 
 
+@pytest.mark.parametrize(("options", "user"), [
+    ({}, {"runAsNonRoot": True, "runAsUser": DEFAULT_TASK_USER, "runAsGroup": DEFAULT_TASK_USER}),
+    ({"runAsUser": 1000}, {"runAsNonRoot": True, "runAsUser": 1000}),
+    ({"runAsNonRoot": True}, {"runAsNonRoot": True}),       # the image's user, checked
+    ({"runAsUser": 0}, {"runAsUser": 0}),                     # root, asked for
+    ({"runAsNonRoot": False}, {}),                            # the image's user, whoever
+], ids=["default", "a-user", "image-user-non-root", "root", "image-user"])
+def test_a_fresh_pod_passes_restricted_unless_its_step_asks_otherwise(
+        options: dict[str, Any], user: dict[str, Any]) -> None:
+    from controller.models import PodOptions
+
+    spec = AgentSpec(name="one", image="agent:1", command=None, args=None, env={}, labels={},
+                     pod=PodOptions.model_validate(options))
+    security = build_pod(spec)["spec"]["containers"][0]["securityContext"]
+    assert {k: v for k, v in security.items() if k.startswith("runAs")} == user
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+
+
 # --- agents of their own, run through the runner (Docker) ------------------------------------
 
 
