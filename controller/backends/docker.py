@@ -286,6 +286,11 @@ class DockerBackend:
                     exit_code = ending.code
                     interrupted = ending.signal in ENGINE_STOP_SIGNALS and \
                         agent.id not in self._stopping
+                elif kept and not state.get("OOMKilled"):
+                    # The runner itself was ended without a word: killed from outside, or lost
+                    # with its container as the engine restarted ("shim disconnected", exit
+                    # 255). Either way the agent did not end by itself.
+                    interrupted = agent.id not in self._stopping
             self._stopping.discard(agent.id)
             if not kept:
                 stdout, stderr = output.Head(limit), output.Tail(limit)

@@ -69,10 +69,13 @@ def test_an_agent_stopped_from_outside_is_told_apart_from_one_that_ended_by_itse
     async def scenario() -> dict[str, AgentResult]:
         first = await DockerBackend.connect(runner.settings)
         handles = {"stopped from outside": await first.start(spec("outside", "sleep 30")),
+                   "killed without a word": await first.start(spec("lost", "sleep 30")),
                    "stopped by its controller": await first.start(spec("ours", "sleep 30")),
                    "killed itself": await first.start(spec("self", "sleep 0.5; kill $$"))}
         await asyncio.sleep(1)
         runner.docker.api.stop(handles["stopped from outside"].id, timeout=5)
+        # Its runner dies with it, as when the engine loses a container while it restarts.
+        runner.docker.api.kill(handles["killed without a word"].id, "SIGKILL")
         later = await DockerBackend.connect(runner.settings)  # a restarted controller
         await later.stop(handles["stopped by its controller"], 5)
         try:
@@ -86,8 +89,8 @@ def test_an_agent_stopped_from_outside_is_told_apart_from_one_that_ended_by_itse
     results = asyncio.run(scenario())
 
     assert {what: (r.exit_code, r.interrupted) for what, r in results.items()} == {
-        "stopped from outside": (143, True), "stopped by its controller": (143, False),
-        "killed itself": (143, False)}
+        "stopped from outside": (143, True), "killed without a word": (137, True),
+        "stopped by its controller": (143, False), "killed itself": (143, False)}
 
 
 def test_a_pooled_task_whose_connection_the_engine_broke_runs_again_without_a_retry(
