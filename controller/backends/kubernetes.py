@@ -53,6 +53,8 @@ T = TypeVar("T")
 POLL_SECONDS = 0.25
 LOG_READ_BYTES = 64 * 1024
 """A pod's log is read this much at a time."""
+READ_TIMEOUT_SECONDS = 30.0
+"""How long reading a Secret or ConfigMap may take before it is tried again."""
 START_TIMEOUT_SECONDS = 300.0
 """How long a pool pod may take to run (pull, schedule, start) before it is given up."""
 # The answers a caller must tell apart (400 and 422 refuse the spec).
@@ -116,7 +118,8 @@ class ClusterEnv:
         read = (self._core.read_namespaced_secret if source.secret_key_ref is not None
                 else self._core.read_namespaced_config_map)
         try:
-            found: Any = await asyncio.to_thread(read, source.ref.name, namespace)
+            found: Any = await asyncio.to_thread(read, source.ref.name, namespace,
+                                                 _request_timeout=READ_TIMEOUT_SECONDS)
         except ApiException as error:
             if error.status == 404:
                 return None
