@@ -105,7 +105,8 @@ def build_agent_spec(
     if step.parallel is not None and step.parallel.items is not None:
         item = templating.item_text(step.parallel.items[index])
     context = templating.Context(
-        workflow_name=workflow.metadata.name, workflow_uid=uid, item=item, outputs=outputs
+        workflow_name=workflow.metadata.name, workflow_uid=uid, item=item, outputs=outputs,
+        params={p.name: p.value for p in workflow.spec.params if p.value is not None},
     )
     env, env_refs = split_env([*workflow.spec.env, *step.env],
                               lambda value: templating.render(value, context))

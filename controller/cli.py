@@ -16,7 +16,7 @@ from controller.backends.base import LABEL_WORKFLOW_UID
 from controller.config import Settings
 from controller.clock import seconds_between
 from controller.engine import Engine, Event, EventKind, WorkflowRun
-from controller.errors import AgentainerError, InvalidSpecError
+from controller.errors import AgentainerError, ConfigError, InvalidSpecError
 from controller.local_env import LocalEnv
 from controller.manifests import load_run, parse, read_documents
 from controller.models import AgentPool, BackendKind, Workflow, WorkflowPhase, WorkflowStatus
@@ -160,8 +160,19 @@ def command_run(args: argparse.Namespace) -> int:
     # Every pool of a file run is in the file: a missing one will not turn up later.
     settings = Settings.from_env(store=args.store, redis_url=args.redis_url, pool_wait_seconds=0)
     env = LocalEnv.parse(args.secret or [], args.config_map or [])
-    workflow, agent_pools = load_run(args.file)
+    workflow, agent_pools = load_run(args.file, parse_params(args.param or []))
     return asyncio.run(_run(workflow, agent_pools, settings, args.output, env))
+
+
+def parse_params(arguments: list[str]) -> dict[str, str]:
+    """``-p NAME=VALUE`` arguments; the last of a name wins."""
+    params = {}
+    for argument in arguments:
+        name, equals, value = argument.partition("=")
+        if not equals or not name:
+            raise ConfigError(f"-p {argument!r}: give NAME=VALUE")
+        params[name] = value
+    return params
 
 
 def command_validate(args: argparse.Namespace) -> int:
@@ -216,6 +227,8 @@ def parser() -> argparse.ArgumentParser:
                      help="where state goes (default: $AGENTAINER_STORE or redis)")
     run.add_argument("--redis-url", default=None,
                      help="Redis URL (default: $AGENTAINER_REDIS_URL or redis://localhost:6379/0)")
+    run.add_argument("-p", "--param", action="append", metavar="NAME=VALUE",
+                     help="set the workflow's parameter NAME (spec.params; repeatable)")
     run.add_argument("--secret", action="append", metavar="NAME[=FILE]",
                      help="the Secret NAME that env valueFrom.secretKeyRef names: an env file "
                           "of KEY=VALUE lines, or without =FILE each key from the environment "

@@ -8,8 +8,15 @@ from typing import Any
 
 import yaml
 
-from controller.errors import InvalidSpecError, ManifestError
-from controller.models import GROUP_VERSION, KINDS, AgentPool, Workflow
+from controller.errors import InvalidSpecError, ManifestError, Problem
+from controller.models import (
+    GROUP_VERSION,
+    KINDS,
+    AgentPool,
+    Workflow,
+    missing_params,
+    with_params,
+)
 
 
 @dataclass(frozen=True)
@@ -66,8 +73,10 @@ def load_workflow(path: str | Path) -> Workflow:
     return load_run(path)[0]
 
 
-def load_run(path: str | Path) -> tuple[Workflow, list[AgentPool]]:
-    """The one Workflow of a file and the AgentPools beside it, for ``agentainer run``."""
+def load_run(path: str | Path, params: dict[str, str] | None = None
+             ) -> tuple[Workflow, list[AgentPool]]:
+    """The one Workflow of a file, with ``params`` given its parameters (every required one
+    must be), and the AgentPools beside it, for ``agentainer run``."""
     workflows = []
     pools: list[AgentPool] = []
     problems: list[InvalidSpecError] = []
@@ -86,4 +95,11 @@ def load_run(path: str | Path) -> tuple[Workflow, list[AgentPool]]:
             [p for error in problems for p in error.problems], str(path))
     if len(workflows) != 1:
         raise ManifestError(f"{path}: expected exactly one Workflow, found {len(workflows)}")
-    return workflows[0], pools
+    try:
+        workflow = with_params(workflows[0], params or {})
+    except InvalidSpecError as error:
+        raise InvalidSpecError(error.problems, str(path)) from None
+    if missing := missing_params(workflow.spec):
+        raise InvalidSpecError([Problem(p.path, f"{p.message}: give -p NAME=VALUE")
+                                for p in missing], str(path))
+    return workflow, pools

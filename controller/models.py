@@ -457,6 +457,19 @@ class Step(ApiModel):
         return self.width
 
 
+class Param(ApiModel):
+    """An input of the workflow: ``{{ params.NAME }}`` in templates."""
+
+    name: str = Field(pattern=rf"^{templating.PARAM_NAME}$", max_length=63,
+                      description="Name, as templates write it: {{ params.NAME }}.")
+    value: str | None = Field(
+        default=None, max_length=65536,
+        description="Its value, and the default `agentainer run -p NAME=VALUE` replaces; a "
+                    "parameter without one is required. Data: never evaluated.")
+    description: str | None = Field(default=None, max_length=1024,
+                                    description="What it is for, for people.")
+
+
 class WorkflowSpec(ApiModel):
     """The steps to run and how."""
 
@@ -464,6 +477,10 @@ class WorkflowSpec(ApiModel):
         "x-kubernetes-validations": [{
             "rule": "self.steps.all(s, self.steps.exists_one(t, t.name == s.name))",
             "message": "step names must be unique",
+        }, {
+            "rule": "!has(self.params) || "
+                    "self.params.all(p, self.params.exists_one(q, q.name == p.name))",
+            "message": "parameter names must be unique",
         }],
     })
 
@@ -484,6 +501,8 @@ class WorkflowSpec(ApiModel):
     timeout_seconds: int | None = Field(
         default=None, ge=1, description="The whole workflow fails past this many seconds."
     )
+    params: list[Param] = Field(default_factory=list, max_length=100,
+                                description="Inputs of the workflow, read as {{ params.NAME }}.")
     env: list[EnvVar] = Field(default_factory=list, description="Environment of every agent.")
     capabilities: Capabilities | None = Field(
         default=None, description="Linux capabilities every agent gets beyond the defaults.")
@@ -794,6 +813,12 @@ def _template_fields(step: Step, path: str) -> list[tuple[str, str]]:
 def semantic_problems(spec: WorkflowSpec) -> list[Problem]:
     """Rules that span fields: unique names, the DAG, template references, env, image or pool."""
     problems: list[Problem] = []
+    params: set[str] = set()
+    for i, param in enumerate(spec.params):
+        if param.name in params:
+            problems.append(Problem(f"spec.params[{i}].name",
+                                    f"duplicate parameter name '{param.name}'"))
+        params.add(param.name)
     steps_by_name: dict[str, Step] = {}
     for i, step in enumerate(spec.steps):
         path = f"spec.steps[{i}]"
@@ -837,13 +862,15 @@ def semantic_problems(spec: WorkflowSpec) -> list[Problem]:
             )
         try:
             for ref in templating.references(env.value):
-                if ref.kind not in (templating.ReferenceKind.WORKFLOW_NAME,
-                                    templating.ReferenceKind.WORKFLOW_UID,
-                                    templating.ReferenceKind.LITERAL):
+                if ref.kind is templating.ReferenceKind.PARAM:
+                    problems.extend(_param_problems(ref, params, f"spec.env[{j}].value"))
+                elif ref.kind not in (templating.ReferenceKind.WORKFLOW_NAME,
+                                      templating.ReferenceKind.WORKFLOW_UID,
+                                      templating.ReferenceKind.LITERAL):
                     problems.append(Problem(
                         f"spec.env[{j}].value",
-                        "workflow-wide env may only use {{ workflow.name }} and "
-                        "{{ workflow.uid }}; put step references in a step's env",
+                        "workflow-wide env may only use {{ workflow.* }} and {{ params.* }}; "
+                        "put step references in a step's env",
                     ))
         except templating.TemplateError as error:
             problems.append(Problem(f"spec.env[{j}].value", str(error)))
@@ -873,6 +900,7 @@ def semantic_problems(spec: WorkflowSpec) -> list[Problem]:
                 continue
             for ref in refs:
                 problems.extend(_reference_problems(ref, step, steps_by_name, upstream, where))
+                problems.extend(_param_problems(ref, params, where))
     return problems
 
 
@@ -897,6 +925,36 @@ def _agent_name_clashes(spec: WorkflowSpec) -> list[Problem]:
                     f"(agents are named <workflow>-<step>[-<index>][-r<retry>]); rename it",
                 ))
     return problems
+
+
+def _param_problems(ref: templating.Reference, params: set[str], where: str) -> list[Problem]:
+    if ref.kind is not templating.ReferenceKind.PARAM or ref.param in params:
+        return []
+    known = ", ".join(sorted(params)) or "none"
+    return [Problem(where, f"{{{{ params.{ref.param} }}}} names unknown parameter "
+                           f"'{ref.param}' (spec.params: {known})")]
+
+
+def missing_params(spec: WorkflowSpec) -> list[Problem]:
+    """Parameters that have no value: a run cannot start without them."""
+    return [Problem(f"spec.params[{i}].value",
+                    f"parameter '{param.name}' is required and has no value")
+            for i, param in enumerate(spec.params) if param.value is None]
+
+
+def with_params(workflow: Workflow, values: dict[str, str]) -> Workflow:
+    """The workflow with these parameter values (``agentainer run -p``), or InvalidSpecError
+    naming each unknown one."""
+    known = {param.name for param in workflow.spec.params}
+    unknown = [Problem(f"-p {name}", f"the workflow has no parameter '{name}' (spec.params: "
+                                     f"{', '.join(sorted(known)) or 'none'})")
+               for name in values if name not in known]
+    if unknown:
+        raise InvalidSpecError(unknown)
+    params = [param.model_copy(update={"value": values.get(param.name, param.value)})
+              for param in workflow.spec.params]
+    return workflow.model_copy(update={"spec": workflow.spec.model_copy(
+        update={"params": params})})
 
 
 def _reference_problems(

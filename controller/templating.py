@@ -7,6 +7,7 @@ checked before a workflow starts and so that rendering can never run code:
 - ``{{ steps.NAME.outputs }}``: a JSON list of the outputs of every agent of a step, in order;
 - ``{{ item }}``: the item of this agent in a fan-out over ``parallel.items``;
 - ``{{ workflow.name }}``, ``{{ workflow.uid }}``;
+- ``{{ params.NAME }}``: the value of the workflow's parameter NAME;
 - ``{{ "text" }}``: the text itself, to write a literal ``{{``.
 """
 
@@ -20,9 +21,11 @@ from enum import StrEnum
 TEMPLATE = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
 STEP_REFERENCE = re.compile(r"^steps\.([a-z0-9]([-a-z0-9]*[a-z0-9])?)\.(output|outputs)$")
 LITERAL = re.compile(r'^"([^"]*)"$')
+PARAM_NAME = r"[a-zA-Z_][a-zA-Z0-9_-]*"
+PARAM_REFERENCE = re.compile(rf"^params\.({PARAM_NAME})$")
 
 FORMS = (
-    "{{ steps.NAME.output }}, {{ steps.NAME.outputs }}, {{ item }}, "
+    "{{ steps.NAME.output }}, {{ steps.NAME.outputs }}, {{ item }}, {{ params.NAME }}, "
     '{{ workflow.name }}, {{ workflow.uid }} or {{ "literal text" }}'
 )
 
@@ -37,6 +40,7 @@ class ReferenceKind(StrEnum):
     ITEM = "item"
     WORKFLOW_NAME = "workflow.name"
     WORKFLOW_UID = "workflow.uid"
+    PARAM = "param"
     LITERAL = "literal"
 
 
@@ -47,6 +51,7 @@ class Reference:
     kind: ReferenceKind
     step: str = ""
     literal: str = ""
+    param: str = ""
 
 
 def parse_expression(expression: str) -> Reference:
@@ -62,6 +67,11 @@ def parse_expression(expression: str) -> Reference:
         return Reference(ReferenceKind.LITERAL, literal=literal.group(1))
     if step := STEP_REFERENCE.match(text):
         return Reference(ReferenceKind(step.group(3)), step=step.group(1))
+    if param := PARAM_REFERENCE.match(text):
+        return Reference(ReferenceKind.PARAM, param=param.group(1))
+    if text.startswith("params."):
+        raise TemplateError(f"'{{{{ {text} }}}}' is not a parameter reference: write "
+                            "params.NAME with NAME one of spec.params")
     if text.startswith("steps."):
         raise TemplateError(
             f"'{{{{ {text} }}}}' is not a step reference: write steps.NAME.output or "
@@ -89,6 +99,7 @@ class Context:
     workflow_uid: str
     item: str | None = None
     outputs: dict[str, list[str]] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
 
 
 def render(text: str, context: Context) -> str:
@@ -109,6 +120,10 @@ def render(text: str, context: Context) -> str:
                 return context.workflow_uid
             case ReferenceKind.LITERAL:
                 return reference.literal
+            case ReferenceKind.PARAM:
+                if reference.param not in context.params:
+                    raise TemplateError(f"parameter '{reference.param}' has no value")
+                return context.params[reference.param]
             case ReferenceKind.STEP_OUTPUT | ReferenceKind.STEP_OUTPUTS:
                 outputs = context.outputs.get(reference.step)
                 if outputs is None:

@@ -21,6 +21,7 @@ from controller.models import (
     ConditionType,
     WorkflowPhase,
     WorkflowStatus,
+    missing_params,
     parse_workflow,
 )
 
@@ -53,6 +54,8 @@ async def run_workflow(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonSto
         return
     try:
         workflow = parse_workflow(dict(body), f"workflow {body.metadata.name}")
+        if missing := missing_params(workflow.spec):
+            raise InvalidSpecError(missing)
     except InvalidSpecError as error:
         await _refuse(services, body, ConditionType.INVALID,
                       "; ".join(str(p) for p in error.problems))

@@ -258,3 +258,17 @@ def test_run_gives_secrets_from_an_env_file_and_the_environment_and_keeps_them_n
     missing = agentainer("run", str(path), env=redis_env)
     assert missing.returncode == 1
     assert "env KEY: Secret default/llm was not given" in missing.stdout + missing.stderr
+
+
+def test_run_takes_params_and_refuses_unknown_ones_before_anything_runs(
+        redis_env: dict[str, str]) -> None:
+    result = agentainer("run", "examples/greeting-params.yaml", "-p", "name=Ada", "-p",
+                        "times=3", "--output", "json", env=redis_env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["steps"][0]["output"] == "hello, Ada\n" * 2 + "hello, Ada"
+
+    unknown = agentainer("run", "examples/greeting-params.yaml", "-p", "nmae=Ada", env=redis_env)
+    assert unknown.returncode == 2
+    assert "-p nmae: the workflow has no parameter 'nmae' (spec.params: name, times)" in \
+        unknown.stderr
+    assert "start" not in unknown.stdout

@@ -200,7 +200,7 @@ REFUSED = [
     ),
     pytest.param(
         workflow(step("map"), env=[{"name": "OUT", "value": "{{ steps.map.output }}"}]),
-        "spec.env[0].value", ("workflow-wide env", "{{ workflow.name }}", "step's env"),
+        "spec.env[0].value", ("workflow-wide env", "{{ workflow.* }}", "{{ params.* }}", "step's env"),
         id="workflow-env-reads-a-step",
     ),
     pytest.param(
