@@ -57,7 +57,7 @@ def agent_id(step: str, index: int, attempt: int) -> str:
 def agent_name(workflow: str, uid: str, step: Step, index: int, attempt: int) -> str:
     """``<workflow>-<step>[-<index>][-r<retry>]-<uid prefix>``, DNS-safe and at most 63 long."""
     base = f"{workflow}-{step.name}"
-    if step.width > 1:
+    if step.fans_out:
         base += f"-{index}"
     if attempt > 1:
         base += f"-r{attempt - 1}"

@@ -108,6 +108,10 @@ class Settings:
     """Processes a Docker agent may have at once (its pids limit), so that a fork bomb stays
     inside its agent; 0 sets none. On Kubernetes the kubelet's ``podPidsLimit`` does this."""
 
+    max_items_from: int = 10000
+    """How many items a step's ``parallel.itemsFrom`` may give it (the elements of the JSON
+    array an upstream step printed); more fail the step, as ``replicas`` stops at 10,000."""
+
     agent_log_bytes: int = 16 * 1024 * 1024
     """Bytes of a Docker agent's log the engine keeps on disk (json-file, one file): an agent
     that prints without end does not fill the disk. What an agent printed comes from the
@@ -154,7 +158,7 @@ class Settings:
                     "status_output_limit": 0, "status_agent_limit": 0, "metrics_port": 0,
                     "status_interval_seconds": 0, "lease_ttl_seconds": 1, "pool_wait_seconds": 0,
                     "output_limit_bytes": 1, "agent_pids_limit": 0, "backend_retry_seconds": 0,
-                    "agent_log_bytes": 1024 * 1024,
+                    "agent_log_bytes": 1024 * 1024, "max_items_from": 1,
                     "max_agents_per_workflow": 1}
         for name, minimum in minimums.items():
             if getattr(self, name) < minimum:

@@ -301,7 +301,8 @@ class Parallel(ApiModel):
 
     # Not a CEL rule: CEL cannot see `items`, whose elements may be any JSON value.
     model_config = ApiModel.model_config | ConfigDict(json_schema_extra={
-        "oneOf": [{"required": ["items"]}, {"required": ["replicas"]}],
+        "oneOf": [{"required": ["items"]}, {"required": ["replicas"]},
+                  {"required": ["itemsFrom"]}],
     })
 
     items: list[Any] | None = Field(
@@ -309,6 +310,12 @@ class Parallel(ApiModel):
         min_length=1,
         description="One agent per item; the agent reads it as {{ item }} and $AGENTAINER_ITEM.",
     )
+    items_from: str | None = Field(
+        default=None, max_length=256,
+        description="One agent per element of the JSON array an upstream step printed: "
+                    "{{ steps.NAME.output }} (or .outputs, the list of a fan-out's outputs). "
+                    "Elements become items exactly as parallel.items would; not an array, or "
+                    "more than AGENTAINER_MAX_ITEMS_FROM of them, fails the step.")
     replicas: int | None = Field(
         default=None, ge=1, le=10000, description="Run this many identical agents."
     )
@@ -330,8 +337,11 @@ class Parallel(ApiModel):
 
     @property
     def width(self) -> int:
-        """How many agents the fan-out runs."""
-        return len(self.items) if self.items is not None else (self.replicas or 1)
+        """How many agents the fan-out runs: 0 for ``itemsFrom`` until the run resolves it
+        (``with_items``)."""
+        if self.items is not None:
+            return len(self.items)
+        return 0 if self.items_from is not None else (self.replicas or 1)
 
 
 MAX_ITEM_NESTING = 64
@@ -443,10 +453,26 @@ class Step(ApiModel):
     def width(self) -> int:
         return self.parallel.width if self.parallel else 1
 
+    @property
+    def items_from(self) -> str | None:
+        return self.parallel.items_from if self.parallel else None
+
+    @property
+    def fans_out(self) -> bool:
+        """Its output is the JSON list of its agents' outputs, whatever their number."""
+        return self.items_from is not None or self.width > 1
+
+    def with_items(self, items: list[Any]) -> Step:
+        """This ``itemsFrom`` step with the items its run resolved."""
+        assert self.parallel is not None
+        return self.model_copy(update={"parallel": self.parallel.model_copy(
+            update={"items": items})})
+
     def inputs(self) -> set[str]:
         """The steps whose outputs this step reads through its templates."""
         kinds = (templating.ReferenceKind.STEP_OUTPUT, templating.ReferenceKind.STEP_OUTPUTS)
         texts = [env.value for env in self.env] + (self.command or []) + (self.args or [])
+        texts += [self.items_from] if self.items_from else []
         return {ref.step for text in texts for ref in templating.references(text)
                 if ref.kind in kinds and ref.step}
 
@@ -803,8 +829,19 @@ def ancestors(dependencies: dict[str, list[str]], name: str) -> set[str]:
     return seen
 
 
+def _one_step_reference(text: str) -> bool:
+    try:
+        refs = templating.references(text)
+    except templating.TemplateError:
+        return True  # said where its templates are checked
+    kinds = (templating.ReferenceKind.STEP_OUTPUT, templating.ReferenceKind.STEP_OUTPUTS)
+    return (len(refs) == 1 and refs[0].kind in kinds
+            and templating.TEMPLATE.fullmatch(text.strip()) is not None)
+
+
 def _template_fields(step: Step, path: str) -> list[tuple[str, str]]:
     fields = [(f"{path}.env[{i}].value", env.value) for i, env in enumerate(step.env)]
+    fields += [(f"{path}.parallel.itemsFrom", step.items_from)] if step.items_from else []
     fields += [(f"{path}.command[{i}]", text) for i, text in enumerate(step.command or [])]
     fields += [(f"{path}.args[{i}]", text) for i, text in enumerate(step.args or [])]
     return fields
@@ -835,12 +872,16 @@ def semantic_problems(spec: WorkflowSpec) -> list[Problem]:
                 Problem(f"{path}.pool", "set image or pool, not both: a pool has its own image")
             )
         if step.parallel is not None:
-            has_items = step.parallel.items is not None
-            has_replicas = step.parallel.replicas is not None
-            if has_items == has_replicas:
+            given = [step.parallel.items is not None, step.parallel.replicas is not None,
+                     step.parallel.items_from is not None]
+            if sum(given) != 1:
                 problems.append(
-                    Problem(f"{path}.parallel", "set exactly one of items or replicas")
+                    Problem(f"{path}.parallel", "set exactly one of items, replicas or itemsFrom")
                 )
+        if step.items_from is not None and not _one_step_reference(step.items_from):
+            problems.append(Problem(
+                f"{path}.parallel.itemsFrom", "must be one step reference and nothing else: "
+                "{{ steps.NAME.output }} or {{ steps.NAME.outputs }}"))
         for j, env in enumerate(step.env):
             if env.name.startswith(RESERVED_ENV_PREFIX):
                 problems.append(
@@ -915,7 +956,8 @@ def _agent_name_clashes(spec: WorkflowSpec) -> list[Problem]:
             if other is step or match is None or match.group(0) == other.name:
                 continue
             index, retry = match.group(1), match.group(2)
-            index_clash = index is None or int(index) < other.width > 1
+            index_clash = index is None or (other.fans_out and (
+                other.items_from is not None or int(index) < other.width))
             retry_clash = retry is None or (other.retries is not None
                                             and 1 <= int(retry) <= other.retries.limit)
             if index_clash and retry_clash:
@@ -965,8 +1007,10 @@ def _reference_problems(
     where: str,
 ) -> list[Problem]:
     kind = templating.ReferenceKind
-    if ref.kind is kind.ITEM and (step.parallel is None or step.parallel.items is None):
-        return [Problem(where, "{{ item }} is only set in a step with parallel.items")]
+    if ref.kind is kind.ITEM and step.items_from is None and (
+            step.parallel is None or step.parallel.items is None):
+        return [Problem(where, "{{ item }} is only set in a step with parallel.items or "
+                               "parallel.itemsFrom")]
     if ref.kind not in (kind.STEP_OUTPUT, kind.STEP_OUTPUTS):
         return []
     template = f"{{{{ steps.{ref.step}.{ref.kind.value} }}}}"
@@ -978,7 +1022,7 @@ def _reference_problems(
             f"{template}: step '{step.name}' does not depend on '{ref.step}' "
             f"(add it to dependsOn, directly or through another step)",
         )]
-    if ref.kind is kind.STEP_OUTPUT and steps_by_name[ref.step].width > 1:
+    if ref.kind is kind.STEP_OUTPUT and steps_by_name[ref.step].fans_out:
         return [Problem(
             where,
             f"{template}: '{ref.step}' runs several agents; use "

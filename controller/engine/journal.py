@@ -101,7 +101,8 @@ class Journal:
         recorded = {name: state for name, state in (await self.store.steps(self.uid)).items()
                     if name in agents}
         outputs = {name: await self.store.outputs(self.uid, name) for name in recorded}
-        widths = {step.name: step.width for step in spec.steps}
+        # An itemsFrom step's width is its output's: any list it shows whole.
+        widths = {step.name: None if step.items_from else step.width for step in spec.steps}
         for shown in last_known.steps if last_known is not None else []:
             state = recorded.get(shown.name)
             if shown.name not in widths or shown.phase not in FINISHED_STEPS or \
@@ -116,7 +117,7 @@ class Journal:
 FINISHED_STEPS = (StepPhase.SUCCEEDED, StepPhase.FAILED, StepPhase.SKIPPED, StepPhase.CANCELLED)
 
 
-def _shown_outputs(step: StepStatus, width: int) -> dict[int, str]:
+def _shown_outputs(step: StepStatus, width: int | None) -> dict[int, str]:
     """A finished step's outputs as its status shows them, when it shows them whole (a fan-out's
     as the JSON list it prints); none when cut or left out."""
     if step.phase is not StepPhase.SUCCEEDED or step.output is None or step.output_truncated:
@@ -127,7 +128,7 @@ def _shown_outputs(step: StepStatus, width: int) -> dict[int, str]:
         shown = json.loads(step.output)
     except ValueError:
         return {}
-    if not isinstance(shown, list) or len(shown) != width or \
+    if not isinstance(shown, list) or width is not None and len(shown) != width or \
             not all(isinstance(text, str) for text in shown):
         return {}
     return dict(enumerate(shown))

@@ -32,7 +32,9 @@ from controller.engine.attempts import Attempts, AttemptOutcome, RunState, StopR
 from controller.engine.events import Emitter, EventKind, Observer
 from controller.engine.journal import Journal, Restored
 from controller.errors import AgentainerError, StoreDataError
+from controller import templating
 from controller.models import (
+    MAX_ITEM_NESTING,
     AgentPhase,
     AgentReason,
     AgentStatus,
@@ -45,6 +47,7 @@ from controller.models import (
     Workflow,
     WorkflowPhase,
     WorkflowStatus,
+    nesting,
 )
 from controller.pools import PoolManager
 from controller.store import WorkflowStore
@@ -91,6 +94,8 @@ class WorkflowRun:
         self.workflow = self.journal.workflow = self.attempts.workflow = workflow
         self.dependencies = workflow.spec.dependency_map()
         self.steps = {step.name: step for step in workflow.spec.steps}
+        self._order = {name: number for number, name in enumerate(
+            topological(self.dependencies))}
         self.status.observed_generation = workflow.metadata.generation
         self.status.steps = [StepStatus(name=step.name) for step in workflow.spec.steps]
         self.state.units_total = sum(step.width for step in workflow.spec.steps)
@@ -197,7 +202,8 @@ class WorkflowRun:
         status.started_at = restored.workflow.started_at or now()
         for name, agents in restored.agents.items():
             status.step(name).agents.extend(agents)
-        for name, state in restored.steps.items():
+        for name, state in sorted(restored.steps.items(),
+                                  key=lambda item: self._order[item[0]]):
             step = status.step(name)
             step.attempts = len(step.agents)
             step.started_at, step.finished_at = state.started_at, state.finished_at
@@ -206,6 +212,11 @@ class WorkflowRun:
             self._restored_outputs[name] = outputs
             self.state.units_done += len(outputs)
             if state.phase is StepPhase.SUCCEEDED:
+                if self.steps[name].items_from is not None:
+                    try:
+                        self._resolve_items(self.steps[name])
+                    except ItemsError:  # it succeeded with them once: what it recorded stands
+                        self.steps[name] = self.steps[name].with_items([None] * len(outputs))
                 width = self.steps[name].width
                 self._lost_outputs[name] = [i for i in range(width) if i not in outputs]
                 self._step_succeeded(self.steps[name], step,
@@ -225,7 +236,7 @@ class WorkflowRun:
         status.phase = StepPhase.SUCCEEDED
         status.message = None  # what failed on the way is in its agents' reasons
         status.outputs = outputs
-        status.output = outputs[0] if step.width == 1 else json.dumps(outputs)
+        status.output = json.dumps(outputs) if step.fans_out else outputs[0]
 
     # --- the DAG --------------------------------------------------------------------------------
 
@@ -331,6 +342,12 @@ class WorkflowRun:
         status = self.status.step(step.name)
         status.phase = StepPhase.RUNNING
         status.started_at = status.started_at or now()
+        if step.items_from is not None and step.parallel is not None \
+                and step.parallel.items is None:
+            try:
+                step = self._resolve_items(step)
+            except ItemsError as error:
+                return await self._step_refused(step, status, str(error))
         await self.journal.step(status)
         self.emit(EventKind.STEP_STARTED,
                   f"step {step.name} started: {step.width} agent(s), "
@@ -384,6 +401,41 @@ class WorkflowRun:
         self.emit(EventKind.STEP_FINISHED, f"step {step.name} {status.phase.value.lower()}",
                   status)
         return status.phase is StepPhase.SUCCEEDED
+
+    def _resolve_items(self, step: Step) -> Step:
+        """An ``itemsFrom`` step with its items: the elements of the JSON array its upstream
+        step printed. The same output always gives the same items, so a resumed run resolves
+        them again rather than keep them."""
+        assert step.items_from is not None
+        text = templating.render(step.items_from, templating.Context(
+            self.workflow.metadata.name, self.uid, outputs=self.outputs))
+        where = f"step {step.name}: parallel.itemsFrom ({step.items_from.strip()})"
+        try:
+            items = json.loads(text)
+        except (ValueError, RecursionError):
+            raise ItemsError(f"{where} is not JSON: {_quote(text)}") from None
+        if not isinstance(items, list):
+            raise ItemsError(f"{where} is not a JSON array: {_quote(text)}")
+        if len(items) > self.settings.max_items_from:
+            raise ItemsError(f"{where} has {len(items)} items, more than "
+                             f"AGENTAINER_MAX_ITEMS_FROM ({self.settings.max_items_from}): "
+                             f"{_quote(text)}")
+        if any(nesting(item) > MAX_ITEM_NESTING for item in items):
+            raise ItemsError(f"{where} nests an item more than {MAX_ITEM_NESTING} levels deep")
+        resolved = self.steps[step.name] = step.with_items(items)
+        self.state.units_total += resolved.width
+        self.status.progress = self.state.progress
+        return resolved
+
+    async def _step_refused(self, step: Step, status: StepStatus, message: str) -> bool:
+        """A step that fails before any agent starts."""
+        status.phase = StepPhase.FAILED
+        status.message = message
+        status.finished_at = now()
+        self.failed_step = self.failed_step or step.name
+        await self.journal.step(status)
+        self.emit(EventKind.STEP_FINISHED, f"step {step.name} failed: {message}", status)
+        return False
 
     async def _run_unit(self, step: Step, status: StepStatus, index: int) -> AttemptOutcome:
         """One item (or replica) of a step, with its retries."""
@@ -454,3 +506,34 @@ class Engine:
 
     async def run(self, workflow: Workflow, observer: Observer | None = None) -> WorkflowStatus:
         return await self.prepare(workflow, observer).execute()
+
+
+class ItemsError(Exception):
+    """An itemsFrom output that cannot be a fan-out's items."""
+
+
+def _quote(text: str, length: int = 200) -> str:
+    """The start of an output, quoted, for a message."""
+    return repr(text[:length]) + (f" ({len(text)} characters)" if len(text) > length else "")
+
+
+def topological(dependencies: dict[str, list[str]]) -> list[str]:
+    """Step names, each after every step it depends on."""
+    order: list[str] = []
+    seen: set[str] = set()
+    for name in dependencies:
+        stack = [(name, iter(dependencies[name]))]
+        while stack:
+            current, pending = stack[-1]
+            if current in seen:
+                stack.pop()
+                continue
+            child = next((d for d in pending if d not in seen), None)
+            if child is None:
+                seen.add(current)
+                order.append(current)
+                stack.pop()
+            else:
+                stack.append((child, iter(dependencies.get(child, []))))
+    return order
+

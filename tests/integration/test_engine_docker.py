@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from datetime import datetime
 from pathlib import Path
@@ -496,3 +497,19 @@ def test_pooled_step_naming_a_missing_pool_fails_with_a_clear_message(runner: Ru
 
     assert status.phase is WorkflowPhase.FAILED
     assert "AgentPool nowhere is not available" in (status.step("lonely").message or "")
+
+
+def test_workers_fan_out_over_what_the_planner_printed(runner: Runner) -> None:
+    status, _ = runner.run(workflow_doc(
+        {"name": "plan", "command": sh("""echo '["alpha", {"file": "b.txt"}, 3]'""")},
+        {"name": "work", "parallel": {"itemsFrom": "{{ steps.plan.output }}", "maxWorkers": 2},
+         "command": sh('echo "worked on $AGENTAINER_ITEM"')},
+        {"name": "review", "env": [{"name": "RESULTS", "value": "{{ steps.work.outputs }}"}],
+         "command": sh('echo "$RESULTS"')},
+        cleanup="Always"))
+
+    assert status.phase is WorkflowPhase.SUCCEEDED, status.message
+    assert status.step("work").outputs == [
+        "worked on alpha", 'worked on {"file": "b.txt"}', "worked on 3"]
+    assert json.loads(status.step("review").output or "") == status.step("work").outputs
+    assert status.progress == "5/5"

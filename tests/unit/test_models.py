@@ -86,12 +86,12 @@ REFUSED = [
     ),
     pytest.param(
         workflow(step("map", parallel={"items": ["x"], "replicas": 2})),
-        "spec.steps[0].parallel", ("exactly one of items or replicas",),
+        "spec.steps[0].parallel", ("exactly one of items, replicas or itemsFrom",),
         id="parallel-with-items-and-replicas",
     ),
     pytest.param(
         workflow(step("map", parallel={"maxWorkers": 2})),
-        "spec.steps[0].parallel", ("exactly one of items or replicas",),
+        "spec.steps[0].parallel", ("exactly one of items, replicas or itemsFrom",),
         id="parallel-with-neither-items-nor-replicas",
     ),
     pytest.param(
