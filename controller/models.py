@@ -403,6 +403,17 @@ class PodOptions(ApiModel):
                     "runtime (gVisor, Kata), where the cluster has one.")
 
 
+class When(ApiModel):
+    """A condition of a step, in Tekton's shape: the step runs only if ``input`` (a template,
+    rendered) is ``in`` (or ``notin``) ``values``. No expression language: nothing runs."""
+
+    input: str = Field(max_length=1024,
+                       description="A template, such as {{ steps.review.output }}.")
+    operator: Literal["in", "notin"] = Field(description="in or notin.")
+    values: list[str] = Field(min_length=1, max_length=100,
+                              description="Strings compared with the rendered input, whole.")
+
+
 class Step(ApiModel):
     """One step: one agent, a fan-out of agents, or agents leased from a pool."""
 
@@ -442,6 +453,11 @@ class Step(ApiModel):
         ge=1,
         description="An agent running longer than this is killed; each attempt has its own.",
     )
+    when: list[When] = Field(
+        default_factory=list, max_length=20,
+        description="Conditions that must all hold for the step to run; otherwise it is "
+                    "Skipped, saying which did not. A step that depends on a skipped one still "
+                    "runs, unless it reads that step's output.")
     depends_on: list[DnsLabel] | None = Field(
         default=None,
         description="Steps that must succeed first. Default: the step before; [] for a root.",
@@ -473,6 +489,7 @@ class Step(ApiModel):
         kinds = (templating.ReferenceKind.STEP_OUTPUT, templating.ReferenceKind.STEP_OUTPUTS)
         texts = [env.value for env in self.env] + (self.command or []) + (self.args or [])
         texts += [self.items_from] if self.items_from else []
+        texts += [text for when in self.when for text in (when.input, *when.values)]
         return {ref.step for text in texts for ref in templating.references(text)
                 if ref.kind in kinds and ref.step}
 
@@ -842,6 +859,9 @@ def _one_step_reference(text: str) -> bool:
 def _template_fields(step: Step, path: str) -> list[tuple[str, str]]:
     fields = [(f"{path}.env[{i}].value", env.value) for i, env in enumerate(step.env)]
     fields += [(f"{path}.parallel.itemsFrom", step.items_from)] if step.items_from else []
+    for i, when in enumerate(step.when):
+        fields.append((f"{path}.when[{i}].input", when.input))
+        fields += [(f"{path}.when[{i}].values[{j}]", text) for j, text in enumerate(when.values)]
     fields += [(f"{path}.command[{i}]", text) for i, text in enumerate(step.command or [])]
     fields += [(f"{path}.args[{i}]", text) for i, text in enumerate(step.args or [])]
     return fields

@@ -223,6 +223,8 @@ class WorkflowRun:
                                      [outputs.get(i, "") for i in range(width)])
             elif state.phase in (StepPhase.FAILED, StepPhase.SKIPPED, StepPhase.CANCELLED):
                 step.phase = state.phase
+                if (state.message or "").startswith(SKIPPED_BY_CONDITION):
+                    self.state.units_total -= self.steps[name].width
                 if state.phase is StepPhase.FAILED:
                     self.failed_step = self.failed_step or name
         status.progress = self.state.progress
@@ -246,7 +248,9 @@ class WorkflowRun:
             if step.phase is not StepPhase.PENDING or step.name in self._step_tasks:
                 continue
             deps = [self.status.step(d) for d in self.dependencies[step.name]]
-            if all(d.phase is StepPhase.SUCCEEDED for d in deps):
+            # A dependency skipped by its conditions lets the step run (unless the step reads
+            # its output: then it is skipped too, saying why).
+            if all(d.phase in (StepPhase.SUCCEEDED, StepPhase.SKIPPED) for d in deps):
                 ready.append(step.name)
         return ready
 
@@ -318,7 +322,8 @@ class WorkflowRun:
             if step.phase is not StepPhase.PENDING:
                 continue
             failed_deps = [d for d in self.dependencies[step.name]
-                           if self.status.step(d).phase is not StepPhase.SUCCEEDED]
+                           if self.status.step(d).phase not in (StepPhase.SUCCEEDED,
+                                                                StepPhase.SKIPPED)]
             step.phase = StepPhase.SKIPPED
             if self.stop_reason is StopReason.CANCELLED:
                 step.message = "not started: the workflow was cancelled"
@@ -333,6 +338,8 @@ class WorkflowRun:
     # --- one step -------------------------------------------------------------------------------
 
     async def _run_step(self, step: Step) -> bool:
+        if (reason := self._skip_reason(step)) is not None:
+            return await self._step_skipped(step, reason)
         for name in sorted(step.inputs()):
             if self._lost_outputs.get(name):
                 raise StoreDataError(
@@ -402,13 +409,45 @@ class WorkflowRun:
                   status)
         return status.phase is StepPhase.SUCCEEDED
 
+    def _context(self) -> templating.Context:
+        """What a step's templates see, but an agent's own item."""
+        return templating.Context(
+            self.workflow.metadata.name, self.uid, outputs=self.outputs,
+            params={p.name: p.value for p in self.workflow.spec.params if p.value is not None})
+
+    def _skip_reason(self, step: Step) -> str | None:
+        """Why a step whose dependencies are done does not run: it reads the output of a step
+        that was skipped, or one of its conditions does not hold. None: it runs."""
+        skipped = sorted(name for name in step.inputs()
+                         if self.status.step(name).phase is StepPhase.SKIPPED)
+        if skipped:
+            return f"it reads the output of step {skipped[0]}, which was skipped"
+        context = self._context()
+        for number, when in enumerate(step.when):
+            rendered = templating.render(when.input, context)
+            values = [templating.render(value, context) for value in when.values]
+            if (rendered in values) != (when.operator == "in"):
+                return (f"when[{number}]: {_quote(rendered, 100)} is "
+                        f"{'not ' if when.operator == 'in' else ''}in {values}")
+        return None
+
+    async def _step_skipped(self, step: Step, reason: str) -> bool:
+        status = self.status.step(step.name)
+        status.phase = StepPhase.SKIPPED
+        status.message = f"{SKIPPED_BY_CONDITION}{reason}"
+        status.finished_at = now()
+        self.state.units_total -= step.width  # they will never run
+        self.status.progress = self.state.progress
+        await self.journal.step(status)
+        self.emit(EventKind.STEP_FINISHED, f"step {step.name} skipped: {reason}", status)
+        return True
+
     def _resolve_items(self, step: Step) -> Step:
         """An ``itemsFrom`` step with its items: the elements of the JSON array its upstream
         step printed. The same output always gives the same items, so a resumed run resolves
         them again rather than keep them."""
         assert step.items_from is not None
-        text = templating.render(step.items_from, templating.Context(
-            self.workflow.metadata.name, self.uid, outputs=self.outputs))
+        text = templating.render(step.items_from, self._context())
         where = f"step {step.name}: parallel.itemsFrom ({step.items_from.strip()})"
         try:
             items = json.loads(text)
@@ -506,6 +545,10 @@ class Engine:
 
     async def run(self, workflow: Workflow, observer: Observer | None = None) -> WorkflowStatus:
         return await self.prepare(workflow, observer).execute()
+
+
+SKIPPED_BY_CONDITION = "skipped: "
+"""How the message of a step skipped by its conditions (or a skipped input) begins."""
 
 
 class ItemsError(Exception):

@@ -513,3 +513,23 @@ def test_workers_fan_out_over_what_the_planner_printed(runner: Runner) -> None:
         "worked on alpha", 'worked on {"file": "b.txt"}', "worked on 3"]
     assert json.loads(status.step("review").output or "") == status.step("work").outputs
     assert status.progress == "5/5"
+
+
+def test_a_reviewers_verdict_decides_which_step_runs(runner: Runner) -> None:
+    status, run = runner.run(workflow_doc(
+        {"name": "review", "command": sh("echo retry")},
+        {"name": "fix", "dependsOn": ["review"], "command": sh("echo fixed"),
+         "when": [{"input": "{{ steps.review.output }}", "operator": "in", "values": ["retry"]}]},
+        {"name": "publish", "dependsOn": ["review"], "command": sh("echo published"),
+         "when": [{"input": "{{ steps.review.output }}", "operator": "notin",
+                   "values": ["retry"]}]},
+        {"name": "notify", "dependsOn": ["fix", "publish"], "command": sh("echo told")},
+        cleanup="Never"))
+
+    assert status.phase is WorkflowPhase.SUCCEEDED, status.message
+    assert [(s.name, s.phase.value) for s in status.steps] == [
+        ("review", "Succeeded"), ("fix", "Succeeded"), ("publish", "Skipped"),
+        ("notify", "Succeeded")]
+    assert status.step("publish").message == "skipped: when[0]: 'retry' is in ['retry']"
+    started = {c.labels["agentainer.dev/step"] for c in runner.containers(run.uid)}
+    assert started == {"review", "fix", "notify"}  # no container for the skipped step

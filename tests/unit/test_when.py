@@ -1,0 +1,75 @@
+"""Conditions on steps (``when``, Tekton's shape): a step runs only if every ``input`` is
+``in`` (or ``notin``) its ``values``, else it is Skipped saying which did not hold; a step after
+a skipped one still runs unless it reads the skipped step's output. On the fake backend."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from controller.errors import InvalidSpecError
+from controller.models import StepPhase, WorkflowPhase, parse_workflow
+from tests.conftest import workflow_doc
+from tests.unit.fake_backend import Behaviour
+from tests.unit.test_engine import by_step, run, with_uid
+
+
+def reviewed(verdict: str) -> tuple[dict[str, Any], Any]:
+    document = with_uid(workflow_doc(
+        {"name": "review"},
+        {"name": "fix", "dependsOn": ["review"],
+         "when": [{"input": "{{ steps.review.output }}", "operator": "in",
+                   "values": ["retry", "{{ params.also }}"]}]},
+        {"name": "publish", "dependsOn": ["review"],
+         "when": [{"input": "{{ steps.review.output }}", "operator": "notin",
+                   "values": ["retry"]}]},
+        {"name": "notify", "dependsOn": ["fix", "publish"]},
+        {"name": "report", "dependsOn": ["fix"],
+         "env": [{"name": "FIX", "value": "{{ steps.fix.output }}"}]},
+        params=[{"name": "also", "value": "again"}]))
+    return document, by_step({"review": Behaviour(stdout=verdict)})
+
+
+@pytest.mark.parametrize("verdict", ["retry", "again", "done"])
+def test_conditions_choose_which_steps_run_and_say_why_the_others_did_not(verdict: str) -> None:
+    status, fake = run(*reviewed(verdict))
+
+    assert status.phase is WorkflowPhase.SUCCEEDED, status.message
+    phases = {step.name: step.phase for step in status.steps}
+    ran = {a.step for a in fake.started}  # type: ignore[attr-defined]
+    retry = verdict in ("retry", "again")
+    assert phases["fix"] is (StepPhase.SUCCEEDED if retry else StepPhase.SKIPPED)
+    assert phases["publish"] is (StepPhase.SKIPPED if verdict == "retry" else StepPhase.SUCCEEDED)
+    assert phases["notify"] is StepPhase.SUCCEEDED  # after a skipped step: it still runs
+    assert ("notify" in ran) and ("fix" in ran) == retry
+    if not retry:
+        assert status.step("fix").message == \
+            "skipped: when[0]: 'done' is not in ['retry', 'again']"
+        # It reads the skipped step's output: skipped too, saying why.
+        assert status.step("report").phase is StepPhase.SKIPPED
+        assert status.step("report").message == \
+            "skipped: it reads the output of step fix, which was skipped"
+        assert status.progress == "3/3"
+    if verdict == "retry":
+        assert status.step("publish").message == "skipped: when[0]: 'retry' is in ['retry']"
+
+
+@pytest.mark.parametrize(("when", "path", "words"), [
+    ({"input": "x", "operator": "equals", "values": ["x"]}, "spec.steps[1].when[0].operator",
+     "'in' or 'notin'"),
+    ({"input": "x", "operator": "in", "values": []}, "spec.steps[1].when[0].values",
+     "at least 1"),
+    ({"input": "{{ steps.later.output }}", "operator": "in", "values": ["x"]},
+     "spec.steps[1].when[0].input", "does not depend on 'later'"),
+    ({"input": "{{ $(rm -rf /) }}", "operator": "in", "values": ["x"]},
+     "spec.steps[1].when[0].input", "unknown template"),
+], ids=["operator", "no-values", "not-upstream", "no-expressions"])
+def test_conditions_are_checked_before_anything_runs(when: dict[str, Any], path: str,
+                                                     words: str) -> None:
+    document = workflow_doc({"name": "review"}, {"name": "fix", "when": [when]},
+                            {"name": "later"})
+    with pytest.raises(InvalidSpecError) as raised:
+        parse_workflow(document)
+    found = [(p.path, p.message) for p in raised.value.problems]
+    assert any(where == path and words in message for where, message in found), found
