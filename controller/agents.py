@@ -99,6 +99,7 @@ def build_agent_spec(
     index: int,
     attempt: int,
     outputs: dict[str, list[str]],
+    phases: dict[str, str] | None = None,
 ) -> AgentSpec:
     """The agent to start for one attempt of one unit of a step, templates rendered."""
     item: str | None = None
@@ -107,6 +108,7 @@ def build_agent_spec(
     context = templating.Context(
         workflow_name=workflow.metadata.name, workflow_uid=uid, item=item, outputs=outputs,
         params={p.name: p.value for p in workflow.spec.params if p.value is not None},
+        phases=phases or {},
     )
     env, env_refs = split_env([*workflow.spec.env, *step.env],
                               lambda value: templating.render(value, context))

@@ -403,6 +403,14 @@ class PodOptions(ApiModel):
                     "runtime (gVisor, Kata), where the cluster has one.")
 
 
+class ContinueOn(ApiModel):
+    """What a step's end does not stop."""
+
+    failed: bool = Field(default=False,
+                         description="Its failure does not fail the workflow: the steps after "
+                                     "it run, and read {{ steps.NAME.phase }}.")
+
+
 class When(ApiModel):
     """A condition of a step, in Tekton's shape: the step runs only if ``input`` (a template,
     rendered) is ``in`` (or ``notin``) ``values``. No expression language: nothing runs."""
@@ -453,6 +461,8 @@ class Step(ApiModel):
         ge=1,
         description="An agent running longer than this is killed; each attempt has its own.",
     )
+    continue_on: ContinueOn | None = Field(
+        default=None, description="Let the workflow go on when this step fails.")
     when: list[When] = Field(
         default_factory=list, max_length=20,
         description="Conditions that must all hold for the step to run; otherwise it is "
@@ -1031,7 +1041,7 @@ def _reference_problems(
             step.parallel is None or step.parallel.items is None):
         return [Problem(where, "{{ item }} is only set in a step with parallel.items or "
                                "parallel.itemsFrom")]
-    if ref.kind not in (kind.STEP_OUTPUT, kind.STEP_OUTPUTS):
+    if ref.kind not in (kind.STEP_OUTPUT, kind.STEP_OUTPUTS, kind.STEP_PHASE):
         return []
     template = f"{{{{ steps.{ref.step}.{ref.kind.value} }}}}"
     if ref.step not in steps_by_name:

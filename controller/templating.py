@@ -5,6 +5,7 @@ checked before a workflow starts and so that rendering can never run code:
 
 - ``{{ steps.NAME.output }}``: the output (trimmed stdout) of a single-agent step;
 - ``{{ steps.NAME.outputs }}``: a JSON list of the outputs of every agent of a step, in order;
+- ``{{ steps.NAME.phase }}``: how a step ended: Succeeded, Failed (``continueOn``) or Skipped;
 - ``{{ item }}``: the item of this agent in a fan-out over ``parallel.items``;
 - ``{{ workflow.name }}``, ``{{ workflow.uid }}``;
 - ``{{ params.NAME }}``: the value of the workflow's parameter NAME;
@@ -19,13 +20,15 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 TEMPLATE = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
-STEP_REFERENCE = re.compile(r"^steps\.([a-z0-9]([-a-z0-9]*[a-z0-9])?)\.(output|outputs)$")
+STEP_REFERENCE = re.compile(
+    r"^steps\.([a-z0-9]([-a-z0-9]*[a-z0-9])?)\.(output|outputs|phase)$")
 LITERAL = re.compile(r'^"([^"]*)"$')
 PARAM_NAME = r"[a-zA-Z_][a-zA-Z0-9_-]*"
 PARAM_REFERENCE = re.compile(rf"^params\.({PARAM_NAME})$")
 
 FORMS = (
-    "{{ steps.NAME.output }}, {{ steps.NAME.outputs }}, {{ item }}, {{ params.NAME }}, "
+    "{{ steps.NAME.output }}, {{ steps.NAME.outputs }}, {{ steps.NAME.phase }}, {{ item }}, "
+    "{{ params.NAME }}, "
     '{{ workflow.name }}, {{ workflow.uid }} or {{ "literal text" }}'
 )
 
@@ -37,6 +40,7 @@ class TemplateError(ValueError):
 class ReferenceKind(StrEnum):
     STEP_OUTPUT = "output"
     STEP_OUTPUTS = "outputs"
+    STEP_PHASE = "phase"
     ITEM = "item"
     WORKFLOW_NAME = "workflow.name"
     WORKFLOW_UID = "workflow.uid"
@@ -74,8 +78,8 @@ def parse_expression(expression: str) -> Reference:
                             "params.NAME with NAME one of spec.params")
     if text.startswith("steps."):
         raise TemplateError(
-            f"'{{{{ {text} }}}}' is not a step reference: write steps.NAME.output or "
-            "steps.NAME.outputs with NAME a step's name"
+            f"'{{{{ {text} }}}}' is not a step reference: write steps.NAME.output, "
+            "steps.NAME.outputs or steps.NAME.phase with NAME a step's name"
         )
     raise TemplateError(f"unknown template '{{{{ {text} }}}}'; the forms are {FORMS}")
 
@@ -100,6 +104,7 @@ class Context:
     item: str | None = None
     outputs: dict[str, list[str]] = field(default_factory=dict)
     params: dict[str, str] = field(default_factory=dict)
+    phases: dict[str, str] = field(default_factory=dict)
 
 
 def render(text: str, context: Context) -> str:
@@ -120,6 +125,10 @@ def render(text: str, context: Context) -> str:
                 return context.workflow_uid
             case ReferenceKind.LITERAL:
                 return reference.literal
+            case ReferenceKind.STEP_PHASE:
+                if reference.step not in context.phases:
+                    raise TemplateError(f"step '{reference.step}' has not ended yet")
+                return context.phases[reference.step]
             case ReferenceKind.PARAM:
                 if reference.param not in context.params:
                     raise TemplateError(f"parameter '{reference.param}' has no value")

@@ -106,10 +106,11 @@ class Attempts:
     status: WorkflowStatus
 
     async def run(self, step: Step, status: StepStatus, index: int, attempt: int,
-                  earlier: AgentStatus | None, outputs: dict[str, list[str]]) -> AttemptOutcome:
+                  earlier: AgentStatus | None, outputs: dict[str, list[str]],
+                  phases: dict[str, str] | None = None) -> AttemptOutcome:
         """One attempt. ``earlier``: the agent an earlier process recorded as started for it
         (adopted when its container runs on; a pooled task is run again: its lease went)."""
-        spec = build_agent_spec(self.workflow, self.uid, step, index, attempt, outputs)
+        spec = build_agent_spec(self.workflow, self.uid, step, index, attempt, outputs, phases)
         place: _Place = _Leased(self, step, spec) if step.pool else _Started(self, step, spec)
         handle = await place.adoptable(earlier)
         agent = earlier

@@ -225,7 +225,7 @@ class WorkflowRun:
                 step.phase = state.phase
                 if (state.message or "").startswith(SKIPPED_BY_CONDITION):
                     self.state.units_total -= self.steps[name].width
-                if state.phase is StepPhase.FAILED:
+                if state.phase is StepPhase.FAILED and fails_workflow(self.steps[name]):
                     self.failed_step = self.failed_step or name
         status.progress = self.state.progress
         if restored.workflow.phase.finished:
@@ -250,7 +250,9 @@ class WorkflowRun:
             deps = [self.status.step(d) for d in self.dependencies[step.name]]
             # A dependency skipped by its conditions lets the step run (unless the step reads
             # its output: then it is skipped too, saying why).
-            if all(d.phase in (StepPhase.SUCCEEDED, StepPhase.SKIPPED) for d in deps):
+            if all(d.phase in (StepPhase.SUCCEEDED, StepPhase.SKIPPED) or
+                   d.phase is StepPhase.FAILED and not fails_workflow(self.steps[d.name])
+                   for d in deps):
                 ready.append(step.name)
         return ready
 
@@ -400,7 +402,7 @@ class WorkflowRun:
             status.phase = StepPhase.FAILED
             if not failures:
                 status.message = "stopped: another step failed"
-            if self.failed_step is None:
+            if self.failed_step is None and fails_workflow(step):
                 self.failed_step = step.name
         else:
             self._step_succeeded(step, status, [r or "" for r in results])
@@ -413,15 +415,22 @@ class WorkflowRun:
         """What a step's templates see, but an agent's own item."""
         return templating.Context(
             self.workflow.metadata.name, self.uid, outputs=self.outputs,
-            params={p.name: p.value for p in self.workflow.spec.params if p.value is not None})
+            params={p.name: p.value for p in self.workflow.spec.params if p.value is not None},
+            phases=self._phases())
+
+    def _phases(self) -> dict[str, str]:
+        """How the steps that ended ended: ``{{ steps.NAME.phase }}``."""
+        return {step.name: step.phase.value for step in self.status.steps
+                if step.phase in (StepPhase.SUCCEEDED, StepPhase.FAILED, StepPhase.SKIPPED)}
 
     def _skip_reason(self, step: Step) -> str | None:
         """Why a step whose dependencies are done does not run: it reads the output of a step
         that was skipped, or one of its conditions does not hold. None: it runs."""
-        skipped = sorted(name for name in step.inputs()
-                         if self.status.step(name).phase is StepPhase.SKIPPED)
-        if skipped:
-            return f"it reads the output of step {skipped[0]}, which was skipped"
+        for name in sorted(step.inputs()):
+            phase = self.status.step(name).phase
+            if phase in (StepPhase.SKIPPED, StepPhase.FAILED):
+                ended = "was skipped" if phase is StepPhase.SKIPPED else "failed"
+                return f"it reads the output of step {name}, which {ended}"
         context = self._context()
         for number, when in enumerate(step.when):
             rendered = templating.render(when.input, context)
@@ -471,7 +480,8 @@ class WorkflowRun:
         status.phase = StepPhase.FAILED
         status.message = message
         status.finished_at = now()
-        self.failed_step = self.failed_step or step.name
+        if fails_workflow(step):
+            self.failed_step = self.failed_step or step.name
         await self.journal.step(status)
         self.emit(EventKind.STEP_FINISHED, f"step {step.name} failed: {message}", status)
         return False
@@ -502,7 +512,7 @@ class WorkflowRun:
                 attempt = last.attempt + 1
         while True:
             outcome = await self.attempts.run(step, status, index, attempt, earlier,
-                                              self.outputs)
+                                              self.outputs, self._phases())
             earlier = None
             if outcome.succeeded or self.stop_reason is not None:
                 return outcome
@@ -545,6 +555,11 @@ class Engine:
 
     async def run(self, workflow: Workflow, observer: Observer | None = None) -> WorkflowStatus:
         return await self.prepare(workflow, observer).execute()
+
+
+def fails_workflow(step: Step) -> bool:
+    """Whether the step failing fails the workflow (not with ``continueOn.failed``)."""
+    return not (step.continue_on and step.continue_on.failed)
 
 
 SKIPPED_BY_CONDITION = "skipped: "

@@ -73,3 +73,30 @@ def test_conditions_are_checked_before_anything_runs(when: dict[str, Any], path:
         parse_workflow(document)
     found = [(p.path, p.message) for p in raised.value.problems]
     assert any(where == path and words in message for where, message in found), found
+
+
+def test_a_step_that_may_fail_lets_the_others_run_and_read_how_it_ended() -> None:
+    document = with_uid(workflow_doc(
+        {"name": "lint", "continueOn": {"failed": True}},
+        {"name": "report", "dependsOn": ["lint"],
+         "env": [{"name": "LINT", "value": "{{ steps.lint.phase }}"}]},
+        {"name": "fix", "dependsOn": ["lint"],
+         "when": [{"input": "{{ steps.lint.phase }}", "operator": "in", "values": ["Failed"]}]},
+        {"name": "quote", "dependsOn": ["lint"],
+         "env": [{"name": "OUT", "value": "{{ steps.lint.output }}"}]}))
+    status, fake = run(document, by_step({"lint": Behaviour(exit_code=1, stdout="3 errors")}))
+
+    assert status.phase is WorkflowPhase.SUCCEEDED, status.message
+    assert status.step("lint").phase is StepPhase.FAILED
+    (report,) = [a for a in fake.started if a.step == "report"]  # type: ignore[attr-defined]
+    assert report.spec.env["LINT"] == "Failed"
+    assert status.step("fix").phase is StepPhase.SUCCEEDED
+    assert status.step("quote").message == \
+        "skipped: it reads the output of step lint, which failed"
+
+
+def test_without_continue_on_a_failure_still_fails_the_workflow() -> None:
+    document = with_uid(workflow_doc({"name": "lint"}, {"name": "report"}))
+    status, _ = run(document, by_step({"lint": Behaviour(exit_code=1)}))
+    assert status.phase is WorkflowPhase.FAILED
+    assert status.step("report").phase is StepPhase.SKIPPED
