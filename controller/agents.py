@@ -10,6 +10,7 @@ import hashlib
 import re
 import secrets
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from controller import templating
@@ -99,16 +100,16 @@ def build_agent_spec(
     index: int,
     attempt: int,
     outputs: dict[str, list[str]],
-    phases: dict[str, str] | None = None,
+    shared: templating.Context | None = None,
 ) -> AgentSpec:
     """The agent to start for one attempt of one unit of a step, templates rendered."""
     item: str | None = None
     if step.parallel is not None and step.parallel.items is not None:
         item = templating.item_text(step.parallel.items[index])
-    context = templating.Context(
+    # ``shared``: what the run knows (phases, the outcome for finally steps); else the spec's.
+    context = replace(shared, item=item) if shared is not None else templating.Context(
         workflow_name=workflow.metadata.name, workflow_uid=uid, item=item, outputs=outputs,
         params={p.name: p.value for p in workflow.spec.params if p.value is not None},
-        phases=phases or {},
     )
     env, env_refs = split_env([*workflow.spec.env, *step.env],
                               lambda value: templating.render(value, context))

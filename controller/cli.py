@@ -117,7 +117,7 @@ async def _run(workflow: Workflow, agent_pools: list[AgentPool], settings: Setti
             await pools.reconcile(state)
         run = Engine(backend, store, settings, pools).prepare(workflow, Progress(progress_out))
         title = workflow.spec.description or workflow.metadata.name
-        steps = workflow.spec.steps
+        steps = workflow.spec.all_steps
         print(f"{title}: {len(steps)} steps, {run.units_total} agents, uid {run.uid}, "
               f"state in {settings.store}", file=progress_out, flush=True)
         _cancel_on_signals(run, progress_out)

@@ -108,6 +108,10 @@ class Settings:
     """Processes a Docker agent may have at once (its pids limit), so that a fork bomb stays
     inside its agent; 0 sets none. On Kubernetes the kubelet's ``podPidsLimit`` does this."""
 
+    finally_grace_seconds: int = 300
+    """How long a workflow's finally steps may run once the other steps have ended, in
+    seconds (after a cancellation or the workflow's timeout too); then they are stopped."""
+
     max_items_from: int = 10000
     """How many items a step's ``parallel.itemsFrom`` may give it (the elements of the JSON
     array an upstream step printed); more fail the step, as ``replicas`` stops at 10,000."""
@@ -159,6 +163,7 @@ class Settings:
                     "status_interval_seconds": 0, "lease_ttl_seconds": 1, "pool_wait_seconds": 0,
                     "output_limit_bytes": 1, "agent_pids_limit": 0, "backend_retry_seconds": 0,
                     "agent_log_bytes": 1024 * 1024, "max_items_from": 1,
+                    "finally_grace_seconds": 1,
                     "max_agents_per_workflow": 1}
         for name, minimum in minimums.items():
             if getattr(self, name) < minimum:

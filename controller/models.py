@@ -560,6 +560,13 @@ class WorkflowSpec(ApiModel):
     capabilities: Capabilities | None = Field(
         default=None, description="Linux capabilities every agent gets beyond the defaults.")
     steps: list[Step] = Field(min_length=1, max_length=200, description="The steps to run.")
+    finally_steps: list[Step] = Field(
+        default_factory=list, alias="finally", max_length=50,
+        description="Steps run once every other step has ended, whatever the outcome (after "
+                    "a cancellation or the timeout too, within AGENTAINER_FINALLY_GRACE_SECONDS"
+                    "); they read {{ workflow.status }} and {{ workflow.failures }}, and may "
+                    "depend only on each other (default: on none). They change the workflow's "
+                    "phase only if they fail.")
 
     def dependencies(self, index: int) -> list[str]:
         """The steps that step ``index`` waits for, the default applied."""
@@ -569,7 +576,20 @@ class WorkflowSpec(ApiModel):
         return [self.steps[index - 1].name] if index > 0 else []
 
     def dependency_map(self) -> dict[str, list[str]]:
-        return {step.name: self.dependencies(i) for i, step in enumerate(self.steps)}
+        dependencies = {step.name: self.dependencies(i) for i, step in enumerate(self.steps)}
+        dependencies.update({step.name: list(step.depends_on or [])
+                             for step in self.finally_steps})
+        return dependencies
+
+    @property
+    def all_steps(self) -> list[Step]:
+        """The steps, then the finally steps."""
+        return [*self.steps, *self.finally_steps]
+
+    def placed(self) -> list[tuple[str, Step]]:
+        """Every step with its field path: ``spec.steps[i]`` or ``spec.finally[i]``."""
+        return [(f"spec.steps[{i}]", step) for i, step in enumerate(self.steps)] + [
+            (f"spec.finally[{i}]", step) for i, step in enumerate(self.finally_steps)]
 
 
 class ObjectMeta(BaseModel):
@@ -887,8 +907,8 @@ def semantic_problems(spec: WorkflowSpec) -> list[Problem]:
                                     f"duplicate parameter name '{param.name}'"))
         params.add(param.name)
     steps_by_name: dict[str, Step] = {}
-    for i, step in enumerate(spec.steps):
-        path = f"spec.steps[{i}]"
+    regular = {step.name for step in spec.steps}
+    for path, step in spec.placed():
         if step.name in steps_by_name:
             problems.append(Problem(f"{path}.name", f"duplicate step name '{step.name}'"))
         steps_by_name.setdefault(step.name, step)
@@ -924,6 +944,14 @@ def semantic_problems(spec: WorkflowSpec) -> list[Problem]:
         for j, dep in enumerate(step.depends_on or []):
             if dep == step.name:
                 problems.append(Problem(f"{path}.dependsOn[{j}]", "a step cannot depend on itself"))
+            elif path.startswith("spec.finally") and dep in regular:
+                problems.append(Problem(
+                    f"{path}.dependsOn[{j}]", f"a finally step runs after every step: it may "
+                    f"depend only on other finally steps, not on '{dep}'"))
+            elif path.startswith("spec.steps") and dep not in regular and dep in {
+                    s.name for s in spec.finally_steps}:
+                problems.append(Problem(f"{path}.dependsOn[{j}]",
+                                        f"'{dep}' is a finally step: it runs after this one"))
 
     for j, env in enumerate(spec.env):
         if env.name.startswith(RESERVED_ENV_PREFIX):
@@ -947,23 +975,24 @@ def semantic_problems(spec: WorkflowSpec) -> list[Problem]:
             problems.append(Problem(f"spec.env[{j}].value", str(error)))
 
     dependencies = spec.dependency_map()
-    for i, step in enumerate(spec.steps):
+    for path, step in spec.placed():
         for j, dep in enumerate(dependencies[step.name]):
             if dep not in steps_by_name:
-                where = f"spec.steps[{i}].dependsOn[{j}]"
-                problems.append(Problem(where, f"unknown step '{dep}'"))
-    duplicates = len(steps_by_name) < len(spec.steps)
+                problems.append(Problem(f"{path}.dependsOn[{j}]", f"unknown step '{dep}'"))
+    duplicates = len(steps_by_name) < len(spec.all_steps)
     cycle = None if duplicates else _find_cycle(dependencies)  # names must be unique first
     if cycle:
-        index = next(i for i, s in enumerate(spec.steps) if s.name == cycle[0])
+        where = next(path for path, s in spec.placed() if s.name == cycle[0])
         problems.append(
-            Problem(f"spec.steps[{index}].dependsOn", "dependency cycle: " + " -> ".join(cycle))
+            Problem(f"{where}.dependsOn", "dependency cycle: " + " -> ".join(cycle))
         )
 
     problems.extend(_agent_name_clashes(spec))
-    for i, step in enumerate(spec.steps):
-        upstream = ancestors(dependencies, step.name)
-        for where, text in _template_fields(step, f"spec.steps[{i}]"):
+    for path, step in spec.placed():
+        in_finally = path.startswith("spec.finally")
+        # A finally step runs after every step: it may read any of them.
+        upstream = ancestors(dependencies, step.name) | (regular if in_finally else set())
+        for where, text in _template_fields(step, path):
             try:
                 refs = templating.references(text)
             except templating.TemplateError as error:
@@ -972,15 +1001,22 @@ def semantic_problems(spec: WorkflowSpec) -> list[Problem]:
             for ref in refs:
                 problems.extend(_reference_problems(ref, step, steps_by_name, upstream, where))
                 problems.extend(_param_problems(ref, params, where))
+                if ref.kind in OUTCOME_REFERENCES and not in_finally:
+                    problems.append(Problem(where, f"{{{{ {ref.kind.value} }}}} is only set in "
+                                                   "a finally step"))
     return problems
+
+
+OUTCOME_REFERENCES = (templating.ReferenceKind.WORKFLOW_STATUS,
+                      templating.ReferenceKind.WORKFLOW_FAILURES)
 
 
 def _agent_name_clashes(spec: WorkflowSpec) -> list[Problem]:
     """Agents are named ``<workflow>-<step>[-<index>][-r<retry>]``, so a step called ``map-1``
     would share agent names with agent 1 of a fan-out step ``map``; refuse such pairs."""
     problems = []
-    for i, step in enumerate(spec.steps):
-        for other in spec.steps:
+    for path, step in spec.placed():
+        for other in spec.all_steps:
             match = re.fullmatch(re.escape(other.name) + r"(?:-([0-9]+))?(?:-r([0-9]+))?",
                                  step.name)
             if other is step or match is None or match.group(0) == other.name:
@@ -992,7 +1028,7 @@ def _agent_name_clashes(spec: WorkflowSpec) -> list[Problem]:
                                             and 1 <= int(retry) <= other.retries.limit)
             if index_clash and retry_clash:
                 problems.append(Problem(
-                    f"spec.steps[{i}].name",
+                    f"{path}.name",
                     f"'{step.name}' is also the name of an agent of step '{other.name}' "
                     f"(agents are named <workflow>-<step>[-<index>][-r<retry>]); rename it",
                 ))

@@ -8,6 +8,8 @@ checked before a workflow starts and so that rendering can never run code:
 - ``{{ steps.NAME.phase }}``: how a step ended: Succeeded, Failed (``continueOn``) or Skipped;
 - ``{{ item }}``: the item of this agent in a fan-out over ``parallel.items``;
 - ``{{ workflow.name }}``, ``{{ workflow.uid }}``;
+- in a finally step, ``{{ workflow.status }}`` (Succeeded or Failed) and
+  ``{{ workflow.failures }}`` (a JSON list of the steps that failed);
 - ``{{ params.NAME }}``: the value of the workflow's parameter NAME;
 - ``{{ "text" }}``: the text itself, to write a literal ``{{``.
 """
@@ -29,7 +31,8 @@ PARAM_REFERENCE = re.compile(rf"^params\.({PARAM_NAME})$")
 FORMS = (
     "{{ steps.NAME.output }}, {{ steps.NAME.outputs }}, {{ steps.NAME.phase }}, {{ item }}, "
     "{{ params.NAME }}, "
-    '{{ workflow.name }}, {{ workflow.uid }} or {{ "literal text" }}'
+    "{{ workflow.name }}, {{ workflow.uid }}, {{ workflow.status }}, {{ workflow.failures }} "
+    'or {{ "literal text" }}'
 )
 
 
@@ -44,6 +47,8 @@ class ReferenceKind(StrEnum):
     ITEM = "item"
     WORKFLOW_NAME = "workflow.name"
     WORKFLOW_UID = "workflow.uid"
+    WORKFLOW_STATUS = "workflow.status"
+    WORKFLOW_FAILURES = "workflow.failures"
     PARAM = "param"
     LITERAL = "literal"
 
@@ -67,6 +72,8 @@ def parse_expression(expression: str) -> Reference:
         return Reference(ReferenceKind.WORKFLOW_NAME)
     if text == "workflow.uid":
         return Reference(ReferenceKind.WORKFLOW_UID)
+    if text in ("workflow.status", "workflow.failures"):
+        return Reference(ReferenceKind(text))
     if literal := LITERAL.match(text):
         return Reference(ReferenceKind.LITERAL, literal=literal.group(1))
     if step := STEP_REFERENCE.match(text):
@@ -105,6 +112,9 @@ class Context:
     outputs: dict[str, list[str]] = field(default_factory=dict)
     params: dict[str, str] = field(default_factory=dict)
     phases: dict[str, str] = field(default_factory=dict)
+    outcome: str | None = None
+    """``{{ workflow.status }}``: set for finally steps."""
+    failures: list[str] = field(default_factory=list)
 
 
 def render(text: str, context: Context) -> str:
@@ -123,6 +133,12 @@ def render(text: str, context: Context) -> str:
                 return context.workflow_name
             case ReferenceKind.WORKFLOW_UID:
                 return context.workflow_uid
+            case ReferenceKind.WORKFLOW_STATUS:
+                if context.outcome is None:
+                    raise TemplateError("{{ workflow.status }} is only set in a finally step")
+                return context.outcome
+            case ReferenceKind.WORKFLOW_FAILURES:
+                return json.dumps(context.failures)
             case ReferenceKind.LITERAL:
                 return reference.literal
             case ReferenceKind.STEP_PHASE:

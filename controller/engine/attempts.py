@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TypeVar
 
+from controller import templating
 from controller.agents import agent_id, build_agent_spec, should_remove
 from controller.backends.base import (
     LABEL_AGENT_ID,
@@ -107,10 +108,10 @@ class Attempts:
 
     async def run(self, step: Step, status: StepStatus, index: int, attempt: int,
                   earlier: AgentStatus | None, outputs: dict[str, list[str]],
-                  phases: dict[str, str] | None = None) -> AttemptOutcome:
+                  shared: templating.Context | None = None) -> AttemptOutcome:
         """One attempt. ``earlier``: the agent an earlier process recorded as started for it
         (adopted when its container runs on; a pooled task is run again: its lease went)."""
-        spec = build_agent_spec(self.workflow, self.uid, step, index, attempt, outputs, phases)
+        spec = build_agent_spec(self.workflow, self.uid, step, index, attempt, outputs, shared)
         place: _Place = _Leased(self, step, spec) if step.pool else _Started(self, step, spec)
         handle = await place.adoptable(earlier)
         agent = earlier

@@ -92,7 +92,7 @@ class Journal:
                 phase=WorkflowPhase.RUNNING, progress=last_known.progress,
                 started_at=last_known.started_at)
         spec = workflow.spec or self.workflow.spec
-        agents: dict[str, list[AgentStatus]] = {step.name: [] for step in spec.steps}
+        agents: dict[str, list[AgentStatus]] = {step.name: [] for step in spec.all_steps}
         records = await self.store.agents(self.uid)
         for record in sorted(records.values(),
                              key=lambda r: (r.status.index, r.status.attempt)):
@@ -102,7 +102,8 @@ class Journal:
                     if name in agents}
         outputs = {name: await self.store.outputs(self.uid, name) for name in recorded}
         # An itemsFrom step's width is its output's: any list it shows whole.
-        widths = {step.name: None if step.items_from else step.width for step in spec.steps}
+        widths = {step.name: None if step.items_from else step.width
+                  for step in spec.all_steps}
         for shown in last_known.steps if last_known is not None else []:
             state = recorded.get(shown.name)
             if shown.name not in widths or shown.phase not in FINISHED_STEPS or \

@@ -93,12 +93,16 @@ class WorkflowRun:
         """Take ``workflow``'s spec as the one to run."""
         self.workflow = self.journal.workflow = self.attempts.workflow = workflow
         self.dependencies = workflow.spec.dependency_map()
-        self.steps = {step.name: step for step in workflow.spec.steps}
+        self.steps = {step.name: step for step in workflow.spec.all_steps}
+        self._finally = {step.name for step in workflow.spec.finally_steps}
+        self._now_running = set(self.steps) - self._finally  # finally steps come after
         self._order = {name: number for number, name in enumerate(
             topological(self.dependencies))}
         self.status.observed_generation = workflow.metadata.generation
-        self.status.steps = [StepStatus(name=step.name) for step in workflow.spec.steps]
-        self.state.units_total = sum(step.width for step in workflow.spec.steps)
+        self.status.steps = [StepStatus(name=step.name) for step in workflow.spec.all_steps]
+        self.state.units_total = sum(step.width for step in workflow.spec.all_steps)
+        self._outcome: tuple[str, list[str]] | None = None
+        self._finally_wanted = True
 
     @property
     def units_total(self) -> int:
@@ -108,8 +112,11 @@ class WorkflowRun:
     def stop_reason(self) -> StopReason | None:
         return self.state.stop_reason
 
-    def cancel(self) -> None:
-        """Stop the run: running agents are stopped and cleaned up, the phase is Cancelled."""
+    def cancel(self, finally_steps: bool = True) -> None:
+        """Stop the run: running agents are stopped and cleaned up, the phase is Cancelled.
+        Its finally steps run then, unless ``finally_steps`` is False (the workflow is being
+        deleted: nothing may start for it any more)."""
+        self._finally_wanted = self._finally_wanted and finally_steps
         self._stop_for(StopReason.CANCELLED)
 
     def detach(self) -> None:
@@ -158,14 +165,50 @@ class WorkflowRun:
         if self.detached:
             return status
         await self._skip_unstarted()
+        if self._finally and self._finally_wanted:
+            main_stop, main_failed = self.stop_reason, self.failed_step
+            await self._run_finally()
+            if self.interrupted_by is not None:
+                raise self.interrupted_by
+            if self.detached:
+                return status
+            self.state.stop_reason, self.failed_step = main_stop, main_failed
+        elif self._finally:  # being deleted: they are not started
+            self._now_running = set(self._finally)
+            await self._skip_unstarted()
         self._conclude(timeout)
         await self.journal.ended(status, self.settings.state_ttl_seconds)
         self.emit(EventKind.WORKFLOW_FINISHED,
                   f"workflow {self.workflow.metadata.name} {status.phase.value.lower()}")
         return status
 
+    async def _run_finally(self) -> None:
+        """The finally steps, once every other step has ended, whatever the outcome: a run
+        cancelled or past its timeout gets them too, within the grace period."""
+        failed = [step.name for step in self.status.steps if step.name not in self._finally
+                  and step.phase in (StepPhase.FAILED, StepPhase.CANCELLED)]
+        succeeded = self.stop_reason is None and self.failed_step is None and not failed
+        self._outcome = ("Succeeded" if succeeded else "Failed", failed)
+        self.state.stop_reason, self.failed_step = None, None
+        self._stop.clear()
+        self._now_running = set(self._finally)
+        grace = time.monotonic() + self.settings.finally_grace_seconds
+        try:
+            await self._schedule(grace)
+        finally:
+            await self._stop_steps()
+        if not self.detached and self.interrupted_by is None:
+            await self._skip_unstarted()
+
+    def _fails(self, step: Step) -> bool:
+        """Whether the step failing fails the workflow at once (finally steps fail it only in
+        the end, and do not stop each other)."""
+        return fails_workflow(step) and step.name not in self._finally
+
     def _conclude(self, timeout: int | None) -> None:
         status = self.status
+        finally_failed = next((step for step in status.steps if step.name in self._finally
+                               and step.phase is StepPhase.FAILED), None)
         if self.stop_reason is StopReason.CANCELLED:
             status.phase = WorkflowPhase.CANCELLED
             status.message = "cancelled"
@@ -176,6 +219,9 @@ class WorkflowRun:
             status.phase = WorkflowPhase.FAILED
             failed = status.step(self.failed_step)
             status.message = f"step {failed.name} failed: {failed.message}"
+        elif finally_failed is not None:
+            status.phase = WorkflowPhase.FAILED
+            status.message = f"finally step {finally_failed.name} failed: {finally_failed.message}"
         else:
             status.phase = WorkflowPhase.SUCCEEDED
             status.message = None
@@ -225,7 +271,7 @@ class WorkflowRun:
                 step.phase = state.phase
                 if (state.message or "").startswith(SKIPPED_BY_CONDITION):
                     self.state.units_total -= self.steps[name].width
-                if state.phase is StepPhase.FAILED and fails_workflow(self.steps[name]):
+                if state.phase is StepPhase.FAILED and self._fails(self.steps[name]):
                     self.failed_step = self.failed_step or name
         status.progress = self.state.progress
         if restored.workflow.phase.finished:
@@ -245,13 +291,14 @@ class WorkflowRun:
     def _ready_steps(self) -> list[str]:
         ready = []
         for step in self.status.steps:
-            if step.phase is not StepPhase.PENDING or step.name in self._step_tasks:
+            if step.phase is not StepPhase.PENDING or step.name in self._step_tasks or \
+                    step.name not in self._now_running:
                 continue
             deps = [self.status.step(d) for d in self.dependencies[step.name]]
             # A dependency skipped by its conditions lets the step run (unless the step reads
             # its output: then it is skipped too, saying why).
             if all(d.phase in (StepPhase.SUCCEEDED, StepPhase.SKIPPED) or
-                   d.phase is StepPhase.FAILED and not fails_workflow(self.steps[d.name])
+                   d.phase is StepPhase.FAILED and not self._fails(self.steps[d.name])
                    for d in deps):
                 ready.append(step.name)
         return ready
@@ -321,7 +368,7 @@ class WorkflowRun:
         if self.detached:
             return
         for step in self.status.steps:
-            if step.phase is not StepPhase.PENDING:
+            if step.phase is not StepPhase.PENDING or step.name not in self._now_running:
                 continue
             failed_deps = [d for d in self.dependencies[step.name]
                            if self.status.step(d).phase not in (StepPhase.SUCCEEDED,
@@ -402,7 +449,7 @@ class WorkflowRun:
             status.phase = StepPhase.FAILED
             if not failures:
                 status.message = "stopped: another step failed"
-            if self.failed_step is None and fails_workflow(step):
+            if self.failed_step is None and self._fails(step):
                 self.failed_step = step.name
         else:
             self._step_succeeded(step, status, [r or "" for r in results])
@@ -416,7 +463,9 @@ class WorkflowRun:
         return templating.Context(
             self.workflow.metadata.name, self.uid, outputs=self.outputs,
             params={p.name: p.value for p in self.workflow.spec.params if p.value is not None},
-            phases=self._phases())
+            phases=self._phases(),
+            outcome=self._outcome[0] if self._outcome else None,
+            failures=self._outcome[1] if self._outcome else [])
 
     def _phases(self) -> dict[str, str]:
         """How the steps that ended ended: ``{{ steps.NAME.phase }}``."""
@@ -480,7 +529,7 @@ class WorkflowRun:
         status.phase = StepPhase.FAILED
         status.message = message
         status.finished_at = now()
-        if fails_workflow(step):
+        if self._fails(step):
             self.failed_step = self.failed_step or step.name
         await self.journal.step(status)
         self.emit(EventKind.STEP_FINISHED, f"step {step.name} failed: {message}", status)
@@ -512,7 +561,7 @@ class WorkflowRun:
                 attempt = last.attempt + 1
         while True:
             outcome = await self.attempts.run(step, status, index, attempt, earlier,
-                                              self.outputs, self._phases())
+                                              self.outputs, self._context())
             earlier = None
             if outcome.succeeded or self.stop_reason is not None:
                 return outcome

@@ -97,7 +97,7 @@ async def run_workflow(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonSto
             reason = stopped.reason or kopf.DaemonStoppingReason(0)
             if reason & kopf.DaemonStoppingReason.RESOURCE_DELETED:
                 logger.info("workflow deleted: stopping its agents")
-                run.cancel()
+                run.cancel(finally_steps=False)
             else:
                 logger.info("controller stopping: leaving the agents to be adopted on restart")
                 run.detach()

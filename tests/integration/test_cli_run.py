@@ -272,3 +272,17 @@ def test_run_takes_params_and_refuses_unknown_ones_before_anything_runs(
     assert "-p nmae: the workflow has no parameter 'nmae' (spec.params: name, times)" in \
         unknown.stderr
     assert "start" not in unknown.stdout
+
+
+def test_the_planner_workers_reviewer_example_plans_works_reviews_and_reports(
+        redis_env: dict[str, str]) -> None:
+    result = agentainer("run", "examples/planner-workers-reviewer.yaml", "-p", "job=a, b",
+                        "--output", "json", env=redis_env)
+
+    assert result.returncode == 0, result.stderr
+    steps = {step["name"]: step for step in json.loads(result.stdout)["steps"]}
+    assert json.loads(steps["plan"]["output"]) == ["a", "b"]
+    assert steps["work"]["outputs"] == ["done: a", "done: b"]
+    assert steps["fix"]["phase"] == "Skipped"
+    assert steps["publish"]["output"] == "published 2 parts"
+    assert steps["report"]["output"] == "workflow Succeeded; failed steps: []"

@@ -17,7 +17,7 @@ from controller.backends.docker import DockerBackend
 from controller.engine import Engine, WorkflowRun
 from controller.models import AgentReason, StepPhase, WorkflowPhase
 from controller.store import Keys, RedisStore
-from tests.conftest import ROOT, sh, workflow_doc
+from tests.conftest import IMAGE, ROOT, sh, workflow_doc
 from tests.integration.conftest import Runner
 
 pytestmark = pytest.mark.integration
@@ -533,3 +533,18 @@ def test_a_reviewers_verdict_decides_which_step_runs(runner: Runner) -> None:
     assert status.step("publish").message == "skipped: when[0]: 'retry' is in ['retry']"
     started = {c.labels["agentainer.dev/step"] for c in runner.containers(run.uid)}
     assert started == {"review", "fix", "notify"}  # no container for the skipped step
+
+
+def test_finally_steps_report_a_failed_run(runner: Runner) -> None:
+    document = workflow_doc({"name": "build", "command": sh("exit 3")},
+                            {"name": "test", "command": sh("echo never")}, cleanup="Always")
+    document["spec"]["finally"] = [{
+        "name": "report", "image": IMAGE, "command": sh('echo "$STATUS: $FAILED"'),
+        "env": [{"name": "STATUS", "value": "{{ workflow.status }}"},
+                {"name": "FAILED", "value": "{{ workflow.failures }}"}]}]
+    status, _ = runner.run(document)
+
+    assert status.phase is WorkflowPhase.FAILED
+    assert status.message and status.message.startswith("step build failed")
+    assert status.step("test").phase.value == "Skipped"
+    assert status.step("report").output == 'Failed: ["build"]'
