@@ -1,0 +1,82 @@
+"""The workflow language through the operator, on pods and on Docker: parameters, a fan-out
+over what a planner printed, conditions, finally steps; what the API server's schema can
+check it refuses, and `kubectl explain` documents the new fields."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+from tests.e2e.conftest import Controller, Kubectl
+from tests.e2e.test_operator import finished
+
+pytestmark = pytest.mark.e2e
+
+
+def example(backend: str, name: str) -> dict[str, Any]:
+    document: dict[str, Any] = yaml.safe_load(
+        (ROOT / "examples" / "planner-workers-reviewer.yaml").read_text())
+    document["metadata"]["name"] = name
+    document["spec"]["backend"] = backend
+    document["spec"]["params"][0]["value"] = "x, y, z, w"
+    return document
+
+
+@pytest.mark.parametrize("backend", ["kubernetes", "docker"])
+def test_planner_workers_reviewer_runs_through_the_operator(
+        kubectl: Kubectl, controller: Controller, backend: str) -> None:
+    name = f"pwr-{backend[:4]}-{uuid.uuid4().hex[:4]}"
+    kubectl("apply", "-f", "-", input=yaml.safe_dump(example(backend, name)))
+    status = kubectl.wait_for("workflow", name, finished, timeout=240)["status"]
+
+    assert status["phase"] == "Succeeded", status
+    steps = {step["name"]: step for step in status["steps"]}
+    assert json.loads(steps["plan"]["output"]) == ["x", "y", "z", "w"]
+    assert json.loads(steps["work"]["output"]) == ["done: x", "done: y", "done: z", "done: w"]
+    assert steps["fix"]["phase"] == "Skipped"
+    assert "when[0]" in steps["fix"]["message"]
+    assert steps["publish"]["output"] == "published 4 parts"
+    assert steps["report"]["output"] == "workflow Succeeded; failed steps: []"
+    assert status["progress"] == "8/8"
+    kubectl("delete", "workflow", name, "--wait=true", "--timeout=60s")
+
+
+def test_a_workflow_missing_a_required_param_is_invalid(kubectl: Kubectl,
+                                                        controller: Controller) -> None:
+    document = example("docker", f"noparam-{uuid.uuid4().hex[:4]}")
+    document["spec"]["params"] = [{"name": "job", "description": "no default"}]
+    kubectl("apply", "-f", "-", input=yaml.safe_dump(document))
+    status = kubectl.wait_for("workflow", document["metadata"]["name"], finished)["status"]
+
+    assert status["phase"] == "Failed"
+    (condition,) = status["conditions"]
+    assert condition["type"] == "Invalid"
+    assert "spec.params[0].value: parameter 'job' is required" in condition["message"]
+
+
+@pytest.mark.parametrize(("step", "named"), [
+    ({"parallel": {"replicas": 2, "itemsFrom": "{{ steps.a.output }}"}}, "parallel"),
+    ({"when": [{"input": "x", "operator": "equals", "values": ["x"]}]}, "operator"),
+    ({"when": [{"input": "x", "operator": "in", "values": []}]}, "values"),
+], ids=["items-from-and-replicas", "operator", "no-values"])
+def test_the_api_server_refuses_what_the_schema_can_tell(kubectl: Kubectl, step: dict[str, Any],
+                                                          named: str) -> None:
+    document = {"apiVersion": "agentainer.dev/v1alpha1", "kind": "Workflow",
+                "metadata": {"name": f"bad-{uuid.uuid4().hex[:6]}"},
+                "spec": {"steps": [{"name": "a", "image": "agentainer/busybox:latest"},
+                                   {"name": "b", "image": "agentainer/busybox:latest", **step}]}}
+    result = kubectl("apply", "-f", "-", input=yaml.safe_dump(document), check=False)
+    assert result.returncode != 0 and named in result.stderr, result.stderr
+
+
+def test_kubectl_explain_documents_the_new_fields(kubectl: Kubectl) -> None:
+    for field, words in [("workflow.spec.finally", "whatever the outcome"),
+                         ("workflow.spec.params", "Inputs of the workflow"),
+                         ("workflow.spec.steps.when", "Conditions"),
+                         ("workflow.spec.steps.parallel.itemsFrom", "JSON array")]:
+        assert words in kubectl("explain", field).stdout, field
