@@ -26,6 +26,7 @@ from controller.backends.base import (
     LABEL_WORKFLOW_UID,
     MANAGED_BY,
     AgentSpec,
+    WorkspaceSpec,
 )
 from controller.models import (
     AgentPool,
@@ -138,9 +139,23 @@ def build_agent_spec(
         owner=owner_reference(workflow, workflow.metadata.uid),
         timeout_seconds=step.timeout_seconds,
         pod=step.pod,
+        workspace=workspace_spec(workflow, uid).name if workflow.spec.workspace else None,
         capabilities=tuple(workflow.spec.capabilities.add) if workflow.spec.capabilities else (),
         env_refs=env_refs,
     )
+
+
+def workspace_spec(workflow: Workflow, uid: str) -> WorkspaceSpec:
+    """The workflow's shared workspace: its claim, or one named after it and owned by it."""
+    workspace = workflow.spec.workspace
+    assert workspace is not None
+    name = workspace.claim_name or f"{dns_safe(workflow.metadata.name, 40)}-workspace-{uid[:8]}"
+    return WorkspaceSpec(
+        name=name, namespace=workflow.metadata.namespace, size=workspace.size,
+        labels={LABEL_WORKFLOW_UID: uid, LABEL_MANAGED_BY: MANAGED_BY},
+        owner=owner_reference(workflow, workflow.metadata.uid),
+        storage_class=workspace.storage_class_name, access_mode=workspace.access_mode,
+        existing=workspace.claim_name is not None)
 
 
 def split_env(variables: list[EnvVar], render: Callable[[str], str] = str

@@ -12,6 +12,7 @@ import uuid
 from typing import TextIO
 
 from controller import __version__
+from controller.agents import workspace_spec
 from controller.backends.base import LABEL_WORKFLOW_UID
 from controller.config import Settings
 from controller.clock import seconds_between
@@ -129,6 +130,8 @@ async def _run(workflow: Workflow, agent_pools: list[AgentPool], settings: Setti
                                                    {LABEL_WORKFLOW_UID: run.uid}):
                 await backend.stop(agent, settings.stop_grace_seconds)
                 await backend.remove(agent)
+            if workflow.spec.workspace is not None:
+                await backend.remove_workspace(workspace_spec(workflow, run.uid))
             raise
     finally:
         for state in list(pools.pools.values()):

@@ -510,6 +510,35 @@ class Step(ApiModel):
         return self.width
 
 
+WORKSPACE_PATH = "/workspace"
+"""Where every agent of a workflow with a workspace finds it."""
+
+
+class Workspace(ApiModel):
+    """A directory every agent of the workflow shares, at /workspace."""
+
+    size: str = Field(default="1Gi", json_schema_extra={"pattern": QUANTITY},
+                      description="Its size, a Kubernetes quantity: the claim's request on "
+                                  "Kubernetes (Docker's local volumes are not limited).")
+    claim_name: str | None = Field(
+        default=None, pattern=DNS_SUBDOMAIN, max_length=253,
+        description="An existing PersistentVolumeClaim to use (backend kubernetes), kept "
+                    "after the run; default: a claim created for the workflow and owned by it.")
+    storage_class_name: str | None = Field(
+        default=None, pattern=DNS_SUBDOMAIN, max_length=253,
+        description="Storage class of the claim created for the workflow; default: the "
+                    "cluster's. Agents of a fan-out may run on several nodes: pick one that "
+                    "allows ReadWriteMany there, or keep them on one node.")
+    access_mode: Literal["ReadWriteOnce", "ReadWriteMany"] = Field(
+        default="ReadWriteOnce", description="Access mode of the claim created.")
+
+    @field_validator("size")
+    @classmethod
+    def _is_quantity(cls, value: str) -> str:
+        parse_quantity(value)
+        return value
+
+
 class Param(ApiModel):
     """An input of the workflow: ``{{ params.NAME }}`` in templates."""
 
@@ -559,6 +588,12 @@ class WorkflowSpec(ApiModel):
     env: list[EnvVar] = Field(default_factory=list, description="Environment of every agent.")
     capabilities: Capabilities | None = Field(
         default=None, description="Linux capabilities every agent gets beyond the defaults.")
+    workspace: Workspace | None = Field(
+        default=None,
+        description="A directory every agent shares at /workspace: on Docker a volume made "
+                    "for the workflow, on Kubernetes a PersistentVolumeClaim it owns (or "
+                    "claimName's); removed with the workflow as cleanup says. Pooled steps "
+                    "cannot use it (pool agents serve other workflows too).")
     steps: list[Step] = Field(min_length=1, max_length=200, description="The steps to run.")
     finally_steps: list[Step] = Field(
         default_factory=list, alias="finally", max_length=50,
@@ -914,6 +949,11 @@ def semantic_problems(spec: WorkflowSpec) -> list[Problem]:
         steps_by_name.setdefault(step.name, step)
         if step.image is None and step.pool is None:
             problems.append(Problem(f"{path}.image", "required unless the step sets pool"))
+        if step.pool is not None and spec.workspace is not None:
+            problems.append(Problem(
+                f"{path}.pool", "a workflow with a workspace cannot lease pool agents: they "
+                "serve other workflows too, which must not see its files; give the step an "
+                "image"))
         if step.pool is not None and not step.command:
             problems.append(Problem(f"{path}.command",
                                     "required for a pooled step: the task to run in the agent"))

@@ -48,12 +48,29 @@ class AgentSpec:
     timeout_seconds: int | None = None
     """Deadline of the agent, for backends that enforce it themselves."""
     pod: PodOptions | None = None
+    workspace: str | None = None
+    """The workflow's shared workspace (a volume, or a claim), mounted at /workspace."""
     capabilities: tuple[str, ...] = ()
     """Linux capabilities beyond the defaults (``models.AGENT_CAPABILITIES`` on Docker; none
     in a pod)."""
     env_refs: dict[str, EnvSource] = field(default_factory=dict)
     """Variables whose values are keys of Secrets and ConfigMaps, read only where they are
     used (a pod reads them itself) and never kept."""
+
+
+@dataclass(frozen=True)
+class WorkspaceSpec:
+    """A workflow's shared workspace: a Docker volume, or a PersistentVolumeClaim."""
+
+    name: str
+    namespace: str
+    size: str
+    labels: dict[str, str]
+    owner: dict[str, Any] | None = None
+    storage_class: str | None = None
+    access_mode: str = "ReadWriteOnce"
+    existing: bool = False
+    """A claim of the user's: used as it is, never created or removed."""
 
 
 class EnvSources(Protocol):
@@ -162,6 +179,13 @@ class Backend(Protocol):
                          refs: Mapping[str, EnvSource]) -> dict[str, str]:
         """The values of ``valueFrom`` variables (a pooled task's env), as
         ``EnvSources.values``."""
+
+    async def prepare_workspace(self, workspace: WorkspaceSpec) -> None:
+        """Make the workspace ready for agents to mount (create it unless it exists or is the
+        user's); again and again alike."""
+
+    async def remove_workspace(self, workspace: WorkspaceSpec) -> None:
+        """Remove the workspace and what it holds (not a user's claim); no error if gone."""
 
     async def run_task(self, agent: AgentHandle, argv: list[str], env: dict[str, str],
                        timeout: float | None) -> TaskResult:

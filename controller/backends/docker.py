@@ -34,12 +34,13 @@ from controller.backends.base import (
     AgentResult,
     AgentSpec,
     EnvSources,
+    WorkspaceSpec,
     NoEnvSources,
     TaskResult,
 )
 from controller.backends.channel import DockerAttachChannel
 from controller.config import Settings
-from controller.models import EnvSource
+from controller.models import WORKSPACE_PATH, EnvSource
 from controller.errors import (
     AgentainerError,
     AgentInterruptedError,
@@ -223,6 +224,8 @@ class DockerBackend:
     def _start(self, spec: AgentSpec) -> AgentHandle:
         config = self._container_config(spec)
         config["volumes"] = {self._runner_volume(): {"bind": runner.RUNNER_BIN_DIR, "mode": "ro"}}
+        if spec.workspace:
+            config["volumes"][spec.workspace] = {"bind": WORKSPACE_PATH, "mode": "rw"}
         container = self._create(config, f"creating agent {spec.name}")
         try:
             with docker_errors(f"starting agent {spec.name}", spec.image):
@@ -244,22 +247,44 @@ class DockerBackend:
                 name = f"agentainer-runner-{str(found['Id']).split(':')[-1][:12]}"
                 with docker_errors("making the task runner's volume"):
                     self._client.volumes.create(name, labels={LABEL_MANAGED_BY: MANAGED_BY})
-                container = self._create(
-                    {"image": image, "command": ["install", runner.RUNNER_PATH],
-                     "volumes": {name: {"bind": runner.RUNNER_BIN_DIR, "mode": "rw"}},
-                     "labels": {LABEL_MANAGED_BY: MANAGED_BY}, "network_mode": "none"},
-                    "filling the task runner's volume")
-                try:
-                    with docker_errors("filling the task runner's volume", image):
-                        container.start()
-                        code = int(self._client.api.wait(str(container.id)).get("StatusCode", -1))
-                finally:
-                    self._remove(str(container.id))
+                code = self._run_runner(["install", runner.RUNNER_PATH], name,
+                                        runner.RUNNER_BIN_DIR, "filling the task runner's volume")
                 if code != 0:
                     raise ImageNotFoundError(f"image '{image}' could not install the task "
                                              f"runner (exit {code})")
                 self._runner_volume_name = name
             return self._runner_volume_name
+
+    def _run_runner(self, command: list[str], volume: str, path: str, action: str) -> int:
+        """Run the runner's image once, with ``volume`` at ``path``: its exit code."""
+        image = self._settings.runner_image
+        container = self._create(
+            {"image": image, "command": command,
+             "volumes": {volume: {"bind": path, "mode": "rw"}},
+             "labels": {LABEL_MANAGED_BY: MANAGED_BY}, "network_mode": "none"}, action)
+        try:
+            with docker_errors(action, image):
+                container.start()
+                return int(self._client.api.wait(str(container.id)).get("StatusCode", -1))
+        finally:
+            self._remove(str(container.id))
+
+    def _prepare_workspace(self, workspace: WorkspaceSpec) -> None:
+        with docker_errors(f"making the workspace {workspace.name}"):
+            # Creating a volume that exists gives it back: preparing is idempotent.
+            self._client.volumes.create(workspace.name, labels=dict(workspace.labels))
+        # Writable by every agent's user, whoever that is (mode 1777, as /tmp).
+        code = self._run_runner(["workspace", WORKSPACE_PATH], workspace.name, WORKSPACE_PATH,
+                                f"preparing the workspace {workspace.name}")
+        if code != 0:
+            raise BackendError(f"preparing the workspace {workspace.name}: exit {code}")
+
+    def _remove_workspace(self, workspace: WorkspaceSpec) -> None:
+        try:
+            with docker_errors(f"removing the workspace {workspace.name}"):
+                self._client.api.remove_volume(workspace.name, force=True)
+        except NotFoundError:
+            pass
 
     def _wait(self, agent: AgentHandle) -> AgentResult:
         limit = self._settings.output_limit_bytes
@@ -440,6 +465,12 @@ class DockerBackend:
     async def env_values(self, namespace: str,
                          refs: Mapping[str, EnvSource]) -> dict[str, str]:
         return await self._env.values(namespace, refs) if refs else {}
+
+    async def prepare_workspace(self, workspace: WorkspaceSpec) -> None:
+        await self._call(self._prepare_workspace, workspace)
+
+    async def remove_workspace(self, workspace: WorkspaceSpec) -> None:
+        await self._call(self._remove_workspace, workspace)
 
     async def start(self, spec: AgentSpec) -> AgentHandle:
         if spec.env_refs:  # read now, given to the container, kept nowhere else

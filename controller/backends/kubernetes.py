@@ -25,12 +25,13 @@ from kubernetes.client import ApiClient, ApiException, CoreV1Api
 from kubernetes.stream import stream
 
 from controller.backends import output
-from controller.backends.pods import CONTAINER, build_pod
+from controller.backends.pods import CONTAINER, build_claim, build_pod
 from controller.backends.base import (
     AgentHandle,
     AgentResult,
     AgentSpec,
     TaskResult,
+    WorkspaceSpec,
     missing,
 )
 from controller.backends.runner import ChannelClosedError, RunnerChannel
@@ -423,6 +424,29 @@ class KubernetesBackend:
     async def env_values(self, namespace: str,
                          refs: Mapping[str, EnvSource]) -> dict[str, str]:
         return await ClusterEnv(self._core).values(namespace, refs) if refs else {}
+
+    async def prepare_workspace(self, workspace: WorkspaceSpec) -> None:
+        if workspace.existing:
+            await self._call(f"reading the workspace claim {workspace.name}",
+                             self._core.read_namespaced_persistent_volume_claim,
+                             workspace.name, workspace.namespace)
+            return
+        try:
+            await self._call(f"creating the workspace claim {workspace.name}",
+                             self._core.create_namespaced_persistent_volume_claim,
+                             workspace.namespace, build_claim(workspace))
+        except ConflictError:
+            pass  # made by an earlier run of the workflow: the same claim
+
+    async def remove_workspace(self, workspace: WorkspaceSpec) -> None:
+        if workspace.existing:
+            return  # the user's
+        try:
+            await self._call(f"removing the workspace claim {workspace.name}",
+                             self._core.delete_namespaced_persistent_volume_claim,
+                             workspace.name, workspace.namespace)
+        except NotFoundError:
+            pass
 
     async def run_task(self, agent: AgentHandle, argv: list[str], env: dict[str, str],
                        timeout: float | None) -> TaskResult:

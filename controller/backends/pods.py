@@ -6,10 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 from controller.backends import runner
-from controller.backends.base import LABEL_RUNNER, AgentSpec
-from controller.models import DEFAULT_TASK_USER, PodOptions
+from controller.backends.base import LABEL_RUNNER, AgentSpec, WorkspaceSpec
+from controller.models import DEFAULT_TASK_USER, WORKSPACE_PATH, PodOptions
 
 CONTAINER = "agent"
+WORKSPACE_VOLUME = "agentainer-workspace"
 RUNNER_INSTALLER = "runner-install"
 RUNNER_VOLUME, TASKS_VOLUME = "agentainer-runner", "agentainer-tasks"
 
@@ -128,4 +129,25 @@ def build_pod(spec: AgentSpec, runner_image: str = "") -> dict[str, Any]:
                                    for t in options.tolerations]
     if options.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": n} for n in options.image_pull_secrets]
+    if spec.workspace:
+        pod_spec.setdefault("volumes", []).append(
+            {"name": WORKSPACE_VOLUME, "persistentVolumeClaim": {"claimName": spec.workspace}})
+        container.setdefault("volumeMounts", []).append(
+            {"name": WORKSPACE_VOLUME, "mountPath": WORKSPACE_PATH})
+        # Writable by the agents' group where the volume lets the kubelet set its owner.
+        pod_spec["securityContext"] = {"fsGroup": DEFAULT_TASK_USER}
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
+
+
+def build_claim(workspace: WorkspaceSpec) -> dict[str, Any]:
+    """The PersistentVolumeClaim of a workflow's workspace, owned by the workflow."""
+    metadata: dict[str, Any] = {"name": workspace.name, "namespace": workspace.namespace,
+                                "labels": dict(workspace.labels)}
+    if workspace.owner is not None:
+        metadata["ownerReferences"] = [dict(workspace.owner)]
+    spec: dict[str, Any] = {"accessModes": [workspace.access_mode],
+                            "resources": {"requests": {"storage": workspace.size}}}
+    if workspace.storage_class:
+        spec["storageClassName"] = workspace.storage_class
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": metadata,
+            "spec": spec}

@@ -49,6 +49,7 @@ from controller.models import (
     WorkflowStatus,
     nesting,
 )
+from controller.agents import should_remove, workspace_spec
 from controller.pools import PoolManager
 from controller.store import WorkflowStore
 
@@ -103,6 +104,7 @@ class WorkflowRun:
         self.state.units_total = sum(step.width for step in workflow.spec.all_steps)
         self._outcome: tuple[str, list[str]] | None = None
         self._finally_wanted = True
+        self._run_failure: str | None = None
 
     @property
     def units_total(self) -> int:
@@ -151,6 +153,16 @@ class WorkflowRun:
                       f"workflow {self.workflow.metadata.name} started")
         status.phase = WorkflowPhase.RUNNING
         await self.journal.began(status)
+        workspace = (workspace_spec(self.workflow, self.uid) if self.workflow.spec.workspace
+                     else None)
+        if workspace is not None:
+            try:
+                await self.attempts.retrying(f"preparing the workspace {workspace.name}",
+                                             lambda: self.attempts.backend.prepare_workspace(workspace))
+            except AgentainerError as error:
+                if error.retryable:
+                    raise
+                return await self._end_without_steps(f"the workspace cannot be used: {error}")
         timeout = self.workflow.spec.timeout_seconds
         deadline = None
         if timeout:
@@ -177,9 +189,28 @@ class WorkflowRun:
             self._now_running = set(self._finally)
             await self._skip_unstarted()
         self._conclude(timeout)
+        if workspace is not None and should_remove(self.workflow.spec.cleanup,
+                                                   status.phase is WorkflowPhase.SUCCEEDED):
+            try:
+                await self.attempts.backend.remove_workspace(workspace)
+            except AgentainerError as error:  # the run's outcome stands; the volume stays
+                logger.warning("workflow %s: removing its workspace %s failed: %s",
+                               self.workflow.metadata.name, workspace.name, error)
         await self.journal.ended(status, self.settings.state_ttl_seconds)
         self.emit(EventKind.WORKFLOW_FINISHED,
                   f"workflow {self.workflow.metadata.name} {status.phase.value.lower()}")
+        return status
+
+    async def _end_without_steps(self, message: str) -> WorkflowStatus:
+        """A run that fails before any step can start."""
+        status = self.status
+        for step in status.steps:
+            step.phase, step.message = StepPhase.SKIPPED, f"not started: {message}"
+        self._run_failure = message
+        self._conclude(None)
+        await self.journal.ended(status, self.settings.state_ttl_seconds)
+        self.emit(EventKind.WORKFLOW_FINISHED,
+                  f"workflow {self.workflow.metadata.name} failed: {message}")
         return status
 
     async def _run_finally(self) -> None:
@@ -209,7 +240,10 @@ class WorkflowRun:
         status = self.status
         finally_failed = next((step for step in status.steps if step.name in self._finally
                                and step.phase is StepPhase.FAILED), None)
-        if self.stop_reason is StopReason.CANCELLED:
+        if self._run_failure is not None:
+            status.phase = WorkflowPhase.FAILED
+            status.message = self._run_failure
+        elif self.stop_reason is StopReason.CANCELLED:
             status.phase = WorkflowPhase.CANCELLED
             status.message = "cancelled"
         elif self.stop_reason is StopReason.DEADLINE_EXCEEDED:

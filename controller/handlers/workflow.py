@@ -8,7 +8,8 @@ from typing import Any
 
 import kopf
 
-from controller.backends.base import LABEL_WORKFLOW_UID
+from controller.agents import workspace_spec
+from controller.backends.base import LABEL_WORKFLOW_UID, WorkspaceSpec
 from controller.engine import Engine, Event
 from controller.errors import AgentainerError, InvalidSpecError
 from controller.handlers import reporting
@@ -112,6 +113,17 @@ async def run_workflow(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonSto
             await _final_status(services, writer, retry)
 
 
+def _workspace(body: kopf.Body) -> WorkspaceSpec | None:
+    """The workspace of a Workflow being deleted, if it has one (and is valid at all)."""
+    try:
+        workflow = parse_workflow(dict(body))
+    except InvalidSpecError:
+        return None
+    if workflow.spec.workspace is None:
+        return None
+    return workspace_spec(workflow, body.metadata.uid or "")
+
+
 async def _final_status(services: Services, writer: StatusWriter, retry: int) -> None:
     """The last word of a run. Should it not land (the API server away), the daemon is run
     again later: it finds the run finished in the store and writes this status then."""
@@ -150,6 +162,8 @@ async def workflow_deleted(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger
         for agent in await backend.list_agents(body.metadata.namespace or "default",
                                                {LABEL_WORKFLOW_UID: uid}, uid):
             await backend.remove(agent)
+        if (workspace := _workspace(body)) is not None:
+            await backend.remove_workspace(workspace)
         await services.store.delete(uid)
     except AgentainerError as error:
         raise reporting.reconcile_failed(services, "Workflow", error, retry,

@@ -33,6 +33,8 @@
  * non-root user), "root" (tasks as root, by the pool's choice).
  *
  *   runner serve [--uid N] [--gid N]   run tasks (as PID 1 of the agent)
+ *   runner workspace DIR              make DIR (a workflow's shared workspace volume, new and
+ *                                      empty) writable by every agent's user: mode 1777
  *   runner exec --out DIR --limit N [--user USER] [--set-home] -- COMMAND...
  *                                      run one command (an agent of its own): its output goes to
  *                                      the container's log as ever, and its head (stdout) and
@@ -1415,10 +1417,14 @@ int main(int argc, char **argv) {
         return 0;
     }
     if (argc == 3 && !strcmp(argv[1], "install")) return install(argv[2]);
+    if (argc == 3 && !strcmp(argv[1], "workspace")) {
+        if (chmod(argv[2], 01777) < 0) fatal("preparing %s: %s", argv[2], strerror(errno));
+        return 0;
+    }
     if (argc >= 2 && !strcmp(argv[1], "exec")) return run_exec(argc, argv);
     if (argc < 2 || strcmp(argv[1], "serve")) {
         fprintf(stderr, "usage: %s serve [--uid N] [--gid N] | exec --out DIR --limit N -- "
-                "COMMAND... | install PATH | version\n", argv[0]);
+                "COMMAND... | install PATH | workspace DIR | version\n", argv[0]);
         return 2;
     }
     long uid = 65532, gid = -1;

@@ -5,13 +5,15 @@ check it refuses, and `kubectl explain` documents the new fields."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, sh, workflow_doc
 from tests.e2e.conftest import Controller, Kubectl
 from tests.e2e.test_operator import finished
 
@@ -80,3 +82,61 @@ def test_kubectl_explain_documents_the_new_fields(kubectl: Kubectl) -> None:
                          ("workflow.spec.steps.when", "Conditions"),
                          ("workflow.spec.steps.parallel.itemsFrom", "JSON array")]:
         assert words in kubectl("explain", field).stdout, field
+
+
+def test_pods_share_a_workspace_claim(kubectl: Kubectl, controller: Controller,
+                                      tmp_path: Path) -> None:
+    """The user's claim (bound here to a folder of the node: the local cluster has no
+    provisioner) mounted at /workspace in every pod of the workflow, writable by their user."""
+    folder = tmp_path / "workspace"
+    folder.mkdir()
+    folder.chmod(0o1777)  # a hostPath volume takes no fsGroup
+    name = f"ws-{uuid.uuid4().hex[:6]}"
+    kubectl("apply", "-f", "-", input=yaml.safe_dump_all([
+        {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": name},
+         "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+                  "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "",
+                  "claimRef": {"namespace": "default", "name": name},
+                  "hostPath": {"path": str(folder), "type": "Directory"}}},
+        {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+         "metadata": {"name": name, "namespace": "default"},
+         "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "",
+                  "resources": {"requests": {"storage": "1Gi"}}}}]))
+    workflow = workflow_doc(
+        {"name": "plan", "command": sh("echo plan > /workspace/notes")},
+        {"name": "work", "parallel": {"replicas": 2},
+         "command": sh('echo "work $AGENTAINER_ITEM_INDEX" > /workspace/part-$AGENTAINER_ITEM_INDEX')},
+        {"name": "review", "command": sh("cat /workspace/notes /workspace/part-*")},
+        name=name, backend="kubernetes", workspace={"claimName": name})
+    try:
+        kubectl("apply", "-f", "-", input=yaml.safe_dump(workflow))
+        status = kubectl.wait_for("workflow", name, finished, timeout=180)["status"]
+        assert status["phase"] == "Succeeded", status
+        assert status["steps"][-1]["output"] == "plan\nwork 0\nwork 1"
+        kubectl("delete", "workflow", name, "--wait=true", "--timeout=60s")
+        assert kubectl.get("pvc", name)["status"]["phase"] == "Bound"  # the user's: kept
+    finally:
+        kubectl("delete", "pvc", name, "--wait=false", check=False)
+        kubectl("delete", "pv", name, "--wait=false", check=False)
+
+
+def test_a_workspace_claim_made_for_a_workflow_is_owned_by_it_and_goes_with_it(
+        kubectl: Kubectl, controller: Controller) -> None:
+    name = f"wsown-{uuid.uuid4().hex[:6]}"
+    kubectl("apply", "-f", "-", input=yaml.safe_dump(workflow_doc(
+        {"name": "only", "command": sh("true")}, name=name, backend="kubernetes",
+        workspace={"size": "16Mi", "storageClassName": "none-here"})))
+    uid = kubectl.get("workflow", name)["metadata"]["uid"]
+    claim_name = f"{name}-workspace-{uid[:8]}"
+    deadline = time.monotonic() + 60
+    while kubectl("get", "pvc", claim_name, check=False).returncode != 0:
+        assert time.monotonic() < deadline, "the workspace claim was not made"
+        time.sleep(0.5)
+    claim = kubectl.get("pvc", claim_name)
+    assert claim["metadata"]["ownerReferences"][0]["uid"] == uid
+    assert claim["spec"]["resources"]["requests"]["storage"] == "16Mi"
+    kubectl("delete", "workflow", name, "--wait=true", "--timeout=60s")
+    deadline = time.monotonic() + 60
+    while kubectl("get", "pvc", claim_name, check=False).returncode == 0:
+        assert time.monotonic() < deadline, "the workspace claim outlived its workflow"
+        time.sleep(0.5)

@@ -548,3 +548,25 @@ def test_finally_steps_report_a_failed_run(runner: Runner) -> None:
     assert status.message and status.message.startswith("step build failed")
     assert status.step("test").phase.value == "Skipped"
     assert status.step("report").output == 'Failed: ["build"]'
+
+
+@pytest.mark.parametrize("cleanup", ["Always", "Never"])
+def test_agents_share_a_workspace_that_goes_with_the_workflow(runner: Runner,
+                                                               cleanup: str) -> None:
+    status, run = runner.run(workflow_doc(
+        {"name": "plan", "command": sh("stat -c %a /workspace; echo plan > /workspace/notes")},
+        {"name": "work", "parallel": {"replicas": 3},
+         "command": sh('echo "work $AGENTAINER_ITEM_INDEX" > /workspace/part-$AGENTAINER_ITEM_INDEX')},
+        {"name": "review", "command": sh("cat /workspace/notes /workspace/part-*")},
+        cleanup=cleanup, workspace={"size": "64Mi"}))
+
+    assert status.phase is WorkflowPhase.SUCCEEDED, status.message
+    assert status.step("plan").output == "1777"  # writable by any agent's user
+    assert status.step("review").output == "plan\nwork 0\nwork 1\nwork 2"
+    volumes = runner.docker.volumes.list(
+        filters={"label": f"agentainer.dev/workflow-uid={run.uid}"})
+    assert len(volumes) == (1 if cleanup == "Never" else 0)
+    for volume in volumes:
+        for container in runner.containers(run.uid):
+            container.remove(force=True)
+        volume.remove()

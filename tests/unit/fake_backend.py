@@ -35,6 +35,7 @@ from controller.backends.base import (
     AgentResult,
     AgentSpec,
     TaskResult,
+    WorkspaceSpec,
     missing,
 )
 from controller.errors import AgentainerError, AgentSpecError, ConflictError, NotFoundError
@@ -144,6 +145,8 @@ class FakeBackend:
         self.secrets: dict[str, dict[str, str]] = {}
         """Secrets (and ConfigMaps) by name, for ``valueFrom`` variables."""
         self.task_envs: list[dict[str, str]] = []
+        self.workspaces: set[str] = set()
+        """The workspaces that exist, by name."""
         """The env of every task run, in order."""
         self.hiccups: dict[str, list[AgentainerError]] = {}
         """Errors the next calls of a method (``start``, ``wait``, ...) raise, one per call, as
@@ -197,6 +200,13 @@ class FakeBackend:
     def _hiccup(self, method: str) -> None:
         if self.hiccups.get(method):
             raise self.hiccups[method].pop(0)
+
+    async def prepare_workspace(self, workspace: WorkspaceSpec) -> None:
+        self._hiccup("prepare_workspace")
+        self.workspaces.add(workspace.name)
+
+    async def remove_workspace(self, workspace: WorkspaceSpec) -> None:
+        self.workspaces.discard(workspace.name)
 
     async def env_values(self, namespace: str,
                          refs: Mapping[str, EnvSource]) -> dict[str, str]:

@@ -40,9 +40,10 @@ app.kubernetes.io/component: redis
 {{- .Values.redis.auth.existingSecret | default (printf "%s-redis" (include "agentainer.fullname" .)) -}}
 {{- end -}}
 
-{{/* Rules the controller needs where it works: its resources, Events, the agents' pods, and
-a get (never a list) of the Secrets and ConfigMaps that Docker agents' and pooled tasks' env
-names (a fresh pod's kubelet reads its own). No pods/exec: tasks go over attach. */}}
+{{/* Rules the controller needs where it works: its resources, Events, the agents' pods, a
+get (never a list) of the Secrets and ConfigMaps that Docker agents' and pooled tasks' env
+names (a fresh pod's kubelet reads its own), and workflows' workspace claims. No pods/exec:
+tasks go over attach. */}}
 {{- define "agentainer.namespacedRules" -}}
 - apiGroups: ["agentainer.dev"]
   resources: ["workflows", "agentpools"]
@@ -68,4 +69,7 @@ names (a fresh pod's kubelet reads its own). No pods/exec: tasks go over attach.
 - apiGroups: [""]
   resources: ["secrets", "configmaps"]
   verbs: ["get"]
+- apiGroups: [""]
+  resources: ["persistentvolumeclaims"]
+  verbs: ["get", "create", "delete"]
 {{- end -}}
