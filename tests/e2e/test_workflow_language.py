@@ -29,12 +29,42 @@ def example(backend: str, name: str) -> dict[str, Any]:
     return document
 
 
+def node_claim(kubectl: Kubectl, name: str, folder: Path) -> None:
+    """A claim bound to a folder of the node: the local cluster has no provisioner."""
+    folder.mkdir()
+    folder.chmod(0o1777)  # a hostPath volume takes no fsGroup
+    kubectl("apply", "-f", "-", input=yaml.safe_dump_all([
+        {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": name},
+         "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+                  "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "",
+                  "claimRef": {"namespace": "default", "name": name},
+                  "hostPath": {"path": str(folder), "type": "Directory"}}},
+        {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+         "metadata": {"name": name, "namespace": "default"},
+         "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "",
+                  "resources": {"requests": {"storage": "1Gi"}}}}]))
+
+
+def remove_claim(kubectl: Kubectl, name: str) -> None:
+    kubectl("delete", "pvc", name, "--wait=false", check=False)
+    kubectl("delete", "pv", name, "--wait=false", check=False)
+
+
 @pytest.mark.parametrize("backend", ["kubernetes", "docker"])
 def test_planner_workers_reviewer_runs_through_the_operator(
-        kubectl: Kubectl, controller: Controller, backend: str) -> None:
+        kubectl: Kubectl, controller: Controller, backend: str, tmp_path: Path) -> None:
     name = f"pwr-{backend[:4]}-{uuid.uuid4().hex[:4]}"
-    kubectl("apply", "-f", "-", input=yaml.safe_dump(example(backend, name)))
-    status = kubectl.wait_for("workflow", name, finished, timeout=240)["status"]
+    document = example(backend, name)
+    if backend == "kubernetes":
+        node_claim(kubectl, name, tmp_path / "workspace")
+        document["spec"]["workspace"] = {"claimName": name}
+    try:
+        kubectl("apply", "-f", "-", input=yaml.safe_dump(document))
+        status = kubectl.wait_for("workflow", name, finished, timeout=240)["status"]
+    finally:
+        if backend == "kubernetes":
+            kubectl("delete", "workflow", name, "--wait=true", "--timeout=60s", check=False)
+            remove_claim(kubectl, name)
 
     assert status["phase"] == "Succeeded", status
     steps = {step["name"]: step for step in status["steps"]}
@@ -45,7 +75,7 @@ def test_planner_workers_reviewer_runs_through_the_operator(
     assert steps["publish"]["output"] == "published 4 parts"
     assert steps["report"]["output"] == "workflow Succeeded; failed steps: []"
     assert status["progress"] == "8/8"
-    kubectl("delete", "workflow", name, "--wait=true", "--timeout=60s")
+    kubectl("delete", "workflow", name, "--wait=true", "--timeout=60s", check=False)
 
 
 def test_a_workflow_missing_a_required_param_is_invalid(kubectl: Kubectl,
@@ -88,20 +118,8 @@ def test_pods_share_a_workspace_claim(kubectl: Kubectl, controller: Controller,
                                       tmp_path: Path) -> None:
     """The user's claim (bound here to a folder of the node: the local cluster has no
     provisioner) mounted at /workspace in every pod of the workflow, writable by their user."""
-    folder = tmp_path / "workspace"
-    folder.mkdir()
-    folder.chmod(0o1777)  # a hostPath volume takes no fsGroup
     name = f"ws-{uuid.uuid4().hex[:6]}"
-    kubectl("apply", "-f", "-", input=yaml.safe_dump_all([
-        {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": name},
-         "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
-                  "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "",
-                  "claimRef": {"namespace": "default", "name": name},
-                  "hostPath": {"path": str(folder), "type": "Directory"}}},
-        {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-         "metadata": {"name": name, "namespace": "default"},
-         "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "",
-                  "resources": {"requests": {"storage": "1Gi"}}}}]))
+    node_claim(kubectl, name, tmp_path / "workspace")
     workflow = workflow_doc(
         {"name": "plan", "command": sh("echo plan > /workspace/notes")},
         {"name": "work", "parallel": {"replicas": 2},
@@ -116,8 +134,7 @@ def test_pods_share_a_workspace_claim(kubectl: Kubectl, controller: Controller,
         kubectl("delete", "workflow", name, "--wait=true", "--timeout=60s")
         assert kubectl.get("pvc", name)["status"]["phase"] == "Bound"  # the user's: kept
     finally:
-        kubectl("delete", "pvc", name, "--wait=false", check=False)
-        kubectl("delete", "pv", name, "--wait=false", check=False)
+        remove_claim(kubectl, name)
 
 
 def test_a_workspace_claim_made_for_a_workflow_is_owned_by_it_and_goes_with_it(

@@ -286,3 +286,15 @@ def test_the_planner_workers_reviewer_example_plans_works_reviews_and_reports(
     assert steps["fix"]["phase"] == "Skipped"
     assert steps["publish"]["output"] == "published 2 parts"
     assert steps["report"]["output"] == "workflow Succeeded; failed steps: []"
+
+
+@pytest.mark.parametrize(("example", "last"), [
+    ("greeting-params.yaml", "hello, world\nhello, world"),
+    ("planner-workers.yaml", "3 parts done"),
+    ("continue-on.yaml", "lint Failed, fix Succeeded"),
+])
+def test_the_workflow_language_examples_run_as_their_comments_say(
+        redis_env: dict[str, str], example: str, last: str) -> None:
+    result = agentainer("run", f"examples/{example}", "--output", "json", env=redis_env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["steps"][-1]["output"] == last
