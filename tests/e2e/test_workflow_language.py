@@ -157,3 +157,15 @@ def test_a_workspace_claim_made_for_a_workflow_is_owned_by_it_and_goes_with_it(
     while kubectl("get", "pvc", claim_name, check=False).returncode == 0:
         assert time.monotonic() < deadline, "the workspace claim outlived its workflow"
         time.sleep(0.5)
+
+
+def test_a_step_allowed_to_fail_lets_the_workflow_succeed(kubectl: Kubectl,
+                                                          controller: Controller) -> None:
+    document = yaml.safe_load((ROOT / "examples" / "continue-on.yaml").read_text())
+    name = document["metadata"]["name"] = f"lint-{uuid.uuid4().hex[:6]}"
+    kubectl("apply", "-f", "-", input=yaml.safe_dump(document))
+    status = kubectl.wait_for("workflow", name, finished, timeout=120)["status"]
+    assert status["phase"] == "Succeeded", status
+    assert [step["phase"] for step in status["steps"]] == ["Failed", "Succeeded", "Succeeded"]
+    assert status["steps"][-1]["output"] == "lint Failed, fix Succeeded"
+    kubectl("delete", "workflow", name, "--wait=true", "--timeout=60s")

@@ -133,3 +133,17 @@ def test_a_fan_outs_single_output_cannot_be_read() -> None:
         {"name": "review", "command": ["{{ steps.work.output }}"]})
     with pytest.raises(InvalidSpecError, match="use {{ steps.work.outputs }}"):
         parse_workflow(document)
+
+
+def test_a_pooled_step_fans_out_over_the_plan_too() -> None:
+    from tests.unit.test_env_refs import run_with_pool
+
+    document = with_uid(workflow_doc(
+        {"name": "plan", "image": "agent:1"},
+        {"name": "work", "pool": "warm", "command": ["do", "{{ item }}"],
+         "parallel": {"itemsFrom": "{{ steps.plan.output }}", "maxWorkers": 1}}))
+    status, _ = run_with_pool(document, FakeBackend(lambda spec: Behaviour(
+        stdout='["a", "b"]') if spec.labels.get("agentainer.dev/step") == "plan"
+        else Behaviour()))
+    assert status.phase is WorkflowPhase.SUCCEEDED, status.message
+    assert status.step("work").outputs == ["do a", "do b"]  # the fake pool echoes the task
