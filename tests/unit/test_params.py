@@ -15,6 +15,7 @@ from controller.manifests import load_run
 from controller.models import missing_params, parse_workflow, with_params
 from tests.conftest import workflow_doc
 from tests.unit.test_engine import with_uid
+from tests.unit.test_models import assert_reported, problems_of
 
 PARAMS = [{"name": "topic", "value": "tides", "description": "what to research"},
           {"name": "depth"}]
@@ -25,12 +26,6 @@ def document(**spec: Any) -> dict[str, Any]:
                          "env": [{"name": "DEPTH", "value": "depth {{ params.depth }}"}]},
                         params=PARAMS, env=[{"name": "TOPIC", "value": "{{ params.topic }}"}],
                         **spec)
-
-
-def problems(doc: dict[str, Any]) -> list[tuple[str, str]]:
-    with pytest.raises(InvalidSpecError) as raised:
-        parse_workflow(doc)
-    return [(p.path, p.message) for p in raised.value.problems]
 
 
 def test_params_reach_commands_and_env_with_their_values() -> None:
@@ -71,8 +66,7 @@ def test_unknown_params_are_refused_naming_them() -> None:
 ], ids=["unknown", "duplicate", "bad-name", "unknown-in-workflow-env", "malformed"])
 def test_bad_params_are_refused_at_their_field(doc: dict[str, Any], path: str,
                                                words: str) -> None:
-    found = problems(doc)
-    assert any(where == path and words in message for where, message in found), found
+    assert_reported(problems_of(doc), path, (words,))
 
 
 def test_agentainer_run_files_take_params_and_refuse_a_missing_one(tmp_path: Path) -> None:
