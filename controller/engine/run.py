@@ -31,10 +31,17 @@ from controller.config import Settings
 from controller.engine.attempts import Attempts, AttemptOutcome, RunState, StopReason
 from controller.engine.events import Emitter, EventKind, Observer
 from controller.engine.journal import Journal, Restored
+from controller.engine.steps import (
+    SKIPPED_BY_CONDITION,
+    ItemsError,
+    fails_workflow,
+    items_of,
+    skip_reason,
+    topological,
+)
 from controller.errors import AgentainerError, StoreDataError
 from controller import templating
 from controller.models import (
-    MAX_ITEM_NESTING,
     AgentPhase,
     AgentReason,
     AgentStatus,
@@ -47,7 +54,6 @@ from controller.models import (
     Workflow,
     WorkflowPhase,
     WorkflowStatus,
-    nesting,
 )
 from controller.agents import should_remove, workspace_spec
 from controller.pools import PoolManager
@@ -507,21 +513,8 @@ class WorkflowRun:
                 if step.phase in (StepPhase.SUCCEEDED, StepPhase.FAILED, StepPhase.SKIPPED)}
 
     def _skip_reason(self, step: Step) -> str | None:
-        """Why a step whose dependencies are done does not run: it reads the output of a step
-        that was skipped, or one of its conditions does not hold. None: it runs."""
-        for name in sorted(step.inputs()):
-            phase = self.status.step(name).phase
-            if phase in (StepPhase.SKIPPED, StepPhase.FAILED):
-                ended = "was skipped" if phase is StepPhase.SKIPPED else "failed"
-                return f"it reads the output of step {name}, which {ended}"
-        context = self._context()
-        for number, when in enumerate(step.when):
-            rendered = templating.render(when.input, context)
-            values = [templating.render(value, context) for value in when.values]
-            if (rendered in values) != (when.operator == "in"):
-                return (f"when[{number}]: {_quote(rendered, 100)} is "
-                        f"{'not ' if when.operator == 'in' else ''}in {values}")
-        return None
+        phases = {status.name: status.phase for status in self.status.steps}
+        return skip_reason(step, phases, self._context())
 
     async def _step_skipped(self, step: Step, reason: str) -> bool:
         status = self.status.step(step.name)
@@ -535,24 +528,8 @@ class WorkflowRun:
         return True
 
     def _resolve_items(self, step: Step) -> Step:
-        """An ``itemsFrom`` step with its items: the elements of the JSON array its upstream
-        step printed. The same output always gives the same items, so a resumed run resolves
-        them again rather than keep them."""
-        assert step.items_from is not None
-        text = templating.render(step.items_from, self._context())
-        where = f"step {step.name}: parallel.itemsFrom ({step.items_from.strip()})"
-        try:
-            items = json.loads(text)
-        except (ValueError, RecursionError):
-            raise ItemsError(f"{where} is not JSON: {_quote(text)}") from None
-        if not isinstance(items, list):
-            raise ItemsError(f"{where} is not a JSON array: {_quote(text)}")
-        if len(items) > self.settings.max_items_from:
-            raise ItemsError(f"{where} has {len(items)} items, more than "
-                             f"AGENTAINER_MAX_ITEMS_FROM ({self.settings.max_items_from}): "
-                             f"{_quote(text)}")
-        if any(nesting(item) > MAX_ITEM_NESTING for item in items):
-            raise ItemsError(f"{where} nests an item more than {MAX_ITEM_NESTING} levels deep")
+        """The ``itemsFrom`` step with its items, taken as the run's (ItemsError if none)."""
+        items = items_of(step, self._context(), self.settings.max_items_from)
         resolved = self.steps[step.name] = step.with_items(items)
         self.state.units_total += resolved.width
         self.status.progress = self.state.progress
@@ -638,43 +615,3 @@ class Engine:
 
     async def run(self, workflow: Workflow, observer: Observer | None = None) -> WorkflowStatus:
         return await self.prepare(workflow, observer).execute()
-
-
-def fails_workflow(step: Step) -> bool:
-    """Whether the step failing fails the workflow (not with ``continueOn.failed``)."""
-    return not (step.continue_on and step.continue_on.failed)
-
-
-SKIPPED_BY_CONDITION = "skipped: "
-"""How the message of a step skipped by its conditions (or a skipped input) begins."""
-
-
-class ItemsError(Exception):
-    """An itemsFrom output that cannot be a fan-out's items."""
-
-
-def _quote(text: str, length: int = 200) -> str:
-    """The start of an output, quoted, for a message."""
-    return repr(text[:length]) + (f" ({len(text)} characters)" if len(text) > length else "")
-
-
-def topological(dependencies: dict[str, list[str]]) -> list[str]:
-    """Step names, each after every step it depends on."""
-    order: list[str] = []
-    seen: set[str] = set()
-    for name in dependencies:
-        stack = [(name, iter(dependencies[name]))]
-        while stack:
-            current, pending = stack[-1]
-            if current in seen:
-                stack.pop()
-                continue
-            child = next((d for d in pending if d not in seen), None)
-            if child is None:
-                seen.add(current)
-                order.append(current)
-                stack.pop()
-            else:
-                stack.append((child, iter(dependencies.get(child, []))))
-    return order
-
