@@ -113,6 +113,9 @@ class ConditionType(StrEnum):
 
     COMPLETED = "Completed"
     """A Workflow ended; its reason says how (Succeeded, Failed, DeadlineExceeded, ...)."""
+    SUCCEEDED = "Succeeded"
+    """A Workflow's outcome, from the start as Tekton has it: Unknown while it runs, then True
+    or False (``kubectl wait --for=condition=Succeeded``)."""
     READY = "Ready"
     """An AgentPool has its minSize warm (False: warming up, or why it cannot)."""
     INVALID = "Invalid"

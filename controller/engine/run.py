@@ -158,6 +158,10 @@ class WorkflowRun:
             self.emit(EventKind.WORKFLOW_STARTED,
                       f"workflow {self.workflow.metadata.name} started")
         status.phase = WorkflowPhase.RUNNING
+        if not any(c.type == ConditionType.SUCCEEDED.value for c in status.conditions):
+            status.conditions.append(Condition(
+                type=ConditionType.SUCCEEDED.value, status=ConditionStatus.UNKNOWN,
+                reason="Running", message="running", last_transition_time=now()))
         await self.journal.began(status)
         workspace = (workspace_spec(self.workflow, self.uid) if self.workflow.spec.workspace
                      else None)
@@ -267,10 +271,14 @@ class WorkflowRun:
             status.message = None
         status.finished_at = now()
         reason = self.stop_reason.value if self.stop_reason else status.phase.value
+        message = status.message or "all steps succeeded"
         status.conditions = [Condition(
             type=ConditionType.COMPLETED.value, status=ConditionStatus.TRUE, reason=reason,
-            message=status.message or "all steps succeeded",
-            last_transition_time=status.finished_at,
+            message=message, last_transition_time=status.finished_at,
+        ), Condition(
+            type=ConditionType.SUCCEEDED.value, reason=reason, message=message,
+            status=ConditionStatus.TRUE if status.phase is WorkflowPhase.SUCCEEDED
+            else ConditionStatus.FALSE, last_transition_time=status.finished_at,
         )]
 
     def _take_up(self, restored: Restored) -> None:

@@ -190,7 +190,8 @@ def refused_status(kind: ConditionType, message: str, generation: int | None) ->
     return WorkflowStatus(
         phase=WorkflowPhase.FAILED, message=message, observed_generation=generation,
         started_at=at, finished_at=at,
-        conditions=[condition(kind, True, kind.value, message)],
+        conditions=[condition(kind, True, kind.value, message),
+                    condition(ConditionType.SUCCEEDED, False, kind.value, message)],
     ).to_dict()
 
 

@@ -121,9 +121,10 @@ def test_invalid_dag_fails_with_an_invalid_condition_and_others_still_run(
     status = kubectl.wait_for("workflow", cyclic, finished)["status"]
 
     assert status["phase"] == "Failed"
-    (condition,) = status["conditions"]
+    condition, succeeded = status["conditions"]
     assert condition["type"] == "Invalid" and condition["status"] == "True"
     assert "dependency cycle: a -> b -> a" in condition["message"]
+    assert (succeeded["type"], succeeded["status"]) == ("Succeeded", "False")
     assert kubectl.wait_for("workflow", fine, finished)["status"]["phase"] == "Succeeded"
 
 

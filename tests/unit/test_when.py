@@ -97,3 +97,30 @@ def test_without_continue_on_a_failure_still_fails_the_workflow() -> None:
     status, _ = run(document, by_step({"lint": Behaviour(exit_code=1)}))
     assert status.phase is WorkflowPhase.FAILED
     assert status.step("report").phase is StepPhase.SKIPPED
+
+
+def test_the_outcome_is_a_condition_unknown_while_running_then_true_or_false() -> None:
+    import asyncio
+
+    from controller.store import MemoryStore
+    from tests.unit.fake_backend import FakeBackend
+    from tests.unit.test_engine import new_run, scenario, until
+
+    fake = FakeBackend(by_step({"slow": Behaviour(0.2), "bad": Behaviour(exit_code=1)}))
+
+    async def play() -> tuple[list[Any], Any, Any]:
+        workflow_run = new_run(with_uid(workflow_doc({"name": "slow"})), fake, MemoryStore())
+        execution = asyncio.ensure_future(workflow_run.execute())
+        await until(lambda: bool(fake.running()))
+        during = [(c.type, c.status.value) for c in workflow_run.status.conditions]
+        done = await execution
+        failed = await new_run(with_uid(workflow_doc({"name": "bad"})), fake,
+                               MemoryStore()).execute()
+        return during, done, failed
+
+    during, done, failed = scenario(play())
+    assert during == [("Succeeded", "Unknown")]
+    assert [(c.type, c.status.value) for c in done.conditions] == [
+        ("Completed", "True"), ("Succeeded", "True")]
+    assert [(c.type, c.status.value) for c in failed.conditions] == [
+        ("Completed", "True"), ("Succeeded", "False")]
