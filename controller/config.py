@@ -108,6 +108,11 @@ class Settings:
     """Processes a Docker agent may have at once (its pids limit), so that a fork bomb stays
     inside its agent; 0 sets none. On Kubernetes the kubelet's ``podPidsLimit`` does this."""
 
+    workflow_ttl_seconds: int = 0
+    """How long a finished Workflow (and what it left: kept agents, its workspace, its state
+    in Redis) is kept when its spec has no ``ttlSecondsAfterFinished``, in seconds; 0 keeps it
+    until it is deleted."""
+
     finally_grace_seconds: int = 300
     """How long a workflow's finally steps may run once the other steps have ended, in
     seconds (after a cancellation or the workflow's timeout too); then they are stopped."""

@@ -591,6 +591,11 @@ class WorkflowSpec(ApiModel):
     env: list[EnvVar] = Field(default_factory=list, description="Environment of every agent.")
     capabilities: Capabilities | None = Field(
         default=None, description="Linux capabilities every agent gets beyond the defaults.")
+    ttl_seconds_after_finished: int | None = Field(
+        default=None, ge=0,
+        description="Delete the Workflow (and what it left: kept agents, its workspace, its "
+                    "state) this many seconds after it finished; default: the controller's "
+                    "AGENTAINER_WORKFLOW_TTL_SECONDS (0: kept).")
     workspace: Workspace | None = Field(
         default=None,
         description="A directory every agent shares at /workspace: on Docker a volume made "

@@ -98,6 +98,23 @@ class Services:
             raise KubernetesError(f"patching {plural}/{name} status: cannot reach the API "
                                   f"server: {error}") from error
 
+    async def delete_resource(self, plural: str, namespace: str, name: str) -> None:
+        """Delete one of our resources (its finalizer's handler then cleans up after it)."""
+
+        def delete() -> None:
+            self.custom_objects.delete_namespaced_custom_object(
+                API_GROUP, API_VERSION, namespace, plural, name)
+
+        try:
+            await asyncio.to_thread(delete)
+        except kubernetes.client.ApiException as error:
+            if error.status == 404:
+                return
+            raise KubernetesError(f"deleting {plural}/{name}: {error.reason}") from error
+        except TRANSPORT_ERRORS as error:
+            raise KubernetesError(f"deleting {plural}/{name}: cannot reach the API server: "
+                                  f"{error}") from error
+
     async def close(self) -> None:
         await self.store.close()
         for backend in (self._docker, self._kubernetes):

@@ -9,6 +9,7 @@ from typing import Any
 import kopf
 
 from controller.agents import workspace_spec
+from controller.clock import age_seconds
 from controller.backends.base import LABEL_WORKFLOW_UID, WorkspaceSpec
 from controller.engine import Engine, Event
 from controller.errors import AgentainerError, InvalidSpecError
@@ -52,6 +53,8 @@ async def run_workflow(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonSto
     phase = (body.get("status") or {}).get("phase")
     if phase in {p.value for p in WorkflowPhase if p.finished}:
         services.workflow_phase(body.metadata.uid or "", WorkflowPhase(phase))
+        await _expire(services, body, (body.get("status") or {}).get("finishedAt"), stopped,
+                      logger, retry)
         return
     try:
         workflow = parse_workflow(dict(body), f"workflow {body.metadata.name}")
@@ -111,6 +114,30 @@ async def run_workflow(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonSto
             writer.abandon()
         else:
             await _final_status(services, writer, retry)
+    if not run.detached:
+        await _expire(services, body, run.status.finished_at, stopped, logger, retry)
+
+
+async def _expire(services: Services, body: kopf.Body, finished_at: str | None,
+                  stopped: kopf.DaemonStopped, logger: kopf.Logger, retry: int) -> None:
+    """Once a finished Workflow's ``ttlSecondsAfterFinished`` (else the controller's
+    AGENTAINER_WORKFLOW_TTL_SECONDS) has passed, delete it: its delete handler then removes
+    what it left (kept agents, its workspace, its state in Redis)."""
+    ttl = (body.get("spec") or {}).get("ttlSecondsAfterFinished")
+    if ttl is None:
+        ttl = services.settings.workflow_ttl_seconds or None
+    if ttl is None or not finished_at:
+        return
+    remaining = ttl - age_seconds(finished_at)
+    if remaining > 0 and await stopped.wait(remaining):
+        return  # deleted, or the controller is stopping: the next one waits the rest
+    name, namespace = body.metadata.name or "", body.metadata.namespace or "default"
+    try:
+        await services.delete_resource(WORKFLOWS, namespace, name)
+    except AgentainerError as error:
+        raise reporting.reconcile_failed(services, "Workflow", error, retry) from error
+    logger.info("deleted: finished %.0f s ago, past its time to live (%d s)",
+                age_seconds(finished_at), ttl)
 
 
 def _workspace(body: kopf.Body) -> WorkspaceSpec | None:

@@ -174,3 +174,27 @@ def test_a_step_allowed_to_fail_lets_the_workflow_succeed(kubectl: Kubectl,
     assert [step["phase"] for step in status["steps"]] == ["Failed", "Succeeded", "Succeeded"]
     assert status["steps"][-1]["output"] == "lint Failed, fix Succeeded"
     kubectl("delete", "workflow", name, "--wait=true", "--timeout=60s")
+
+
+def test_a_finished_workflow_goes_with_all_it_left_after_its_time_to_live(
+        kubectl: Kubectl, controller: Controller, redis_url: str) -> None:
+    import subprocess
+
+    name = f"ttl-{uuid.uuid4().hex[:6]}"
+    kubectl("apply", "-f", "-", input=yaml.safe_dump(workflow_doc(
+        {"name": "only", "command": sh("echo kept")}, name=name, cleanup="Never",
+        ttlSecondsAfterFinished=3)))
+    body = kubectl.wait_for("workflow", name, finished, timeout=120)
+    uid = body["metadata"]["uid"]
+    deadline = time.monotonic() + 60
+    while kubectl("get", "workflow", name, check=False).returncode == 0:
+        assert time.monotonic() < deadline, "the workflow outlived its time to live"
+        time.sleep(0.5)
+    left = subprocess.run(["docker", "ps", "-aq", "--filter",
+                           f"label=agentainer.dev/workflow-uid={uid}"],
+                          capture_output=True, text=True, check=True).stdout.split()
+    assert left == [], "its kept agent outlived it"
+    keys = subprocess.run(["redis-cli", "-u", redis_url, "--scan", "--pattern",
+                           f"agentainer:workflow:{uid}*"], capture_output=True, text=True,
+                          check=True).stdout.split()
+    assert keys == [], keys

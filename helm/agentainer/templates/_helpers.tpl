@@ -49,6 +49,9 @@ tasks go over attach. */}}
   resources: ["workflows", "agentpools"]
   verbs: ["get", "list", "watch", "patch", "update"]
 - apiGroups: ["agentainer.dev"]
+  resources: ["workflows"]
+  verbs: ["delete"]  # ttlSecondsAfterFinished
+- apiGroups: ["agentainer.dev"]
   resources: ["workflows/status", "agentpools/status"]
   verbs: ["get", "patch", "update"]
 - apiGroups: [""]
