@@ -9,7 +9,7 @@ import logging
 import signal
 import sys
 import uuid
-from typing import TextIO
+from typing import Any, TextIO
 
 from controller import __version__
 from controller.agents import workspace_spec
@@ -19,7 +19,7 @@ from controller.clock import seconds_between
 from controller.engine import Engine, Event, EventKind, WorkflowRun
 from controller.errors import AgentainerError, ConfigError, InvalidSpecError
 from controller.local_env import LocalEnv
-from controller.manifests import load_run, parse, read_documents
+from controller.manifests import load_run, manifest_files, ours, parse, read_documents
 from controller.models import AgentPool, BackendKind, Workflow, WorkflowPhase, WorkflowStatus
 from controller.pools import PoolManager
 
@@ -179,27 +179,54 @@ def parse_params(arguments: list[str]) -> dict[str, str]:
 
 
 def command_validate(args: argparse.Namespace) -> int:
-    failed = False
-    for path in args.files:
+    """Every manifest of the files (folders: their YAML files; ``-``: stdin), each problem with
+    its field; documents of other kinds are skipped, as ``argo lint`` does."""
+    results: list[dict[str, Any]] = []
+    try:
+        paths = manifest_files(args.files)
+    except AgentainerError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    for path in paths:
         try:
             documents = read_documents(path)
         except AgentainerError as error:
-            print(f"error: {error}", file=sys.stderr)
-            failed = True
+            results.append({"source": path, "valid": False, "error": str(error)})
+            continue
+        if not any(ours(document) for document in documents):
+            kinds = ", ".join(sorted({str(d.body.get("kind")) for d in documents}))
+            results.append({"source": path, "valid": False,
+                            "error": f"{path}: no Workflow or AgentPool in it ({kinds})"})
             continue
         for document in documents:
+            if not ours(document):
+                results.append({"source": document.source, "skipped": True})
+                continue
             try:
                 model = parse(document)
             except InvalidSpecError as error:
-                failed = True
-                print(f"{document.source}: invalid", file=sys.stderr)
-                for problem in error.problems:
-                    print(f"  {problem}", file=sys.stderr)
+                results.append({"source": document.source, "valid": False, "problems": [
+                    {"path": p.path, "message": p.message} for p in error.problems]})
             except AgentainerError as error:
-                failed = True
-                print(f"error: {error}", file=sys.stderr)
+                results.append({"source": document.source, "valid": False, "error": str(error)})
             else:
-                print(f"{document.source}: {model.kind} {model.metadata.name} is valid")
+                results.append({"source": document.source, "valid": True,
+                                "kind": model.kind, "name": model.metadata.name})
+    if args.output == "json":
+        print(json.dumps(results, indent=2))
+    else:
+        for result in results:
+            if result.get("skipped"):
+                continue
+            if result["valid"]:
+                print(f"{result['source']}: {result['kind']} {result['name']} is valid")
+            elif "error" in result:
+                print(f"error: {result['error']}", file=sys.stderr)
+            else:
+                print(f"{result['source']}: invalid", file=sys.stderr)
+                for problem in result["problems"]:
+                    print(f"  {problem['path']}: {problem['message']}", file=sys.stderr)
+    failed = any(not r.get("skipped") and not r["valid"] for r in results)
     return EXIT_FAILED if failed else EXIT_SUCCEEDED
 
 
@@ -253,8 +280,14 @@ def parser() -> argparse.ArgumentParser:
     operator.set_defaults(handler=command_controller)
 
     validate = commands.add_parser("validate", help="check Workflow and AgentPool manifests")
-    validate.add_argument("files", nargs="+", metavar="FILE")
+    validate.add_argument("files", nargs="+", metavar="FILE",
+                          help="a manifest file, a folder of them, or - for stdin")
+    validate.add_argument("-o", "--output", choices=["text", "json"], default="text",
+                          help="json: every document's result, problems with their fields")
     validate.set_defaults(handler=command_validate)
+    for command in (run, operator, validate):  # -v after the command too, as kubectl takes it
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="log what the engine does")
     return top
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,45 @@ class Document:
     body: Any
 
 
+STDIN = "-"
+"""The path that means standard input."""
+
+
+def manifest_files(paths: list[str]) -> list[str]:
+    """The files named, a folder standing for its YAML and JSON files (its subfolders' too),
+    ``-`` for standard input."""
+    found: list[str] = []
+    for name in paths:
+        path = Path(name)
+        if name != STDIN and path.is_dir():
+            files = sorted(str(p) for p in path.rglob("*")
+                           if p.suffix in (".yaml", ".yml", ".json") and p.is_file())
+            if not files:
+                raise ManifestError(f"{path}: no .yaml, .yml or .json file in it")
+            found += files
+        else:
+            found.append(name)
+    return found
+
+
+def ours(document: Document) -> bool:
+    """Whether a document is one of our kinds (or says it is of our API group): other
+    documents of a multi-document file (a Secret, a ConfigMap) are left to others."""
+    body = document.body
+    if not isinstance(body, dict) or not isinstance(body.get("kind"), str):
+        return True  # not a manifest at all: parse says why
+    api_version = str(body.get("apiVersion") or "")
+    return body["kind"] in KINDS or api_version.split("/")[0] == GROUP_VERSION.split("/")[0]
+
+
 def read_documents(path: str | Path) -> list[Document]:
-    """Every non-empty document in a YAML file; one-line ManifestError when it can't be read."""
+    """Every non-empty document in a YAML file (``-``: standard input); one-line
+    ManifestError when it can't be read."""
+    if str(path) == STDIN:
+        try:
+            return _documents("stdin", sys.stdin.read())
+        except UnicodeDecodeError as error:
+            raise ManifestError(f"stdin: cannot read it: {error}") from None
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -38,6 +76,10 @@ def read_documents(path: str | Path) -> list[Document]:
         raise ManifestError(f"{path}: is a directory, not a manifest file") from None
     except (OSError, UnicodeDecodeError) as error:
         raise ManifestError(f"{path}: cannot read it: {error}") from None
+    return _documents(str(path), text)
+
+
+def _documents(path: str, text: str) -> list[Document]:
     try:
         bodies = [body for body in yaml.safe_load_all(text) if body is not None]
     except RecursionError:

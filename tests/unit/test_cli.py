@@ -184,6 +184,8 @@ def test_a_file_that_is_not_a_manifest_gets_one_line_and_a_failing_exit_code(
     assert captured.out == ""
     assert captured.err.splitlines() == [captured.err.strip()]
     assert captured.err.startswith(f"error: {path}")
+    if command == "validate" and words.startswith("kind is 'Pod'"):
+        words = "no Workflow or AgentPool in it (Pod)"  # other kinds are skipped, as argo lint
     assert words in captured.err
 
 
@@ -194,7 +196,10 @@ def test_directory_instead_of_a_file_is_a_one_line_error(
     assert main([command, str(tmp_path)]) in (1, 2)
     captured = capsys.readouterr()
     assert_no_traceback(captured.out, captured.err)
-    assert captured.err == f"error: {tmp_path}: is a directory, not a manifest file\n"
+    # validate reads a folder's manifests; run wants one file
+    assert captured.err == (f"error: {tmp_path}: no .yaml, .yml or .json file in it\n"
+                            if command == "validate" else
+                            f"error: {tmp_path}: is a directory, not a manifest file\n")
 
 
 @pytest.mark.parametrize("command", ["validate", "run"])
@@ -255,3 +260,27 @@ def test_run_with_an_unusable_setting_names_the_variable(
     assert captured.err == (
         "error: AGENTAINER_STORE='sqlite': must be one of redis, memory\n"
     )
+
+
+def test_validate_reads_stdin_and_folders_skips_other_kinds_and_says_it_all_in_json(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+    import json
+
+    (tmp_path / "deep").mkdir()
+    (tmp_path / "deep" / "bad.yml").write_text(
+        "apiVersion: agentainer.dev/v1alpha1\nkind: Workflow\nmetadata: {name: x}\n"
+        "spec: {steps: [{name: A, image: i}]}\n")
+    (tmp_path / "notes.txt").write_text("not a manifest")
+    monkeypatch.setattr("sys.stdin", io.StringIO(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n---\n"
+        "apiVersion: agentainer.dev/v1alpha1\nkind: AgentPool\nmetadata: {name: p}\n"
+        "spec: {image: i}\n"))
+    assert main(["validate", "-", str(tmp_path), "-o", "json", "-v"]) == 1
+    results = json.loads(capsys.readouterr().out)
+    assert [r.get("skipped", r.get("valid")) for r in results] == [True, True, False]
+    assert results[1] == {"source": "stdin (document 2)", "valid": True, "kind": "AgentPool",
+                          "name": "p"}
+    assert results[2]["source"] == str(tmp_path / "deep" / "bad.yml")
+    assert results[2]["problems"][0]["path"] == "spec.steps[0].name"
