@@ -230,6 +230,33 @@ def command_validate(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else EXIT_SUCCEEDED
 
 
+def command_completion(args: argparse.Namespace) -> int:
+    """A bash completion script for these commands and their options, from the parser itself
+    (``source <(agentainer completion bash)``; zsh takes it after ``bashcompinit``)."""
+    top = parser()
+    commands: dict[str, list[str]] = {}
+    for action in top._actions:  # argparse keeps its subcommands here
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                commands[name] = [flag for a in sub._actions for flag in a.option_strings]
+    cases = "\n".join(f'        {name}) words="{" ".join(flags)}" ;;'
+                       for name, flags in commands.items())
+    print(f"""_agentainer() {{
+    local current=${{COMP_WORDS[COMP_CWORD]}} command=${{COMP_WORDS[1]}} words
+    if [ "$COMP_CWORD" -eq 1 ]; then
+        words="{' '.join(commands)} --help --version -v"
+    else
+        case $command in
+{cases}
+        esac
+        if [[ $current != -* ]]; then COMPREPLY=($(compgen -f -- "$current")); return; fi
+    fi
+    COMPREPLY=($(compgen -W "$words" -- "$current"))
+}}
+complete -o filenames -F _agentainer agentainer""")
+    return EXIT_SUCCEEDED
+
+
 def command_controller(args: argparse.Namespace) -> int:
     """The operator: kopf's, with our handlers, elected among replicas on a Lease."""
     from controller import operator  # the CLI's other commands do without kopf
@@ -285,6 +312,10 @@ def parser() -> argparse.ArgumentParser:
     validate.add_argument("-o", "--output", choices=["text", "json"], default="text",
                           help="json: every document's result, problems with their fields")
     validate.set_defaults(handler=command_validate)
+    completion = commands.add_parser("completion", help="print a shell completion script")
+    completion.add_argument("shell", choices=["bash", "zsh"],
+                            help="bash, or zsh (with bashcompinit)")
+    completion.set_defaults(handler=command_completion)
     for command in (run, operator, validate):  # -v after the command too, as kubectl takes it
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                              help="log what the engine does")

@@ -284,3 +284,24 @@ def test_validate_reads_stdin_and_folders_skips_other_kinds_and_says_it_all_in_j
                           "name": "p"}
     assert results[2]["source"] == str(tmp_path / "deep" / "bad.yml")
     assert results[2]["problems"][0]["path"] == "spec.steps[0].name"
+
+
+def test_bash_completes_commands_and_their_options(capsys: pytest.CaptureFixture[str],
+                                                   tmp_path: Path) -> None:
+    import subprocess
+
+    assert main(["completion", "bash"]) == 0
+    script = tmp_path / "completion.bash"
+    script.write_text(capsys.readouterr().out)
+
+    def complete(*words: str) -> list[str]:
+        line = " ".join(f"'{w}'" for w in words)
+        result = subprocess.run(
+            ["bash", "-c", f'source {script}; COMP_WORDS=(agentainer {line}); '
+                           f'COMP_CWORD={len(words)}; _agentainer; echo "${{COMPREPLY[@]}}"'],
+            capture_output=True, text=True, check=True)
+        return result.stdout.split()
+
+    assert complete("va") == ["validate"]
+    assert complete("run", "--se") == ["--secret"]
+    assert "--leader-election" in complete("controller", "--le")
