@@ -17,10 +17,17 @@ from controller.backends.base import LABEL_WORKFLOW_UID
 from controller.config import Settings
 from controller.clock import seconds_between
 from controller.engine import Engine, Event, EventKind, WorkflowRun
-from controller.errors import AgentainerError, ConfigError, InvalidSpecError
+from controller.errors import AgentainerError, ConfigError, InvalidSpecError, NotFoundError
 from controller.local_env import LocalEnv
 from controller.manifests import load_run, manifest_files, ours, parse, read_documents
-from controller.models import AgentPool, BackendKind, Workflow, WorkflowPhase, WorkflowStatus
+from controller.models import (
+    AgentPhase,
+    AgentPool,
+    BackendKind,
+    Workflow,
+    WorkflowPhase,
+    WorkflowStatus,
+)
 from controller.pools import PoolManager
 
 EXIT_SUCCEEDED = 0
@@ -230,6 +237,58 @@ def command_validate(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else EXIT_SUCCEEDED
 
 
+def command_logs(args: argparse.Namespace) -> int:
+    """What a run's agents printed, from the store: kept after their containers are gone."""
+    settings = Settings.from_env(store=args.store, redis_url=args.redis_url)
+    return asyncio.run(_logs(args.workflow, args.step, args.agent, settings))
+
+
+async def _logs(wanted: str, step: str | None, agent: str | None, settings: Settings) -> int:
+    from controller.store import open_store
+
+    store = await open_store(settings)
+    try:
+        uid = await _find_run(store, wanted)
+        record = await store.workflow(uid)
+        order = {s.name: n for n, s in enumerate(record.spec.all_steps)} \
+            if record is not None and record.spec is not None else {}
+        agents = sorted((await store.agents(uid)).values(), key=lambda a: (
+            order.get(a.step, len(order)), a.step, a.status.index, a.status.attempt))
+        logs = await store.logs(uid)
+        outputs: dict[str, dict[int, str]] = {}
+        shown = 0
+        for found in agents:
+            status = found.status
+            if step is not None and found.step != step or agent is not None and \
+                    agent not in (status.id, status.name):
+                continue
+            if found.step not in outputs:
+                outputs[found.step] = await store.outputs(uid, found.step)
+            exit_code = "" if status.exit_code is None else f" exit {status.exit_code}"
+            print(f"==> {status.id} {status.name} {status.phase.value}{exit_code} <==")
+            if status.phase is AgentPhase.SUCCEEDED and status.index in outputs[found.step]:
+                print(outputs[found.step][status.index])
+            if logs.get(status.id):
+                print(f"--- stderr ---\n{logs[status.id].rstrip()}")
+            shown += 1
+        if not shown:
+            print(f"no agent of {wanted} matches", file=sys.stderr)
+            return EXIT_FAILED
+        return EXIT_SUCCEEDED
+    finally:
+        await store.close()
+
+
+async def _find_run(store: Any, wanted: str) -> str:
+    """The uid of the latest run named ``wanted`` (or with that uid)."""
+    for uid in await store.uids():
+        record = await store.workflow(uid)
+        if uid == wanted or record is not None and record.name == wanted:
+            return str(uid)
+    raise NotFoundError(f"no workflow named {wanted!r} (or with that uid) in the store; "
+                        "runs are kept for AGENTAINER_STATE_TTL_SECONDS")
+
+
 def command_completion(args: argparse.Namespace) -> int:
     """A bash completion script for these commands and their options, from the parser itself
     (``source <(agentainer completion bash)``; zsh takes it after ``bashcompinit``)."""
@@ -312,11 +371,21 @@ def parser() -> argparse.ArgumentParser:
     validate.add_argument("-o", "--output", choices=["text", "json"], default="text",
                           help="json: every document's result, problems with their fields")
     validate.set_defaults(handler=command_validate)
+    logs = commands.add_parser("logs", help="what a run's agents printed (kept in the store)")
+    logs.add_argument("workflow", metavar="NAME", help="a workflow's name (its latest run) or uid")
+    logs.add_argument("--step", default=None, help="only the agents of this step")
+    logs.add_argument("--agent", default=None, metavar="ID",
+                      help="only this agent (its id, step.index.attempt, or its name)")
+    logs.add_argument("--store", choices=["redis", "memory"], default=None,
+                      help="where state is (default: $AGENTAINER_STORE or redis)")
+    logs.add_argument("--redis-url", default=None, help="Redis URL (default: "
+                      "$AGENTAINER_REDIS_URL or redis://localhost:6379/0)")
+    logs.set_defaults(handler=command_logs)
     completion = commands.add_parser("completion", help="print a shell completion script")
     completion.add_argument("shell", choices=["bash", "zsh"],
                             help="bash, or zsh (with bashcompinit)")
     completion.set_defaults(handler=command_completion)
-    for command in (run, operator, validate):  # -v after the command too, as kubectl takes it
+    for command in (run, operator, validate, logs):  # -v after the command too, as kubectl
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                              help="log what the engine does")
     return top

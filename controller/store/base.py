@@ -22,6 +22,12 @@ class WorkflowStore(Protocol):
     async def agents(self, uid: str) -> dict[str, AgentRecord]: ...
     async def outputs(self, uid: str, step: str) -> dict[int, str]: ...
 
+    async def logs(self, uid: str) -> dict[str, str]:
+        """Each agent's stderr (its tail), by agent id."""
+
+    async def uids(self) -> list[str]:
+        """Every workflow the store knows, the latest started first."""
+
     async def delete(self, uid: str) -> None:
         """Forget a workflow (its resource was deleted)."""
 

@@ -66,6 +66,12 @@ class MemoryStore:
     async def outputs(self, uid: str, step: str) -> dict[int, str]:
         return {int(k): v for k, v in self.data.get(Keys.outputs(uid, step), {}).items()}
 
+    async def logs(self, uid: str) -> dict[str, str]:
+        return dict(self.data.get(Keys.logs(uid), {}))
+
+    async def uids(self) -> list[str]:
+        return sorted(self.index, key=lambda uid: self.index[uid], reverse=True)
+
     async def close(self) -> None:
         """Nothing to release."""
 

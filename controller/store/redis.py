@@ -222,6 +222,15 @@ class RedisStore:
             raw = _texts(await self._client.hgetall(Keys.steps(uid)))
         return {name: decode_step(value) for name, value in raw.items()}
 
+    async def logs(self, uid: str) -> dict[str, str]:
+        async with self._errors("reading logs"):
+            return _texts(await self._client.hgetall(Keys.logs(uid)))
+
+    async def uids(self) -> list[str]:
+        async with self._errors("reading the workflows"):
+            found: list[Any] = await self._client.zrevrange(Keys.workflows, 0, -1)
+        return [_text(uid) for uid in found]
+
     async def agents(self, uid: str) -> dict[str, AgentRecord]:
         async with self._errors("reading state"):
             raw = _texts(await self._client.hgetall(Keys.agents(uid)))

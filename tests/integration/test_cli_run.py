@@ -298,3 +298,28 @@ def test_the_workflow_language_examples_run_as_their_comments_say(
     result = agentainer("run", f"examples/{example}", "--output", "json", env=redis_env)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["steps"][-1]["output"] == last
+
+
+def test_logs_read_back_what_the_agents_printed_after_their_containers_are_gone(
+        tmp_path: Path, redis_env: dict[str, str]) -> None:
+    name = f"logs-{os.getpid()}-{time.monotonic_ns() % 100000}"
+    path = write(tmp_path, workflow_doc(
+        {"name": "talk", "parallel": {"replicas": 2},
+         "command": sh('echo "said $AGENTAINER_ITEM_INDEX"; echo "warned $AGENTAINER_ITEM_INDEX" >&2')},
+        {"name": "fail", "command": sh("echo 'why: no disk' >&2; exit 3")},
+        name=name, cleanup="Always"))
+    assert agentainer("run", path, env=redis_env).returncode == 1
+
+    shown = agentainer("logs", name, env=redis_env)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0].startswith(f"==> talk.0.1 {name}-talk-0-")
+    assert lines[0].endswith(" Succeeded exit 0 <==")
+    assert lines[1:4] == ["said 0", "--- stderr ---", "warned 0"]
+    assert "said 1" in shown.stdout and "warned 1" in shown.stdout
+    assert "fail.0.1" in shown.stdout and "Failed exit 3" in shown.stdout
+    assert "why: no disk" in shown.stdout
+    only = agentainer("logs", name, "--step", "fail", env=redis_env)
+    assert "said" not in only.stdout and "why: no disk" in only.stdout
+    missing = agentainer("logs", "no-such-run", env=redis_env)
+    assert missing.returncode == 2 and "no workflow named 'no-such-run'" in missing.stderr

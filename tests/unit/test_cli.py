@@ -305,3 +305,11 @@ def test_bash_completes_commands_and_their_options(capsys: pytest.CaptureFixture
     assert complete("va") == ["validate"]
     assert complete("run", "--se") == ["--secret"]
     assert "--leader-election" in complete("controller", "--le")
+
+
+def test_logs_of_a_run_the_store_does_not_know_is_one_line_and_exit_2(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["logs", "nowhere", "--store", "memory", "--step", "x"]) == 2
+    captured = capsys.readouterr()
+    assert_no_traceback(captured.out, captured.err)
+    assert captured.err.startswith("error: no workflow named 'nowhere'")
