@@ -138,7 +138,7 @@ class Controller:
         while time.monotonic() < deadline:
             assert self.process.poll() is None, f"controller exited; see {self.log}"
             try:
-                with urllib.request.urlopen(self.url("/healthz"), timeout=1):
+                with urllib.request.urlopen(self.url("/readyz"), timeout=1):
                     return
             except OSError:
                 time.sleep(0.2)
