@@ -51,9 +51,12 @@ class Timing:
                              f"lease duration, not {self}")
 
 
+MICRO_TIME = "%Y-%m-%dT%H:%M:%S.%fZ"
+"""How the Lease's times are written (Kubernetes' MicroTime)."""
+
+
 def _now_text() -> str:
-    """A MicroTime, as the Lease's fields want it."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.now(UTC).strftime(MICRO_TIME)
 
 
 class LeaderElection:
@@ -177,7 +180,7 @@ class LeaderElection:
             return False
         transitions = spec.lease_transitions or 0
         if holder == self.identity:
-            acquired = spec.acquire_time.strftime("%Y-%m-%dT%H:%M:%S.%fZ") \
+            acquired = spec.acquire_time.strftime(MICRO_TIME) \
                 if spec.acquire_time else now_text
         else:
             acquired, transitions = now_text, transitions + 1
