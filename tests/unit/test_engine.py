@@ -89,6 +89,15 @@ async def until(condition: Callable[[], bool], seconds: float = 5.0) -> None:
         await asyncio.sleep(0.001)
 
 
+def map_reduce_aside() -> dict[str, Any]:
+    """A fan-out over two words, a step that reads all their outputs, and one that reads none."""
+    return with_uid(workflow_doc(
+        {"name": "map", "parallel": {"items": ["a", "b"]},
+         "env": [{"name": "WORD", "value": "{{ item }}"}]},
+        {"name": "reduce", "env": [{"name": "ALL", "value": "{{ steps.map.outputs }}"}]},
+        {"name": "aside", "dependsOn": ["map"]}))
+
+
 def only(agents: list[FakeAgent]) -> FakeAgent:
     assert len(agents) == 1, agents
     return agents[0]
@@ -705,11 +714,7 @@ def test_an_output_lost_from_the_store_fails_the_step_that_reads_it_loudly() -> 
     that does not read it still runs."""
     from controller.store import Keys
 
-    document = with_uid(workflow_doc(
-        {"name": "map", "parallel": {"items": ["a", "b"]},
-         "env": [{"name": "WORD", "value": "{{ item }}"}]},
-        {"name": "reduce", "env": [{"name": "ALL", "value": "{{ steps.map.outputs }}"}]},
-        {"name": "aside", "dependsOn": ["map"]}))
+    document = map_reduce_aside()
     fake = FakeBackend(lambda spec: Behaviour(0.3 if step_of(spec) == "reduce" else 0,
                                               stdout=spec.env.get("WORD", "x")))
     store = MemoryStore()
@@ -748,11 +753,7 @@ def test_a_store_that_lost_the_run_resumes_it_from_the_status_of_its_resource(cu
     resource's status shows finished is not run again; its outputs are taken from there when
     shown whole, else the step that reads them fails saying they are lost; a running agent is
     adopted by its labels."""
-    document = with_uid(workflow_doc(
-        {"name": "map", "parallel": {"items": ["a", "b"]},
-         "env": [{"name": "WORD", "value": "{{ item }}"}]},
-        {"name": "reduce", "env": [{"name": "ALL", "value": "{{ steps.map.outputs }}"}]},
-        {"name": "aside", "dependsOn": ["map"]}))
+    document = map_reduce_aside()
     fake = FakeBackend(lambda spec: Behaviour(0.3 if step_of(spec) == "reduce" else 0,
                                               stdout=spec.env.get("ALL") or spec.env.get("WORD", "")))
 
