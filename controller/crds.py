@@ -124,6 +124,7 @@ def workflow_crd() -> dict[str, Any]:
         "Workflow", "workflows", ["awf"], WorkflowSpec, WorkflowStatus,
         [column("Phase", ".status.phase", description="Where the workflow is"),
          column("Progress", ".status.progress", description="Agents succeeded / all"),
+         column("Suspended", ".spec.suspend", "boolean", "New agents held back", priority=1),
          column("Message", ".status.message", priority=1),
          column("Age", ".metadata.creationTimestamp", "date")],
         "A workflow of agent containers: steps that run one agent, a fan-out of agents, or "

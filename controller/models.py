@@ -57,16 +57,25 @@ class CleanupPolicy(StrEnum):
     NEVER = "Never"
 
 
+class Shutdown(StrEnum):
+    STOP = "Stop"
+    TERMINATE = "Terminate"
+
+
 class WorkflowPhase(StrEnum):
     PENDING = "Pending"
     RUNNING = "Running"
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
     CANCELLED = "Cancelled"
+    """Its running agents were stopped: ``spec.shutdown: Terminate`` (or the CLI's Ctrl-C)."""
+    STOPPED = "Stopped"
+    """``spec.shutdown: Stop``: no new step started; those running finished."""
 
     @property
     def finished(self) -> bool:
-        return self in (WorkflowPhase.SUCCEEDED, WorkflowPhase.FAILED, WorkflowPhase.CANCELLED)
+        return self in (WorkflowPhase.SUCCEEDED, WorkflowPhase.FAILED, WorkflowPhase.CANCELLED,
+                        WorkflowPhase.STOPPED)
 
 
 class StepPhase(StrEnum):
@@ -124,6 +133,8 @@ class ConditionType(StrEnum):
     """A Workflow's spec changed after it started; it runs the spec it started with."""
     BACKEND_UNAVAILABLE = "BackendUnavailable"
     """The resource asks for a backend this controller does not have."""
+    SUSPENDED = "Suspended"
+    """A Workflow's ``spec.suspend`` holds its new agents back (False once resumed)."""
 
 
 class ApiModel(BaseModel):
@@ -602,6 +613,16 @@ class WorkflowSpec(ApiModel):
                     "for the workflow, on Kubernetes a PersistentVolumeClaim it owns (or "
                     "claimName's); removed with the workflow as cleanup says. Pooled steps "
                     "cannot use it (pool agents serve other workflows too).")
+    suspend: bool = Field(
+        default=False,
+        description="While true, no new agent starts (running ones finish); false resumes. "
+                    "The workflow's timeout keeps counting.")
+    shutdown: Shutdown | None = Field(
+        default=None,
+        description="End the run early: Stop (no new step starts, running agents finish, "
+                    "finally steps run; phase Stopped) or Terminate (running agents are "
+                    "stopped now, finally steps run; phase Cancelled). Stop may be turned into "
+                    "Terminate, not back.")
     steps: list[Step] = Field(min_length=1, max_length=200, description="The steps to run.")
     finally_steps: list[Step] = Field(
         default_factory=list, alias="finally", max_length=50,
@@ -610,6 +631,11 @@ class WorkflowSpec(ApiModel):
                     "); they read {{ workflow.status }} and {{ workflow.failures }}, and may "
                     "depend only on each other (default: on none). They change the workflow's "
                     "phase only if they fail.")
+
+    def running_part(self) -> WorkflowSpec:
+        """The spec without its controls (SPEC_CONTROLS): what a run runs."""
+        return self.model_copy(update={name: WorkflowSpec.model_fields[name].default
+                                       for name in SPEC_CONTROLS})
 
     def dependencies(self, index: int) -> list[str]:
         """The steps that step ``index`` waits for, the default applied."""
@@ -633,6 +659,11 @@ class WorkflowSpec(ApiModel):
         """Every step with its field path: ``spec.steps[i]`` or ``spec.finally[i]``."""
         return [(f"spec.steps[{i}]", step) for i, step in enumerate(self.steps)] + [
             (f"spec.finally[{i}]", step) for i, step in enumerate(self.finally_steps)]
+
+
+SPEC_CONTROLS = frozenset({"suspend", "shutdown", "ttl_seconds_after_finished"})
+"""Fields of a Workflow's spec that steer its run rather than say what it runs: changing them
+is not a change of the spec the run started with."""
 
 
 class ObjectMeta(BaseModel):
@@ -788,6 +819,9 @@ class StepStatus(StatusModel):
     agents_omitted: int | None = Field(
         default=None, description="Agents not listed in agents, to keep the resource small.")
     attempts: int = Field(default=0, description="Agent runs, retries included.")
+    attempts_before_retry: int | None = Field(
+        default=None, description="Set when the step was run again by a retry of the "
+                                  "workflow: attempts up to this number were before it.")
     output: str | None = Field(
         default=None,
         description="Output (trimmed stdout); a JSON list for a fan-out. Truncated here; "
@@ -805,10 +839,15 @@ class StepStatus(StatusModel):
 class WorkflowStatus(StatusModel):
     """What the controller observed of a Workflow."""
 
-    phase: WorkflowPhase = Field(default=WorkflowPhase.PENDING,
-                                 description="Pending, Running, Succeeded, Failed or Cancelled.")
+    phase: WorkflowPhase = Field(
+        default=WorkflowPhase.PENDING,
+        description="Pending, Running, Succeeded, Failed, Cancelled or Stopped.")
     started_at: str | None = Field(default=None, description="When it started.")
     finished_at: str | None = Field(default=None, description="When it ended.")
+    retried: str | None = Field(
+        default=None, description="The last value of the workflows.agentainer.dev/retry "
+                                  "annotation the controller acted on (each value once).")
+    retries: int | None = Field(default=None, description="How many times it was retried.")
     observed_generation: int | None = Field(default=None,
                                             description="The generation of spec being run.")
     progress: str = Field(default="0/0", description="Agents succeeded / agents in all.")

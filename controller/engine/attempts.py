@@ -59,6 +59,8 @@ class StopReason(StrEnum):
     CANCELLED = "Cancelled"
     DEADLINE_EXCEEDED = "DeadlineExceeded"
     DETACHED = "Detached"
+    STOPPED = "Stopped"
+    """No new step or agent starts; those running finish (the others stop them)."""
 
 
 @dataclass

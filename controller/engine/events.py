@@ -19,6 +19,10 @@ class EventKind(StrEnum):
     AGENT_FINISHED = "AgentFinished"
     AGENT_RETRYING = "AgentRetrying"
     STEP_FINISHED = "StepFinished"
+    WORKFLOW_SUSPENDED = "WorkflowSuspended"
+    WORKFLOW_RESUMED = "WorkflowResumed"
+    WORKFLOW_STOPPING = "WorkflowStopping"
+    """Asked to stop or terminate: its message says which."""
     WORKFLOW_FINISHED = "WorkflowFinished"
 
 

@@ -3,6 +3,7 @@ mapping between a run's state and the store's records (whose format is the store
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -75,6 +76,39 @@ class Journal:
         """The run ended: its final state, expiring after ``ttl_seconds``."""
         await self.store.record(self.uid, Change(workflow=self._whole(status)))
         await self.store.finish(self.uid, ttl_seconds)
+
+    async def reopen(self, last_known: WorkflowStatus | None = None) -> list[str] | None:
+        """Make a finished run resumable, for a retry: the steps that did not succeed (and the
+        finally steps, which report on the outcome) are Pending again, their agents kept as
+        history and their attempts counted afresh; the steps that succeeded keep their outputs,
+        and so do the agents of a fan-out that succeeded. Returns the steps to run again
+        (None: nothing of the run was recorded)."""
+        restored = await self.restore(last_known)
+        if restored is None:
+            return None
+        spec = restored.workflow.spec or self.workflow.spec
+        again = []
+        for step in spec.all_steps:
+            state = restored.steps.get(step.name)
+            if state is not None and state.phase is StepPhase.SUCCEEDED and \
+                    step not in spec.finally_steps:
+                continue
+            agents = restored.agents.get(step.name, [])
+            base = max((agent.attempt for agent in agents), default=0)
+            if state is not None and state.attempts_before_retry:
+                base = max(base, state.attempts_before_retry)
+            # A finally step that succeeded runs again: its old output is not its new one.
+            await self.store.record(self.uid, Change(
+                step=StepStatus(name=step.name, attempts=len(agents),
+                                attempts_before_retry=base or None),
+                forget_outputs=step.name if state is not None and
+                state.phase is StepPhase.SUCCEEDED else None))
+            again.append(step.name)
+        await self.store.record(self.uid, Change(workflow=dataclasses.replace(
+            restored.workflow, phase=WorkflowPhase.RUNNING, finished_at=None, message=None,
+            spec=spec)))
+        await self.store.reopen(self.uid)
+        return again
 
     async def restore(self, last_known: WorkflowStatus | None = None) -> Restored | None:
         """What an earlier process recorded of this run, for the steps of the spec it started

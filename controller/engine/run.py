@@ -11,8 +11,14 @@ Semantics worth knowing (the README says the same to users):
 - Fail fast, as Argo's DAGs do: once a step fails, no new step (and no new agent of the failing
   step) is started; agents already running are allowed to finish. Steps that depend on the
   failed one, and steps that never got to start, end as Skipped. The workflow is Failed.
-- Workflow ``timeoutSeconds`` and cancellation stop every running agent (SIGTERM, then SIGKILL
-  after ``stop_grace_seconds``); the workflow ends Failed (DeadlineExceeded) or Cancelled.
+- Workflow ``timeoutSeconds`` and cancellation (``shutdown: Terminate``) stop every running
+  agent (SIGTERM, then SIGKILL after ``stop_grace_seconds``); the workflow ends Failed
+  (DeadlineExceeded) or Cancelled.
+- ``shutdown: Stop`` starts nothing new and lets running agents finish: the workflow ends
+  Stopped. ``suspend`` holds new agents back until it is lifted (the timeout keeps counting).
+  Finally steps run after either.
+- A retry (``Journal.reopen``) runs again the steps that did not succeed, counting their
+  attempts afresh; what succeeded keeps its outputs.
 - Cleanup: ``Always`` removes every agent once it stops, ``OnSuccess`` removes the agents that
   succeeded and keeps the others for debugging, ``Never`` keeps all.
 """
@@ -48,6 +54,7 @@ from controller.models import (
     Condition,
     ConditionStatus,
     ConditionType,
+    Shutdown,
     Step,
     StepPhase,
     StepStatus,
@@ -91,7 +98,11 @@ class WorkflowRun:
         self.outputs: dict[str, list[str]] = {}
         self.failed_step: str | None = None
         self.interrupted_by: AgentainerError | None = None
-        self._stop = asyncio.Event()
+        self._wake = asyncio.Event()
+        """Set when the schedule has something new to look at: a stop, a resume."""
+        self._unsuspended = asyncio.Event()
+        self._unsuspended.set()
+        self._cancel_cause = "cancelled"
         self._step_tasks: dict[str, asyncio.Task[bool]] = {}
         self._restored_outputs: dict[str, dict[int, str]] = {}
         self._lost_outputs: dict[str, list[int]] = {}
@@ -120,12 +131,57 @@ class WorkflowRun:
     def stop_reason(self) -> StopReason | None:
         return self.state.stop_reason
 
-    def cancel(self, finally_steps: bool = True) -> None:
-        """Stop the run: running agents are stopped and cleaned up, the phase is Cancelled.
-        Its finally steps run then, unless ``finally_steps`` is False (the workflow is being
-        deleted: nothing may start for it any more)."""
+    def cancel(self, finally_steps: bool = True, cause: str = "cancelled") -> None:
+        """Stop the run: running agents are stopped and cleaned up, the phase is Cancelled
+        (``cause`` says why, in its message). Its finally steps run then, unless
+        ``finally_steps`` is False (the workflow is being deleted: nothing may start for it any
+        more)."""
         self._finally_wanted = self._finally_wanted and finally_steps
+        if self.stop_reason in (None, StopReason.STOPPED):
+            self._cancel_cause = cause
+            self.emit(EventKind.WORKFLOW_STOPPING,
+                      f"workflow {self.workflow.metadata.name} {cause}")
         self._stop_for(StopReason.CANCELLED)
+
+    def stop(self) -> None:
+        """Start nothing new: running agents finish, finally steps run, the phase is Stopped."""
+        if self.stop_reason is None:
+            self.emit(EventKind.WORKFLOW_STOPPING,
+                      f"workflow {self.workflow.metadata.name} stopping: no new step starts; "
+                      "running agents finish")
+        self._stop_for(StopReason.STOPPED)
+
+    def suspend(self, suspended: bool) -> None:
+        """Hold new agents back (running ones finish), or let them start again."""
+        if suspended == (not self._unsuspended.is_set()) or self.stop_reason is not None:
+            return
+        name = self.workflow.metadata.name
+        if suspended:
+            self._unsuspended.clear()
+            message = "suspended: no new agent starts until spec.suspend is false"
+        else:
+            self._unsuspended.set()
+            message = "resumed"
+        self.status.conditions = [c for c in self.status.conditions
+                                  if c.type != ConditionType.SUSPENDED.value] + [Condition(
+            type=ConditionType.SUSPENDED.value, reason="Suspended" if suspended else "Resumed",
+            status=ConditionStatus.TRUE if suspended else ConditionStatus.FALSE,
+            message=message, last_transition_time=now())]
+        self._wake.set()
+        self.emit(EventKind.WORKFLOW_SUSPENDED if suspended else EventKind.WORKFLOW_RESUMED,
+                  f"workflow {name} {message}")
+
+    def steer(self, suspend: bool, shutdown: Shutdown | None) -> None:
+        """Follow the run's controls as they are now (``spec.suspend``, ``spec.shutdown``)."""
+        self.suspend(suspend)
+        if shutdown is Shutdown.TERMINATE:
+            self.cancel(cause="terminated (spec.shutdown: Terminate)")
+        elif shutdown is Shutdown.STOP:
+            self.stop()
+
+    @property
+    def suspended(self) -> bool:
+        return not self._unsuspended.is_set()
 
     def detach(self) -> None:
         """Stop watching without touching anything: agents run on and the state stays as it is,
@@ -133,8 +189,15 @@ class WorkflowRun:
         self._stop_for(StopReason.DETACHED)
 
     def _stop_for(self, reason: StopReason) -> None:
-        self.state.stop_reason = self.state.stop_reason or reason
-        self._stop.set()
+        # A graceful stop gives way to any other: terminate, the deadline, detaching.
+        if self.state.stop_reason in (None, StopReason.STOPPED):
+            self.state.stop_reason = reason
+        self._unsuspended.set()  # nothing waits for a resume that would start nothing
+        self._wake.set()
+
+    async def _unheld(self) -> None:
+        """Wait while the run is suspended."""
+        await self._unsuspended.wait()
 
     @property
     def detached(self) -> bool:
@@ -194,7 +257,9 @@ class WorkflowRun:
                 raise self.interrupted_by
             if self.detached:
                 return status
-            self.state.stop_reason, self.failed_step = main_stop, main_failed
+            if self.stop_reason is not StopReason.CANCELLED:  # a terminate then stands
+                self.state.stop_reason = main_stop
+            self.failed_step = main_failed
         elif self._finally:  # being deleted: they are not started
             self._now_running = set(self._finally)
             await self._skip_unstarted()
@@ -231,7 +296,8 @@ class WorkflowRun:
         succeeded = self.stop_reason is None and self.failed_step is None and not failed
         self._outcome = ("Succeeded" if succeeded else "Failed", failed)
         self.state.stop_reason, self.failed_step = None, None
-        self._stop.clear()
+        if self.suspended:  # the grace period is short: finally steps are not held back
+            self._unsuspended.set()
         self._now_running = set(self._finally)
         grace = time.monotonic() + self.settings.finally_grace_seconds
         try:
@@ -255,7 +321,10 @@ class WorkflowRun:
             status.message = self._run_failure
         elif self.stop_reason is StopReason.CANCELLED:
             status.phase = WorkflowPhase.CANCELLED
-            status.message = "cancelled"
+            status.message = self._cancel_cause
+        elif self.stop_reason is StopReason.STOPPED:
+            status.phase = WorkflowPhase.STOPPED
+            status.message = "stopped: no new step was started after spec.shutdown: Stop"
         elif self.stop_reason is StopReason.DEADLINE_EXCEEDED:
             status.phase = WorkflowPhase.FAILED
             status.message = f"workflow exceeded its timeoutSeconds ({timeout})"
@@ -271,6 +340,8 @@ class WorkflowRun:
             status.message = None
         status.finished_at = now()
         reason = self.stop_reason.value if self.stop_reason else status.phase.value
+        if self.stop_reason is StopReason.CANCELLED and self._cancel_cause != "cancelled":
+            reason = "Terminated"
         message = status.message or "all steps succeeded"
         status.conditions = [Condition(
             type=ConditionType.COMPLETED.value, status=ConditionStatus.TRUE, reason=reason,
@@ -287,7 +358,8 @@ class WorkflowRun:
         again; agents that were running are adopted by ``_run_unit`` through their labels,
         never started a second time."""
         recorded = restored.workflow
-        if recorded.spec is not None and recorded.spec != self.workflow.spec:
+        if recorded.spec is not None and \
+                recorded.spec.running_part() != self.workflow.spec.running_part():
             metadata = self.workflow.metadata.model_copy(
                 update={"generation": recorded.generation})
             self._plan(self.workflow.model_copy(update={"spec": recorded.spec,
@@ -302,6 +374,7 @@ class WorkflowRun:
             step.attempts = len(step.agents)
             step.started_at, step.finished_at = state.started_at, state.finished_at
             step.message = state.message
+            step.attempts_before_retry = state.attempts_before_retry
             outputs = restored.outputs.get(name, {})
             self._restored_outputs[name] = outputs
             self.state.units_done += len(outputs)
@@ -352,29 +425,31 @@ class WorkflowRun:
         return ready
 
     async def _schedule(self, deadline: float | None) -> None:
-        stop_waiter = asyncio.ensure_future(self._stop.wait())
-        try:
-            while True:
-                if self.failed_step is None and self.stop_reason is None:
-                    for name in self._ready_steps():
-                        self._step_tasks[name] = asyncio.create_task(
-                            self._run_step(self.steps[name]), name=f"step-{name}"
-                        )
-                running = {t for t in self._step_tasks.values() if not t.done()}
-                if not running:
-                    break
-                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-                done, _ = await asyncio.wait(running | {stop_waiter}, timeout=remaining,
+        while True:
+            self._wake.clear()
+            startable = self.failed_step is None and self.stop_reason is None
+            if startable and not self.suspended:
+                for name in self._ready_steps():
+                    self._step_tasks[name] = asyncio.create_task(
+                        self._run_step(self.steps[name]), name=f"step-{name}"
+                    )
+            running = {t for t in self._step_tasks.values() if not t.done()}
+            if not running and not (startable and self.suspended and self._ready_steps()):
+                break
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            waker = asyncio.ensure_future(self._wake.wait())
+            try:
+                done, _ = await asyncio.wait(running | {waker}, timeout=remaining,
                                              return_when=asyncio.FIRST_COMPLETED)
-                for task in done - {stop_waiter}:
-                    if not task.cancelled() and (error := task.exception()) is not None:
-                        await self._step_crashed(task, error)
-                if deadline is not None and time.monotonic() >= deadline:
-                    self._stop_for(StopReason.DEADLINE_EXCEEDED)
-                if self.stop_reason is not None:
-                    break
-        finally:
-            stop_waiter.cancel()
+            finally:
+                waker.cancel()
+            for task in done - {waker}:
+                if not task.cancelled() and (error := task.exception()) is not None:
+                    await self._step_crashed(task, error)
+            if deadline is not None and time.monotonic() >= deadline:
+                self._stop_for(StopReason.DEADLINE_EXCEEDED)
+            if self.stop_reason not in (None, StopReason.STOPPED):
+                break
         await self._skip_unstarted()
 
     async def _step_crashed(self, task: asyncio.Task[bool], error: BaseException) -> None:
@@ -423,7 +498,9 @@ class WorkflowRun:
                                                                 StepPhase.SKIPPED)]
             step.phase = StepPhase.SKIPPED
             if self.stop_reason is StopReason.CANCELLED:
-                step.message = "not started: the workflow was cancelled"
+                step.message = f"not started: the workflow was {self._cancel_cause}"
+            elif self.stop_reason is StopReason.STOPPED:
+                step.message = "not started: the workflow was stopped"
             elif self.stop_reason is StopReason.DEADLINE_EXCEEDED:
                 step.message = "not started: the workflow exceeded its timeout"
             elif failed_deps:
@@ -465,6 +542,7 @@ class WorkflowRun:
 
         async def worker() -> None:
             for index in pending:
+                await self._unheld()
                 if stopping():
                     return
                 async with self.state.agents_at_once:
@@ -493,7 +571,11 @@ class WorkflowRun:
             self.emit(EventKind.STEP_FINISHED, f"step {step.name} {status.message}", status)
             raise
         status.finished_at = now()
-        if failures or any(r is None for r in results):
+        if not failures and self.stop_reason is StopReason.STOPPED and \
+                any(r is None for r in results):
+            status.phase = StepPhase.CANCELLED
+            status.message = "stopped: the workflow was stopped before all its agents started"
+        elif failures or any(r is None for r in results):
             status.phase = StepPhase.FAILED
             if not failures:
                 status.message = "stopped: another step failed"
@@ -560,9 +642,10 @@ class WorkflowRun:
         restored = self._restored_outputs.get(step.name, {})
         if index in restored:
             return AttemptOutcome(True, restored[index])  # finished before a restart
-        attempt = 1
+        base = status.attempts_before_retry or 0  # a retry counts its attempts afresh
+        attempt = base + 1
         earlier: AgentStatus | None = None
-        recorded = [a for a in status.agents if a.index == index]
+        recorded = [a for a in status.agents if a.index == index and a.attempt > base]
         # Attempts the container engine cut short are not the step's retries (up to a bound).
         uncounted = sum(a.reason is AgentReason.INTERRUPTED for a in recorded)
         if recorded:
@@ -573,7 +656,7 @@ class WorkflowRun:
                 status.message = (f"agent {last.name} succeeded, but its output is missing "
                                   "from the store: it was lost; run the workflow again")
                 return AttemptOutcome(False, retryable=False)
-            elif last.attempt - min(uncounted, MAX_UNCOUNTED_ATTEMPTS) > retries:
+            elif last.attempt - base - min(uncounted, MAX_UNCOUNTED_ATTEMPTS) > retries:
                 status.message = status.message or f"agent {last.name} failed"
                 return AttemptOutcome(False, retryable=False)
             else:
@@ -593,7 +676,7 @@ class WorkflowRun:
                 await asyncio.sleep(UNCOUNTED_PAUSE_SECONDS)
                 attempt += 1
                 continue
-            counted = attempt - uncounted
+            counted = attempt - base - uncounted
             if not outcome.retryable or counted > retries:
                 return outcome
             assert step.retries is not None
@@ -602,6 +685,9 @@ class WorkflowRun:
                       f"agent {agent.name} failed ({status.message}); "
                       f"retry {counted} of {retries} in {delay:g}s", status, agent)
             await asyncio.sleep(delay)
+            await self._unheld()
+            if self.stop_reason is not None:
+                return outcome
             attempt += 1
 
 

@@ -17,6 +17,7 @@ from controller.backends.kubernetes import (
     load_credentials,
 )
 from controller.config import Settings
+from controller.engine import WorkflowRun
 from controller.errors import AgentainerError, TransientError
 from controller.metrics import Metrics
 from controller.models import API_GROUP, API_VERSION, BackendKind, WorkflowPhase
@@ -43,6 +44,8 @@ class Services:
     custom_objects: Any
     pools: PoolManager
     phases: dict[str, WorkflowPhase] = field(default_factory=dict)
+    runs: dict[str, WorkflowRun] = field(default_factory=dict)
+    """The runs of this process, by workflow uid: for handlers that steer them."""
     _docker: DockerBackend | None = None
     _kubernetes: KubernetesBackend | None = None
     _backend_lock: asyncio.Lock = field(default_factory=asyncio.Lock)

@@ -11,7 +11,7 @@ import asyncio
 import collections
 import heapq
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import kopf
@@ -19,7 +19,7 @@ import pydantic
 
 from controller.clock import now
 from controller.engine import Event, EventKind, Observer
-from controller.errors import AgentainerError
+from controller.errors import AgentainerError, InvalidSpecError
 from controller.handlers.context import Services
 from controller.models import (
     AgentCounts,
@@ -31,7 +31,9 @@ from controller.models import (
     StepPhase,
     StepStatus,
     WorkflowPhase,
+    WorkflowSpec,
     WorkflowStatus,
+    parse_workflow,
 )
 
 logger = logging.getLogger(__name__)
@@ -195,6 +197,30 @@ def refused_status(kind: ConditionType, message: str, generation: int | None) ->
     ).to_dict()
 
 
+def retried_status(status: dict[str, Any], again: list[str], request: str) -> dict[str, Any]:
+    """The status patch of a finished Workflow retried: running again, the steps in ``again``
+    Pending (their agents kept as history), the others as they ended."""
+    steps = []
+    for step in status.get("steps") or []:
+        if step.get("name") in again:
+            agents = step.get("agents") or []
+            step = {key: value for key, value in {
+                "name": step["name"], "phase": StepPhase.PENDING.value, "agents": agents,
+                "agentCounts": step.get("agentCounts"),
+                "agentsOmitted": step.get("agentsOmitted"),
+                "attempts": step.get("attempts", 0),
+                "attemptsBeforeRetry": max((a.get("attempt", 0) for a in agents), default=0)
+                or None}.items() if value is not None}
+        steps.append(step)
+    return {"phase": WorkflowPhase.RUNNING.value, "finishedAt": None,
+            "message": "retrying " + ", ".join(again), "retried": request,
+            "retries": (status.get("retries") or 0) + 1, "steps": steps,
+            "conditions": dumped([Condition(
+                type=ConditionType.SUCCEEDED.value, status=ConditionStatus.UNKNOWN,
+                reason="Retrying", message="running again what did not succeed",
+                last_transition_time=now())])}
+
+
 def last_known_status(body: kopf.Body) -> WorkflowStatus | None:
     """The status the resource carries, for a run whose store lost what it had done; None when
     it has none, or one that cannot be read (written by hand, or by another version)."""
@@ -222,14 +248,34 @@ class StatusWriter:
         """The resource, as kopf keeps it up to date: its generation now, against the one the
         run started with, says whether its spec changed since."""
         self._status: WorkflowStatus | None = None  # the run's, as the engine keeps it
+        self._running: Callable[[], WorkflowSpec] | None = None
+        self._checked: int | None = None  # the last generation compared with the run's spec
         self._dirty = asyncio.Event()
         self._closing = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    def follow(self, status: WorkflowStatus) -> None:
+    def follow(self, status: WorkflowStatus,
+               running: Callable[[], WorkflowSpec] | None = None) -> None:
         """Write this status, the run's (the engine keeps it up to date): even a run restored
-        as finished, which has nothing left to say, gets its final status written."""
+        as finished, which has nothing left to say, gets its final status written.
+        ``running``: the spec the run runs, against which a new generation is compared."""
         self._status = status
+        self._running = running
+
+    def _observe_controls(self, body: kopf.Body, status: WorkflowStatus) -> None:
+        """A new generation that changed only the spec's controls (suspend, shutdown, its time
+        to live) is the one being run: they steer the run, they do not change it."""
+        generation = body.metadata.get("generation")
+        if self._running is None or generation is None or \
+                generation in (status.observed_generation, self._checked):
+            return
+        self._checked = generation
+        try:
+            spec = parse_workflow(dict(body)).spec
+        except InvalidSpecError:
+            return
+        if spec.running_part() == self._running().running_part():
+            status.observed_generation = generation
 
     def __call__(self, event: Event, status: WorkflowStatus) -> None:
         self._status = status
@@ -264,6 +310,7 @@ class StatusWriter:
         status = compact_status(self._status, settings.status_output_limit,
                                 settings.status_agent_limit)
         if self.body is not None:
+            self._observe_controls(self.body, self._status)
             ignored = spec_change_ignored(self.body, self._status.observed_generation)
             status["conditions"] = status.get("conditions", []) + dumped(
                 [ignored] if ignored else [])

@@ -4,6 +4,7 @@ Events and metrics as observers; deletion stops and removes its agents and state
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
@@ -11,7 +12,8 @@ import kopf
 from controller.agents import workspace_spec
 from controller.clock import age_seconds
 from controller.backends.base import LABEL_WORKFLOW_UID, WorkspaceSpec
-from controller.engine import Engine, Event
+from controller.engine import Engine, Event, WorkflowRun
+from controller.engine.journal import Journal
 from controller.errors import AgentainerError, InvalidSpecError
 from controller.handlers import reporting
 from controller.handlers.context import Services
@@ -21,6 +23,8 @@ from controller.models import (
     API_GROUP,
     API_VERSION,
     ConditionType,
+    Shutdown,
+    StepPhase,
     WorkflowPhase,
     WorkflowStatus,
     missing_params,
@@ -28,6 +32,41 @@ from controller.models import (
 )
 
 DETACH_SECONDS = 20.0  # how long a cancelled daemon waits for its run to let go
+RELEASE_SECONDS = 60.0
+"""How long a daemon whose run ended waits for kopf to see the final phase and stop it: a
+daemon stopped so (not one that returned) is started again should a retry reopen the run."""
+RETRY_ANNOTATION = "workflows.agentainer.dev/retry"
+"""Set it (to any new value) on a finished Workflow to run again what did not succeed."""
+FINISHED = {phase.value for phase in WorkflowPhase if phase.finished}
+CONTROLS = ("suspend", "shutdown", "ttlSecondsAfterFinished")
+"""The spec's fields that steer a run (``SPEC_CONTROLS``), as the resource spells them."""
+
+
+def _finished(status: Mapping[str, Any] | None) -> bool:
+    return (status or {}).get("phase") in FINISHED
+
+
+def _unfinished(status: kopf.Status, **_: Any) -> bool:
+    return not _finished(status)
+
+
+def _expiring(spec: kopf.Spec, status: kopf.Status, memo: Any, **_: Any) -> bool:
+    return _finished(status) and _ttl(spec, memo.services) is not None
+
+
+def _ttl(spec: Mapping[str, Any] | None, services: Services) -> int | None:
+    ttl = (spec or {}).get("ttlSecondsAfterFinished")
+    return services.settings.workflow_ttl_seconds or None if ttl is None else int(ttl)
+
+
+def _steer(run: WorkflowRun, body: kopf.Body) -> None:
+    """Have the run follow its controls as the resource says them now."""
+    spec = body.get("spec") or {}
+    try:
+        shutdown = Shutdown(spec["shutdown"]) if spec.get("shutdown") else None
+    except ValueError:
+        shutdown = None  # the schema allows none other; one written around it is ignored
+    run.steer(bool(spec.get("suspend")), shutdown)
 
 
 async def _refuse(services: Services, body: kopf.Body, kind: ConditionType,
@@ -43,19 +82,14 @@ async def _refuse(services: Services, body: kopf.Body, kind: ConditionType,
 
 # Deletion sets `stopped` and the run stops its agents within seconds; should it not, kopf
 # cancels the daemon after cancellation_timeout and the delete handler removes the agents.
-@kopf.daemon(API_GROUP, API_VERSION, WORKFLOWS, cancellation_timeout=30.0)
+# Only an unfinished Workflow has one: a retry that makes it unfinished again starts it anew.
+@kopf.daemon(API_GROUP, API_VERSION, WORKFLOWS, cancellation_timeout=30.0, when=_unfinished)
 async def run_workflow(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped,
                        logger: kopf.Logger, retry: int, **_: Any) -> None:
     """Reconcile one Workflow: run it to the end (resuming what an earlier controller
-    started), or leave it alone when it has ended. Deletion cancels it; the controller
-    shutting down detaches from it, so that the agents run on and are adopted on restart."""
+    started). Deletion cancels it; the controller shutting down detaches from it, so that the
+    agents run on and are adopted on restart."""
     services: Services = memo.services
-    phase = (body.get("status") or {}).get("phase")
-    if phase in {p.value for p in WorkflowPhase if p.finished}:
-        services.workflow_phase(body.metadata.uid or "", WorkflowPhase(phase))
-        await _expire(services, body, (body.get("status") or {}).get("finishedAt"), stopped,
-                      logger, retry)
-        return
     try:
         workflow = parse_workflow(dict(body), f"workflow {body.metadata.name}")
         if missing := missing_params(workflow.spec):
@@ -84,8 +118,10 @@ async def run_workflow(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonSto
 
     run = Engine(backend, services.store, services.settings, services.pools).prepare(
         workflow, observe, reporting.last_known_status(body))
-    writer.follow(run.status)
+    writer.follow(run.status, lambda: run.workflow.spec)
     writer.start()
+    services.runs[run.uid] = run
+    _steer(run, body)
     execution = asyncio.create_task(run.execute(), name=f"workflow-{workflow.metadata.name}")
     stop = asyncio.ensure_future(stopped.wait())
     try:
@@ -110,27 +146,31 @@ async def run_workflow(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonSto
         raise reporting.reconcile_failed(services, "Workflow", error, retry) from error
     finally:
         stop.cancel()
+        services.runs.pop(run.uid, None)
         if run.detached:
             writer.abandon()
         else:
             await _final_status(services, writer, retry)
-    if not run.detached:
-        await _expire(services, body, run.status.finished_at, stopped, logger, retry)
+    if not run.detached and not await stopped.wait(RELEASE_SECONDS):
+        logger.warning("the final phase was not seen within %.0f s: a retry of this workflow "
+                       "starts only after the controller restarts", RELEASE_SECONDS)
 
 
-async def _expire(services: Services, body: kopf.Body, finished_at: str | None,
-                  stopped: kopf.DaemonStopped, logger: kopf.Logger, retry: int) -> None:
+@kopf.daemon(API_GROUP, API_VERSION, WORKFLOWS, when=_expiring)
+async def expire_workflow(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped,
+                          logger: kopf.Logger, retry: int, **_: Any) -> None:
     """Once a finished Workflow's ``ttlSecondsAfterFinished`` (else the controller's
     AGENTAINER_WORKFLOW_TTL_SECONDS) has passed, delete it: its delete handler then removes
-    what it left (kept agents, its workspace, its state in Redis)."""
-    ttl = (body.get("spec") or {}).get("ttlSecondsAfterFinished")
-    if ttl is None:
-        ttl = services.settings.workflow_ttl_seconds or None
+    what it left (kept agents, its workspace, its state in Redis). A retry or a change of its
+    time to live stops the wait (the filter no longer matches, or matches anew)."""
+    services: Services = memo.services
+    ttl = _ttl(body.get("spec"), services)
+    finished_at = (body.get("status") or {}).get("finishedAt")
     if ttl is None or not finished_at:
         return
     remaining = ttl - age_seconds(finished_at)
     if remaining > 0 and await stopped.wait(remaining):
-        return  # deleted, or the controller is stopping: the next one waits the rest
+        return  # deleted, retried, or the controller is stopping: the next one waits the rest
     name, namespace = body.metadata.name or "", body.metadata.namespace or "default"
     try:
         await services.delete_resource(WORKFLOWS, namespace, name)
@@ -138,6 +178,16 @@ async def _expire(services: Services, body: kopf.Body, finished_at: str | None,
         raise reporting.reconcile_failed(services, "Workflow", error, retry) from error
     logger.info("deleted: finished %.0f s ago, past its time to live (%d s)",
                 age_seconds(finished_at), ttl)
+
+
+@kopf.on.event(API_GROUP, API_VERSION, WORKFLOWS)
+def note_phase(body: kopf.Body, memo: kopf.Memo, type: str | None, **_: Any) -> None:
+    """The gauge of workflows by phase counts the finished ones too (running ones are noted
+    by their runs as they go)."""
+    services: Services | None = getattr(memo, "services", None)
+    phase = (body.get("status") or {}).get("phase")
+    if services is not None and type != "DELETED" and phase in FINISHED:
+        services.workflow_phase(body.metadata.uid or "", WorkflowPhase(phase))
 
 
 def _workspace(body: kopf.Body) -> WorkspaceSpec | None:
@@ -161,10 +211,16 @@ async def _final_status(services: Services, writer: StatusWriter, retry: int) ->
 
 
 @kopf.on.update(API_GROUP, API_VERSION, WORKFLOWS, field="spec")
-async def spec_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """A Workflow runs the spec it started with; a later change is said, in an Event and a
-    condition (which its run's status writer keeps while it runs, restarts included)."""
+async def spec_changed(body: kopf.Body, memo: kopf.Memo, old: Any, new: Any,
+                       **_: Any) -> None:
+    """Its controls (suspend, shutdown) steer its run at once. Otherwise a Workflow runs the
+    spec it started with; a later change is said, in an Event and a condition (which its run's
+    status writer keeps while it runs, restarts included)."""
     services: Services = memo.services
+    if (run := services.runs.get(body.metadata.uid or "")) is not None:
+        _steer(run, body)
+    if _without_controls(old) == _without_controls(new):
+        return
     status = body.get("status") or {}
     ignored = reporting.spec_change_ignored(body, status.get("observedGeneration"))
     if ignored is None:
@@ -175,6 +231,52 @@ async def spec_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         await services.patch_status(WORKFLOWS, body.metadata.namespace or "default",
                                     body.metadata.name or "",
                                     {"conditions": conditions + reporting.dumped([ignored])})
+
+
+def _without_controls(spec: Any) -> dict[str, Any]:
+    return {key: value for key, value in dict(spec or {}).items() if key not in CONTROLS}
+
+
+@kopf.on.field(API_GROUP, API_VERSION, WORKFLOWS,
+               field=("metadata", "annotations", RETRY_ANNOTATION))
+async def retry_requested(body: kopf.Body, memo: kopf.Memo, new: Any, logger: kopf.Logger,
+                          retry: int, **_: Any) -> None:
+    """A new value of the retry annotation on a Workflow that failed (or was stopped): run
+    again the steps that did not succeed, keeping the outputs of those that did. Each value is
+    acted on once (``status.retried`` keeps the last)."""
+    services: Services = memo.services
+    status = dict(body.get("status") or {})
+    if not new or status.get("retried") == new:
+        return
+    namespace, name = body.metadata.namespace or "default", body.metadata.name or ""
+
+    async def refuse(why: str) -> None:
+        kopf.warn(body, reason="RetryRefused", message=f"retry {new}: {why}")
+        await services.patch_status(WORKFLOWS, namespace, name, {"retried": new})
+
+    if not _finished(status):
+        return await refuse("the workflow has not finished")
+    if status.get("phase") == WorkflowPhase.SUCCEEDED.value:
+        return await refuse("it succeeded: nothing to run again (resubmit runs it anew)")
+    try:
+        workflow = parse_workflow(dict(body), f"workflow {name}")
+    except InvalidSpecError as error:
+        return await refuse(f"its spec is invalid: {error}")
+    last_known = reporting.last_known_status(body)
+    try:
+        again = None if last_known is None or not any(
+            step.agents or step.phase is not StepPhase.PENDING for step in last_known.steps
+        ) else await Journal(services.store, workflow, body.metadata.uid or "").reopen(
+            last_known)
+    except AgentainerError as error:
+        raise reporting.reconcile_failed(services, "Workflow", error, retry) from error
+    if again is None:
+        return await refuse("it never ran: fix what stopped it and resubmit")
+    await services.patch_status(WORKFLOWS, namespace, name,
+                                reporting.retried_status(status, again, new))
+    message = f"retry {new}: running again " + ", ".join(again)
+    kopf.info(body, reason="Retrying", message=message)
+    logger.info(message)
 
 
 @kopf.on.delete(API_GROUP, API_VERSION, WORKFLOWS)

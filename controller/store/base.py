@@ -17,6 +17,9 @@ class WorkflowStore(Protocol):
     async def finish(self, uid: str, ttl_seconds: int) -> None:
         """Let a finished workflow's state expire after ``ttl_seconds`` (0: never)."""
 
+    async def reopen(self, uid: str) -> None:
+        """A finished workflow runs again: its state no longer expires."""
+
     async def workflow(self, uid: str) -> WorkflowRecord | None: ...
     async def steps(self, uid: str) -> dict[str, StepStatus]: ...
     async def agents(self, uid: str) -> dict[str, AgentRecord]: ...

@@ -35,6 +35,8 @@ class MemoryStore:
             self.index[uid] = change.started_at
         if change.workflow:
             self.data[Keys.workflow(uid)].update(change.workflow.fields())
+        if change.forget_outputs is not None:
+            self.data.pop(Keys.outputs(uid, change.forget_outputs), None)
         if change.step:
             self.data[Keys.steps(uid)][change.step.name] = encode_step(change.step)
         if change.agent:
@@ -47,6 +49,9 @@ class MemoryStore:
 
     async def finish(self, uid: str, ttl_seconds: int) -> None:
         """Nothing outlives the process anyway."""
+
+    async def reopen(self, uid: str) -> None:
+        """Nothing expires here."""
 
     async def delete(self, uid: str) -> None:
         self.index.pop(uid, None)

@@ -110,6 +110,8 @@ class Change:
     """An agent's id and its stderr (the last ``LOG_LIMIT_BYTES`` are kept)."""
     started_at: float | None = None
     """Puts the workflow in the index, at this start time (seconds since the epoch)."""
+    forget_outputs: str | None = None
+    """A step whose outputs are dropped (before ``output`` is written): it runs again."""
 
 
 def encode_step(step: StepStatus) -> str:

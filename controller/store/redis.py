@@ -182,6 +182,8 @@ class RedisStore:
                 pipe.hset(Keys.workflow(uid), mapping=dict[Any, Any](change.workflow.fields()))
             if change.step:
                 pipe.hset(Keys.steps(uid), change.step.name, encode_step(change.step))
+            if change.forget_outputs is not None:
+                pipe.delete(Keys.outputs(uid, change.forget_outputs))
             if change.agent:
                 pipe.hset(Keys.agents(uid), change.agent.status.id, encode_agent(change.agent))
             if change.output:
@@ -202,6 +204,15 @@ class RedisStore:
                 for key in Keys.workflow_keys(uid, steps):
                     pipe.expire(key, ttl_seconds)
                 pipe.zremrangebyscore(Keys.workflows, 0, time.time() - ttl_seconds)
+                await pipe.execute()
+
+    async def reopen(self, uid: str) -> None:
+        """A finished workflow runs again (a retry): its keys no longer expire."""
+        async with self._errors("keeping state"):
+            steps = [_text(step) for step in await self._client.hkeys(Keys.steps(uid))]
+            async with self._client.pipeline(transaction=True) as pipe:
+                for key in Keys.workflow_keys(uid, steps):
+                    pipe.persist(key)
                 await pipe.execute()
 
     async def delete(self, uid: str) -> None:
