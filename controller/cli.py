@@ -14,6 +14,15 @@ from typing import Any, TextIO
 from controller import __version__
 from controller.agents import workspace_spec
 from controller.backends.base import LABEL_WORKFLOW_UID
+from controller import commands as commands_module
+from controller.commands import (
+    EXIT_CANCELLED,
+    EXIT_CODES,
+    EXIT_FAILED,
+    EXIT_SUCCEEDED,
+    EXIT_UNUSABLE,
+    parse_params,
+)
 from controller.config import Settings
 from controller.clock import seconds_between
 from controller.engine import Engine, Event, EventKind, WorkflowRun
@@ -25,21 +34,10 @@ from controller.models import (
     AgentPool,
     BackendKind,
     Workflow,
-    WorkflowPhase,
     WorkflowStatus,
 )
 from controller.pools import PoolManager
 
-EXIT_SUCCEEDED = 0
-EXIT_FAILED = 1
-EXIT_UNUSABLE = 2
-EXIT_CANCELLED = 130
-
-EXIT_CODES = {
-    WorkflowPhase.SUCCEEDED: EXIT_SUCCEEDED,
-    WorkflowPhase.FAILED: EXIT_FAILED,
-    WorkflowPhase.CANCELLED: EXIT_CANCELLED,
-}
 
 
 def _short(text: str | None, width: int = 60) -> str:
@@ -124,6 +122,7 @@ async def _run(workflow: Workflow, agent_pools: list[AgentPool], settings: Setti
         for state in states:  # warm up before the first step asks
             await pools.reconcile(state)
         run = Engine(backend, store, settings, pools).prepare(workflow, Progress(progress_out))
+        run.steer(False, workflow.spec.shutdown)
         title = workflow.spec.description or workflow.metadata.name
         steps = workflow.spec.all_steps
         print(f"{title}: {len(steps)} steps, {run.units_total} agents, uid {run.uid}, "
@@ -171,18 +170,10 @@ def command_run(args: argparse.Namespace) -> int:
     settings = Settings.from_env(store=args.store, redis_url=args.redis_url, pool_wait_seconds=0)
     env = LocalEnv.parse(args.secret or [], args.config_map or [])
     workflow, agent_pools = load_run(args.file, parse_params(args.param or []))
+    if workflow.spec.suspend:
+        raise ConfigError(f"{args.file}: spec.suspend is true: nothing would start, and a local "
+                          "run cannot be resumed (it is for Workflows in a cluster)")
     return asyncio.run(_run(workflow, agent_pools, settings, args.output, env))
-
-
-def parse_params(arguments: list[str]) -> dict[str, str]:
-    """``-p NAME=VALUE`` arguments; the last of a name wins."""
-    params = {}
-    for argument in arguments:
-        name, equals, value = argument.partition("=")
-        if not equals or not name:
-            raise ConfigError(f"-p {argument!r}: give NAME=VALUE")
-        params[name] = value
-    return params
 
 
 def command_validate(args: argparse.Namespace) -> int:
@@ -238,8 +229,15 @@ def command_validate(args: argparse.Namespace) -> int:
 
 
 def command_logs(args: argparse.Namespace) -> int:
-    """What a run's agents printed, from the store: kept after their containers are gone."""
+    """What a run's agents printed: of a Workflow in the cluster, live from its agents while
+    they run; else (a local run, by name or uid) from the store, which keeps it after their
+    containers are gone."""
     settings = Settings.from_env(store=args.store, redis_url=args.redis_url)
+    if args.store != "memory" and (found := commands_module.cluster_workflow(args)) is not None:
+        return commands_module.command_cluster_logs(*found, args, settings)
+    if args.follow:
+        raise ConfigError(f"--follow: {args.workflow} is not a Workflow of the cluster "
+                          "(a local run's logs are read once it has ended)")
     return asyncio.run(_logs(args.workflow, args.step, args.agent, settings))
 
 
@@ -326,6 +324,82 @@ def command_controller(args: argparse.Namespace) -> int:
     return asyncio.run(operator.run(options, settings))
 
 
+def _target_arguments(command: argparse.ArgumentParser, all_namespaces: bool = False) -> None:
+    """Which cluster and namespace, as kubectl's flags say them."""
+    command.add_argument("--kubeconfig", default=None, metavar="FILE",
+                         help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
+    command.add_argument("--context", default=None, help="kubeconfig context to use")
+    command.add_argument("-n", "--namespace", default=None, metavar="NS",
+                         help="namespace (default: the context's, else default)")
+    if all_namespaces:
+        command.add_argument("-A", "--all-namespaces", action="store_true",
+                             help="workflows of every namespace")
+
+
+def _waiting_arguments(command: argparse.ArgumentParser) -> None:
+    follow = command.add_mutually_exclusive_group()
+    follow.add_argument("--wait", action="store_true",
+                        help="wait until it ends; exit 0 if it succeeded, 1 if it failed or "
+                             "was stopped, 130 if cancelled, 124 past --timeout")
+    follow.add_argument("--watch", action="store_true",
+                        help="print its progress until it ends (exit codes as --wait)")
+    command.add_argument("--timeout", type=float, default=3600, metavar="SECONDS",
+                         help="how long --wait and --watch wait (default 3600)")
+
+
+def _cluster_parsers(commands: Any) -> list[argparse.ArgumentParser]:
+    """The commands on Workflows in a cluster."""
+    submit = commands.add_parser("submit", help="create a Workflow in the cluster from a file")
+    submit.add_argument("file", help="YAML file with one Workflow (and AgentPools it uses)")
+    submit.add_argument("-p", "--param", action="append", metavar="NAME=VALUE",
+                        help="set the workflow's parameter NAME (repeatable)")
+    _waiting_arguments(submit)
+    submit.set_defaults(handler=commands_module.command_submit)
+    listing = commands.add_parser("list", help="list the Workflows of a namespace")
+    listing.add_argument("-o", "--output", choices=["wide", "json", "yaml", "name"],
+                         default=None, help="wide: duration and message too")
+    _target_arguments(listing, all_namespaces=True)
+    listing.set_defaults(handler=commands_module.command_list)
+    get = commands.add_parser("get", help="a Workflow's steps and agents")
+    get.add_argument("name", metavar="NAME")
+    get.add_argument("-o", "--output", choices=["wide", "json", "yaml", "name"], default=None,
+                     help="wide: longer outputs; json, yaml: the whole resource")
+    get.add_argument("--redis-url", default=None,
+                     help="the store, for the agents a large workflow's status does not list "
+                          "(default: $AGENTAINER_REDIS_URL)")
+    get.set_defaults(handler=commands_module.command_get)
+    watch = commands.add_parser("watch", help="print a Workflow's progress until it ends")
+    watch.add_argument("name", metavar="NAME")
+    watch.add_argument("--timeout", type=float, default=3600, metavar="SECONDS",
+                       help="stop watching after this long (default 3600; exit 124)")
+    watch.set_defaults(handler=commands_module.command_watch)
+    made = [submit, listing, get, watch]
+    for name, text in [("stop", "no new step starts; running agents finish; finally runs"),
+                       ("terminate", "stop its running agents now; finally runs"),
+                       ("suspend", "start no new agent until resumed"),
+                       ("resume", "let a suspended Workflow go on"),
+                       ("retry", "run again the steps of a finished Workflow that did not "
+                                 "succeed, keeping the outputs of those that did")]:
+        action = commands.add_parser(name, help=text)
+        action.add_argument("name", metavar="NAME")
+        if name == "retry":
+            _waiting_arguments(action)
+        action.set_defaults(handler=commands_module.command_action)
+        made.append(action)
+    resubmit = commands.add_parser("resubmit", help="a new Workflow with the spec of NAME")
+    resubmit.add_argument("name", metavar="NAME")
+    _waiting_arguments(resubmit)
+    resubmit.set_defaults(handler=commands_module.command_resubmit)
+    delete = commands.add_parser("delete", help="delete Workflows (and what they left)")
+    delete.add_argument("names", nargs="+", metavar="NAME")
+    delete.set_defaults(handler=commands_module.command_delete)
+    made += [resubmit, delete]
+    for command in made:
+        if command is not listing:
+            _target_arguments(command)
+    return made
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="agentainer", description="Run workflows of agent containers."
@@ -371,21 +445,33 @@ def parser() -> argparse.ArgumentParser:
     validate.add_argument("-o", "--output", choices=["text", "json"], default="text",
                           help="json: every document's result, problems with their fields")
     validate.set_defaults(handler=command_validate)
-    logs = commands.add_parser("logs", help="what a run's agents printed (kept in the store)")
-    logs.add_argument("workflow", metavar="NAME", help="a workflow's name (its latest run) or uid")
+    cluster_commands = _cluster_parsers(commands)
+    logs = commands.add_parser(
+        "logs", help="what a workflow's agents printed: live from their pods or containers, "
+                     "kept in the store after they are gone")
+    logs.add_argument("workflow", metavar="NAME",
+                      help="a Workflow of the cluster, else a local run's name (its latest "
+                           "run) or uid")
+    logs.add_argument("-f", "--follow", action="store_true",
+                      help="follow the logs of running agents, and of new ones, until the "
+                           "workflow ends")
+    logs.add_argument("--timeout", type=float, default=3600, metavar="SECONDS",
+                      help="stop following after this long (default 3600)")
+    _target_arguments(logs)
     logs.add_argument("--step", default=None, help="only the agents of this step")
     logs.add_argument("--agent", default=None, metavar="ID",
                       help="only this agent (its id, step.index.attempt, or its name)")
     logs.add_argument("--store", choices=["redis", "memory"], default=None,
                       help="where state is (default: $AGENTAINER_STORE or redis)")
-    logs.add_argument("--redis-url", default=None, help="Redis URL (default: "
-                      "$AGENTAINER_REDIS_URL or redis://localhost:6379/0)")
+    logs.add_argument("--redis-url", default=None, help="Redis URL of the store (default: "
+                      "$AGENTAINER_REDIS_URL or redis://localhost:6379/0; password: "
+                      "$AGENTAINER_REDIS_PASSWORD)")
     logs.set_defaults(handler=command_logs)
     completion = commands.add_parser("completion", help="print a shell completion script")
     completion.add_argument("shell", choices=["bash", "zsh"],
                             help="bash, or zsh (with bashcompinit)")
     completion.set_defaults(handler=command_completion)
-    for command in (run, operator, validate, logs):  # -v after the command too, as kubectl
+    for command in (run, operator, validate, logs, *cluster_commands):  # -v after it too
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                              help="log what the engine does")
     return top

@@ -506,6 +506,22 @@ class DockerBackend:
         # Only the controller reaches this engine: whatever carries our labels is ours.
         return await self._call(self._list, labels)
 
+    def log_lines(self, agent: AgentHandle, follow: bool = False) -> Iterator[str]:
+        """What an agent's container printed, stdout and stderr as they came, line by line;
+        with ``follow``, until it ends. Blocking, for the CLI (``agentainer logs``): the
+        engine reads an agent's output through ``wait``."""
+        with docker_errors(f"reading the log of agent {agent.name}"):
+            chunks = self._client.api.logs(agent.id, stdout=True, stderr=True, stream=True,
+                                           follow=follow)
+            pending = b""
+            for chunk in chunks:
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    yield line.decode(errors="replace")
+            if pending:
+                yield pending.decode(errors="replace")
+
     async def close(self) -> None:
         for agent_id in list(self._channels):
             self._forget_channel(agent_id)

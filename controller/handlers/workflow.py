@@ -32,6 +32,9 @@ from controller.models import (
 )
 
 DETACH_SECONDS = 20.0  # how long a cancelled daemon waits for its run to let go
+STOP_SECONDS = 30.0
+"""How long kopf lets a daemon asked to stop (its Workflow deleted or finished) end on its own
+before cancelling it; a run stops its agents within seconds."""
 RELEASE_SECONDS = 60.0
 """How long a daemon whose run ended waits for kopf to see the final phase and stop it: a
 daemon stopped so (not one that returned) is started again should a retry reopen the run."""
@@ -81,9 +84,10 @@ async def _refuse(services: Services, body: kopf.Body, kind: ConditionType,
 
 
 # Deletion sets `stopped` and the run stops its agents within seconds; should it not, kopf
-# cancels the daemon after cancellation_timeout and the delete handler removes the agents.
+# cancels the daemon after cancellation_backoff and the delete handler removes the agents.
 # Only an unfinished Workflow has one: a retry that makes it unfinished again starts it anew.
-@kopf.daemon(API_GROUP, API_VERSION, WORKFLOWS, cancellation_timeout=30.0, when=_unfinished)
+@kopf.daemon(API_GROUP, API_VERSION, WORKFLOWS, cancellation_backoff=STOP_SECONDS,
+             cancellation_timeout=STOP_SECONDS, when=_unfinished)
 async def run_workflow(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped,
                        logger: kopf.Logger, retry: int, **_: Any) -> None:
     """Reconcile one Workflow: run it to the end (resuming what an earlier controller
@@ -138,6 +142,8 @@ async def run_workflow(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonSto
             if reason & kopf.DaemonStoppingReason.RESOURCE_DELETED:
                 logger.info("workflow deleted: stopping its agents")
                 run.cancel(finally_steps=False)
+            elif reason & kopf.DaemonStoppingReason.FILTERS_MISMATCH:
+                pass  # its own final phase, written as the run ends: let it end
             else:
                 logger.info("controller stopping: leaving the agents to be adopted on restart")
                 run.detach()
@@ -156,7 +162,8 @@ async def run_workflow(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonSto
                        "starts only after the controller restarts", RELEASE_SECONDS)
 
 
-@kopf.daemon(API_GROUP, API_VERSION, WORKFLOWS, when=_expiring)
+@kopf.daemon(API_GROUP, API_VERSION, WORKFLOWS, cancellation_backoff=STOP_SECONDS,
+             when=_expiring)
 async def expire_workflow(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped,
                           logger: kopf.Logger, retry: int, **_: Any) -> None:
     """Once a finished Workflow's ``ttlSecondsAfterFinished`` (else the controller's
@@ -180,14 +187,15 @@ async def expire_workflow(body: kopf.Body, memo: kopf.Memo, stopped: kopf.Daemon
                 age_seconds(finished_at), ttl)
 
 
-@kopf.on.event(API_GROUP, API_VERSION, WORKFLOWS)
-def note_phase(body: kopf.Body, memo: kopf.Memo, type: str | None, **_: Any) -> None:
-    """The gauge of workflows by phase counts the finished ones too (running ones are noted
-    by their runs as they go)."""
+@kopf.index(API_GROUP, API_VERSION, WORKFLOWS)
+def finished_phases(uid: str, status: kopf.Status, memo: kopf.Memo, **_: Any) -> None:
+    """Note the phase of each finished workflow in the gauge of workflows by phase (running
+    ones are noted by their runs as they go). An indexer, as kopf calls one on every event
+    without a word; it indexes nothing."""
     services: Services | None = getattr(memo, "services", None)
-    phase = (body.get("status") or {}).get("phase")
-    if services is not None and type != "DELETED" and phase in FINISHED:
-        services.workflow_phase(body.metadata.uid or "", WorkflowPhase(phase))
+    phase = status.get("phase")
+    if services is not None and phase in FINISHED:
+        services.workflow_phase(uid, WorkflowPhase(phase))
 
 
 def _workspace(body: kopf.Body) -> WorkspaceSpec | None:
