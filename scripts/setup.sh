@@ -3,11 +3,14 @@
 #   scripts/setup.sh packages   Debian packages (as root on Debian; elsewhere says what is missing):
 #                               Docker, Redis, busybox-static, and for the local Kubernetes node
 #                               CNI plugins, iptables, gcc (the pause image), openssl, debootstrap
+#   scripts/setup.sh demo       what `make demo` needs and no more: Docker, Redis and
+#                               busybox-static, the venv, the images
 #   scripts/setup.sh docker     a running Docker engine (starts dockerd when none answers)
 #   scripts/setup.sh redis      a Redis answering at $AGENTAINER_REDIS_URL (for the demo)
 #   scripts/setup.sh venv       .venv with agentainer and its test tools
 #   scripts/setup.sh image      the agentainer/busybox agent image and the agentainer/runner
-#                               image (the pool agents' task runner, built with gcc), offline
+#                               image (the agents' task runner, a static C program built with
+#                               zig's C compiler, from PyPI into the venv), offline
 #   scripts/setup.sh all        all of the above but redis
 set -euo pipefail
 
@@ -24,17 +27,20 @@ is_root() { [ "$(id -u)" = 0 ]; }
 on_debian() { command -v apt-get >/dev/null && command -v dpkg >/dev/null; }
 have_pkg() { dpkg -s "$1" >/dev/null 2>&1; }
 
+# packages [demo]: every package, or (demo) those of Docker, Redis and the agent image only.
 packages() {
     local missing=()
     command -v dockerd >/dev/null || missing+=(docker.io)
     command -v redis-server >/dev/null || missing+=(redis-server)
-    # The local Kubernetes node: containerd and runc come with docker.io; CNI plugins do not.
-    [ -x /usr/lib/cni/bridge ] || missing+=(containernetworking-plugins)
-    command -v iptables >/dev/null || missing+=(iptables)  # kube-proxy, the CNI firewall
-    command -v ip >/dev/null || missing+=(iproute2)
-    command -v gcc >/dev/null || missing+=(gcc libc6-dev)
-    command -v openssl >/dev/null || missing+=(openssl)
-    command -v debootstrap >/dev/null || missing+=(debootstrap)
+    if [ "${1:-}" != demo ]; then
+        # The local Kubernetes node: containerd and runc come with docker.io; CNI plugins do not.
+        [ -x /usr/lib/cni/bridge ] || missing+=(containernetworking-plugins)
+        command -v iptables >/dev/null || missing+=(iptables)  # kube-proxy, the CNI firewall
+        command -v ip >/dev/null || missing+=(iproute2)
+        command -v gcc >/dev/null || missing+=(gcc libc6-dev)  # the node's pause image
+        command -v openssl >/dev/null || missing+=(openssl)
+        command -v debootstrap >/dev/null || missing+=(debootstrap)
+    fi
     if on_debian; then
         have_pkg busybox-static || missing+=(busybox-static)
     elif [ ! -x "${AGENTAINER_BUSYBOX:-/bin/busybox}" ]; then
@@ -120,15 +126,22 @@ image() {
     runner_image
 }
 
-# The task runner of pool agents: a static C program (images/runner/runner.c) alone in an
-# image, tagged with the package's version, which is the tag the controller looks for.
+# The task runner of agents: a static C program (images/runner/runner.c) alone in an image,
+# tagged with the package's version, which is the tag the controller looks for. Compiled by zig's
+# C compiler against musl (a wheel from PyPI, in the venv), so that no C toolchain is needed.
+ZIG_VERSION=0.17.1
 runner_image() {
     local context=$ROOT/images/runner version
     version=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' "$ROOT/controller/__init__.py")
-    command -v gcc >/dev/null || die "gcc is missing (scripts/setup.sh packages installs it)"
+    [ -x "$VENV/bin/python" ] || venv
+    if ! "$VENV/bin/python" -c "import ziglang" 2>/dev/null; then
+        say "installing zig's C compiler (ziglang $ZIG_VERSION, from PyPI) into $VENV"
+        "$VENV/bin/python" -m pip install -q "ziglang==$ZIG_VERSION"
+    fi
     say "building agentainer/runner:$version"
-    gcc -static -O2 -s -Wall -Wextra -Werror -o "$context/runner" "$context/runner.c" 2>"$CACHE/runner-build.log" \
-        || { cat "$CACHE/runner-build.log" >&2; die "compiling the task runner failed (a static build needs libc6-dev)"; }
+    "$VENV/bin/python" -m ziglang cc -target "$(uname -m)-linux-musl" -static -O2 -s -Wall -Wextra -Werror \
+        -o "$context/runner" "$context/runner.c" 2>"$CACHE/runner-build.log" \
+        || { cat "$CACHE/runner-build.log" >&2; die "compiling the task runner failed"; }
     DOCKER_BUILDKIT=0 docker build -q -t "agentainer/runner:$version" "$context" >/dev/null 2>"$CACHE/image-build.log" \
         || { cat "$CACHE/image-build.log" >&2; die "building the runner image failed"; }
 }
@@ -139,6 +152,7 @@ case "${1:-all}" in
     redis) redis_up ;;
     venv) venv ;;
     image) docker_up; image ;;
+    demo) packages demo; docker_up; venv; image ;;
     all) packages; docker_up; venv; image ;;
-    *) die "unknown part '$1' (packages, docker, redis, venv, image, all)" ;;
+    *) die "unknown part '$1' (packages, demo, docker, redis, venv, image, all)" ;;
 esac

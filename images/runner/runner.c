@@ -51,7 +51,6 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <ftw.h>
 #include <grp.h>
 #include <limits.h>
 #include <poll.h>
@@ -84,6 +83,7 @@
 #define KILL_DEADLINE_MS 5000        /* every process gone within this, or the agent is unclean */
 #define CLEAN_DEADLINE_MS 20000      /* files removed within this, or the agent is unclean */
 #define MAX_TRACKED 1000000          /* entries walked at start; more and nothing is tracked */
+#define MAX_DEPTH 256                /* directories in directories, at most, walked at start */
 #define MAX_ID 64
 #define MAX_LIMIT (64u << 20)        /* bytes kept of a task's stdout, and of its stderr */
 
@@ -305,29 +305,55 @@ static void add_file(const char *path, const struct stat *st) {
         .ino = st->st_ino, .ctime = st->st_ctim};
 }
 
-static int walk_one(const char *path, const struct stat *st, int type, struct FTW *ftw) {
-    (void)ftw;
-    if (++walked > MAX_TRACKED) {
-        snprintf(untracked_why, sizeof untracked_why, "more than %d files in the image",
-                 MAX_TRACKED);
+static bool too_many(void) {
+    if (++walked <= MAX_TRACKED) return false;
+    snprintf(untracked_why, sizeof untracked_why, "more than %d files in the image", MAX_TRACKED);
+    untracked = true;
+    return true;
+}
+
+/* Note every directory and regular file under ``path`` (a directory, ``st`` its lstat) that
+   the task user may write, depth first, following no symbolic link, not into /proc, /sys or
+   the runner's own directory. Written out rather than nftw's: skipping a subtree there is
+   glibc's alone, and the runner is built against musl too. False: stop, nothing is tracked. */
+static bool walk(const char *path, const struct stat *st, int depth) {
+    if (too_many()) return false;
+    if (!strcmp(path, "/proc") || !strcmp(path, "/sys") || !strcmp(path, RUNNER_BIN_DIR))
+        return true;
+    int fd = open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    DIR *dir = fd < 0 ? NULL : fdopendir(fd);
+    if (!dir) {
+        if (fd >= 0) close(fd);
+        if (!task_may_write(st)) return true;  /* the task cannot write there either */
+        snprintf(untracked_why, sizeof untracked_why, "cannot list %s", path);
         untracked = true;
-        return FTW_STOP;
+        return false;
     }
-    if (type == FTW_D || type == FTW_DNR) {
-        if (!strcmp(path, "/proc") || !strcmp(path, "/sys") || !strcmp(path, RUNNER_BIN_DIR))
-            return FTW_SKIP_SUBTREE;
-        if (task_may_write(st)) {
-            if (type == FTW_DNR) {
-                snprintf(untracked_why, sizeof untracked_why, "cannot list %s", path);
-                untracked = true;
-                return FTW_STOP;
-            }
-            add_place(path, st);
+    if (task_may_write(st)) add_place(path, st);
+    bool going = true;
+    struct dirent *d;
+    while (going && (d = readdir(dir))) {
+        if (!strcmp(d->d_name, ".") || !strcmp(d->d_name, "..")) continue;
+        struct stat child;
+        if (fstatat(fd, d->d_name, &child, AT_SYMLINK_NOFOLLOW) < 0) continue;
+        char inner[PATH_MAX];
+        int length = snprintf(inner, sizeof inner, "%s/%s", strcmp(path, "/") ? path : "",
+                              d->d_name);
+        if (length < 0 || (size_t)length >= sizeof inner || depth >= MAX_DEPTH) {
+            snprintf(untracked_why, sizeof untracked_why, "a path too long or deep under %s",
+                     path);
+            untracked = true;
+            going = false;
+        } else if (S_ISDIR(child.st_mode)) {
+            going = walk(inner, &child, depth + 1);
+        } else if (too_many()) {
+            going = false;
+        } else if (S_ISREG(child.st_mode) && task_may_write(&child)) {
+            add_file(inner, &child);
         }
-    } else if (type == FTW_F && S_ISREG(st->st_mode) && task_may_write(st)) {
-        add_file(path, st);
     }
-    return FTW_CONTINUE;
+    closedir(dir);
+    return going;
 }
 
 static int compare_entries(const void *a, const void *b) {
@@ -396,10 +422,15 @@ static void take_start_state(void) {
             struct stat st;
             if (lstat(usual[i], &st) == 0 && S_ISDIR(st.st_mode)) add_place(usual[i], &st);
         }
-    } else if (nftw("/", walk_one, 64, FTW_PHYS | FTW_ACTIONRETVAL) < 0 && !untracked) {
-        snprintf(untracked_why, sizeof untracked_why, "walking the file system: %s",
-                 strerror(errno));
-        untracked = true;
+    } else {
+        struct stat root;
+        if (lstat("/", &root) < 0) {
+            snprintf(untracked_why, sizeof untracked_why, "walking the file system: %s",
+                     strerror(errno));
+            untracked = true;
+        } else {
+            walk("/", &root, 0);
+        }
     }
     for (size_t i = 0; i < place_count && !untracked; i++) {
         if (!list_place(&places[i])) {
