@@ -6,7 +6,9 @@ AGENTAINER := $(VENV)/bin/agentainer
 
 .PHONY: controller-image helm manifests demo test test-unit setup docker redis image venv bench lint clean crds cluster cluster-down cluster-install controller kube coredns
 
-demo: setup redis
+demo:
+	scripts/setup.sh demo
+	PYTHON=$(PY) scripts/setup.sh redis
 	$(AGENTAINER) run examples/mapreduce.yaml
 
 test: setup kube coredns helm
@@ -36,6 +38,9 @@ venv:
 crds: venv
 	$(PY) -m controller.crds
 	$(MAKE) manifests
+
+api-docs: venv
+	$(PY) scripts/api_reference.py
 
 kube:
 	scripts/build-kube.sh >/dev/null
