@@ -233,12 +233,25 @@ def command_logs(args: argparse.Namespace) -> int:
     they run; else (a local run, by name or uid) from the store, which keeps it after their
     containers are gone."""
     settings = Settings.from_env(store=args.store, redis_url=args.redis_url)
-    if args.store != "memory" and (found := commands_module.cluster_workflow(args)) is not None:
-        return commands_module.command_cluster_logs(*found, args, settings)
+    unasked: AgentainerError | None = None  # the cluster, when it could not be asked
+    if args.store != "memory":
+        try:
+            found = commands_module.cluster_workflow(args)
+        except AgentainerError as error:
+            found, unasked = None, error
+        if found is not None:
+            return commands_module.command_cluster_logs(*found, args, settings)
     if args.follow:
         raise ConfigError(f"--follow: {args.workflow} is not a Workflow of the cluster "
-                          "(a local run's logs are read once it has ended)")
-    return asyncio.run(_logs(args.workflow, args.step, args.agent, settings))
+                          "(a local run's logs are read once it has ended)"
+                          + (f"; the cluster could not be asked: {unasked}" if unasked else ""))
+    try:
+        return asyncio.run(_logs(args.workflow, args.step, args.agent, settings))
+    except NotFoundError as error:
+        if unasked is None:
+            raise
+        raise NotFoundError(f"{error}; the cluster could not be asked either: {unasked}"
+                            ) from None
 
 
 async def _logs(wanted: str, step: str | None, agent: str | None, settings: Settings) -> int:

@@ -465,12 +465,13 @@ def command_cluster_logs(cluster: Cluster, body: dict[str, Any], args: argparse.
     there, else what the store kept (its output and the tail of its stderr)."""
     name, uid = body["metadata"]["name"], body["metadata"]["uid"]
     stored, store_problem = asyncio.run(_stored_logs(uid, settings))
+    docker_agents = _docker_lines(uid, settings)
     printed: set[str] = set()
     deadline = time.monotonic() + args.timeout
     lines: queue.Queue[str | None] = queue.Queue()
     streams: dict[str, threading.Thread] = {}
     while True:
-        agents = _agent_logs(cluster, body, args, settings)
+        agents = _agent_logs(cluster, body, args, stored, docker_agents or {})
         for agent in agents:
             key = agent.status.id
             if key in printed or key in streams:
@@ -489,7 +490,7 @@ def command_cluster_logs(cluster: Cluster, body: dict[str, Any], args: argparse.
                 for line in agent.lines(False):
                     print(line)
             elif agent.status.id in stored:
-                print(stored[agent.status.id], end="")
+                print(stored[agent.status.id][2] or "(it printed nothing)\n", end="")
             else:
                 print("(its container is gone, and "
                       + (f"the store could not be read: {store_problem})" if store_problem
@@ -506,6 +507,8 @@ def command_cluster_logs(cluster: Cluster, body: dict[str, Any], args: argparse.
         time.sleep(FOLLOW_POLL_SECONDS)
         body = cluster.get(name)
         stored, store_problem = asyncio.run(_stored_logs(uid, settings))
+        if docker_agents is not None:  # Docker answered: its new containers too
+            docker_agents = _docker_lines(uid, settings)
     _drain(lines, streams)
     if not printed and not streams:
         print(f"no agent of {name} matches" if args.step or args.agent
@@ -541,23 +544,28 @@ def _drain(lines: queue.Queue[str | None], streams: dict[str, threading.Thread])
 
 
 def _agent_logs(cluster: Cluster, body: dict[str, Any], args: argparse.Namespace,
-                settings: Settings) -> list[AgentLog]:
+                stored: dict[str, tuple[str, AgentStatus, str]],
+                docker_agents: dict[str, Callable[[bool], Iterator[str]]]) -> list[AgentLog]:
+    """The agents of the workflow the filters choose, in the order of its steps: those its
+    status lists and those only the store knows (a large fan-out's), each with its live log
+    where its pod (or else its container) is there."""
     status = status_of(body)
-    uid = body["metadata"]["uid"]
-    live: dict[str, Callable[[bool], Iterator[str]]] = {}
-    backend = (body.get("spec") or {}).get("backend") or settings.default_backend
-    if backend == "kubernetes":
-        for pod in cluster.pods({LABEL_WORKFLOW_UID: uid}):
+    live = dict(docker_agents)
+    try:
+        for pod in cluster.pods({LABEL_WORKFLOW_UID: body["metadata"]["uid"]}):
             agent_id = (pod.metadata.labels or {}).get(LABEL_AGENT_ID)
             if agent_id:
                 live[agent_id] = _pod_lines(cluster, pod.metadata.name)
-    else:
-        live.update(_docker_lines(uid, settings))
+    except AgentainerError:
+        pass  # pods cannot be listed here: their logs then come from the store
     found = []
     for step in status.steps:
         if args.step is not None and step.name != args.step:
             continue
-        for agent in step.agents:
+        agents = {agent.id: agent for agent in step.agents}
+        agents.update({agent.id: agent for step_name, agent, _ in stored.values()
+                       if step_name == step.name and agent.id not in agents})
+        for agent in sorted(agents.values(), key=lambda a: (a.index, a.attempt)):
             if args.agent is not None and args.agent not in (agent.id, agent.name):
                 continue
             found.append(AgentLog(step.name, agent, live.get(label_value(agent.id))))
@@ -572,9 +580,10 @@ def _pod_lines(cluster: Cluster, pod: str) -> Callable[[bool], Iterator[str]]:
     return lines
 
 
-def _docker_lines(uid: str, settings: Settings) -> dict[str, Callable[[bool], Iterator[str]]]:
-    """The containers of the workflow's agents on this machine's Docker engine, if it has
-    any (a controller with the docker backend runs them on its own engine)."""
+def _docker_lines(uid: str, settings: Settings
+                  ) -> dict[str, Callable[[bool], Iterator[str]]] | None:
+    """The containers of the workflow's agents on this machine's Docker engine (a controller
+    with the docker backend runs them on the engine it reaches); None when none answers."""
     from controller.backends.docker import DockerBackend
 
     async def find() -> tuple[DockerBackend, list[Any]]:
@@ -584,16 +593,17 @@ def _docker_lines(uid: str, settings: Settings) -> dict[str, Callable[[bool], It
     try:
         backend, handles = asyncio.run(find())
     except AgentainerError:
-        return {}
+        return None
     def lines(handle: Any) -> Callable[[bool], Iterator[str]]:
         return lambda follow: backend.log_lines(handle, follow)
 
     return {handle.labels.get(LABEL_AGENT_ID, ""): lines(handle) for handle in handles}
 
 
-async def _stored_logs(uid: str, settings: Settings) -> tuple[dict[str, str], str | None]:
-    """What the store kept of each agent (its output, then its stderr), by agent id; or why
-    it could not be read."""
+async def _stored_logs(uid: str, settings: Settings
+                       ) -> tuple[dict[str, tuple[str, AgentStatus, str]], str | None]:
+    """Each agent the store knows, by id: its step, its record and what the store kept of it
+    (its output, then its stderr); or why the store could not be read."""
     from controller.store import open_store
 
     try:
@@ -617,5 +627,5 @@ async def _stored_logs(uid: str, settings: Settings) -> tuple[dict[str, str], st
             text += outputs[record.step][agent.index].rstrip("\n") + "\n"
         if logs.get(agent.id):
             text += f"--- stderr ---\n{logs[agent.id].rstrip()}\n"
-        kept[agent.id] = text
+        kept[agent.id] = (record.step, agent, text)
     return kept, None

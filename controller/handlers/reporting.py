@@ -193,6 +193,7 @@ def refused_status(kind: ConditionType, message: str, generation: int | None) ->
         phase=WorkflowPhase.FAILED, message=message, observed_generation=generation,
         started_at=at, finished_at=at,
         conditions=[condition(kind, True, kind.value, message),
+                    condition(ConditionType.COMPLETED, True, kind.value, message),
                     condition(ConditionType.SUCCEEDED, False, kind.value, message)],
     ).to_dict()
 
@@ -351,6 +352,12 @@ def post_event(body: kopf.Body) -> Observer:
                               f"{step.message}")
             case EventKind.AGENT_RETRYING:
                 kopf.warn(body, reason="Retrying", message=event.message)
+            case EventKind.WORKFLOW_SUSPENDED:
+                kopf.info(body, reason="Suspended", message=event.message)
+            case EventKind.WORKFLOW_RESUMED:
+                kopf.info(body, reason="Resumed", message=event.message)
+            case EventKind.WORKFLOW_STOPPING:
+                kopf.info(body, reason="Stopping", message=event.message)
             case EventKind.WORKFLOW_FINISHED:
                 if status.phase is WorkflowPhase.SUCCEEDED:
                     kopf.info(body, reason="Succeeded", message=event.message)

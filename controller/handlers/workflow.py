@@ -227,9 +227,15 @@ async def spec_changed(body: kopf.Body, memo: kopf.Memo, old: Any, new: Any,
     services: Services = memo.services
     if (run := services.runs.get(body.metadata.uid or "")) is not None:
         _steer(run, body)
-    if _without_controls(old) == _without_controls(new):
-        return
     status = body.get("status") or {}
+    if _without_controls(old) == _without_controls(new):
+        if _finished(status) and status.get("observedGeneration") is not None and \
+                not any(c.get("type") == ConditionType.SPEC_CHANGE_IGNORED.value
+                        for c in status.get("conditions", [])):
+            await services.patch_status(WORKFLOWS, body.metadata.namespace or "default",
+                                        body.metadata.name or "", {
+                                            "observedGeneration": body.metadata.get("generation")})
+        return
     ignored = reporting.spec_change_ignored(body, status.get("observedGeneration"))
     if ignored is None:
         return

@@ -13,11 +13,18 @@ import pytest
 
 from controller.config import Settings
 from controller.engine import Event, EventKind
-from controller.handlers.reporting import StatusWriter, compact_status, text_limit
+from controller.handlers.reporting import (
+    StatusWriter,
+    compact_status,
+    refused_status,
+    retried_status,
+    text_limit,
+)
 from controller.models import (
     AgentPhase,
     AgentReason,
     AgentStatus,
+    ConditionType,
     StepPhase,
     StepStatus,
     WorkflowPhase,
@@ -317,3 +324,33 @@ def test_the_status_written_is_read_back_as_the_last_known_status() -> None:
     assert [a.phase for a in known.step("reduce").agents] == [AgentPhase.RUNNING]
     assert last_known_status(body({})) is None
     assert last_known_status(body({"phase": "Sideways", "steps": "?"})) is None
+
+
+def test_a_retried_status_is_running_again_with_the_steps_to_run_pending_and_history_kept(
+) -> None:
+    agents = [{"id": f"fan.{i}.{a}", "name": f"n{i}{a}", "index": i, "attempt": a,
+               "phase": phase} for i, a, phase in [(0, 1, "Succeeded"), (1, 1, "Failed"),
+                                                   (1, 2, "Failed")]]
+    status = {"phase": "Failed", "finishedAt": "t", "message": "step fan failed", "retries": 1,
+              "steps": [{"name": "first", "phase": "Succeeded", "output": "x"},
+                        {"name": "fan", "phase": "Failed", "attempts": 3, "agents": agents,
+                         "message": "agent n12 failed", "finishedAt": "t"},
+                        {"name": "last", "phase": "Skipped", "message": "not started"}]}
+    patch = retried_status(status, ["fan", "last"], "r2")
+    assert (patch["phase"], patch["finishedAt"], patch["retried"], patch["retries"]) == (
+        "Running", None, "r2", 2)  # None: a merge patch removes finishedAt
+    first, fan, last = patch["steps"]
+    assert first == status["steps"][0]
+    assert fan == {"name": "fan", "phase": "Pending", "agents": agents, "attempts": 3,
+                   "attemptsBeforeRetry": 2}
+    assert last == {"name": "last", "phase": "Pending", "agents": [], "attempts": 0}
+    (succeeded,) = patch["conditions"]
+    assert (succeeded["type"], succeeded["status"], succeeded["reason"]) == (
+        "Succeeded", "Unknown", "Retrying")
+
+
+def test_a_refused_workflow_is_completed_and_did_not_succeed() -> None:
+    conditions = {c["type"]: (c["status"], c["reason"]) for c in refused_status(
+        ConditionType.INVALID, "spec.steps[0]: bad", 1)["conditions"]}
+    assert conditions == {"Invalid": ("True", "Invalid"), "Completed": ("True", "Invalid"),
+                          "Succeeded": ("False", "Invalid")}
