@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -69,6 +70,16 @@ def workflow_doc(*steps: dict[str, Any], name: str | None = None, **spec: Any) -
         "spec": {"steps": [{"image": IMAGE, **step} if "pool" not in step else step
                            for step in steps], **spec},
     }
+
+
+def readme_commands(marker: str, after: int = 0) -> list[str]:
+    """The commands of the README's shell block that follows the comment naming ``marker``
+    (``after``: the how-manieth block after it), comments cut off."""
+    text = (ROOT / "README.md").read_text()
+    assert marker in text, f"README.md has no block marked for {marker}"
+    blocks = re.findall(r"```sh\n(.*?)```", text[text.index(marker):], re.S)
+    lines = [re.sub(r"\s+#\s.*$", "", line).strip() for line in blocks[after].splitlines()]
+    return [line for line in lines if line]
 
 
 def sh(script: str) -> list[str]:

@@ -19,7 +19,7 @@ import docker
 import pytest
 import yaml
 
-from tests.conftest import ROOT, sh, workflow_doc
+from tests.conftest import ROOT, readme_commands, sh, workflow_doc
 from tests.e2e.conftest import Controller, Kubectl
 
 pytestmark = pytest.mark.e2e
@@ -171,7 +171,7 @@ def test_stop_lets_running_agents_finish_and_terminate_stops_them_now(
 def test_suspend_holds_new_agents_back_until_resume(cli: Cli, tmp_path: Path) -> None:
     name = f"cli-susp-{uuid.uuid4().hex[:6]}"
     cli("submit", written(tmp_path, workflow_doc(
-        {"name": "first", "command": sh("sleep 2; echo one")},
+        {"name": "first", "command": sh("sleep 6; echo one")},
         {"name": "second", "command": sh("echo two")}, name=name)))
     cli.until(name, lambda b: b.get("status", {}).get("steps") and
               running_agents(b, "first") == 1)
@@ -227,3 +227,28 @@ def test_logs_follow_a_pod_live_and_a_finished_workflow_expires(cli: Cli, tmp_pa
     while cli("get", name, code=None).returncode == 0:  # deleted after its time to live
         assert time.monotonic() < deadline, "the finished workflow was never deleted"
         time.sleep(0.5)
+
+
+def test_the_readme_s_cli_and_kubectl_commands_work_as_written(cli: Cli, kubectl: Kubectl) -> None:
+    env = {**cli.env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+    def run(command: str) -> str:
+        result = subprocess.run(["bash", "-c", command], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=180)
+        assert result.returncode == 0, f"{command}: exit {result.returncode}\n{result.stderr}"
+        return result.stdout
+
+    commands = readme_commands("tests/e2e/test_cli.py")
+    assert commands[0].startswith("agentainer submit") and commands[-1].startswith(
+        "agentainer delete")
+    outputs = [run(command) for command in commands]
+    assert "greeting: Succeeded" in outputs[1] and "hello, Ada" in outputs[4]
+    resubmitted = outputs[5].split("workflow.agentainer.dev/", 1)[1].split()[0]
+    kubectl("delete", "awf", resubmitted)
+    kubectl("wait", "--for=delete", "awf/greeting", "--timeout=60s")
+
+    run(commands[0])  # the kubectl commands, on a workflow of the same name, finished
+    cli("watch", "greeting", "--timeout", "60")
+    for command in readme_commands("tests/e2e/test_cli.py", after=1):
+        run(command)
+    kubectl("delete", "awf", "greeting")
