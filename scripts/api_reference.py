@@ -98,31 +98,24 @@ def type_of(node: Schema, definitions: Schema) -> str:
     return str(kind)
 
 
+def _bounds(low: Any, high: Any) -> str | None:
+    """``1 to 5``, ``at least 1``, ``at most 5``, or None when neither is set."""
+    if low is not None and high is not None:
+        return f"{low} to {high}"
+    if low is not None:
+        return f"at least {low}"
+    return None if high is None else f"at most {high}"
+
+
 def limits(node: Schema) -> list[str]:
     """What the schema allows of a value beyond its type: ranges, lengths, patterns."""
     node = flat(node)
     found = []
-    low, high = node.get("minimum"), node.get("maximum")
-    if low is not None and high is not None:
-        found.append(f"{low} to {high}")
-    elif low is not None:
-        found.append(f"at least {low}")
-    elif high is not None:
-        found.append(f"at most {high}")
-    short, long = node.get("minLength"), node.get("maxLength")
-    if short is not None and long is not None:
-        found.append(f"length {short} to {long}")
-    elif short is not None:
-        found.append(f"length at least {short}")
-    elif long is not None:
-        found.append(f"length at most {long}")
-    fewest, most = node.get("minItems"), node.get("maxItems")
-    if fewest is not None and most is not None:
-        found.append(f"{fewest} to {most} items")
-    elif fewest is not None:
-        found.append(f"at least {fewest} item" + ("s" if fewest != 1 else ""))
-    elif most is not None:
-        found.append(f"at most {most} items")
+    for low_key, high_key, what in (("minimum", "maximum", "{}"),
+                                    ("minLength", "maxLength", "length {}"),
+                                    ("minItems", "maxItems", "{} items")):
+        if (bounds := _bounds(node.get(low_key), node.get(high_key))) is not None:
+            found.append(what.format(bounds).replace("at least 1 items", "at least 1 item"))
     if "pattern" in node:
         pattern = node["pattern"]
         found.append(NAMED_PATTERNS.get(pattern, f"pattern `{pattern}`"))
