@@ -1178,9 +1178,11 @@ static long number(const char *text, const char *what) {
 static int install(const char *target) {
     int in = open("/proc/self/exe", O_RDONLY | O_CLOEXEC);
     if (in < 0) fatal("reading myself: %s", strerror(errno));
+    /* A name of its own: several processes may fill the same volume at once; the last
+       rename wins, each with a whole copy. */
     char temporary[PATH_MAX];
-    snprintf(temporary, sizeof temporary, "%s.new", target);
-    int out = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0555);
+    snprintf(temporary, sizeof temporary, "%s.XXXXXX", target);
+    int out = mkostemp(temporary, O_CLOEXEC);
     if (out < 0) fatal("writing %s: %s", temporary, strerror(errno));
     char buffer[65536];
     ssize_t n;
