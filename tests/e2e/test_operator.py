@@ -22,7 +22,7 @@ pytestmark = pytest.mark.e2e
 
 
 def finished(body: dict[str, Any]) -> bool:
-    return (body.get("status") or {}).get("phase") in ("Succeeded", "Failed", "Cancelled")
+    return (body.get("status") or {}).get("phase") in ("Succeeded", "Failed", "Cancelled", "Stopped")
 
 
 def apply(kubectl: Kubectl, document: dict[str, Any]) -> str:
@@ -121,8 +121,9 @@ def test_invalid_dag_fails_with_an_invalid_condition_and_others_still_run(
     status = kubectl.wait_for("workflow", cyclic, finished)["status"]
 
     assert status["phase"] == "Failed"
-    condition, succeeded = status["conditions"]
+    condition, completed, succeeded = status["conditions"]
     assert condition["type"] == "Invalid" and condition["status"] == "True"
+    assert (completed["type"], completed["status"]) == ("Completed", "True")
     assert "dependency cycle: a -> b -> a" in condition["message"]
     assert (succeeded["type"], succeeded["status"]) == ("Succeeded", "False")
     assert kubectl.wait_for("workflow", fine, finished)["status"]["phase"] == "Succeeded"

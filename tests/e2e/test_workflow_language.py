@@ -86,9 +86,10 @@ def test_a_workflow_missing_a_required_param_is_invalid(kubectl: Kubectl,
     status = kubectl.wait_for("workflow", document["metadata"]["name"], finished)["status"]
 
     assert status["phase"] == "Failed"
-    condition, _ = status["conditions"]
-    assert condition["type"] == "Invalid"
-    assert "spec.params[0].value: parameter 'job' is required" in condition["message"]
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert sorted(conditions) == ["Completed", "Invalid", "Succeeded"]
+    assert "spec.params[0].value: parameter 'job' is required" in \
+        conditions["Invalid"]["message"]
 
 
 @pytest.mark.parametrize(("step", "named"), [
