@@ -26,7 +26,10 @@ from kubernetes.stream import stream
 
 from controller.backends import output
 from controller.backends.pods import CONTAINER, build_claim, build_pod
+from controller.backends.podwatch import PodWatch
 from controller.backends.base import (
+    LABEL_MANAGED_BY,
+    MANAGED_BY,
     AgentHandle,
     AgentResult,
     AgentSpec,
@@ -51,7 +54,6 @@ from controller.errors import (
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-POLL_SECONDS = 0.25
 LOG_READ_BYTES = 64 * 1024
 """A pod's log is read this much at a time."""
 READ_TIMEOUT_SECONDS = 30.0
@@ -67,6 +69,7 @@ TRANSPORT_ERRORS: tuple[type[Exception], ...] = (
 """How the client says the API server could not be reached or the connection broke: urllib3's
 errors (MaxRetryError, ProtocolError, NewConnectionError...), the websocket client's (attach,
 exec), and the socket's own."""
+CLIENT_RAISES: tuple[type[BaseException], ...] = (ApiException, *TRANSPORT_ERRORS)
 IMAGE_ERRORS = {"ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName"}
 SPEC_ERRORS = {"CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
 
@@ -228,6 +231,8 @@ class KubernetesBackend:
         self._settings = settings
         self._channels: dict[str, PodAttachChannel] = {}
         self._channel_locks: dict[str, asyncio.Lock] = {}
+        self.pods = PodWatch(core, f"{LABEL_MANAGED_BY}={MANAGED_BY}", api_error)
+        """Every agent's pod, as one watch per namespace sees it: waits read it, no polling."""
 
     @classmethod
     async def connect(cls, settings: Settings) -> KubernetesBackend:
@@ -241,17 +246,8 @@ class KubernetesBackend:
                     **kwargs: Any) -> T:
         try:
             return await asyncio.to_thread(functools.partial(function, *args, **kwargs))
-        except ApiException as error:
-            status = error.status or _handshake_status(error)
-            refused = CLIENT_ERRORS.get(status)
-            if refused is not None:
-                raise refused(f"{action}: the API server refused it: {error.reason} "
-                              f"{_message(error)}") from error
-            raise BackendError(f"{action}: API server error {status}: {error.reason}"
-                               ) from error
-        except TRANSPORT_ERRORS as error:
-            raise BackendUnavailableError(f"{action}: cannot reach the API server: {error}"
-                                          ) from error
+        except CLIENT_RAISES as error:
+            raise api_error(action, error) or BackendError(f"{action}: {error!r}") from error
 
     async def start(self, spec: AgentSpec) -> AgentHandle:
         pod = build_pod(spec, self._settings.runner_image)
@@ -275,21 +271,21 @@ class KubernetesBackend:
     async def _wait_running(self, agent: AgentHandle) -> None:
         """Wait for a pool pod to run; its image (or the runner's) missing fails at once."""
         namespace, name = _split(agent.id)
-        deadline = asyncio.get_running_loop().time() + START_TIMEOUT_SECONDS
-        while True:
-            pod: Any = await self._call(f"reading pod {name}",
-                                        self._core.read_namespaced_pod, name, namespace)
-            phase = pod.status.phase
-            if phase == "Running":
-                return
+
+        def running(pod: Any) -> bool:
+            phase = pod.status.phase if pod.status else None
             if phase in ("Succeeded", "Failed"):
                 raise BackendError(f"pod {name} ended before its first task "
                                    f"({pod.status.reason or phase})")
             self._check_waiting(pod, agent)
-            if asyncio.get_running_loop().time() > deadline:
-                raise BackendError(f"pod {name} was not running after "
-                                   f"{START_TIMEOUT_SECONDS:.0f}s (phase {phase})")
-            await asyncio.sleep(POLL_SECONDS)
+            return phase == "Running"
+
+        try:
+            await asyncio.wait_for(self.pods.until(namespace, name, running),
+                                   START_TIMEOUT_SECONDS)
+        except TimeoutError:
+            raise BackendError(f"pod {name} was not running after "
+                               f"{START_TIMEOUT_SECONDS:.0f}s") from None
 
     async def _log_tail(self, agent: AgentHandle) -> str:
         namespace, name = _split(agent.id)
@@ -317,13 +313,15 @@ class KubernetesBackend:
 
     async def wait(self, agent: AgentHandle) -> AgentResult:
         namespace, name = _split(agent.id)
-        while True:
-            pod: Any = await self._call(f"reading pod {name}",
-                                        self._core.read_namespaced_pod, name, namespace)
-            if pod.status.phase in ("Succeeded", "Failed"):
-                return await self._result(pod, namespace, name)
+
+        def ended(pod: Any) -> bool:
+            if pod.status and pod.status.phase in ("Succeeded", "Failed"):
+                return True
             self._check_waiting(pod, agent)
-            await asyncio.sleep(POLL_SECONDS)
+            return False
+
+        pod = await self.pods.until(namespace, name, ended)
+        return await self._result(pod, namespace, name)
 
     async def _result(self, pod: Any, namespace: str, name: str) -> AgentResult:
         terminated = None
@@ -454,9 +452,26 @@ class KubernetesBackend:
         return await channel.run(argv, env, timeout, self._settings.output_limit_bytes)
 
     async def close(self) -> None:
+        self.pods.close()
         for channel in self._channels.values():
             channel.close()
         self._channels.clear()
+
+
+def api_error(action: str, error: BaseException) -> AgentainerError | None:
+    """The project's error for what the API client raised while doing ``action``: a refusal
+    the caller must tell apart, a server error, or an API server out of reach (None: not the
+    client's)."""
+    if isinstance(error, ApiException):
+        status = error.status or _handshake_status(error)
+        refused = CLIENT_ERRORS.get(status)
+        if refused is not None:
+            return refused(f"{action}: the API server refused it: {error.reason} "
+                           f"{_message(error)}")
+        return BackendError(f"{action}: API server error {status}: {error.reason}")
+    if isinstance(error, TRANSPORT_ERRORS):
+        return BackendUnavailableError(f"{action}: cannot reach the API server: {error}")
+    return None
 
 
 def _handshake_status(error: ApiException) -> int:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
+import kubernetes
 import pytest
 import urllib3.exceptions
 import websocket
@@ -42,7 +43,7 @@ TRANSPORT_ERRORS = [
 ]
 OPERATIONS = {
     "start": ("create_namespaced_pod", lambda b: b.start(SPEC)),
-    "wait": ("read_namespaced_pod", lambda b: b.wait(AGENT)),
+    "wait": ("list_namespaced_pod", lambda b: b.wait(AGENT)),  # the pod watch's list
     "stop": ("delete_namespaced_pod", lambda b: b.stop(AGENT, 2)),
     "list_agents": ("list_namespaced_pod", lambda b: b.list_agents("default", {"a": "b"})),
 }
@@ -81,10 +82,10 @@ def test_a_websocket_the_api_server_refused_is_told_apart_by_its_handshake_statu
     from controller.errors import ForbiddenError
 
     refused = ApiException(status=0, reason="Handshake status 403 Forbidden")
-    monkeypatch.setattr(CoreV1Api, "read_namespaced_pod", raising(refused))
+    monkeypatch.setattr(CoreV1Api, "delete_namespaced_pod", raising(refused))
 
     with pytest.raises(ForbiddenError, match="Handshake status 403") as raised:
-        asyncio.run(backend().wait(AGENT))
+        asyncio.run(backend().stop(AGENT, 0))
 
     assert not raised.value.retryable
 
@@ -172,13 +173,21 @@ class LogResponse:
         self.released = True
 
 
-def finished_pod() -> Any:
+def finished_pod(name: str = AGENT.name) -> Any:
     terminated = SimpleNamespace(exit_code=0, reason="Completed", message=None)
     container = SimpleNamespace(name="agent", state=SimpleNamespace(terminated=terminated,
                                                                     waiting=None))
-    return SimpleNamespace(status=SimpleNamespace(
-        phase="Succeeded", reason=None, message=None, container_statuses=[container],
-        init_container_statuses=None))
+    return SimpleNamespace(
+        metadata=SimpleNamespace(name=name, namespace="team", resource_version="7"),
+        status=SimpleNamespace(phase="Succeeded", reason=None, message=None,
+                               container_statuses=[container], init_container_statuses=None))
+
+
+def serve_pods(monkeypatch: pytest.MonkeyPatch, *pods: Any) -> None:
+    """The pod watch's list finds ``pods``; its watches see nothing more."""
+    listing = SimpleNamespace(metadata=SimpleNamespace(resource_version="7"), items=list(pods))
+    monkeypatch.setattr(CoreV1Api, "list_namespaced_pod", lambda *a, **k: listing)
+    monkeypatch.setattr(kubernetes.watch.Watch, "stream", lambda *a, **k: iter(()))
 
 
 def serve_log(monkeypatch: pytest.MonkeyPatch, response: LogResponse) -> dict[str, Any]:
@@ -188,7 +197,7 @@ def serve_log(monkeypatch: pytest.MonkeyPatch, response: LogResponse) -> dict[st
         asked.update(query)
         return response
 
-    monkeypatch.setattr(CoreV1Api, "read_namespaced_pod", lambda *a, **k: finished_pod())
+    serve_pods(monkeypatch, finished_pod())
     monkeypatch.setattr(CoreV1Api, "read_namespaced_pod_log", read_log)
     return asked
 

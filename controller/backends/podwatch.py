@@ -1,0 +1,232 @@
+"""The pods of agents as one watch per namespace sees them, shared by every waiter of the
+process: a list, then a watch from its version (again after each watch ends, a new list when
+the version is too old), in a thread of its own per namespace. A pod's change wakes those who
+wait for that pod; nothing polls, so an agent costs the API server the same few requests
+however long it runs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import kubernetes
+from kubernetes.client import ApiException, CoreV1Api
+
+from controller.errors import AgentainerError, BackendError, NotFoundError
+
+logger = logging.getLogger(__name__)
+
+WATCH_SECONDS = 300
+"""How long one watch request lasts before it is made again (from the version it reached)."""
+ABSENT_SECONDS = 2.0
+"""How long a pod asked for and not seen yet may take to show up in the watch before a single
+read says whether it exists at all."""
+QUICK_SECONDS = 1.0
+"""A watch that ended sooner than this is made again only this long after it began."""
+BACKOFF_SECONDS = (0.5, 1.0, 2.0, 5.0)
+"""Pauses between attempts to list again after the API server failed a list or a watch."""
+
+Convert = Callable[[str, BaseException], AgentainerError | None]
+"""The project's error for what the client raised (None: not one of the client's errors)."""
+
+
+class PodWatch:
+    """Pods with one label selector, by namespace and name, kept current by a watch."""
+
+    def __init__(self, core: CoreV1Api, selector: str, convert: Convert) -> None:
+        self._core = core
+        self._selector = selector
+        self._convert = convert
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pods: dict[str, dict[str, Any]] = {}
+        self._listed: dict[str, int] = {}
+        """How many lists of each namespace have landed (0: none yet)."""
+        self._errors: dict[str, AgentainerError] = {}
+        """Why the last list or watch of a namespace failed, until a list lands again."""
+        self._gone: set[tuple[str, str]] = set()
+        self._waiters: dict[tuple[str, str], set[asyncio.Future[None]]] = {}
+        self._threads: dict[str, threading.Thread] = {}
+        self._stopping = threading.Event()
+        self.requests = 0
+        """Lists, watches and reads made so far (for the benchmarks)."""
+
+    async def until(self, namespace: str, name: str, done: Callable[[Any], bool]) -> Any:
+        """The pod, once ``done(pod)`` holds (``done`` may raise, to give up); NotFoundError
+        once the pod is gone, or found not to exist; the error of the API server when its list
+        or watch fails (the caller retries, as after any call that failed)."""
+        self._start(namespace)
+        key = (namespace, name)
+        absent_since: float | None = None
+        try:
+            while True:
+                pod = self._pods.get(namespace, {}).get(name)
+                if pod is not None and done(pod):
+                    return pod
+                if key in self._gone:
+                    raise NotFoundError(f"reading pod {name}: it was deleted")
+                if (error := self._errors.get(namespace)) is not None:
+                    raise error
+                timeout = None
+                if pod is None and self._listed.get(namespace):
+                    absent_since = absent_since or time.monotonic()
+                    timeout = absent_since + ABSENT_SECONDS - time.monotonic()
+                    if timeout <= 0:
+                        await self._read_once(namespace, name)
+                        absent_since, timeout = None, None
+                        continue
+                await self._change(key, timeout)
+        finally:
+            if not self._waiters.get(key):
+                self._gone.discard(key)
+
+    async def _change(self, key: tuple[str, str], timeout: float | None) -> None:
+        future = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(key, set()).add(future)
+        try:
+            await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            pass
+        finally:
+            waiters = self._waiters.get(key, set())
+            waiters.discard(future)
+            if not waiters:
+                self._waiters.pop(key, None)
+
+    async def _read_once(self, namespace: str, name: str) -> None:
+        """A pod the watch has not shown: read it once (it may have been made before the watch
+        began and be listed soon, or never have existed, or be gone)."""
+        self.requests += 1
+        try:
+            pod = await asyncio.to_thread(self._core.read_namespaced_pod, name, namespace)
+        except BaseException as error:  # noqa: BLE001 - the client's errors, converted
+            converted = self._convert(f"reading pod {name}", error)
+            if converted is None:
+                raise
+            raise converted from error
+        self._pods.setdefault(namespace, {}).setdefault(name, pod)
+
+    def _start(self, namespace: str) -> None:
+        self._loop = self._loop or asyncio.get_running_loop()
+        thread = self._threads.get(namespace)
+        if thread is not None and thread.is_alive():
+            return
+        thread = threading.Thread(target=self._run, args=(namespace,), daemon=True,
+                                  name=f"pod-watch-{namespace}")
+        self._threads[namespace] = thread
+        thread.start()
+
+    # --- the watch's thread -------------------------------------------------------------------
+
+    def _run(self, namespace: str) -> None:
+        failures = 0
+        version: str | None = None
+        while not self._stopping.is_set() and self._listening():
+            try:
+                if version is None:
+                    self.requests += 1
+                    listed: Any = self._core.list_namespaced_pod(
+                        namespace, label_selector=self._selector, _request_timeout=60)
+                    version = listed.metadata.resource_version
+                    self._post(self._replace, namespace, listed.items)
+                began = time.monotonic()
+                version = self._watch(namespace, version)
+                failures = 0
+                if time.monotonic() - began < QUICK_SECONDS:  # a server that ends watches at
+                    self._stopping.wait(QUICK_SECONDS)       # once is not asked in a loop
+            except ApiException as error:
+                if error.status == 410:  # the version is too old: list afresh
+                    version = None
+                    continue
+                failures = self._failed(namespace, error, failures)
+                version = None
+            except Exception as error:  # noqa: BLE001 - whatever broke, list again
+                failures = self._failed(namespace, error, failures)
+                version = None
+
+    def _watch(self, namespace: str, version: str) -> str | None:
+        """Follow the namespace's pods from ``version``; the version reached (None: list
+        again)."""
+        self.requests += 1
+        stream = kubernetes.watch.Watch()  # type: ignore[no-untyped-call]
+        try:
+            for event in stream.stream(  # type: ignore[no-untyped-call]
+                    self._core.list_namespaced_pod, namespace, label_selector=self._selector,
+                    resource_version=version, timeout_seconds=WATCH_SECONDS,
+                    allow_watch_bookmarks=True, _request_timeout=WATCH_SECONDS + 30):
+                if self._stopping.is_set() or not self._listening():
+                    return None
+                pod = event["object"]
+                if event["type"] == "ERROR":
+                    return None
+                version = pod.metadata.resource_version or version
+                if event["type"] != "BOOKMARK":
+                    self._post(self._apply, namespace, event["type"], pod)
+        finally:
+            stream.stop()  # type: ignore[no-untyped-call]
+        return version
+
+    def _failed(self, namespace: str, error: BaseException, failures: int) -> int:
+        converted = self._convert(f"watching the pods of {namespace}", error) or \
+            BackendError(f"watching the pods of {namespace}: {error!r}")
+        converted.__cause__ = error
+        logger.warning("%s; listing again", converted)
+        self._post(self._fail, namespace, converted)
+        self._stopping.wait(BACKOFF_SECONDS[min(failures, len(BACKOFF_SECONDS) - 1)])
+        return failures + 1
+
+    def _listening(self) -> bool:
+        """Whether the event loop of the waiters is still there (when it is gone, so are they,
+        and the watch ends)."""
+        return self._loop is not None and not self._loop.is_closed()
+
+    def _post(self, function: Callable[..., None], *args: Any) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            try:
+                self._loop.call_soon_threadsafe(function, *args)
+            except RuntimeError:
+                pass  # the loop closed meanwhile: nobody waits any more
+
+    # --- on the event loop --------------------------------------------------------------------
+
+    def _replace(self, namespace: str, pods: list[Any]) -> None:
+        before = self._pods.get(namespace, {})
+        now = {pod.metadata.name: pod for pod in pods}
+        self._pods[namespace] = now
+        self._listed[namespace] = self._listed.get(namespace, 0) + 1
+        self._errors.pop(namespace, None)
+        for name in set(before) - set(now):
+            self._gone_now((namespace, name))
+        for key in [key for key in self._waiters if key[0] == namespace]:
+            self._wake(key)
+
+    def _apply(self, namespace: str, kind: str, pod: Any) -> None:
+        name = pod.metadata.name
+        key = (namespace, name)
+        if kind == "DELETED":
+            self._pods.get(namespace, {}).pop(name, None)
+            self._gone_now(key)
+        else:
+            self._pods.setdefault(namespace, {})[name] = pod
+            self._wake(key)
+
+    def _gone_now(self, key: tuple[str, str]) -> None:
+        if key in self._waiters:
+            self._gone.add(key)
+            self._wake(key)
+
+    def _fail(self, namespace: str, error: AgentainerError) -> None:
+        self._errors[namespace] = error
+        for key in [key for key in self._waiters if key[0] == namespace]:
+            self._wake(key)
+
+    def _wake(self, key: tuple[str, str]) -> None:
+        for future in self._waiters.get(key, ()):
+            if not future.done():
+                future.set_result(None)
+
+    def close(self) -> None:
+        self._stopping.set()
