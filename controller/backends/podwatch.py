@@ -159,12 +159,15 @@ class PodWatch:
                     allow_watch_bookmarks=True, _request_timeout=WATCH_SECONDS + 30):
                 if self._stopping.is_set() or not self._listening():
                     return None
-                pod = event["object"]
                 if event["type"] == "ERROR":
                     return None
+                if event["type"] == "BOOKMARK":  # the client leaves these undecoded
+                    version = (event.get("raw_object") or {}).get("metadata", {}).get(
+                        "resourceVersion") or version
+                    continue
+                pod = event["object"]
                 version = pod.metadata.resource_version or version
-                if event["type"] != "BOOKMARK":
-                    self._post(self._apply, namespace, event["type"], pod)
+                self._post(self._apply, namespace, event["type"], pod)
         finally:
             stream.stop()  # type: ignore[no-untyped-call]
         return version

@@ -94,6 +94,8 @@ def test_a_waiter_wakes_when_the_watch_shows_its_pod_ended_without_a_read(
         waiting = asyncio.create_task(watch.until("team", "a", ended))
         await asyncio.sleep(0.2)
         assert not waiting.done()
+        bookmark = {"metadata": {"resourceVersion": "9"}}  # the client leaves it a dict
+        core.events.put({"type": "BOOKMARK", "object": bookmark, "raw_object": bookmark})
         core.events.put({"type": "MODIFIED", "object": pod("b", "Succeeded")})
         core.events.put({"type": "MODIFIED", "object": pod("a", "Succeeded")})
         return await waiting, await watch.until("team", "b", ended)
