@@ -44,6 +44,10 @@ class Settings:
     """Docker API calls in flight at once (each in a thread); a running agent holds one while
     it is awaited, so this bounds how many agents one process can watch at once."""
 
+    kubernetes_threads: int = 32
+    """Kubernetes API calls of the pod backend in flight at once (creating, deleting, reading
+    logs, pool tasks' attach), on threads of its own; waiting for pods takes none (a watch)."""
+
     stop_grace_seconds: int = 2
     """On cancellation, seconds an agent gets after SIGTERM before it is killed."""
 
@@ -163,7 +167,7 @@ class Settings:
                 raise ConfigError(
                     f"{ENV_PREFIX}{name.upper()}={value!r}: must be one of {', '.join(allowed)}"
                 )
-        minimums = {"docker_threads": 1, "state_ttl_seconds": 0, "stop_grace_seconds": 0,
+        minimums = {"docker_threads": 1, "kubernetes_threads": 1, "state_ttl_seconds": 0, "stop_grace_seconds": 0,
                     "status_output_limit": 0, "status_agent_limit": 0, "metrics_port": 0,
                     "status_interval_seconds": 0, "lease_ttl_seconds": 1, "pool_wait_seconds": 0,
                     "output_limit_bytes": 1, "agent_pids_limit": 0, "backend_retry_seconds": 0,

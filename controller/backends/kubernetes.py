@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import functools
 import logging
 import re
@@ -177,13 +178,18 @@ class PodAttachChannel(RunnerChannel):
 
     RECEIVE_SLICE_SECONDS = 0.25
 
-    def __init__(self, client: Any, agent_name: str) -> None:
+    def __init__(self, client: Any, agent_name: str,
+                 threads: concurrent.futures.Executor | None = None) -> None:
         super().__init__(agent_name)
         self._client = client
+        self._threads = threads
+
+    async def _in_thread(self, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._threads, function, *args)
 
     async def _send(self, data: bytes) -> None:
         try:
-            await asyncio.to_thread(self._client.write_stdin, data.decode())
+            await self._in_thread(self._client.write_stdin, data.decode())
         except TRANSPORT_ERRORS as error:
             raise self._broken(error) from error
 
@@ -194,7 +200,7 @@ class PodAttachChannel(RunnerChannel):
             pass
 
     async def _receive(self, timeout: float) -> bytes:
-        return await asyncio.to_thread(self._read, min(timeout, self.RECEIVE_SLICE_SECONDS))
+        return await self._in_thread(self._read, min(timeout, self.RECEIVE_SLICE_SECONDS))
 
     def _read(self, timeout: float) -> bytes:
         client = self._client
@@ -231,6 +237,11 @@ class KubernetesBackend:
         self._settings = settings
         self._channels: dict[str, PodAttachChannel] = {}
         self._channel_locks: dict[str, asyncio.Lock] = {}
+        self._threads = concurrent.futures.ThreadPoolExecutor(
+            settings.kubernetes_threads, thread_name_prefix="kubernetes")
+        """The backend's own threads for the client's blocking calls, none of which lasts
+        long (waits are the watch's): the status writes and the rest of the process, on the
+        default threads, never wait behind agents."""
         self.pods = PodWatch(core, f"{LABEL_MANAGED_BY}={MANAGED_BY}", api_error)
         """Every agent's pod, as one watch per namespace sees it: waits read it, no polling."""
 
@@ -245,7 +256,8 @@ class KubernetesBackend:
     async def _call(self, action: str, function: Callable[..., T], *args: Any,
                     **kwargs: Any) -> T:
         try:
-            return await asyncio.to_thread(functools.partial(function, *args, **kwargs))
+            return await asyncio.get_running_loop().run_in_executor(
+                self._threads, functools.partial(function, *args, **kwargs))
         except CLIENT_RAISES as error:
             raise api_error(action, error) or BackendError(f"{action}: {error!r}") from error
 
@@ -414,7 +426,7 @@ class KubernetesBackend:
                 # kubernetes-client/python#2302), and one channel lives for many tasks: their
                 # output would pile up without bound.
                 client._all = NOTHING_KEPT
-                channel = PodAttachChannel(client, agent.name)
+                channel = PodAttachChannel(client, agent.name, self._threads)
                 await channel.hello()
                 self._channels[agent.id] = channel
             return channel
@@ -453,6 +465,7 @@ class KubernetesBackend:
 
     async def close(self) -> None:
         self.pods.close()
+        self._threads.shutdown(wait=False, cancel_futures=True)
         for channel in self._channels.values():
             channel.close()
         self._channels.clear()
