@@ -177,7 +177,8 @@ class PodWatch:
             BackendError(f"watching the pods of {namespace}: {error!r}")
         converted.__cause__ = error
         logger.warning("%s; listing again", converted)
-        self._post(self._fail, namespace, converted)
+        if failures:  # a watch that broke once is listed again first; twice, waiters hear it
+            self._post(self._fail, namespace, converted)
         self._stopping.wait(BACKOFF_SECONDS[min(failures, len(BACKOFF_SECONDS) - 1)])
         return failures + 1
 
