@@ -27,7 +27,7 @@ ABSENT_SECONDS = 2.0
 read says whether it exists at all."""
 QUICK_SECONDS = 1.0
 """A watch that ended sooner than this is made again only this long after it began."""
-BACKOFF_SECONDS = (0.5, 1.0, 2.0, 5.0)
+BACKOFF_SECONDS = (0.0, 0.5, 1.0, 2.0, 5.0)
 """Pauses between attempts to list again after the API server failed a list or a watch."""
 
 Convert = Callable[[str, BaseException], AgentainerError | None]

@@ -48,6 +48,8 @@ from controller.pools import Lease, PoolManager
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+FIRST_RETRY_PAUSE_SECONDS = 0.5
+"""The first pause before a call that failed for now is made again; each next one doubles."""
 RETRY_PAUSE_CAP_SECONDS = 10.0
 
 # Where the backend enforces deadlines (pods' activeDeadlineSeconds), the engine waits this
@@ -152,7 +154,7 @@ class Attempts:
         the API server away), for up to ``backend_retry_seconds``; then its error."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.backend_retry_seconds
-        pause = 0.5
+        pause = FIRST_RETRY_PAUSE_SECONDS
         while True:
             try:
                 return await call()
