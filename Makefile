@@ -73,6 +73,10 @@ bench: setup redis
 	$(PY) benchmarks/engine_overhead.py
 	$(PY) benchmarks/pool.py
 
+bench-cluster: cluster
+	$(PY) scripts/cluster.py load agentainer/busybox:latest
+	eval "$$($(PY) scripts/cluster.py env)" && $(PY) benchmarks/throughput.py
+
 lint: venv
 	$(VENV)/bin/ruff check controller tests benchmarks scripts
 	$(VENV)/bin/lint-imports
