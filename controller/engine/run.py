@@ -31,7 +31,7 @@ import logging
 import time
 import uuid
 
-from controller.backends.base import Backend
+from controller.backends.base import LABEL_WORKFLOW_UID, Backend
 from controller.clock import age_seconds, now
 from controller.config import Settings
 from controller.engine.attempts import Attempts, AttemptOutcome, RunState, StopReason
@@ -249,6 +249,8 @@ class WorkflowRun:
             raise self.interrupted_by
         if self.detached:
             return status
+        if self.stop_reason in (StopReason.CANCELLED, StopReason.DEADLINE_EXCEEDED):
+            await self._stop_leftovers()
         await self._skip_unstarted()
         if self._finally and self._finally_wanted:
             main_stop, main_failed = self.stop_reason, self.failed_step
@@ -275,6 +277,38 @@ class WorkflowRun:
         self.emit(EventKind.WORKFLOW_FINISHED,
                   f"workflow {self.workflow.metadata.name} {status.phase.value.lower()}")
         return status
+
+    async def _stop_leftovers(self) -> None:
+        """A run stopped on purpose leaves no agent running: those an earlier process started
+        and this one never got to adopt (terminated, or past its timeout, as it resumed) are
+        stopped now, recorded as such, and removed as the cleanup policy says."""
+        backend = self.attempts.backend
+        try:
+            found = await backend.list_agents(self.workflow.metadata.namespace,
+                                              {LABEL_WORKFLOW_UID: self.uid}, self.uid)
+            for handle in found:
+                if handle.state == "exited":
+                    continue
+                await backend.stop(handle, self.settings.stop_grace_seconds)
+                if should_remove(self.workflow.spec.cleanup, False):
+                    await backend.remove(handle)
+        except AgentainerError as error:  # the delete handler removes what is left
+            logger.warning("workflow %s: stopping its agents failed: %s",
+                           self.workflow.metadata.name, error)
+        deadline = self.stop_reason is StopReason.DEADLINE_EXCEEDED
+        for step in self.status.steps:
+            left = [a for a in step.agents if a.phase in (AgentPhase.CREATED, AgentPhase.RUNNING)]
+            for agent in left:
+                agent.phase, agent.finished_at = AgentPhase.FAILED, now()
+                agent.reason = AgentReason.DEADLINE_EXCEEDED if deadline else \
+                    AgentReason.CANCELLED
+                await self.journal.agent(agent, step=step)
+            if left and step.phase is not StepPhase.SUCCEEDED:  # skipped as not started
+                step.phase = StepPhase.FAILED if deadline else StepPhase.CANCELLED
+                step.message = ("stopped: the workflow exceeded its timeout" if deadline
+                                else self._cancel_cause)
+                step.finished_at = now()
+                await self.journal.step(step)
 
     async def _end_without_steps(self, message: str) -> WorkflowStatus:
         """A run that fails before any step can start."""
@@ -428,8 +462,11 @@ class WorkflowRun:
         while True:
             self._wake.clear()
             startable = self.failed_step is None and self.stop_reason is None
-            if startable and not self.suspended:
-                for name in self._ready_steps():
+            adopting = self.stop_reason in (None, StopReason.STOPPED)
+            for name in self._ready_steps():
+                # Steps with agents running since an earlier process are taken up whatever
+                # holds the others back: those agents finish and are waited for.
+                if startable and not self.suspended or adopting and self._live_step(name):
                     self._step_tasks[name] = asyncio.create_task(
                         self._run_step(self.steps[name]), name=f"step-{name}"
                     )
@@ -451,6 +488,11 @@ class WorkflowRun:
             if self.stop_reason not in (None, StopReason.STOPPED):
                 break
         await self._skip_unstarted()
+
+    def _live_step(self, name: str) -> bool:
+        """Whether an earlier process left agents of this step running."""
+        return any(agent.phase in (AgentPhase.CREATED, AgentPhase.RUNNING)
+                   for agent in self.status.step(name).agents)
 
     async def _step_crashed(self, task: asyncio.Task[bool], error: BaseException) -> None:
         """A step ended by an error of ours or of the store, not of its agents."""
@@ -536,18 +578,23 @@ class WorkflowRun:
         results: list[str | None] = [None] * step.width
         failures: list[str] = []
         pending = iter(range(step.width))  # taken one by one: a waiting item costs no task
+        base = status.attempts_before_retry or 0
+        live = {agent.index for agent in status.agents if agent.attempt > base and
+                agent.phase in (AgentPhase.CREATED, AgentPhase.RUNNING)}
+        """Items whose agent an earlier process started: waited for whatever happens since."""
 
         def stopping() -> bool:  # fail fast: no new agents once something failed
             return bool(failures) or self.failed_step is not None or self.stop_reason is not None
 
         async def worker() -> None:
             for index in pending:
-                await self._unheld()
-                if stopping():
-                    return
-                async with self.state.agents_at_once:
+                if index not in live:
+                    await self._unheld()
                     if stopping():
-                        return
+                        continue  # none starts; a later item may have one to wait for
+                async with self.state.agents_at_once:
+                    if stopping() and index not in live:
+                        continue
                     outcome = await self._run_unit(step, status, index)
                 if outcome.succeeded:
                     results[index] = outcome.output

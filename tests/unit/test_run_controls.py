@@ -11,7 +11,9 @@ from controller.engine import WorkflowRun
 from controller.engine.journal import Journal
 from controller.models import (
     AgentPhase,
+    AgentReason,
     ConditionType,
+    Shutdown,
     StepPhase,
     WorkflowPhase,
     WorkflowStatus,
@@ -179,3 +181,52 @@ def test_a_retried_step_gets_its_retries_again() -> None:
     status = scenario(go())
     assert status.phase is WorkflowPhase.SUCCEEDED  # attempts 3 and 4: its limit of 1 again
     assert [attempt_of(a.spec) for a in fake.starts("flaky")] == [1, 2, 3, 4]
+
+
+def test_a_run_stopped_while_no_controller_watched_waits_for_the_agents_it_left_running(
+) -> None:
+    document = two_slow_steps()
+    fake = FakeBackend(by_step({"first": Behaviour(0.3, stdout="x")}))
+    store = MemoryStore()
+
+    async def go() -> WorkflowStatus:
+        earlier = new_run(document, fake, store)
+        task = asyncio.create_task(earlier.execute())
+        await until(lambda: len(fake.running()) == 2)
+        earlier.detach()  # the controller goes away; then spec.shutdown: Stop is set
+        await task
+        later = new_run(document, fake, store)
+        later.steer(False, Shutdown.STOP)
+        return await later.execute()
+
+    status = scenario(go())
+    first = fake.starts("first")
+    assert len(first) == 2 and not any(a.killed for a in first)  # adopted, not started again
+    assert [a.phase for a in status.step("first").agents] == [AgentPhase.SUCCEEDED] * 2
+    assert status.step("first").phase is StepPhase.CANCELLED  # two of its four never started
+    assert status.step("second").phase is StepPhase.SKIPPED
+    assert status.phase is WorkflowPhase.STOPPED
+
+
+def test_a_run_terminated_while_no_controller_watched_stops_the_agents_it_left_running(
+) -> None:
+    document = two_slow_steps()
+    fake = FakeBackend(by_step({"first": Behaviour(60)}))
+    store = MemoryStore()
+
+    async def go() -> WorkflowStatus:
+        earlier = new_run(document, fake, store)
+        task = asyncio.create_task(earlier.execute())
+        await until(lambda: len(fake.running()) == 2)
+        earlier.detach()
+        await task
+        later = new_run(document, fake, store)
+        later.steer(False, Shutdown.TERMINATE)
+        return await later.execute()
+
+    status = scenario(go())
+    assert fake.running() == [] and all(a.killed for a in fake.starts("first"))
+    assert fake.held() == []  # cleanup Always: removed too
+    assert {a.reason for a in status.step("first").agents} == {AgentReason.CANCELLED}
+    assert status.step("first").phase is StepPhase.CANCELLED
+    assert status.phase is WorkflowPhase.CANCELLED and "terminated" in (status.message or "")
