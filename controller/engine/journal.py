@@ -94,7 +94,10 @@ class Journal:
                     step not in spec.finally_steps:
                 continue
             agents = restored.agents.get(step.name, [])
-            base = max((agent.attempt for agent in agents), default=0)
+            # The status too: where the store lost the agents, their names are still taken.
+            shown = next((s.agents for s in last_known.steps if s.name == step.name), []) \
+                if last_known is not None else []
+            base = max((agent.attempt for agent in [*agents, *shown]), default=0)
             if state is not None and state.attempts_before_retry:
                 base = max(base, state.attempts_before_retry)
             # A finally step that succeeded runs again: its old output is not its new one.
