@@ -6,7 +6,13 @@ from __future__ import annotations
 from typing import Any
 
 from controller.backends import runner
-from controller.backends.base import LABEL_RUNNER, AgentSpec, WorkspaceSpec
+from controller.backends.base import (
+    LABEL_MANAGED_BY,
+    LABEL_RUNNER,
+    MANAGED_BY,
+    AgentSpec,
+    WorkspaceSpec,
+)
 from controller.models import DEFAULT_TASK_USER, WORKSPACE_PATH, PodOptions
 
 CONTAINER = "agent"
@@ -66,7 +72,8 @@ def build_pod(spec: AgentSpec, runner_image: str = "") -> dict[str, Any]:
            for name, source in spec.env_refs.items()],
         "securityContext": security,
     }
-    labels = dict(spec.labels)
+    # Every pod of ours says so: the backend's watch of pods selects them by it.
+    labels = {**spec.labels, LABEL_MANAGED_BY: MANAGED_BY}
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "containers": [container],

@@ -25,6 +25,8 @@ WATCH_SECONDS = 300
 ABSENT_SECONDS = 2.0
 """How long a pod asked for and not seen yet may take to show up in the watch before a single
 read says whether it exists at all."""
+UNWATCHED_SECONDS = 5.0
+"""How often a pod the watch does not show is read again while someone waits for it."""
 QUICK_SECONDS = 1.0
 """A watch that ended sooner than this is made again only this long after it began."""
 BACKOFF_SECONDS = (0.0, 0.5, 1.0, 2.0, 5.0)
@@ -48,6 +50,8 @@ class PodWatch:
         self._errors: dict[str, AgentainerError] = {}
         """Why the last list or watch of a namespace failed, until a list lands again."""
         self._gone: set[tuple[str, str]] = set()
+        self._unwatched: set[tuple[str, str]] = set()
+        """Pods known from a read of their own, which the watch has not shown since."""
         self._waiters: dict[tuple[str, str], set[asyncio.Future[None]]] = {}
         self._threads: dict[str, threading.Thread] = {}
         self._stopping = threading.Event()
@@ -71,25 +75,31 @@ class PodWatch:
                 if (error := self._errors.get(namespace)) is not None:
                     raise error
                 timeout = None
-                if pod is None and self._listed.get(namespace):
+                if key in self._unwatched:  # read, but not among what the watch selects
+                    timeout = UNWATCHED_SECONDS
+                elif pod is None and self._listed.get(namespace):
                     absent_since = absent_since or time.monotonic()
                     timeout = absent_since + ABSENT_SECONDS - time.monotonic()
                     if timeout <= 0:
                         await self._read_once(namespace, name)
                         absent_since, timeout = None, None
                         continue
-                await self._change(key, timeout)
+                if not await self._change(key, timeout) and key in self._unwatched:
+                    await self._read_once(namespace, name)
         finally:
             if not self._waiters.get(key):
                 self._gone.discard(key)
+                self._unwatched.discard(key)
 
-    async def _change(self, key: tuple[str, str], timeout: float | None) -> None:
+    async def _change(self, key: tuple[str, str], timeout: float | None) -> bool:
+        """Wait for news of the pod, for up to ``timeout``: whether there was any."""
         future = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(key, set()).add(future)
         try:
             await asyncio.wait_for(future, timeout)
+            return True
         except TimeoutError:
-            pass
+            return False
         finally:
             waiters = self._waiters.get(key, set())
             waiters.discard(future)
@@ -107,7 +117,12 @@ class PodWatch:
             if converted is None:
                 raise
             raise converted from error
-        self._pods.setdefault(namespace, {}).setdefault(name, pod)
+        if (namespace, name) in self._unwatched or \
+                name not in self._pods.setdefault(namespace, {}):
+            # The watch has not shown it: should it never (a pod made without our label),
+            # it is read again now and then rather than waited for in vain.
+            self._pods[namespace][name] = pod
+            self._unwatched.add((namespace, name))
 
     def _start(self, namespace: str) -> None:
         self._loop = self._loop or asyncio.get_running_loop()
@@ -198,7 +213,8 @@ class PodWatch:
 
     def _replace(self, namespace: str, pods: list[Any]) -> None:
         before = self._pods.get(namespace, {})
-        now = {pod.metadata.name: pod for pod in pods}
+        now = {name: pod for name, pod in before.items() if (namespace, name) in self._unwatched}
+        now.update((pod.metadata.name, pod) for pod in pods)
         self._pods[namespace] = now
         self._listed[namespace] = self._listed.get(namespace, 0) + 1
         self._errors.pop(namespace, None)
@@ -215,6 +231,7 @@ class PodWatch:
             self._gone_now(key)
         else:
             self._pods.setdefault(namespace, {})[name] = pod
+            self._unwatched.discard(key)
             self._wake(key)
 
     def _gone_now(self, key: tuple[str, str]) -> None:

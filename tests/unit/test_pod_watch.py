@@ -38,6 +38,8 @@ class ScriptedCore:
         self.events: queue.Queue[Any] = queue.Queue()
         self.lists = self.reads = 0
         self.closed = threading.Event()
+        self.unselected: list[Any] = []
+        """What reads of a pod the watch does not select give, in turn."""
 
     def list_namespaced_pod(self, namespace: str, **kwargs: Any) -> Any:
         self.lists += 1
@@ -48,6 +50,8 @@ class ScriptedCore:
 
     def read_namespaced_pod(self, name: str, namespace: str) -> Any:
         self.reads += 1
+        if self.unselected:
+            return self.unselected.pop(0) if len(self.unselected) > 1 else self.unselected[0]
         raise ApiException(status=404, reason="Not Found")
 
     def stream(self, *args: Any, **kwargs: Any) -> Iterator[dict[str, Any]]:
@@ -68,6 +72,7 @@ def core(monkeypatch: pytest.MonkeyPatch) -> Iterator[ScriptedCore]:
                         lambda self, *a, **k: scripted.stream(*a, **k))
     monkeypatch.setattr(podwatch, "ABSENT_SECONDS", 0.1)
     monkeypatch.setattr(podwatch, "BACKOFF_SECONDS", (0.05,))
+    monkeypatch.setattr(podwatch, "UNWATCHED_SECONDS", 0.1)
     yield scripted
     scripted.closed.set()
 
@@ -154,3 +159,17 @@ def test_a_failing_list_reaches_the_waiters_and_a_later_list_lets_them_go_on(
     error, found = play(core, scenario)
     assert error.__cause__ is down and error.retryable
     assert found.status.phase == "Succeeded"
+
+
+def test_a_pod_the_watch_does_not_select_is_read_again_until_it_ends(
+        core: ScriptedCore) -> None:
+    core.unselected = [pod("stray", "Pending"), pod("stray", "Running"),
+                       pod("stray", "Succeeded")]
+
+    async def scenario(watch: PodWatch) -> Any:
+        found = await watch.until("team", "stray", ended)
+        core.events.put(ApiException(status=410, reason="Gone"))  # a relist keeps it too
+        return found
+
+    assert play(core, scenario).status.phase == "Succeeded"
+    assert core.reads == 3
