@@ -70,9 +70,9 @@ def core(monkeypatch: pytest.MonkeyPatch) -> Iterator[ScriptedCore]:
     scripted = ScriptedCore([])
     monkeypatch.setattr(podwatch.kubernetes.watch.Watch, "stream",
                         lambda self, *a, **k: scripted.stream(*a, **k))
-    monkeypatch.setattr(podwatch, "ABSENT_SECONDS", 0.1)
-    monkeypatch.setattr(podwatch, "BACKOFF_SECONDS", (0.05,))
-    monkeypatch.setattr(podwatch, "UNWATCHED_SECONDS", 0.1)
+    monkeypatch.setattr(podwatch, "ABSENT_SECONDS", 0.05)
+    monkeypatch.setattr(podwatch, "BACKOFF_SECONDS", (0.0, 0.02))
+    monkeypatch.setattr(podwatch, "UNWATCHED_SECONDS", 0.05)
     yield scripted
     scripted.closed.set()
 
@@ -97,7 +97,7 @@ def test_a_waiter_wakes_when_the_watch_shows_its_pod_ended_without_a_read(
 
     async def scenario(watch: PodWatch) -> Any:
         waiting = asyncio.create_task(watch.until("team", "a", ended))
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.05)
         assert not waiting.done()
         bookmark = {"metadata": {"resourceVersion": "9"}}  # the client leaves it a dict
         core.events.put({"type": "BOOKMARK", "object": bookmark, "raw_object": bookmark})
@@ -153,7 +153,7 @@ def test_a_failing_list_reaches_the_waiters_and_a_later_list_lets_them_go_on(
         with pytest.raises(BackendUnavailableError, match="cannot reach the API server") as \
                 raised:
             await watch.until("team", "a", ended)
-        await asyncio.sleep(0.3)  # the engine retries after a pause; the watch lists again
+        await asyncio.sleep(0.15)  # the engine retries after a pause; the watch lists again
         return raised.value, await watch.until("team", "a", ended)
 
     error, found = play(core, scenario)

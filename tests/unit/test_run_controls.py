@@ -49,7 +49,7 @@ def two_slow_steps() -> dict[str, Any]:
 
 
 def test_a_suspended_run_starts_no_agent_until_resumed_and_running_ones_finish() -> None:
-    fake = FakeBackend(by_step({"first": Behaviour(0.1)}))
+    fake = FakeBackend(by_step({"first": Behaviour(0.05)}))
 
     async def go() -> tuple[WorkflowStatus, list[int], WorkflowRun]:
         run = new_run(two_slow_steps(), fake, MemoryStore())
@@ -57,7 +57,7 @@ def test_a_suspended_run_starts_no_agent_until_resumed_and_running_ones_finish()
         await until(lambda: len(fake.running()) == 2)
         run.suspend(True)
         assert condition(run.status, ConditionType.SUSPENDED) == ("True", "Suspended")
-        await asyncio.sleep(0.3)  # the two running finish; none starts meanwhile
+        await asyncio.sleep(0.2)  # the two running finish; none starts meanwhile
         held = [len(fake.starts("first")), len(fake.running())]
         run.suspend(False)
         return await task, held, run
@@ -186,7 +186,7 @@ def test_a_retried_step_gets_its_retries_again() -> None:
 def test_a_run_stopped_while_no_controller_watched_waits_for_the_agents_it_left_running(
 ) -> None:
     document = two_slow_steps()
-    fake = FakeBackend(by_step({"first": Behaviour(0.3, stdout="x")}))
+    fake = FakeBackend(by_step({"first": Behaviour(0.15, stdout="x")}))
     store = MemoryStore()
 
     async def go() -> WorkflowStatus:
