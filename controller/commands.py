@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import json
 import queue
+import re
 import secrets
 import sys
 import threading
@@ -77,10 +78,16 @@ def status_of(body: dict[str, Any]) -> WorkflowStatus:
         return WorkflowStatus()
 
 
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+"""Characters a terminal acts on (escape sequences, bells): an agent's output is shown with
+them made visible, so that what an agent printed cannot redraw the screen of `get`."""
+
+
 def short(text: str | None, width: int = 60) -> str:
+    """``text`` on one line, at most ``width`` characters, its control characters shown as ?."""
     if text is None:
         return ""
-    flat = " ".join(text.split())
+    flat = CONTROL.sub("?", " ".join(text.split()))
     return flat if len(flat) <= width else flat[: width - 3] + "..."
 
 
@@ -266,7 +273,7 @@ def describe(body: dict[str, Any], status: WorkflowStatus,
     if status.finished_at:
         lines.append(f"Finished:    {status.finished_at} ({duration(took)})")
     if status.message:
-        lines.append(f"Message:     {status.message}")
+        lines.append(f"Message:     {CONTROL.sub('?', status.message)}")
     if status.conditions:
         lines.append("Conditions:  " + ", ".join(f"{c.type}={c.status.value} ({c.reason})"
                                                   for c in status.conditions))
@@ -328,7 +335,8 @@ def outcome(body: dict[str, Any], status: WorkflowStatus) -> str:
     took = seconds_between(status.started_at, status.finished_at)
     return (f"{body['metadata']['name']}: {status.phase.value}"
             + (f" in {took:.1f}s" if took is not None else "")
-            + f" ({status.progress} agents)" + (f": {status.message}" if status.message else ""))
+            + f" ({status.progress} agents)"
+            + (f": {CONTROL.sub('?', status.message)}" if status.message else ""))
 
 
 @dataclass
@@ -345,7 +353,7 @@ class Seen:
         phase = phase_of(body)
         if phase != self.phase:
             yield f"{body['metadata']['name']}: {phase}" + (
-                f" ({status.message})" if status.message and not finished(body) else "")
+                f" ({short(status.message, 200)})" if status.message and not finished(body) else "")
             self.phase = phase
         for step in status.steps:
             for agent in step.agents:
@@ -364,7 +372,7 @@ def _step_line(step: StepStatus) -> str:
             "Cancelled": "cancel"}.get(step.phase.value, step.phase.value)
     took = seconds_between(step.started_at, step.finished_at)
     detail = (f"output {short(step.output)!r}" if step.phase.value == "Succeeded"
-              else step.message or "")
+              else short(step.message, 200))
     return f"  {word:<6} {step.name}" + (f" in {took:.2f}s" if took is not None else "") + \
         (f": {detail}" if detail else "")
 

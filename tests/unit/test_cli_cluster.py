@@ -283,3 +283,8 @@ def test_watch_prints_what_changed_and_exits_with_the_outcome(
                                                 (7500, "2h5m"), (356400, "4d3h")])
 def test_durations_read_as_kubectl_prints_them(seconds: float | None, shown: str) -> None:
     assert commands.duration(seconds) == shown
+
+
+def test_what_an_agent_printed_cannot_drive_the_terminal_of_get_and_watch() -> None:
+    hostile = "\x1b[2J\x1b]0;owned\x07done\x9b31m\n  next"
+    assert commands.short(hostile, 200) == "?[2J?]0;owned?done?31m next"
