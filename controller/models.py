@@ -23,6 +23,9 @@ from controller.errors import InvalidSpecError, Problem
 
 API_GROUP = "agentainer.dev"
 API_VERSION = "v1alpha1"
+RETRY_ANNOTATION = f"workflows.{API_GROUP}/retry"
+"""Set to any new value on a finished Workflow that did not succeed: what did not succeed runs
+again (each value once)."""
 GROUP_VERSION = f"{API_GROUP}/{API_VERSION}"
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"

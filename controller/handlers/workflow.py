@@ -22,10 +22,13 @@ from controller.metrics import WorkflowMetrics
 from controller.models import (
     API_GROUP,
     API_VERSION,
+    RETRY_ANNOTATION,
+    SPEC_CONTROLS,
     ConditionType,
     Shutdown,
     StepPhase,
     WorkflowPhase,
+    WorkflowSpec,
     WorkflowStatus,
     missing_params,
     parse_workflow,
@@ -38,11 +41,9 @@ before cancelling it; a run stops its agents within seconds."""
 RELEASE_SECONDS = 60.0
 """How long a daemon whose run ended waits for kopf to see the final phase and stop it: a
 daemon stopped so (not one that returned) is started again should a retry reopen the run."""
-RETRY_ANNOTATION = "workflows.agentainer.dev/retry"
-"""Set it (to any new value) on a finished Workflow to run again what did not succeed."""
 FINISHED = {phase.value for phase in WorkflowPhase if phase.finished}
-CONTROLS = ("suspend", "shutdown", "ttlSecondsAfterFinished")
-"""The spec's fields that steer a run (``SPEC_CONTROLS``), as the resource spells them."""
+CONTROLS = {WorkflowSpec.model_fields[name].alias or name for name in SPEC_CONTROLS}
+"""The spec's fields that steer a run, as the resource spells them."""
 
 
 def _finished(status: Mapping[str, Any] | None) -> bool:
