@@ -21,7 +21,11 @@ from controller.commands import (
     EXIT_FAILED,
     EXIT_SUCCEEDED,
     EXIT_UNUSABLE,
+    kept_text,
+    log_header,
     parse_params,
+    short,
+    step_line,
 )
 from controller.config import Settings
 from controller.clock import seconds_between
@@ -30,21 +34,12 @@ from controller.errors import AgentainerError, ConfigError, InvalidSpecError, No
 from controller.local_env import LocalEnv
 from controller.manifests import load_run, manifest_files, ours, parse, read_documents
 from controller.models import (
-    AgentPhase,
     AgentPool,
     BackendKind,
     Workflow,
     WorkflowStatus,
 )
 from controller.pools import PoolManager
-
-
-
-def _short(text: str | None, width: int = 60) -> str:
-    if text is None:
-        return ""
-    flat = " ".join(text.split())
-    return flat if len(flat) <= width else flat[: width - 3] + "..."
 
 
 class Progress:
@@ -71,13 +66,7 @@ class Progress:
             case EventKind.AGENT_RETRYING if step:
                 line = f"  retry  {step.name}: {event.message}"
             case EventKind.STEP_FINISHED if step:
-                took = seconds_between(step.started_at, step.finished_at)
-                word = {"Succeeded": "done", "Failed": "FAILED", "Skipped": "skip",
-                        "Cancelled": "cancel"}.get(step.phase.value, step.phase.value)
-                detail = (f"output {_short(step.output)!r}" if step.phase.value == "Succeeded"
-                          else step.message or "")
-                line = (f"  {word:<6} {step.name}"
-                        + (f" in {took:.2f}s" if took is not None else "") + f": {detail}")
+                line = step_line(step)
         if line is not None:
             print(line, file=self.out, flush=True)
 
@@ -93,7 +82,7 @@ def summary(workflow: Workflow, status: WorkflowStatus) -> str:
         lines.append(f"  {step.name:<{width}}  {step.phase.value:<9}  "
                      + (f"{took:6.2f}s" if took is not None else "       ")
                      + f"  attempts={step.attempts:<2} "
-                     + (_short(step.output) if step.output is not None else step.message or ""))
+                     + short(step.output if step.output is not None else step.message))
     return "\n".join(lines)
 
 
@@ -275,12 +264,8 @@ async def _logs(wanted: str, step: str | None, agent: str | None, settings: Sett
                 continue
             if found.step not in outputs:
                 outputs[found.step] = await store.outputs(uid, found.step)
-            exit_code = "" if status.exit_code is None else f" exit {status.exit_code}"
-            print(f"==> {status.id} {status.name} {status.phase.value}{exit_code} <==")
-            if status.phase is AgentPhase.SUCCEEDED and status.index in outputs[found.step]:
-                print(outputs[found.step][status.index])
-            if logs.get(status.id):
-                print(f"--- stderr ---\n{logs[status.id].rstrip()}")
+            print(log_header(status))
+            print(kept_text(status, outputs[found.step], logs.get(status.id)), end="")
             shown += 1
         if not shown:
             print(f"no agent of {wanted} matches", file=sys.stderr)

@@ -15,13 +15,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
 from controller.agents import label_value
-from controller.backends.base import LABEL_AGENT_ID, LABEL_WORKFLOW_UID
+from controller.backends.base import LABEL_AGENT_ID, LABEL_WORKFLOW_UID, AgentHandle
 from controller.clock import age_seconds, seconds_between
 from controller.cluster import AGENT_POOLS, Cluster, ClusterError, Target
 from controller.config import Settings
@@ -29,6 +29,7 @@ from controller.errors import AgentainerError, ConfigError, ConflictError, NotFo
 from controller.manifests import load_run, read_documents
 from controller.models import (
     API_GROUP,
+    RETRY_ANNOTATION,
     AgentPhase,
     AgentStatus,
     StepStatus,
@@ -49,7 +50,6 @@ EXIT_CODES = {
     WorkflowPhase.STOPPED: EXIT_FAILED,
     WorkflowPhase.CANCELLED: EXIT_CANCELLED,
 }
-RETRY_ANNOTATION = "workflows.agentainer.dev/retry"
 KIND_NAME = f"workflow.{API_GROUP}"
 FOLLOW_POLL_SECONDS = 1.0
 
@@ -107,8 +107,8 @@ def duration(seconds: float | None) -> str:
 
 def table(rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("   ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-                     for row in rows)
+    return "\n".join("   ".join(cell.ljust(width) for cell, width in
+                                 zip(row, widths, strict=True)).rstrip() for row in rows)
 
 
 def phase_of(body: dict[str, Any]) -> str:
@@ -344,12 +344,12 @@ class Seen:
     """What ``watch`` printed so far, to print only what changed."""
 
     phase: str = ""
-    steps: dict[str, str] | None = None
-    agents: dict[str, str] | None = None
+    steps: dict[str, str] = field(default_factory=dict)
+    agents: dict[str, str] = field(default_factory=dict)
 
     def changes(self, body: dict[str, Any]) -> Iterator[str]:
         status = status_of(body)
-        steps, agents = self.steps or {}, self.agents or {}
+        steps, agents = self.steps, self.agents
         phase = phase_of(body)
         if phase != self.phase:
             yield f"{body['metadata']['name']}: {phase}" + (
@@ -362,12 +362,12 @@ class Seen:
                     yield _agent_line(step, agent, status)
                 agents[agent.id] = agent.phase.value
             if steps.get(step.name) != step.phase.value and step.phase.value != "Pending":
-                yield _step_line(step)
+                yield step_line(step)
             steps[step.name] = step.phase.value
-        self.steps, self.agents = steps, agents
 
 
-def _step_line(step: StepStatus) -> str:
+def step_line(step: StepStatus) -> str:
+    """A step's line in a run's progress: how it is now, how long it took, its output or why."""
     word = {"Running": "start", "Succeeded": "done", "Failed": "FAILED", "Skipped": "skip",
             "Cancelled": "cancel"}.get(step.phase.value, step.phase.value)
     took = seconds_between(step.started_at, step.finished_at)
@@ -471,15 +471,30 @@ def command_cluster_logs(cluster: Cluster, body: dict[str, Any], args: argparse.
                          settings: Settings) -> int:
     """The logs of a cluster's Workflow: live from each agent's pod or container while it is
     there, else what the store kept (its output and the tail of its stderr)."""
+    containers = Containers(body["metadata"]["uid"], settings)
+    try:
+        return _print_logs(cluster, body, args, settings, containers)
+    finally:
+        containers.close()
+
+
+def _print_logs(cluster: Cluster, body: dict[str, Any], args: argparse.Namespace,
+                settings: Settings, containers: Containers) -> int:
     name, uid = body["metadata"]["name"], body["metadata"]["uid"]
     stored, store_problem = asyncio.run(_stored_logs(uid, settings))
-    docker_agents = _docker_lines(uid, settings)
     printed: set[str] = set()
     deadline = time.monotonic() + args.timeout
-    lines: queue.Queue[str | None] = queue.Queue()
+    lines: queue.Queue[str] = queue.Queue()
     streams: dict[str, threading.Thread] = {}
+    live_containers = containers.lines()
     while True:
-        agents = _agent_logs(cluster, body, args, stored, docker_agents or {})
+        agents = _agent_logs(cluster, body, args, stored, live_containers)
+        if any(agent.status.id not in printed and agent.status.id not in stored and
+               agent.lines is None and agent.status.phase not in (AgentPhase.CREATED,
+                                                                  AgentPhase.RUNNING)
+               for agent in agents):  # an agent that ended and is gone: the store has it now
+            stored, store_problem = asyncio.run(_stored_logs(uid, settings))
+            agents = _agent_logs(cluster, body, args, stored, live_containers)
         for agent in agents:
             key = agent.status.id
             if key in printed or key in streams:
@@ -491,9 +506,7 @@ def command_cluster_logs(cluster: Cluster, body: dict[str, Any], args: argparse.
             if args.follow and agent.status.phase in (AgentPhase.CREATED, AgentPhase.RUNNING):
                 continue  # not up yet: taken when it is
             printed.add(key)
-            print(f"==> {agent.status.id} {agent.status.name} {agent.status.phase.value}"
-                  + (f" exit {agent.status.exit_code}" if agent.status.exit_code is not None
-                     else "") + " <==", flush=True)
+            print(log_header(agent.status), flush=True)
             if agent.lines is not None:
                 for line in agent.lines(False):
                     print(line)
@@ -505,7 +518,7 @@ def command_cluster_logs(cluster: Cluster, body: dict[str, Any], args: argparse.
                          else "the store kept nothing of it)"))
         if not args.follow:
             break
-        _drain(lines, streams)
+        _drain(lines)
         if finished(body) is not None and not any(t.is_alive() for t in streams.values()):
             break
         if time.monotonic() >= deadline:
@@ -514,10 +527,8 @@ def command_cluster_logs(cluster: Cluster, body: dict[str, Any], args: argparse.
             return EXIT_TIMED_OUT
         time.sleep(FOLLOW_POLL_SECONDS)
         body = cluster.get(name)
-        stored, store_problem = asyncio.run(_stored_logs(uid, settings))
-        if docker_agents is not None:  # Docker answered: its new containers too
-            docker_agents = _docker_lines(uid, settings)
-    _drain(lines, streams)
+        live_containers = containers.lines()
+    _drain(lines)
     if not printed and not streams:
         print(f"no agent of {name} matches" if args.step or args.agent
               else f"{name} has no agents yet", file=sys.stderr)
@@ -525,7 +536,7 @@ def command_cluster_logs(cluster: Cluster, body: dict[str, Any], args: argparse.
     return EXIT_SUCCEEDED
 
 
-def _stream(agent: AgentLog, lines: queue.Queue[str | None]) -> threading.Thread:
+def _stream(agent: AgentLog, lines: queue.Queue[str]) -> threading.Thread:
     assert agent.lines is not None
     source = agent.lines
 
@@ -541,14 +552,13 @@ def _stream(agent: AgentLog, lines: queue.Queue[str | None]) -> threading.Thread
     return thread
 
 
-def _drain(lines: queue.Queue[str | None], streams: dict[str, threading.Thread]) -> None:
+def _drain(lines: queue.Queue[str]) -> None:
+    """Print the lines the log streams have read so far."""
     while True:
         try:
-            line = lines.get_nowait()
+            print(lines.get_nowait(), flush=True)
         except queue.Empty:
             return
-        if line is not None:
-            print(line, flush=True)
 
 
 def _agent_logs(cluster: Cluster, body: dict[str, Any], args: argparse.Namespace,
@@ -588,24 +598,39 @@ def _pod_lines(cluster: Cluster, pod: str) -> Callable[[bool], Iterator[str]]:
     return lines
 
 
-def _docker_lines(uid: str, settings: Settings
-                  ) -> dict[str, Callable[[bool], Iterator[str]]] | None:
-    """The containers of the workflow's agents on this machine's Docker engine (a controller
-    with the docker backend runs them on the engine it reaches); None when none answers."""
-    from controller.backends.docker import DockerBackend
+class Containers:
+    """The containers of a workflow's agents on the Docker engine this machine reaches (a
+    controller with the docker backend runs them on the engine it reaches): connected once,
+    listed again as the logs are followed; nothing when no engine answers."""
 
-    async def find() -> tuple[DockerBackend, list[Any]]:
-        backend = await DockerBackend.connect(settings)
-        return backend, await backend.list_agents("", {LABEL_WORKFLOW_UID: uid})
+    def __init__(self, uid: str, settings: Settings) -> None:
+        from controller.backends.docker import DockerBackend
 
-    try:
-        backend, handles = asyncio.run(find())
-    except AgentainerError:
-        return None
-    def lines(handle: Any) -> Callable[[bool], Iterator[str]]:
-        return lambda follow: backend.log_lines(handle, follow)
+        self.uid = uid
+        self.backend: DockerBackend | None
+        try:
+            self.backend = asyncio.run(DockerBackend.connect(settings))
+        except AgentainerError:
+            self.backend = None
 
-    return {handle.labels.get(LABEL_AGENT_ID, ""): lines(handle) for handle in handles}
+    def lines(self) -> dict[str, Callable[[bool], Iterator[str]]]:
+        """Each container's log, by its agent's id label."""
+        backend = self.backend
+        if backend is None:
+            return {}
+        try:
+            handles = asyncio.run(backend.list_agents("", {LABEL_WORKFLOW_UID: self.uid}))
+        except AgentainerError:
+            return {}
+
+        def lines(handle: AgentHandle) -> Callable[[bool], Iterator[str]]:
+            return lambda follow: backend.log_lines(handle, follow)
+
+        return {handle.labels.get(LABEL_AGENT_ID, ""): lines(handle) for handle in handles}
+
+    def close(self) -> None:
+        if self.backend is not None:
+            asyncio.run(self.backend.close())
 
 
 async def _stored_logs(uid: str, settings: Settings
@@ -627,13 +652,23 @@ async def _stored_logs(uid: str, settings: Settings
         return {}, str(error)
     finally:
         await store.close()
-    kept = {}
-    for record in agents.values():
-        agent = record.status
-        text = ""
-        if agent.phase is AgentPhase.SUCCEEDED and agent.index in outputs[record.step]:
-            text += outputs[record.step][agent.index].rstrip("\n") + "\n"
-        if logs.get(agent.id):
-            text += f"--- stderr ---\n{logs[agent.id].rstrip()}\n"
-        kept[agent.id] = (record.step, agent, text)
-    return kept, None
+    return {record.status.id: (record.step, record.status, kept_text(
+        record.status, outputs[record.step], logs.get(record.status.id)))
+        for record in agents.values()}, None
+
+
+def log_header(agent: AgentStatus) -> str:
+    """The line before what one agent printed, as ``tail`` heads each file."""
+    exit_code = "" if agent.exit_code is None else f" exit {agent.exit_code}"
+    return f"==> {agent.id} {agent.name} {agent.phase.value}{exit_code} <=="
+
+
+def kept_text(agent: AgentStatus, outputs: dict[int, str], stderr: str | None) -> str:
+    """What the store kept of one agent: its output, if it succeeded, then the end of its
+    stderr."""
+    text = ""
+    if agent.phase is AgentPhase.SUCCEEDED and agent.index in outputs:
+        text += outputs[agent.index].rstrip("\n") + "\n"
+    if stderr:
+        text += f"--- stderr ---\n{stderr.rstrip()}\n"
+    return text
