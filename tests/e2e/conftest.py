@@ -39,10 +39,23 @@ def cluster() -> Any:
 
 @pytest.fixture(scope="session")
 def cluster_plane(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """A fresh etcd + kube-apiserver and a node for the session, always torn down."""
+    """A fresh etcd + kube-apiserver and a node for the session, always torn down.
+
+    A cluster that did not come up is torn down and started once more (a machine busy with its
+    first start can be slow); should it fail again, every test needing it fails with the reason
+    (the script says it with SystemExit, which pytest would neither keep nor show again)."""
     directory = tmp_path_factory.mktemp("control-plane")
     try:
-        yield cluster.up(directory, node=True)
+        try:
+            plane = cluster.up(directory, node=True)
+        except SystemExit as first:
+            print(f"the local cluster did not come up, trying once more: {first}", file=sys.stderr)
+            cluster.down(directory)
+            try:
+                plane = cluster.up(directory, node=True)
+            except SystemExit as second:
+                raise RuntimeError(f"{second}\n(the first attempt: {first})") from None
+        yield plane
     finally:
         cluster.down(directory)
 
