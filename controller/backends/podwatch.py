@@ -31,6 +31,10 @@ QUICK_SECONDS = 1.0
 """A watch that ended sooner than this is made again only this long after it began."""
 BACKOFF_SECONDS = (0.0, 0.5, 1.0, 2.0, 5.0)
 """Pauses between attempts to list again after the API server failed a list or a watch."""
+FAILING_SECONDS = 30.0
+"""How long lists and watches may keep failing before the waiters hear why. An API server that
+restarts refuses for a while (unreachable, then 403 until its authorizer has caught up): the
+waiters wait through that, and the list that lands at last tells them what they missed."""
 
 Convert = Callable[[str, BaseException], AgentainerError | None]
 """The project's error for what the client raised (None: not one of the client's errors)."""
@@ -138,6 +142,7 @@ class PodWatch:
 
     def _run(self, namespace: str) -> None:
         failures = 0
+        failing_since = 0.0
         version: str | None = None
         while not self._stopping.is_set() and self._listening():
             try:
@@ -152,14 +157,13 @@ class PodWatch:
                 failures = 0
                 if time.monotonic() - began < QUICK_SECONDS:  # a server that ends watches at
                     self._stopping.wait(QUICK_SECONDS)       # once is not asked in a loop
-            except ApiException as error:
-                if error.status == 410:  # the version is too old: list afresh
-                    version = None
-                    continue
-                failures = self._failed(namespace, error, failures)
-                version = None
             except Exception as error:  # noqa: BLE001 - whatever broke, list again
-                failures = self._failed(namespace, error, failures)
+                if isinstance(error, ApiException) and error.status == 410:
+                    version = None  # the version is too old: list afresh
+                    continue
+                failing_since = failing_since if failures else time.monotonic()
+                self._failed(namespace, error, failures, time.monotonic() - failing_since)
+                failures += 1
                 version = None
 
     def _watch(self, namespace: str, version: str) -> str | None:
@@ -187,15 +191,17 @@ class PodWatch:
             stream.stop()  # type: ignore[no-untyped-call]
         return version
 
-    def _failed(self, namespace: str, error: BaseException, failures: int) -> int:
+    def _failed(self, namespace: str, error: BaseException, failures: int,
+                failing: float) -> None:
+        """Pause before listing again; after ``FAILING_SECONDS`` of failures, tell the
+        waiters why."""
         converted = self._convert(f"watching the pods of {namespace}", error) or \
             BackendError(f"watching the pods of {namespace}: {error!r}")
         converted.__cause__ = error
         logger.warning("%s; listing again", converted)
-        if failures:  # a watch that broke once is listed again first; twice, waiters hear it
+        if failing >= FAILING_SECONDS:
             self._post(self._fail, namespace, converted)
         self._stopping.wait(BACKOFF_SECONDS[min(failures, len(BACKOFF_SECONDS) - 1)])
-        return failures + 1
 
     def _listening(self) -> bool:
         """Whether the event loop of the waiters is still there (when it is gone, so are they,

@@ -20,6 +20,7 @@ from kubernetes.client import ApiClient, CoreV1Api
 from kubernetes.stream import ws_client
 from websocket import ABNF
 
+from controller.backends import podwatch
 from controller.backends.base import AgentHandle, AgentSpec
 from controller.backends.kubernetes import KubernetesBackend
 from controller.backends.runner import ChannelClosedError
@@ -65,6 +66,8 @@ def test_an_unreachable_api_server_is_a_backend_unavailable_error_in_every_call(
         monkeypatch: pytest.MonkeyPatch, operation: str, error: Exception) -> None:
     method, call = OPERATIONS[operation]
     monkeypatch.setattr(CoreV1Api, method, raising(error))
+    # A wait hears of a watch that keeps failing after a while: here at once.
+    monkeypatch.setattr(podwatch, "FAILING_SECONDS", 0.0)
 
     with pytest.raises(BackendUnavailableError, match="cannot reach the API server") as raised:
         asyncio.run(call(backend()))

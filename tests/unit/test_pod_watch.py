@@ -73,6 +73,7 @@ def core(monkeypatch: pytest.MonkeyPatch) -> Iterator[ScriptedCore]:
     monkeypatch.setattr(podwatch, "ABSENT_SECONDS", 0.05)
     monkeypatch.setattr(podwatch, "BACKOFF_SECONDS", (0.0, 0.02))
     monkeypatch.setattr(podwatch, "UNWATCHED_SECONDS", 0.05)
+    monkeypatch.setattr(podwatch, "FAILING_SECONDS", 0.0)
     yield scripted
     scripted.closed.set()
 
@@ -159,6 +160,21 @@ def test_a_failing_list_reaches_the_waiters_and_a_later_list_lets_them_go_on(
     error, found = play(core, scenario)
     assert error.__cause__ is down and error.retryable
     assert found.status.phase == "Succeeded"
+
+
+def test_a_list_refused_for_a_while_is_waited_through(
+        core: ScriptedCore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An API server just restarted refuses (403) until its authorizer has caught up: the
+    waiters hear nothing of it and get the pod from the list that lands at last."""
+    monkeypatch.setattr(podwatch, "FAILING_SECONDS", 30.0)
+    refused = ApiException(status=403, reason="Forbidden")
+    core.listings = [refused, refused, refused, [pod("a", "Succeeded")]]
+
+    async def scenario(watch: PodWatch) -> Any:
+        return await watch.until("team", "a", ended)
+
+    assert play(core, scenario).status.phase == "Succeeded"
+    assert core.lists == 4
 
 
 def test_a_pod_the_watch_does_not_select_is_read_again_until_it_ends(
