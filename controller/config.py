@@ -17,8 +17,9 @@ class Settings:
     """Every knob, each read from ``AGENTAINER_<FIELD NAME IN CAPITALS>``."""
 
     redis_url: str = "redis://localhost:6379/0"
-    """Where workflow state, agent records and full outputs are kept: ``redis://`` or, for TLS,
-    ``rediss://``; better without its password, which goes in ``redis_password``."""
+    """Where workflow state, agent records and full outputs are kept: ``redis://`` (``rediss://``
+    for TLS), ``redis+sentinel://S1:26379,S2:26379/SERVICE`` or ``redis+cluster://N1:6379,...``;
+    better without its password, which goes in ``redis_password``."""
 
     redis_password: str = field(default="", repr=False)
     """Redis's password (``AUTH``), apart from the URL so that it needs no escaping and never

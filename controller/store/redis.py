@@ -2,12 +2,15 @@
 
 Each :meth:`RedisStore.record` writes all of its parts in one transaction, so a reader never
 sees an agent finished without its output, or a step done without its agents; pool leases are
-taken and returned by Lua scripts, so that no two holders ever get the same agent. The only
-module that imports redis.
+taken and returned by Lua scripts, so that no two holders ever get the same agent. Every
+transaction and script touches the keys of one workflow or one pool only, which share a hash
+tag, so the same code runs on one Redis, on a primary Sentinels watch, and on Redis Cluster.
+With :mod:`controller.store.migrate`, the only module that imports redis.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,11 +18,14 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio
+import redis.asyncio.cluster
+import redis.asyncio.sentinel
 import redis.exceptions
 
 from controller.errors import StoreUnavailableError
 from controller.models import StepStatus
 from controller.store.keys import Keys
+from controller.store.migrate import migrate
 from controller.store.records import (
     AgentRecord,
     Change,
@@ -43,12 +49,31 @@ RETIRING_MS = 30_000
 """How long an agent its holder is removing stays held (the removal takes seconds); should the
 removal fail, the agent is reclaimed after this, and removed again."""
 
+# A pool's leases are one hash, agent -> "EXPIRY_MS:HOLDER", the expiry in Redis's own clock
+# (TIME), so that the holders' clocks never matter; every script declares every key it touches,
+# all of one pool (one slot on Redis Cluster).
+LEASES = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function holder_of(leases, agent, now)
+  local lease = redis.call('HGET', leases, agent)
+  if not lease then return nil end
+  local sep = string.find(lease, ':', 1, true)
+  if tonumber(string.sub(lease, 1, sep - 1)) <= now then return nil end
+  return string.sub(lease, sep + 1)
+end
+local function hold(leases, agent, holder, ttl_ms, now)
+  redis.call('HSET', leases, agent, string.format('%.0f', now + tonumber(ttl_ms)) .. ':' .. holder)
+end
+"""
 # Lease the most recently returned idle agent (the warmest; the others age towards the idle
 # timeout), in one step with its lease, so that no two holders ever get the same agent.
-ACQUIRE = """
+ACQUIRE = LEASES + """
 local popped = redis.call('ZPOPMAX', KEYS[1])
 if #popped == 0 then return false end
-redis.call('SET', ARGV[1] .. popped[1], ARGV[2], 'PX', ARGV[3])
+hold(KEYS[2], popped[1], ARGV[1], ARGV[2], now_ms())
 return popped[1]
 """
 # Return a leased agent: only its holder may; it goes back to idle unless it has been used
@@ -56,42 +81,52 @@ return popped[1]
 # the lease was no longer ours (it expired and the agent was reclaimed). An agent not kept
 # stays held ("retiring") while its holder removes it, so that no reconcile takes it for one
 # whose holder died.
-RELEASE = """
-if redis.call('GET', KEYS[1]) ~= ARGV[2] then return -1 end
+RELEASE = LEASES + """
+local now = now_ms()
+if holder_of(KEYS[1], ARGV[1], now) ~= ARGV[2] then return -1 end
 local uses = redis.call('HINCRBY', KEYS[3], ARGV[1], 1)
 if ARGV[5] == '1' and uses < tonumber(ARGV[4]) then
-  redis.call('DEL', KEYS[1])
+  redis.call('HDEL', KEYS[1], ARGV[1])
   redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
   return uses
 end
-redis.call('SET', KEYS[1], 'retiring', 'PX', ARGV[6])
+hold(KEYS[1], ARGV[1], 'retiring', ARGV[6], now)
 return 0
 """
 # The agents (and placeholders) that are neither idle nor held: their holder died. They leave
-# the pool in the same step, so that nobody can lease them while they are replaced.
-RECLAIM = """
+# the pool in the same step, so that nobody can lease them while they are replaced. Lapsed
+# leases of agents no longer in the pool go too.
+RECLAIM = LEASES + """
+local now = now_ms()
 local lapsed = {}
 for _, agent in ipairs(redis.call('HKEYS', KEYS[1])) do
-  if not redis.call('ZSCORE', KEYS[2], agent)
-      and redis.call('EXISTS', ARGV[1] .. agent) == 0 then
+  if not redis.call('ZSCORE', KEYS[2], agent) and not holder_of(KEYS[4], agent, now) then
     redis.call('HDEL', KEYS[1], agent)
     redis.call('HDEL', KEYS[3], agent)
+    redis.call('HDEL', KEYS[4], agent)
     table.insert(lapsed, agent)
+  end
+end
+for _, agent in ipairs(redis.call('HKEYS', KEYS[4])) do
+  if redis.call('HEXISTS', KEYS[1], agent) == 0 and not holder_of(KEYS[4], agent, now) then
+    redis.call('HDEL', KEYS[4], agent)
   end
 end
 return lapsed
 """
-RENEW = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+RENEW = LEASES + """
+local now = now_ms()
+if holder_of(KEYS[1], ARGV[1], now) ~= ARGV[2] then return 0 end
+hold(KEYS[1], ARGV[1], ARGV[2], ARGV[3], now)
+return 1
 """
 # Hold a place for an agent about to be started, unless the pool is full: a placeholder in the
 # agents hash, so that processes growing a pool at once never exceed maxSize together, held by
 # its starter like a lease (so that it lapses if the starter dies).
-RESERVE = """
+RESERVE = LEASES + """
 if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-redis.call('SET', ARGV[4], ARGV[5], 'PX', ARGV[6])
+hold(KEYS[2], ARGV[1], ARGV[4], ARGV[5], now_ms())
 return 1
 """
 # An agent that is up joins the idle set, in place of its placeholder: only if the placeholder
@@ -100,7 +135,7 @@ ADD = """
 if ARGV[4] ~= '' then
   if redis.call('HEXISTS', KEYS[1], ARGV[4]) == 0 then return 0 end
   redis.call('HDEL', KEYS[1], ARGV[4])
-  redis.call('DEL', ARGV[5] .. ARGV[4])
+  redis.call('HDEL', KEYS[3], ARGV[4])
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
@@ -116,6 +151,62 @@ return old
 """
 
 
+def client_for(url: str, connections: int, password: str | None) -> Any:
+    """The client for ``url``:
+
+    - ``redis://HOST[:PORT][/DB]``, ``rediss://`` (TLS), ``unix://PATH``: one server;
+    - ``redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB]`` (or ``rediss+sentinel``): the
+      primary the Sentinels name for SERVICE, followed through failovers;
+    - ``redis+cluster://HOST:PORT[,HOST:PORT...]`` (or ``rediss+cluster``): a Redis Cluster,
+      found from any of its nodes.
+
+    A password in the URL or ``password`` is used for every server (Sentinels too); each
+    server gets at most ``connections`` connections. Raises ValueError for a URL none of these
+    can use."""
+    scheme = urlsplit(url).scheme
+    extra: dict[str, Any] = {"password": password} if password is not None else {}
+    if scheme not in ("redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster"):
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            url, decode_responses=True, max_connections=connections,
+            timeout=CONNECTION_WAIT_SECONDS, **extra)
+        return redis.asyncio.Redis.from_pool(pool)
+    hosts, path, url_password = _servers(url)
+    if url_password is not None:
+        extra.setdefault("password", url_password)
+    if scheme.startswith("rediss"):
+        extra["ssl"] = True
+    if scheme.endswith("+cluster"):
+        if path.strip("/"):
+            raise ValueError("a Redis Cluster has only database 0: leave the path out")
+        return redis.asyncio.RedisCluster(
+            startup_nodes=[redis.asyncio.cluster.ClusterNode(host, port) for host, port in hosts],
+            decode_responses=True, max_connections=connections, **extra)
+    service, _, database = path.strip("/").partition("/")
+    if not service:
+        raise ValueError("name the Sentinels' service after the hosts: "
+                         "redis+sentinel://HOST:PORT/SERVICE")
+    if database and not database.isdigit():
+        raise ValueError(f"database {database!r} is not a number")
+    sentinel = redis.asyncio.Sentinel(  # type: ignore[no-untyped-call]
+        hosts, sentinel_kwargs={"socket_timeout": 5, **extra}, socket_timeout=30,
+        decode_responses=True, **extra)
+    return sentinel.master_for(service, db=int(database or 0), max_connections=connections)
+
+
+def _servers(url: str) -> tuple[list[tuple[str, int]], str, str | None]:
+    """The hosts, the path and the password of a URL naming several servers."""
+    netloc, slash, path = url.split("://", 1)[1].partition("/")
+    userinfo, _, hostlist = netloc.rpartition("@")
+    password = userinfo.partition(":")[2] or None
+    hosts = []
+    for item in hostlist.split(","):
+        host, _, port = item.strip().rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"{item!r} is not HOST:PORT")
+        hosts.append((host.strip("[]"), int(port)))
+    return hosts, (slash + path).partition("?")[0], password
+
+
 def redacted(url: str) -> str:
     """The URL without its password, fit for messages and logs."""
     parts = urlsplit(url)
@@ -128,9 +219,11 @@ def redacted(url: str) -> str:
 class RedisStore:
     """The store of record: what the controller and ``agentainer run`` use by default."""
 
-    def __init__(self, client: redis.asyncio.Redis, url: str) -> None:
+    def __init__(self, client: Any, url: str, connections: int = CONNECTIONS) -> None:
         self._client = client
         self._url = url
+        # Commands in flight: at most one per connection; more wait their turn.
+        self._turns = asyncio.Semaphore(connections)
         self._acquire = client.register_script(ACQUIRE)
         self._release = client.register_script(RELEASE)
         self._renew = client.register_script(RENEW)
@@ -142,24 +235,32 @@ class RedisStore:
     @classmethod
     async def connect(cls, url: str, connections: int = CONNECTIONS,
                       password: str | None = None) -> RedisStore:
-        """A store on Redis at ``url``, checked. At most ``connections`` commands are in flight
-        at once; more wait their turn (a few seconds at the most) instead of failing."""
+        """A store on Redis at ``url`` (one server, a Sentinel-watched primary, or a Cluster:
+        :func:`client_for`), checked, its keys in the current layout. At most ``connections``
+        commands are in flight at once; more wait their turn (a few seconds at the most)
+        instead of failing."""
         try:
-            pool = redis.asyncio.BlockingConnectionPool.from_url(
-                url, decode_responses=True, max_connections=connections,
-                timeout=CONNECTION_WAIT_SECONDS,
-                **({"password": password} if password is not None else {}))
-            client = redis.asyncio.Redis.from_pool(pool)
+            client = client_for(url, connections, password)
         except ValueError as error:
             raise StoreUnavailableError(
                 f"AGENTAINER_REDIS_URL={redacted(url)!r}: {error}") from None
-        store = cls(client, url)
+        store = cls(client, url, connections)
         async with store._errors("connecting"):
             await client.ping()
+        async with store._errors("moving keys of an older layout"):
+            await migrate(client)
         return store
 
     @asynccontextmanager
     async def _errors(self, action: str) -> AsyncIterator[None]:
+        """Waits for a turn (``CONNECTION_WAIT_SECONDS`` at the most), then says any failure
+        of Redis as the store being unavailable, with what was being done."""
+        try:
+            await asyncio.wait_for(self._turns.acquire(), CONNECTION_WAIT_SECONDS)
+        except TimeoutError:
+            raise StoreUnavailableError(
+                f"Redis at {redacted(self._url)}: no free connection in "
+                f"{CONNECTION_WAIT_SECONDS} s while {action}") from None
         try:
             yield
         except redis.exceptions.AuthenticationError as error:
@@ -171,13 +272,18 @@ class RedisStore:
                 f"Redis at {redacted(self._url)} failed while {action}: {error}; start it "
                 "(`make redis`), set AGENTAINER_REDIS_URL, or run with --store memory"
             ) from error
+        finally:
+            self._turns.release()
 
     async def record(self, uid: str, change: Change) -> None:
+        # The index first, on its own (on Redis Cluster it lives in another slot than the
+        # workflow): an index entry whose workflow failed to be written only lists nothing.
+        if change.started_at is not None:
+            async with self._errors("recording state"):
+                await self._client.zadd(Keys.workflows, {uid: change.started_at})
         async with self._errors("recording state"), self._client.pipeline(
             transaction=True
         ) as pipe:
-            if change.started_at is not None:
-                pipe.zadd(Keys.workflows, {uid: change.started_at})
             if change.workflow:
                 pipe.hset(Keys.workflow(uid), mapping=dict[Any, Any](change.workflow.fields()))
             if change.step:
@@ -203,8 +309,8 @@ class RedisStore:
             async with self._client.pipeline(transaction=True) as pipe:
                 for key in Keys.workflow_keys(uid, steps):
                     pipe.expire(key, ttl_seconds)
-                pipe.zremrangebyscore(Keys.workflows, 0, time.time() - ttl_seconds)
                 await pipe.execute()
+            await self._client.zremrangebyscore(Keys.workflows, 0, time.time() - ttl_seconds)
 
     async def reopen(self, uid: str) -> None:
         """A finished workflow runs again (a retry): its keys no longer expire."""
@@ -221,8 +327,8 @@ class RedisStore:
             steps = [_text(step) for step in await self._client.hkeys(Keys.steps(uid))]
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.delete(*Keys.workflow_keys(uid, steps))
-                pipe.zrem(Keys.workflows, uid)
                 await pipe.execute()
+            await self._client.zrem(Keys.workflows, uid)
 
     async def workflow(self, uid: str) -> WorkflowRecord | None:
         async with self._errors("reading state"):
@@ -261,34 +367,33 @@ class RedisStore:
                            ttl_ms: int) -> bool:
         async with self._errors("growing a pool"):
             return bool(await self._reserve(
-                keys=[Keys.pool_agents(uid)],
+                keys=[Keys.pool_agents(uid), Keys.pool_leases(uid)],
                 args=[placeholder, max_size,
                       encode_pool_agent(PoolAgent(placeholder, pending_since=time.time())),
-                      Keys.pool_lease(uid, placeholder), holder, ttl_ms]))
+                      holder, ttl_ms]))
 
     async def pool_add(self, uid: str, agent: PoolAgent, replaces: str = "") -> bool:
         async with self._errors("adding a pool agent"):
             return bool(await self._add(
-                keys=[Keys.pool_agents(uid), Keys.pool_idle(uid)],
-                args=[agent.name, encode_pool_agent(agent), time.time(), replaces,
-                      Keys.pool_lease(uid, "")]))
+                keys=[Keys.pool_agents(uid), Keys.pool_idle(uid), Keys.pool_leases(uid)],
+                args=[agent.name, encode_pool_agent(agent), time.time(), replaces]))
 
     async def pool_acquire(self, uid: str, holder: str, ttl_ms: int) -> str | None:
         async with self._errors("leasing a pool agent"):
-            agent = await self._acquire(keys=[Keys.pool_idle(uid)],
-                                        args=[Keys.pool_lease(uid, ""), holder, ttl_ms])
+            agent = await self._acquire(keys=[Keys.pool_idle(uid), Keys.pool_leases(uid)],
+                                        args=[holder, ttl_ms])
         return _text(agent) if agent else None
 
     async def pool_renew(self, uid: str, agent: str, holder: str, ttl_ms: int) -> bool:
         async with self._errors("renewing a lease"):
-            return bool(await self._renew(keys=[Keys.pool_lease(uid, agent)],
-                                          args=[holder, ttl_ms]))
+            return bool(await self._renew(keys=[Keys.pool_leases(uid)],
+                                          args=[agent, holder, ttl_ms]))
 
     async def pool_release(self, uid: str, agent: str, holder: str, keep: bool,
                            max_uses: int) -> int:
         async with self._errors("returning a pool agent"):
             return int(await self._release(
-                keys=[Keys.pool_lease(uid, agent), Keys.pool_idle(uid), Keys.pool_uses(uid)],
+                keys=[Keys.pool_leases(uid), Keys.pool_idle(uid), Keys.pool_uses(uid)],
                 args=[agent, holder, time.time(), max_uses, "1" if keep else "0",
                       RETIRING_MS]))
 
@@ -298,7 +403,7 @@ class RedisStore:
             pipe.hdel(Keys.pool_agents(uid), agent)
             pipe.zrem(Keys.pool_idle(uid), agent)
             pipe.hdel(Keys.pool_uses(uid), agent)
-            pipe.delete(Keys.pool_lease(uid, agent))
+            pipe.hdel(Keys.pool_leases(uid), agent)
             await pipe.execute()
 
     async def pool_agents(self, uid: str) -> dict[str, PoolAgent]:
@@ -319,8 +424,8 @@ class RedisStore:
     async def pool_reclaim(self, uid: str) -> list[str]:
         async with self._errors("reclaiming pool agents"):
             lapsed = await self._reclaim(
-                keys=[Keys.pool_agents(uid), Keys.pool_idle(uid), Keys.pool_uses(uid)],
-                args=[Keys.pool_lease(uid, "")])
+                keys=[Keys.pool_agents(uid), Keys.pool_idle(uid), Keys.pool_uses(uid),
+                      Keys.pool_leases(uid)])
         return [_text(agent) for agent in lapsed]
 
     async def pool_take_idle(self, uid: str, idle_before: float, keep: int) -> list[str]:
@@ -331,10 +436,7 @@ class RedisStore:
 
     async def pool_delete(self, uid: str) -> None:
         async with self._errors("deleting a pool"):
-            agents = await self._client.hkeys(Keys.pool_agents(uid))
-            await self._client.delete(
-                Keys.pool_agents(uid), Keys.pool_idle(uid), Keys.pool_uses(uid),
-                *[Keys.pool_lease(uid, _text(agent)) for agent in agents])
+            await self._client.delete(*Keys.pool_keys(uid))
 
 
 def _text(value: bytes | str) -> str:
