@@ -76,6 +76,11 @@ class Settings:
     """The controller writes a running workflow's status at most this often, in seconds, so
     that a fan-out of many agents does not flood the API server with patches."""
 
+    status_writes_per_second: int = 50
+    """Status writes of running workflows the controller makes per second at most, over all of
+    them: with more running than this many times ``status_interval_seconds``, each is written
+    less often (a workflow's first and final status are written at once whatever the load)."""
+
     lease_ttl_seconds: int = 30
     """A pool agent's lease lapses this many seconds after its holder last renewed it (every
     third of it); then the agent is reclaimed, so one held by a crashed process is not lost."""
@@ -170,7 +175,8 @@ class Settings:
                 )
         minimums = {"docker_threads": 1, "kubernetes_threads": 1, "state_ttl_seconds": 0, "stop_grace_seconds": 0,
                     "status_output_limit": 0, "status_agent_limit": 0, "metrics_port": 0,
-                    "status_interval_seconds": 0, "lease_ttl_seconds": 1, "pool_wait_seconds": 0,
+                    "status_interval_seconds": 0, "status_writes_per_second": 1,
+                    "lease_ttl_seconds": 1, "pool_wait_seconds": 0,
                     "output_limit_bytes": 1, "agent_pids_limit": 0, "backend_retry_seconds": 0,
                     "agent_log_bytes": 1024 * 1024, "max_items_from": 1,
                     "finally_grace_seconds": 1,

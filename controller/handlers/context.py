@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,10 @@ from controller.models import API_GROUP, API_VERSION, BackendKind, WorkflowPhase
 from controller.pools import PoolManager
 from controller.store import Store
 
+WRITERS = 16
+"""Status patches and deletions of our resources in flight at once, on threads of their own
+(and as many connections to the API server): they never wait behind agents' calls, nor behind
+the process's default threads (a handful on a small machine)."""
 
 
 class UnsupportedBackendError(AgentainerError):
@@ -49,6 +54,19 @@ class Services:
     _docker: DockerBackend | None = None
     _kubernetes: KubernetesBackend | None = None
     _backend_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _writers: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
+        WRITERS, thread_name_prefix="status-writer"))
+    running: int = 0
+    """Workflows whose status this process writes as they run."""
+
+    def status_interval(self) -> float:
+        """Seconds between two writes of a running workflow's status: the configured interval,
+        longer when so many run that their writes would pass the API server's share."""
+        return max(self.settings.status_interval_seconds,
+                   self.running / self.settings.status_writes_per_second)
+
+    async def _write(self, call: Any) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._writers, call)
 
     def backend_kind(self, chosen: str | None) -> BackendKind:
         """A resource's own backend, else the controller's default."""
@@ -92,7 +110,7 @@ class Services:
                 API_GROUP, API_VERSION, namespace, plural, name, {"status": status})
 
         try:
-            await asyncio.to_thread(patch)
+            await self._write(patch)
         except kubernetes.client.ApiException as error:
             if error.status == 404:
                 return  # deleted meanwhile: nothing to report to
@@ -109,7 +127,7 @@ class Services:
                 API_GROUP, API_VERSION, namespace, plural, name)
 
         try:
-            await asyncio.to_thread(delete)
+            await self._write(delete)
         except kubernetes.client.ApiException as error:
             if error.status == 404:
                 return
@@ -123,9 +141,12 @@ class Services:
         for backend in (self._docker, self._kubernetes):
             if backend is not None:
                 await backend.close()
+        self._writers.shutdown(wait=False, cancel_futures=True)
 
 
 def kubernetes_client() -> Any:
     """A client for the API server, with the same credentials as the Kubernetes backend."""
     load_credentials()
-    return kubernetes.client.CustomObjectsApi()
+    configuration = kubernetes.client.Configuration.get_default_copy()
+    configuration.connection_pool_maxsize = WRITERS
+    return kubernetes.client.CustomObjectsApi(kubernetes.client.ApiClient(configuration))

@@ -254,6 +254,7 @@ class StatusWriter:
         self._dirty = asyncio.Event()
         self._closing = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._counted = False  # among the services' running writers
 
     def follow(self, status: WorkflowStatus,
                running: Callable[[], WorkflowSpec] | None = None) -> None:
@@ -285,6 +286,8 @@ class StatusWriter:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name=f"status-{self.name}")
+        self.services.running += 1
+        self._counted = True
 
     async def _loop(self) -> None:
         while True:
@@ -299,8 +302,7 @@ class StatusWriter:
             except Exception:  # whatever it was, the next write may land: never stop writing
                 logger.exception("status of %s: the write failed unexpectedly", self.name)
             try:  # the interval between writes, cut short by stop()
-                await asyncio.wait_for(self._closing.wait(),
-                                       self.services.settings.status_interval_seconds)
+                await asyncio.wait_for(self._closing.wait(), self.services.status_interval())
             except TimeoutError:
                 pass
 
@@ -323,14 +325,22 @@ class StatusWriter:
         one it would put an older status back."""
         self._closing.set()
         self._dirty.set()
+        self._forget()
         if self._task is not None:
             await self._task
         await self.flush()
 
     def abandon(self) -> None:
         """Stop writing without a last word (the run was detached; another process goes on)."""
+        self._forget()
         if self._task is not None:
             self._task.cancel()
+
+    def _forget(self) -> None:
+        """No longer counted among the running writers (once)."""
+        if self._counted:
+            self._counted = False
+            self.services.running -= 1
 
 
 def post_event(body: kopf.Body) -> Observer:

@@ -221,6 +221,10 @@ class FlakyServices:
         self.settings = Settings(status_interval_seconds=0)
         self.failures = list(failures)
         self.patched: list[dict[str, Any]] = []
+        self.running = 0
+
+    def status_interval(self) -> float:
+        return 0.0
 
     def workflow_phase(self, uid: str, phase: WorkflowPhase | None) -> None:
         pass

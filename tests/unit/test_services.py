@@ -51,3 +51,36 @@ def test_a_status_patch_that_fails_raises_our_retryable_error(error: Exception) 
 def test_a_status_patch_of_a_deleted_resource_is_no_error() -> None:
     asyncio.run(services(ApiException(status=404, reason="Not Found")).patch_status(
         "workflows", "team", "wf", {"phase": "Running"}))
+
+
+def test_status_writes_are_spaced_out_when_many_workflows_run() -> None:
+    """Each running workflow is written at most every interval; with more running than the
+    API server's share allows, each less often, so that all together stay within it."""
+    shared = Services(settings=Settings(status_interval_seconds=1, status_writes_per_second=50),
+                      store=None, metrics=Metrics(),  # type: ignore[arg-type]
+                      custom_objects=None, pools=None)  # type: ignore[arg-type]
+    shared.running = 10
+    assert shared.status_interval() == 1
+    shared.running = 1000
+    assert shared.status_interval() == 20
+
+
+def test_a_status_writer_counts_among_the_running_until_it_stops_or_lets_go() -> None:
+    from controller.handlers.reporting import StatusWriter
+
+    shared = services(ApiException(status=404, reason="Not Found"))
+
+    async def scenario() -> list[int]:
+        counts = []
+        stopped, abandoned = (StatusWriter(shared, "team", name, name) for name in "ab")
+        stopped.start()
+        abandoned.start()
+        counts.append(shared.running)
+        await stopped.stop()
+        await stopped.stop()  # a second stop counts nothing twice
+        counts.append(shared.running)
+        abandoned.abandon()
+        counts.append(shared.running)
+        return counts
+
+    assert asyncio.run(scenario()) == [2, 1, 0]
