@@ -2,11 +2,14 @@
 pod work without it, in one run on the local cluster.
 
 For each backend (``pods``: every agent a pod; ``docker``: a container on this machine's
-engine), N single-step workflows (``echo``) are applied at once to a controller started here
-(`agentainer controller`, its own Redis), and timed until all have succeeded. Printed per
-backend: workflows/min; the same N agents run by a plain script (pods: create all, wait for
-them on one watch, read each log, delete; Docker: create, start, wait, read the log and remove
-each, 64 at a time) and the ratio of the two rates; the p50 and p99 lag from an agent's end to
+engine; ``pooled-docker`` and ``pooled-pods``: every step a task on a warm agent of an AgentPool
+of POOL_SIZE, leased, run and returned), N single-step workflows (``echo``) are applied at once
+to a controller started here (`agentainer controller`, its own Redis) by SUBMITTERS clients at
+once, and timed from the first submission until all have succeeded. Printed per backend: workflows/min; the same N agents run by a plain script (pods:
+create all, wait for them on one watch, read each log, delete; Docker: create, start, wait, read
+the log and remove each, 64 at a time; pooled: the same command run by ``docker exec`` or a pod
+exec in POOL_SIZE warm containers or pods, one at a time in each) and the ratio of the two
+rates; the p50 and p99 lag from an agent's end to
 the Workflow's status showing it (the end as the engine noted it, the status as a watch of the
 Workflows delivered it); the API server's requests
 for pods per agent (from its own ``apiserver_request_total``: pods, their logs and attach, not
@@ -17,7 +20,8 @@ Timing is measured here and printed; nothing is asserted about it. A workflow th
 succeed exits 1.
 
     make cluster && eval "$(.venv/bin/python scripts/cluster.py env)"
-    .venv/bin/python benchmarks/throughput.py [--workflows N] [--backends pods,docker]
+    .venv/bin/python benchmarks/throughput.py [--workflows N]
+        [--backends pods,docker,pooled-docker,pooled-pods]
 """
 
 from __future__ import annotations
@@ -49,6 +53,11 @@ from tests.conftest import free_port, start_redis  # noqa: E402
 IMAGE = "agentainer/busybox:latest"
 COMMAND = ["sh", "-c", "echo done"]
 LIMIT_SECONDS = 600
+POOL = "bench-pool"
+POOL_SIZE = 16
+SUBMITTERS = 8
+"""Clients creating the Workflows at once."""
+BACKENDS = ("pods", "docker", "pooled-docker", "pooled-pods")
 POD_REQUESTS = re.compile(r'^apiserver_request_total\{(?P<labels>[^}]*)\} (?P<count>\S+)$')
 
 
@@ -123,15 +132,34 @@ class Controller:
             self.process.kill()
 
 
-def workflow(name: str, namespace: str, backend: str) -> dict[str, Any]:
+def workflow(name: str, namespace: str, backend: str, pooled: bool) -> dict[str, Any]:
+    step = {"name": "echo", "command": COMMAND, **({"pool": POOL} if pooled else {"image": IMAGE})}
     return {"apiVersion": "agentainer.dev/v1alpha1", "kind": "Workflow",
             "metadata": {"name": name, "namespace": namespace},
-            "spec": {"backend": backend, "cleanup": "Always",
-                     "steps": [{"name": "echo", "image": IMAGE, "command": COMMAND}]}}
+            "spec": {"backend": backend, "cleanup": "Always", "steps": [step]}}
+
+
+def warm_pool(objects: Any, namespace: str, backend: str) -> None:
+    """An AgentPool of POOL_SIZE warm agents, once they are all ready."""
+    objects.create_namespaced_custom_object("agentainer.dev", "v1alpha1", namespace,
+                                            "agentpools", {
+        "apiVersion": "agentainer.dev/v1alpha1", "kind": "AgentPool",
+        "metadata": {"name": POOL, "namespace": namespace},
+        "spec": {"backend": backend, "image": IMAGE, "minSize": POOL_SIZE,
+                 "maxSize": POOL_SIZE, "warmUp": True, "maxUses": 1000000}})
+    deadline = time.monotonic() + 300
+    while True:
+        body = objects.get_namespaced_custom_object("agentainer.dev", "v1alpha1", namespace,
+                                                    "agentpools", POOL)
+        if (body.get("status") or {}).get("ready", 0) >= POOL_SIZE:
+            return
+        if time.monotonic() > deadline:
+            fail(f"the pool had not {POOL_SIZE} ready agents after 300 s: {body.get('status')}")
+        time.sleep(0.5)
 
 
 def through_the_operator(objects: Any, core: Any, namespace: str, backend: str,
-                         count: int) -> tuple[float, list[float]]:
+                         pooled: bool, count: int) -> tuple[float, list[float]]:
     """Seconds until all ``count`` workflows succeeded, and each agent's status lag."""
     names = [f"bench-{backend[:4]}-{i:04d}" for i in range(count)]
     seen: dict[str, float] = {}
@@ -162,15 +190,24 @@ def through_the_operator(objects: Any, core: Any, namespace: str, backend: str,
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     time.sleep(0.5)
-    began = time.monotonic()
-    for name in names:
-        objects.create_namespaced_custom_object("agentainer.dev", "v1alpha1", namespace,
-                                                "workflows", workflow(name, namespace,
-                                                                      backend))
-    if not done.wait(LIMIT_SECONDS):
-        fail(f"{count - sum(n in seen for n in names)} workflows had not succeeded after "
-             f"{LIMIT_SECONDS} s")
-    return time.monotonic() - began, lags
+    began_wall = time.time()
+    with concurrent.futures.ThreadPoolExecutor(SUBMITTERS) as submit:  # as many clients would
+        list(submit.map(lambda name: objects.create_namespaced_custom_object(
+            "agentainer.dev", "v1alpha1", namespace, "workflows",
+            workflow(name, namespace, backend, pooled)), names))
+    print(f"  ({backend}: {count} workflows submitted in {time.time() - began_wall:.1f} s)",
+          file=sys.stderr)
+    deadline = time.monotonic() + LIMIT_SECONDS
+    while not done.wait(5):  # and a list now and then, should the watch have broken
+        listed = objects.list_namespaced_custom_object("agentainer.dev", "v1alpha1",
+                                                       namespace, "workflows")["items"]
+        finished = {body["metadata"]["name"] for body in listed
+                    if (body.get("status") or {}).get("phase") == "Succeeded"}
+        if len(finished) == count:
+            break
+        if time.monotonic() > deadline:
+            fail(f"{count - len(finished)} workflows had not succeeded after {LIMIT_SECONDS} s")
+    return max(seen.get(name, time.time()) for name in names) - began_wall, lags
 
 
 def plain_pods(core: Any, namespace: str, count: int) -> float:
@@ -218,10 +255,80 @@ def plain_docker(count: int) -> float:
     return time.monotonic() - began
 
 
+def plain_pooled_docker(count: int) -> float:
+    """The same command by ``docker exec`` in POOL_SIZE warm containers, one at a time each."""
+    client = docker.from_env(max_pool_size=POOL_SIZE)
+    warm = [client.containers.run(IMAGE, ["sleep", "3600"], detach=True, remove=True)
+            for _ in range(POOL_SIZE)]
+    tasks = iter(range(count))
+    lock = threading.Lock()
+
+    def serve(container: Any) -> None:
+        while True:
+            with lock:
+                if next(tasks, None) is None:
+                    return
+            container.exec_run(COMMAND)
+
+    began = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(POOL_SIZE) as pool:
+        list(pool.map(serve, warm))
+    took = time.monotonic() - began
+    for container in warm:
+        container.remove(force=True)
+    client.close()
+    return took
+
+
+def plain_pooled_pods(core: Any, namespace: str, count: int) -> float:
+    """The same command by a pod exec in POOL_SIZE warm pods, one at a time each."""
+    from kubernetes.stream import stream
+
+    names = [f"warm-{i:02d}" for i in range(POOL_SIZE)]
+    for name in names:
+        core.create_namespaced_pod(namespace, {
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+            "spec": {"containers": [{"name": "agent", "image": IMAGE,
+                                     "imagePullPolicy": "IfNotPresent",
+                                     "command": ["sleep", "3600"]}]}})
+    deadline = time.monotonic() + 300
+    while any(core.read_namespaced_pod(n, namespace).status.phase != "Running" for n in names):
+        if time.monotonic() > deadline:
+            fail("the plain script's warm pods did not run in 300 s")
+        time.sleep(0.5)
+    tasks = iter(range(count))
+    lock = threading.Lock()
+
+    def serve(name: str) -> None:
+        with kubernetes.client.ApiClient() as api:  # exec swaps its client's transport
+            own = kubernetes.client.CoreV1Api(api)
+            while True:
+                with lock:
+                    if next(tasks, None) is None:
+                        return
+                stream(own.connect_get_namespaced_pod_exec, name, namespace, command=COMMAND,
+                       stderr=True, stdin=False, stdout=True, tty=False)
+
+    began = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(POOL_SIZE) as pool:
+        list(pool.map(serve, names))
+    took = time.monotonic() - began
+    for name in names:
+        core.delete_namespaced_pod(name, namespace, grace_period_seconds=0)
+    return took
+
+
+def plain(backend: str, core: Any, namespace: str, count: int) -> float:
+    return {"pods": lambda: plain_pods(core, namespace, count),
+            "docker": lambda: plain_docker(count),
+            "pooled-docker": lambda: plain_pooled_docker(count),
+            "pooled-pods": lambda: plain_pooled_pods(core, namespace, count)}[backend]()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workflows", type=int, default=100)
-    parser.add_argument("--backends", default="pods,docker")
+    parser.add_argument("--backends", default=",".join(BACKENDS))
     args = parser.parse_args()
     kubernetes.config.load_kube_config()
     core = kubernetes.client.CoreV1Api()
@@ -233,36 +340,43 @@ def main() -> int:
     redis, port = start_redis(folder / "redis")
     print(f"machine: {os.cpu_count()} CPUs; {args.workflows} single-step workflows at once; "
           f"controller log in {folder}")
-    print(f"{'backend':<8} {'wf/min':>8} {'plain/min':>10} {'ratio':>6} {'lag p50':>8} "
+    print(f"{'backend':<13} {'wf/min':>8} {'plain/min':>10} {'ratio':>6} {'lag p50':>8} "
           f"{'lag p99':>8} {'req/agent':>11} {'RSS MiB':>8} {'CPU s/wf':>9}")
     try:
         for backend in args.backends.split(","):
-            kind = "kubernetes" if backend == "pods" else "docker"
+            if backend not in BACKENDS:
+                fail(f"--backends: {backend!r} is not one of {', '.join(BACKENDS)}")
+            kind = "kubernetes" if backend.endswith("pods") else "docker"
+            pooled = backend.startswith("pooled")
             namespace = f"bench-{uuid.uuid4().hex[:6]}"
             core.create_namespace({"metadata": {"name": namespace}})
             controller = Controller(f"redis://127.0.0.1:{port}/0", kind,
                                     folder / f"controller-{backend}.log")
             try:
+                if pooled:
+                    warm_pool(objects, namespace, kind)
                 cpu, requests = controller.cpu_seconds(), pod_requests()
-                took, lags = through_the_operator(objects, core, namespace, kind,
+                took, lags = through_the_operator(objects, core, namespace, kind, pooled,
                                                   args.workflows)
                 requests = pod_requests() - requests
                 cpu = controller.cpu_seconds() - cpu
                 rss = controller.peak_rss_mib()
                 objects.delete_collection_namespaced_custom_object(
                     "agentainer.dev", "v1alpha1", namespace, "workflows")
+                if pooled:
+                    objects.delete_namespaced_custom_object(
+                        "agentainer.dev", "v1alpha1", namespace, "agentpools", POOL)
             finally:
                 controller.stop()
             baseline = pod_requests()
-            plain = plain_pods(core, namespace, args.workflows) if backend == "pods" \
-                else plain_docker(args.workflows)
+            plain_took = plain(backend, core, namespace, args.workflows)
             baseline = pod_requests() - baseline
             core.delete_namespace(namespace)
-            rate, plain_rate = args.workflows / took * 60, args.workflows / plain * 60
-            print(f"{backend:<8} {rate:8.0f} {plain_rate:10.0f} {rate / plain_rate:6.2f} "
+            rate, plain_rate = args.workflows / took * 60, args.workflows / plain_took * 60
+            print(f"{backend:<13} {rate:8.0f} {plain_rate:10.0f} {rate / plain_rate:6.2f} "
                   f"{statistics.median(lags):8.2f} {percentile(lags, 0.99):8.2f} "
                   + (f"{requests / args.workflows:5.1f} ({baseline / args.workflows:.1f})"
-                     if backend == "pods" else f"{'-':>11}")
+                     if kind == "kubernetes" else f"{'-':>11}")
                   + f" {rss:8.0f} {cpu / args.workflows:9.3f}", flush=True)
     finally:
         redis.terminate()
