@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from controller.store import Keys
 from tests.conftest import ROOT, sh, workflow_doc
 from tests.e2e.conftest import Controller, Kubectl
 
@@ -177,12 +178,12 @@ def test_helm_install_runs_the_mapreduce_example(helm: str, kubectl: Kubectl) ->
         assert claim["status"]["phase"] == "Bound"
         assert list(redis_volume.rglob("appendonly*")), "Redis wrote no append-only file"
         uid = workflow["metadata"]["uid"]
-        before = _redis_keys(kubectl, f"agentainer:workflow:{uid}*")
-        assert f"agentainer:workflow:{uid}" in before, before
+        before = _redis_keys(kubectl, Keys.workflow(uid) + "*")
+        assert Keys.workflow(uid) in before, before
         kubectl("delete", "pod", "-n", NAMESPACE, f"{FULLNAME}-redis-0")
         kubectl("wait", "-n", NAMESPACE, "--for=condition=Ready", "--timeout=120s",
                 f"pod/{FULLNAME}-redis-0")
-        assert _redis_keys(kubectl, f"agentainer:workflow:{uid}*") == before
+        assert _redis_keys(kubectl, Keys.workflow(uid) + "*") == before
 
         metrics = _metrics_through_port_forward(kubectl)
         assert 'agentainer_workflows_finished_total{phase="Succeeded"}' in metrics

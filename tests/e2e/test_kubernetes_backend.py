@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
+from controller.store import Keys
 from tests.conftest import ROOT, sh, workflow_doc
 from tests.e2e.conftest import Controller, Kubectl
 from tests.e2e.test_operator import apply, finished
@@ -270,7 +271,7 @@ def test_pods_carrying_a_pools_labels_are_not_adopted_unless_it_owns_them(
         body = kubectl.get("agentpool", name, namespace="victim-team")
         assert body["status"]["total"] == 1, body["status"]
         recorded = subprocess.run(
-            ["redis-cli", "-u", redis_url, "HKEYS", f"agentainer:pool:{uid}:agents"],
+            ["redis-cli", "-u", redis_url, "HKEYS", Keys.pool_agents(uid)],
             capture_output=True, text=True, check=True).stdout.split()
         assert len(recorded) == 1 and "decoy" not in recorded, recorded
         for namespace in ("victim-team", "other-team"):

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
+from controller.store import Keys
 from tests.conftest import ROOT, sh, workflow_doc
 from tests.e2e.conftest import Controller, Kubectl
 from tests.e2e.test_operator import finished
@@ -196,6 +197,6 @@ def test_a_finished_workflow_goes_with_all_it_left_after_its_time_to_live(
                           capture_output=True, text=True, check=True).stdout.split()
     assert left == [], "its kept agent outlived it"
     keys = subprocess.run(["redis-cli", "-u", redis_url, "--scan", "--pattern",
-                           f"agentainer:workflow:{uid}*"], capture_output=True, text=True,
+                           Keys.workflow(uid) + "*"], capture_output=True, text=True,
                           check=True).stdout.split()
     assert keys == [], keys
