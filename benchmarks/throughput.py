@@ -255,6 +255,38 @@ def plain_docker(count: int) -> float:
     return time.monotonic() - began
 
 
+def backend_alone(count: int) -> float:
+    """The same agents through the Docker backend alone (its hardening, task runner and exact
+    output included), 64 at a time: what the operator adds is the rest."""
+    import asyncio
+
+    from controller.backends.base import AgentSpec
+    from controller.backends.docker import DockerBackend
+    from controller.config import Settings
+
+    async def run() -> float:
+        backend = await DockerBackend.connect(Settings())
+        turns = asyncio.Semaphore(64)
+
+        async def one() -> None:
+            async with turns:
+                agent = await backend.start(AgentSpec(
+                    name=f"alone-{uuid.uuid4().hex[:12]}", image=IMAGE, command=COMMAND,
+                    args=None, env={}, labels={"agentainer.dev/benchmark": "alone"}))
+                result = await backend.wait(agent)
+                await backend.remove(agent)
+                if result.exit_code != 0:
+                    fail(f"an agent of the backend alone exited {result.exit_code}")
+
+        began = time.monotonic()
+        await asyncio.gather(*(one() for _ in range(count)))
+        took = time.monotonic() - began
+        await backend.close()
+        return took
+
+    return asyncio.run(run())
+
+
 def plain_pooled_docker(count: int) -> float:
     """The same command by ``docker exec`` in POOL_SIZE warm containers, one at a time each."""
     client = docker.from_env(max_pool_size=POOL_SIZE)
@@ -378,6 +410,10 @@ def main() -> int:
                   + (f"{requests / args.workflows:5.1f} ({baseline / args.workflows:.1f})"
                      if kind == "kubernetes" else f"{'-':>11}")
                   + f" {rss:8.0f} {cpu / args.workflows:9.3f}", flush=True)
+            if backend == "docker":
+                alone = args.workflows / backend_alone(args.workflows) * 60
+                print(f"{'  backend alone':<13} {alone:8.0f} {plain_rate:10.0f} "
+                      f"{alone / plain_rate:6.2f}", flush=True)
     finally:
         redis.terminate()
     return 0
