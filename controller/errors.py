@@ -77,6 +77,15 @@ class ForbiddenError(AgentainerError):
     """The engine or the API server does not allow this request (RBAC, an admission policy)."""
 
 
+class NotAuthorizedError(ForbiddenError):
+    """RBAC refused the request: the controller lacks a permission, or an API server that has
+    just started has not yet loaded who may do what (it refuses everyone for a few seconds).
+    Retried like an API server out of reach, so that the second heals by itself; the first
+    ends the run's patience with this message."""
+
+    retryable = True
+
+
 class BackendError(TransientError):
     """The engine failed a request it should have served; worth retrying."""
 

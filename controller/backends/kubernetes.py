@@ -48,6 +48,7 @@ from controller.errors import (
     BackendUnavailableError,
     ConflictError,
     ForbiddenError,
+    NotAuthorizedError,
     ImageNotFoundError,
     NotFoundError,
 )
@@ -71,6 +72,9 @@ TRANSPORT_ERRORS: tuple[type[Exception], ...] = (
 errors (MaxRetryError, ProtocolError, NewConnectionError...), the websocket client's (attach,
 exec), and the socket's own."""
 CLIENT_RAISES: tuple[type[BaseException], ...] = (ApiException, *TRANSPORT_ERRORS)
+RBAC_DENIAL = re.compile(r'cannot [a-z]+ resource "')
+"""How the API server's authorizer words a refusal (an admission policy's, such as PodSecurity,
+says something else, and stays final)."""
 IMAGE_ERRORS = {"ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName"}
 SPEC_ERRORS = {"CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
 
@@ -477,6 +481,9 @@ def api_error(action: str, error: BaseException) -> AgentainerError | None:
     client's)."""
     if isinstance(error, ApiException):
         status = error.status or _handshake_status(error)
+        if status == 403 and RBAC_DENIAL.search(_message(error)):
+            return NotAuthorizedError(f"{action}: the API server refused it: {error.reason} "
+                                      f"{_message(error)}")
         refused = CLIENT_ERRORS.get(status)
         if refused is not None:
             return refused(f"{action}: the API server refused it: {error.reason} "

@@ -93,6 +93,33 @@ def test_a_websocket_the_api_server_refused_is_told_apart_by_its_handshake_statu
     assert not raised.value.retryable
 
 
+@pytest.mark.parametrize(("message", "retried"), [
+    # RBAC, as an API server just restarted says it to everyone until its authorizer caught up
+    ('pods is forbidden: User "system:serviceaccount:agentainer-system:agentainer" cannot '
+     'list resource "pods" in API group "" in the namespace "default"', True),
+    # an admission policy: final
+    ('pods "a" is forbidden: violates PodSecurity "restricted:latest": runAsNonRoot != true',
+     False),
+])
+def test_a_refusal_by_rbac_is_retried_and_one_by_an_admission_policy_is_final(
+        monkeypatch: pytest.MonkeyPatch, message: str, retried: bool) -> None:
+    import json
+
+    from kubernetes.client import ApiException
+
+    from controller.errors import ForbiddenError
+
+    refused = ApiException(status=403, reason="Forbidden")
+    refused.body = json.dumps({"kind": "Status", "message": message})
+    monkeypatch.setattr(CoreV1Api, "delete_namespaced_pod", raising(refused))
+
+    with pytest.raises(ForbiddenError, match="the API server refused it") as raised:
+        asyncio.run(backend().stop(AGENT, 0))
+
+    assert raised.value.retryable is retried
+    assert message in str(raised.value)
+
+
 # --- the attach websocket of pool agents ------------------------------------------------------
 
 
