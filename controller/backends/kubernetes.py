@@ -48,8 +48,8 @@ from controller.errors import (
     BackendUnavailableError,
     ConflictError,
     ForbiddenError,
-    NotAuthorizedError,
     ImageNotFoundError,
+    NotAuthorizedError,
     NotFoundError,
 )
 
@@ -481,13 +481,11 @@ def api_error(action: str, error: BaseException) -> AgentainerError | None:
     client's)."""
     if isinstance(error, ApiException):
         status = error.status or _handshake_status(error)
-        if status == 403 and RBAC_DENIAL.search(_message(error)):
-            return NotAuthorizedError(f"{action}: the API server refused it: {error.reason} "
-                                      f"{_message(error)}")
-        refused = CLIENT_ERRORS.get(status)
+        message = _message(error)
+        refused = NotAuthorizedError if status == 403 and RBAC_DENIAL.search(message) \
+            else CLIENT_ERRORS.get(status)
         if refused is not None:
-            return refused(f"{action}: the API server refused it: {error.reason} "
-                           f"{_message(error)}")
+            return refused(f"{action}: the API server refused it: {error.reason} {message}")
         return BackendError(f"{action}: API server error {status}: {error.reason}")
     if isinstance(error, TRANSPORT_ERRORS):
         return BackendUnavailableError(f"{action}: cannot reach the API server: {error}")
