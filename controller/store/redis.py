@@ -43,6 +43,10 @@ from controller.store.records import (
 CONNECTIONS = 50
 """Connections to Redis one process opens at most: a few hundred workflows and pooled tasks
 waiting at once share them, each command taking a millisecond."""
+SOCKET_TIMEOUT_SECONDS = 30
+"""How long one command may wait for Redis's answer (a server gone silent, a network that drops
+packets) before it fails as Redis unavailable (for one server, a URL's own ``socket_timeout``
+wins)."""
 CONNECTION_WAIT_SECONDS = 20
 """How long a command waits for a free connection before it fails as Redis unavailable."""
 RETIRING_MS = 30_000
@@ -61,7 +65,8 @@ local function holder_of(leases, agent, now)
   local lease = redis.call('HGET', leases, agent)
   if not lease then return nil end
   local sep = string.find(lease, ':', 1, true)
-  if tonumber(string.sub(lease, 1, sep - 1)) <= now then return nil end
+  local expiry = sep and tonumber(string.sub(lease, 1, sep - 1))
+  if not expiry or expiry <= now then return nil end  -- lapsed, or not one of ours: no lease
   return string.sub(lease, sep + 1)
 end
 local function hold(leases, agent, holder, ttl_ms, now)
@@ -165,6 +170,7 @@ def client_for(url: str, connections: int, password: str | None) -> Any:
     can use."""
     scheme = urlsplit(url).scheme
     extra: dict[str, Any] = {"password": password} if password is not None else {}
+    extra["socket_timeout"] = SOCKET_TIMEOUT_SECONDS
     if scheme not in ("redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster"):
         pool = redis.asyncio.BlockingConnectionPool.from_url(
             url, decode_responses=True, max_connections=connections,
@@ -188,8 +194,7 @@ def client_for(url: str, connections: int, password: str | None) -> Any:
     if database and not database.isdigit():
         raise ValueError(f"database {database!r} is not a number")
     sentinel = redis.asyncio.Sentinel(  # type: ignore[no-untyped-call]
-        hosts, sentinel_kwargs={"socket_timeout": 5, **extra}, socket_timeout=30,
-        decode_responses=True, **extra)
+        hosts, sentinel_kwargs={**extra, "socket_timeout": 5}, decode_responses=True, **extra)
     return sentinel.master_for(service, db=int(database or 0), max_connections=connections)
 
 

@@ -193,6 +193,26 @@ def test_pool_leases_hold_lapse_and_are_reclaimed(url: str) -> None:
     run(scenario)
 
 
+def test_a_lease_not_written_by_the_store_holds_nothing(url: str) -> None:
+    """A lease value the scripts did not write (no expiry, garbage) is no lease: its agent is
+    reclaimed, and no script fails on it."""
+    pool = str(uuid.uuid4())
+
+    async def scenario() -> list[str]:
+        store = await RedisStore.connect(url)
+        try:
+            await store.pool_add(pool, PoolAgent("a1", id="c1"))
+            assert await store.pool_acquire(pool, "h", 60_000) == "a1"
+            await store._client.hset(Keys.pool_leases(pool), "a1", "garbage")
+            assert not await store.pool_renew(pool, "a1", "h", 60_000)
+            return await store.pool_reclaim(pool)
+        finally:
+            await store.pool_delete(pool)
+            await store.close()
+
+    assert run(scenario) == ["a1"]
+
+
 def test_many_holders_at_once_never_share_an_agent(url: str) -> None:
     pool = str(uuid.uuid4())
 
