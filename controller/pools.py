@@ -28,6 +28,7 @@ from controller.backends.base import (
     LABEL_POOL_UID,
     LABEL_RUNNER,
     AgentHandle,
+    AgentSpec,
     Backend,
     TaskResult,
 )
@@ -82,6 +83,8 @@ class PoolState:
     backend: Backend
     handles: dict[str, AgentHandle] = field(default_factory=dict)
     returned: asyncio.Event = field(default_factory=asyncio.Event)
+    turn: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """Held by the one task of this process looking for an agent; the others queue for it."""
     busy: int = 0
     draining: bool = False
     reclaimed_at: float = 0.0
@@ -100,6 +103,13 @@ class PoolState:
 
 def _record(handle: AgentHandle) -> PoolAgent:
     return PoolAgent(name=handle.name, id=handle.id, labels=dict(handle.labels))
+
+
+def _placeholder(spec: AgentSpec) -> str:
+    """The name a reserved place is held under while its agent starts: it names the agent, so
+    that reconcile leaves it to its starter, and is held like a lease: should the starter die,
+    it lapses and the place is taken back."""
+    return f"{PENDING}{spec.name}"
 
 
 class PoolManager:
@@ -154,42 +164,69 @@ class PoolManager:
 
     async def lease(self, state: PoolState) -> Lease:
         """The warmest idle agent, a new one while below maxSize, or wait for one; a clear
-        error after ``leaseTimeoutSeconds``."""
+        error after ``leaseTimeoutSeconds``.
+
+        Tasks waiting here take turns, first come first served: only the first looks (in the
+        store, and is woken by an agent returned in this process), so that a thousand waiting
+        tasks cost the store what one does. One that makes room for a new agent starts it out
+        of turn and queues again, for the agent (or another) once it is idle."""
         started = time.monotonic()
         deadline = started + state.pool.spec.lease_timeout_seconds
-        ttl_ms = self.settings.lease_ttl_seconds * 1000
         holder = f"{self.holder}-{secrets.token_hex(4)}"
+        while True:
+            try:
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    await state.turn.acquire()
+            except TimeoutError:
+                raise self._all_busy(state) from None
+            try:
+                found = await self._look(state, holder, deadline)
+            finally:
+                state.turn.release()
+            if isinstance(found, AgentSpec):
+                await self._start(state, found)
+                continue
+            lease = Lease(state, found, holder, time.monotonic() - started)
+            lease.renewer = asyncio.create_task(self._keep_held(state.uid, found.name, holder))
+            state.busy += 1
+            self._emit(PoolEventKind.LEASED, state, lease.waited)
+            return lease
+
+    async def _look(self, state: PoolState, holder: str,
+                    deadline: float) -> AgentHandle | AgentSpec:
+        """In turn: an idle agent leased to ``holder``, or the spec of one to start in a place
+        reserved for it, waiting until the deadline for either."""
+        ttl_ms = self.settings.lease_ttl_seconds * 1000
         while True:
             if state.draining:
                 raise PoolUnavailableError(f"AgentPool {state.name} is being deleted")
+            state.returned.clear()  # before looking: a return from now on wakes the wait
             agent_id = await self.store.pool_acquire(state.uid, holder, ttl_ms)
             if agent_id is not None:
                 handle = await self._known_handle(state, agent_id)
-                if handle is None:
-                    await self.store.pool_remove(state.uid, agent_id)
-                    continue
-                lease = Lease(state, handle, holder, time.monotonic() - started)
-                lease.renewer = asyncio.create_task(
-                    self._keep_held(state.uid, handle.name, holder))
-                state.busy += 1
-                self._emit(PoolEventKind.LEASED, state, lease.waited)
-                return lease
-            if await self._grow(state):
+                if handle is not None:
+                    return handle
+                await self.store.pool_remove(state.uid, agent_id)
                 continue
+            if (spec := await self._reserve(state)) is not None:
+                return spec
             if time.monotonic() - state.reclaimed_at > RECLAIM_SECONDS:
                 state.reclaimed_at = time.monotonic()
                 if await self._reclaim(state):
                     continue  # an agent whose holder died left room: grow into it
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise PoolUnavailableError(
-                    f"AgentPool {state.name}: all {state.pool.spec.max_size} agents stayed busy "
-                    f"for leaseTimeoutSeconds ({state.pool.spec.lease_timeout_seconds}s)")
-            state.returned.clear()
+                raise self._all_busy(state)
             try:  # a return in this process wakes us at once; other processes' every 50 ms
                 await asyncio.wait_for(state.returned.wait(), min(0.05, remaining))
             except TimeoutError:
                 pass
+
+    @staticmethod
+    def _all_busy(state: PoolState) -> PoolUnavailableError:
+        return PoolUnavailableError(
+            f"AgentPool {state.name}: all {state.pool.spec.max_size} agents stayed busy "
+            f"for leaseTimeoutSeconds ({state.pool.spec.lease_timeout_seconds}s)")
 
     async def _known_handle(self, state: PoolState, agent_id: str) -> AgentHandle | None:
         """The agent a lease in the store names. What the store says is data to check, not
@@ -213,17 +250,29 @@ class PoolManager:
     async def _grow(self, state: PoolState, up_to: int | None = None) -> bool:
         """Start one more agent if the pool (every process's share of it) is below ``up_to``
         (default maxSize); False when it is full."""
-        if state.draining:
+        spec = await self._reserve(state, up_to)
+        if spec is None:
             return False
+        await self._start(state, spec)
+        return True
+
+    async def _reserve(self, state: PoolState, up_to: int | None = None) -> AgentSpec | None:
+        """A place for one more agent if the pool (every process's share of it) is below
+        ``up_to`` (default maxSize): the spec of the agent to start in it; None when full."""
+        if state.draining:
+            return None
         limit = min(up_to if up_to is not None else state.pool.spec.max_size,
                     state.pool.spec.max_size)
         spec = build_pool_agent_spec(state.pool, state.uid)
-        # The placeholder names the agent, so that reconcile leaves it to its starter, and is
-        # held like a lease: should the starter die, it lapses and the place is taken back.
-        placeholder = f"{PENDING}{spec.name}"
-        if not await self.store.pool_reserve(state.uid, placeholder, limit, self.holder,
+        if not await self.store.pool_reserve(state.uid, _placeholder(spec), limit,
+                                             self.holder,
                                              self.settings.lease_ttl_seconds * 1000):
-            return False
+            return None
+        return spec
+
+    async def _start(self, state: PoolState, spec: AgentSpec) -> None:
+        """Start the agent of a reserved place and record it, idle."""
+        placeholder = _placeholder(spec)
         holding = asyncio.create_task(self._keep_held(state.uid, placeholder, self.holder))
         try:
             handle = await state.backend.start(spec)
@@ -237,7 +286,6 @@ class PoolManager:
             # Its place lapsed while it started (the store was away): a reconcile adopts it.
             logger.info("pool %s: %s started after its place lapsed", state.name, handle.name)
         state.returned.set()
-        return True
 
     async def _keep_held(self, uid: str, agent: str, holder: str) -> None:
         """Renew a lease (or a placeholder's) every third of its time to live."""

@@ -444,3 +444,67 @@ def test_a_store_record_naming_a_container_not_of_the_pool_is_never_leased(
     assert name != victim.name and name.startswith("pool-")
     assert result.stdout.strip() != victim.id[:12]
     assert victim.name not in records
+
+
+def test_waiting_tasks_cost_the_store_what_one_does_and_are_served_in_turn(
+        pools: Pools) -> None:
+    """200 tasks wait for the one agent of a pool, held for a second: the store is asked
+    about as often as by one waiter (not 200 times as often), and the agent goes to the
+    waiters in the order they came."""
+    calls: list[str] = []
+
+    async def scenario(manager: PoolManager, state: PoolState) -> Any:
+        held = await manager.lease(state)
+        store = manager.store
+        acquire, reserve = store.pool_acquire, store.pool_reserve
+
+        async def counted_acquire(*args: Any, **kwargs: Any) -> Any:
+            calls.append("acquire")
+            return await acquire(*args, **kwargs)
+
+        async def counted_reserve(*args: Any, **kwargs: Any) -> Any:
+            calls.append("reserve")
+            return await reserve(*args, **kwargs)
+
+        store.pool_acquire, store.pool_reserve = counted_acquire, counted_reserve  # type: ignore[method-assign]
+        served: list[int] = []
+
+        async def waiter(index: int) -> None:
+            lease = await manager.lease(state)
+            served.append(index)
+            await manager.release(lease, keep=True)
+
+        waiters = []
+        for index in range(200):
+            waiters.append(asyncio.create_task(waiter(index)))
+            await asyncio.sleep(0)  # each queues before the next comes
+        await asyncio.sleep(1.0)
+        asked_while_held = len(calls)
+        await manager.release(held, keep=True)
+        async with asyncio.timeout(60):
+            await asyncio.gather(*waiters)
+        return asked_while_held, served
+
+    asked_while_held, served = pools.run(scenario, minSize=1, maxSize=1)
+
+    assert asked_while_held <= 100, f"the store was asked {asked_while_held} times in 1 s"
+    assert served == list(range(200))
+
+
+def test_a_task_queued_behind_others_still_gives_up_at_its_lease_timeout(
+        pools: Pools) -> None:
+    async def scenario(manager: PoolManager, state: PoolState) -> Any:
+        held = await manager.lease(state)
+        began = time.monotonic()
+        outcomes = await asyncio.gather(*(manager.lease(state) for _ in range(20)),
+                                        return_exceptions=True)
+        waited = time.monotonic() - began
+        await manager.release(held, keep=True)
+        return outcomes, waited
+
+    outcomes, waited = pools.run(scenario, minSize=1, maxSize=1, leaseTimeoutSeconds=1)
+
+    assert all(isinstance(outcome, PoolUnavailableError) and
+               "stayed busy for leaseTimeoutSeconds (1s)" in str(outcome)
+               for outcome in outcomes), outcomes
+    assert waited < 5
