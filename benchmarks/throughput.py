@@ -237,9 +237,19 @@ def plain_pods(core: Any, namespace: str, count: int) -> float:
     return time.monotonic() - began
 
 
+def docker_client(connections: int) -> docker.DockerClient:
+    """docker-py, its connections kept as the backend keeps them: the plain scripts then pay
+    for the containers' work, not for a connection per call."""
+    from controller.backends.docker import OneSocketAdapter
+
+    client = docker.from_env(max_pool_size=connections)
+    OneSocketAdapter.install(client)
+    return client
+
+
 def plain_docker(count: int) -> float:
     """The same agents as containers, made by hand, 64 at a time."""
-    client = docker.from_env(max_pool_size=64)
+    client = docker_client(64)
 
     def one(index: int) -> None:
         container = client.containers.create(IMAGE, COMMAND, name=f"plain-{uuid.uuid4().hex}")
@@ -289,7 +299,7 @@ def backend_alone(count: int) -> float:
 
 def plain_pooled_docker(count: int) -> float:
     """The same command by ``docker exec`` in POOL_SIZE warm containers, one at a time each."""
-    client = docker.from_env(max_pool_size=POOL_SIZE)
+    client = docker_client(POOL_SIZE)
     warm = [client.containers.run(IMAGE, ["sleep", "3600"], detach=True, remove=True)
             for _ in range(POOL_SIZE)]
     tasks = iter(range(count))

@@ -18,6 +18,7 @@ import docker.errors
 import requests.exceptions
 import urllib3.exceptions
 from docker.models.containers import Container
+from docker.transport.unixconn import UnixHTTPAdapter
 
 from controller.backends import output, runner
 from controller.backends.containers import (
@@ -91,6 +92,28 @@ def docker_errors(action: str, image: str = "") -> Iterator[None]:
         ) from error
 
 
+class OneSocketAdapter(UnixHTTPAdapter):
+    """docker-py's adapter for the engine's Unix socket keeps a pool of connections per
+    request URL (per container, per query string), and 25 such pools at most: nearly every
+    call opened a connection of its own, and closed one of another pool. One socket, one
+    pool of connections, kept."""
+
+    ENGINE = "http+docker://localhost"
+
+    def get_connection(self, url: str | bytes, proxies: Any = None) -> Any:
+        return super().get_connection(self.ENGINE, proxies)
+
+    @classmethod
+    def install(cls, client: docker.DockerClient) -> None:
+        """Mount one on the client instead of its own, when it talks to a Unix socket."""
+        current = client.api.get_adapter(cls.ENGINE)
+        if isinstance(current, UnixHTTPAdapter) and not isinstance(current, cls):
+            client.api.mount("http+docker://", cls(
+                f"http+unix://{current.socket_path}", current.timeout,
+                max_pool_size=current.max_pool_size))
+            current.close()
+
+
 class DockerBackend:
     """Runs each agent as a container; blocking docker-py calls run in threads."""
 
@@ -121,6 +144,7 @@ class DockerBackend:
         def make_client() -> docker.DockerClient:
             with docker_errors("connecting to Docker"):
                 client = docker.from_env(max_pool_size=settings.docker_threads)
+                OneSocketAdapter.install(client)
                 client.ping()
                 return client
 

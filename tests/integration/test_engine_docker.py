@@ -15,7 +15,7 @@ import yaml
 
 from controller.backends.docker import DockerBackend
 from controller.engine import Engine, WorkflowRun
-from controller.models import AgentReason, StepPhase, WorkflowPhase
+from controller.models import AgentReason, StepPhase, WorkflowPhase, WorkflowStatus
 from controller.store import Keys, RedisStore
 from tests.conftest import IMAGE, ROOT, sh, workflow_doc
 from tests.integration.conftest import Runner
@@ -114,6 +114,31 @@ def test_max_workers_caps_the_agents_running_at_once(runner: Runner) -> None:
     containers = runner.containers(run.uid)
     assert len(containers) == 6
     assert most_at_once([docker_interval(c) for c in containers]) == 2
+
+
+def test_calls_to_the_engine_share_a_few_connections_kept_open(runner: Runner) -> None:
+    """Thirty agents, each created, started, waited for, read and removed, four at a time:
+    the engine's socket is one pool of connections, opened about as often as calls ran at
+    once (docker-py's own kept a pool per URL and opened one for nearly every call)."""
+    async def go() -> tuple[WorkflowStatus, Any]:
+        run, store, backend = await runner.start(workflow_doc(
+            {"name": "fan", "parallel": {"replicas": 30, "maxWorkers": 4},
+             "command": sh("echo $AGENTAINER_ITEM_INDEX")}))
+        try:
+            status = await run.execute()
+            adapter = backend._client.api.get_adapter("http+docker://localhost")
+            with adapter.pools.lock:
+                pools = [adapter.pools[key] for key in adapter.pools.keys()]
+            return status, pools
+        finally:
+            await backend.close()
+            await store.close()
+
+    status, pools = asyncio.run(go())
+
+    assert status.phase is WorkflowPhase.SUCCEEDED
+    assert len(pools) == 1
+    assert pools[0].num_connections <= 16, f"{pools[0].num_connections} connections opened"
 
 
 def test_failing_agent_is_retried_and_every_attempt_recorded(runner: Runner) -> None:
