@@ -166,26 +166,37 @@ def through_the_operator(objects: Any, core: Any, namespace: str, backend: str,
     lags: list[float] = []
     done = threading.Event()
 
-    def watch() -> None:
-        stream = kubernetes.watch.Watch()
-        for event in stream.stream(objects.list_namespaced_custom_object, "agentainer.dev",
-                                   "v1alpha1", namespace, "workflows",
-                                   timeout_seconds=LIMIT_SECONDS):
-            body = event["object"]
-            name = body["metadata"]["name"]
-            status = body.get("status") or {}
-            for step in status.get("steps", []):
-                for agent in step.get("agents", []):
-                    if agent.get("finishedAt") and agent["id"] + name not in seen:
-                        seen[agent["id"] + name] = time.time()
-                        lags.append(time.time() - moment(agent["finishedAt"]))
-            if status.get("phase") in ("Failed", "Cancelled", "Stopped"):
-                fail(f"{name}: {status.get('phase')}: {status.get('message')}")
-            if status.get("phase") == "Succeeded":
-                seen[name] = time.time()
-                if sum(n in seen for n in names) == count:
-                    done.set()
-                    stream.stop()
+    failed: list[str] = []
+
+    def note(body: dict[str, Any], watched: bool = True) -> None:
+        """What a Workflow's status says; the lags only from the watch, as they happen."""
+        name = body["metadata"]["name"]
+        status = body.get("status") or {}
+        for step in status.get("steps", []) if watched else []:
+            for agent in step.get("agents", []):
+                if agent.get("finishedAt") and agent["id"] + name not in seen:
+                    seen[agent["id"] + name] = time.time()
+                    lags.append(time.time() - moment(agent["finishedAt"]))
+        if status.get("phase") in ("Failed", "Cancelled", "Stopped"):
+            failed.append(f"{name}: {status.get('phase')}: {status.get('message')}")
+        if status.get("phase") == "Succeeded":
+            seen[name] = time.time()
+
+    def watch() -> None:  # watched again should it break (the list below is the backstop)
+        while not done.is_set():
+            stream = kubernetes.watch.Watch()
+            try:
+                for event in stream.stream(objects.list_namespaced_custom_object,
+                                           "agentainer.dev", "v1alpha1", namespace,
+                                           "workflows", timeout_seconds=LIMIT_SECONDS):
+                    note(event["object"])
+                    if failed or sum(n in seen for n in names) == count:
+                        done.set()
+                        stream.stop()
+            except Exception as error:  # noqa: BLE001 - a broken watch is watched again
+                print(f"  (the watch of the Workflows broke, watching again: {error})",
+                      file=sys.stderr)
+                time.sleep(0.5)
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
@@ -201,12 +212,16 @@ def through_the_operator(objects: Any, core: Any, namespace: str, backend: str,
     while not done.wait(5):  # and a list now and then, should the watch have broken
         listed = objects.list_namespaced_custom_object("agentainer.dev", "v1alpha1",
                                                        namespace, "workflows")["items"]
-        finished = {body["metadata"]["name"] for body in listed
-                    if (body.get("status") or {}).get("phase") == "Succeeded"}
-        if len(finished) == count:
-            break
-        if time.monotonic() > deadline:
-            fail(f"{count - len(finished)} workflows had not succeeded after {LIMIT_SECONDS} s")
+        for body in listed:
+            if body["metadata"]["name"] not in seen:
+                note(body, watched=False)
+        if failed or sum(n in seen for n in names) == count:
+            done.set()
+        elif time.monotonic() > deadline:
+            fail(f"{count - sum(n in seen for n in names)} workflows had not succeeded after "
+                 f"{LIMIT_SECONDS} s")
+    if failed:
+        fail(f"{len(failed)} workflows did not succeed; the first: {failed[0]}")
     return max(seen.get(name, time.time()) for name in names) - began_wall, lags
 
 
@@ -416,7 +431,8 @@ def main() -> int:
             core.delete_namespace(namespace)
             rate, plain_rate = args.workflows / took * 60, args.workflows / plain_took * 60
             print(f"{backend:<13} {rate:8.0f} {plain_rate:10.0f} {rate / plain_rate:6.2f} "
-                  f"{statistics.median(lags):8.2f} {percentile(lags, 0.99):8.2f} "
+                  + (f"{statistics.median(lags):8.2f} {percentile(lags, 0.99):8.2f} "
+                     if lags else f"{'-':>8} {'-':>8} ")
                   + (f"{requests / args.workflows:5.1f} ({baseline / args.workflows:.1f})"
                      if kind == "kubernetes" else f"{'-':>11}")
                   + f" {rss:8.0f} {cpu / args.workflows:9.3f}", flush=True)
