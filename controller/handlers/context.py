@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import Any
 
 import kubernetes
@@ -29,6 +34,54 @@ WRITERS = 16
 """Status patches and deletions of our resources in flight at once, on threads of their own
 (and as many connections to the API server): they never wait behind agents' calls, nor behind
 the process's default threads (a handful on a small machine)."""
+
+
+class Urgency(IntEnum):
+    """Which write goes first when more wait than there are writers."""
+
+    LAST_WORD = 0
+    """A final status (a run's, a refusal's) or one a person asked for (a retry)."""
+    FIRST = 1
+    """A run's first status: that it runs."""
+    PROGRESS = 2
+    """A running workflow's status as it goes."""
+
+
+class Turns:
+    """At most ``size`` holders at once; those waiting are let in by urgency, then in the
+    order they came, so that under load a run's final status does not queue behind the
+    progress of a thousand others."""
+
+    def __init__(self, size: int) -> None:
+        self._free = size
+        self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._order = itertools.count()
+
+    @asynccontextmanager
+    async def turn(self, urgency: Urgency) -> AsyncIterator[None]:
+        if self._free > 0 and not self._waiting:
+            self._free -= 1
+        else:
+            granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            heapq.heappush(self._waiting, (urgency, next(self._order), granted))
+            try:
+                await granted
+            except asyncio.CancelledError:
+                if granted.done() and not granted.cancelled():
+                    self._pass_on()  # let in just as it was cancelled: the next one's turn
+                raise
+        try:
+            yield
+        finally:
+            self._pass_on()
+
+    def _pass_on(self) -> None:
+        while self._waiting:
+            _, _, granted = heapq.heappop(self._waiting)
+            if not granted.done():  # (one cancelled while waiting is passed over)
+                granted.set_result(None)
+                return
+        self._free += 1
 
 
 class UnsupportedBackendError(AgentainerError):
@@ -56,6 +109,7 @@ class Services:
     _backend_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _writers: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
         WRITERS, thread_name_prefix="status-writer"))
+    _turns: Turns = field(default_factory=lambda: Turns(WRITERS))
     running: int = 0
     """Workflows whose status this process writes as they run."""
 
@@ -65,8 +119,14 @@ class Services:
         return max(self.settings.status_interval_seconds,
                    self.running / self.settings.status_writes_per_second)
 
-    async def _write(self, call: Any) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._writers, call)
+    async def _write(self, call: Callable[[Any], None], body: Any,
+                     urgency: Urgency = Urgency.LAST_WORD) -> None:
+        """``call(body)`` on a writer thread, in its turn. A callable ``body`` is made only
+        then (in the loop): a write that waited says what is true when it is sent."""
+        async with self._turns.turn(urgency):
+            if callable(body):
+                body = body()
+            await asyncio.get_running_loop().run_in_executor(self._writers, call, body)
 
     def backend_kind(self, chosen: str | None) -> BackendKind:
         """A resource's own backend, else the controller's default."""
@@ -102,15 +162,17 @@ class Services:
         self.metrics.set_workflow_phases(self.phases)
 
     async def patch_status(self, plural: str, namespace: str, name: str,
-                           status: dict[str, Any]) -> None:
-        """Merge-patch the status subresource of one of our resources."""
+                           status: dict[str, Any] | Callable[[], dict[str, Any]],
+                           urgency: Urgency = Urgency.LAST_WORD) -> None:
+        """Merge-patch the status subresource of one of our resources; a callable ``status``
+        is made when the write's turn comes."""
 
-        def patch() -> None:
+        def patch(status: dict[str, Any]) -> None:
             self.custom_objects.patch_namespaced_custom_object_status(
                 API_GROUP, API_VERSION, namespace, plural, name, {"status": status})
 
         try:
-            await self._write(patch)
+            await self._write(patch, status, urgency)
         except kubernetes.client.ApiException as error:
             if error.status == 404:
                 return  # deleted meanwhile: nothing to report to
@@ -122,12 +184,12 @@ class Services:
     async def delete_resource(self, plural: str, namespace: str, name: str) -> None:
         """Delete one of our resources (its finalizer's handler then cleans up after it)."""
 
-        def delete() -> None:
+        def delete(_: None) -> None:
             self.custom_objects.delete_namespaced_custom_object(
                 API_GROUP, API_VERSION, namespace, plural, name)
 
         try:
-            await self._write(delete)
+            await self._write(delete, None)
         except kubernetes.client.ApiException as error:
             if error.status == 404:
                 return

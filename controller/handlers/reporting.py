@@ -20,7 +20,7 @@ import pydantic
 from controller.clock import now
 from controller.engine import Event, EventKind, Observer
 from controller.errors import AgentainerError, InvalidSpecError
-from controller.handlers.context import Services
+from controller.handlers.context import Services, Urgency
 from controller.models import (
     AgentCounts,
     AgentPhase,
@@ -255,6 +255,8 @@ class StatusWriter:
         self._closing = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._counted = False  # among the services' running writers
+        self._written = False  # its first status
+        self._sending = False  # a write of it has left for the API server
 
     def follow(self, status: WorkflowStatus,
                running: Callable[[], WorkflowSpec] | None = None) -> None:
@@ -296,7 +298,7 @@ class StatusWriter:
                 return
             self._dirty.clear()
             try:
-                await self.flush()
+                await self.flush(Urgency.PROGRESS if self._written else Urgency.FIRST)
             except AgentainerError as error:
                 logger.warning("status of %s: %s", self.name, error)
             except Exception:  # whatever it was, the next write may land: never stop writing
@@ -306,9 +308,20 @@ class StatusWriter:
             except TimeoutError:
                 pass
 
-    async def flush(self) -> None:
+    async def flush(self, urgency: Urgency = Urgency.LAST_WORD) -> None:
         if self._status is None:
             return  # the run has not begun
+        try:
+            await self.services.patch_status(WORKFLOWS, self.namespace, self.name,
+                                             self._sent, urgency)
+        finally:
+            self._sending = False
+        self._written = True
+
+    def _sent(self) -> dict[str, Any]:
+        """The status as it is when its write's turn has come (the write leaves now)."""
+        assert self._status is not None
+        self._sending = True
         settings = self.services.settings
         status = compact_status(self._status, settings.status_output_limit,
                                 settings.status_agent_limit)
@@ -317,17 +330,19 @@ class StatusWriter:
             ignored = spec_change_ignored(self.body, self._status.observed_generation)
             status["conditions"] = status.get("conditions", []) + dumped(
                 [ignored] if ignored else [])
-        await self.services.patch_status(WORKFLOWS, self.namespace, self.name, status)
+        return status
 
     async def stop(self) -> None:
-        """Write the final status. The loop is let finish, not cancelled: a patch it has in
-        flight runs on in its thread whatever happens to the task, and landing after the final
-        one it would put an older status back."""
+        """Write the final status. A write of the loop that has left is let land first (it
+        runs on in its thread whatever happens to the task, and landing after the final one
+        it would put an older status back); one still waiting for its turn is called off."""
         self._closing.set()
         self._dirty.set()
         self._forget()
         if self._task is not None:
-            await self._task
+            if not self._sending:
+                self._task.cancel()
+            await asyncio.wait({self._task})
         await self.flush()
 
     def abandon(self) -> None:

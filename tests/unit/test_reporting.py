@@ -13,6 +13,7 @@ import pytest
 
 from controller.config import Settings
 from controller.engine import Event, EventKind
+from controller.handlers.context import Urgency
 from controller.handlers.reporting import (
     StatusWriter,
     compact_status,
@@ -221,6 +222,7 @@ class FlakyServices:
         self.settings = Settings(status_interval_seconds=0)
         self.failures = list(failures)
         self.patched: list[dict[str, Any]] = []
+        self.urgencies: list[Urgency] = []
         self.running = 0
 
     def status_interval(self) -> float:
@@ -230,10 +232,12 @@ class FlakyServices:
         pass
 
     async def patch_status(self, plural: str, namespace: str, name: str,
-                           status: dict[str, Any]) -> None:
+                           status: dict[str, Any] | Callable[[], dict[str, Any]],
+                           urgency: Urgency = Urgency.LAST_WORD) -> None:
         if self.failures:
             raise self.failures.pop(0)
-        self.patched.append(status)
+        self.patched.append(status() if callable(status) else status)
+        self.urgencies.append(urgency)
 
 
 async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -269,10 +273,31 @@ def test_status_writer_logs_a_write_that_raises_anything_and_writes_the_next(
     assert "status of wf: the write failed unexpectedly" in caplog.text
 
 
+def test_a_runs_first_status_then_its_progress_then_its_last_word_are_told_apart() -> None:
+    services = FlakyServices()
+
+    async def run() -> None:
+        writer = StatusWriter(services, "team", "wf", "uid-1")  # type: ignore[arg-type]
+        writer.start()
+        writer(Event(EventKind.WORKFLOW_STARTED, "started"), WorkflowStatus())
+        await until(lambda: len(services.patched) == 1)
+        writer(Event(EventKind.STEP_STARTED, "step a started"), WorkflowStatus())
+        await until(lambda: len(services.patched) == 2)
+        writer(Event(EventKind.WORKFLOW_FINISHED, "done"),
+               WorkflowStatus(phase=WorkflowPhase.SUCCEEDED))
+        await writer.stop()
+
+    asyncio.run(run())
+
+    assert services.urgencies[:2] == [Urgency.FIRST, Urgency.PROGRESS]
+    assert services.urgencies[-1] is Urgency.LAST_WORD
+
+
 def test_status_writer_is_still_stopped_by_cancellation() -> None:
     class Hanging(FlakyServices):
         async def patch_status(self, plural: str, namespace: str, name: str,
-                               status: dict[str, Any]) -> None:
+                               status: dict[str, Any],
+                               urgency: Urgency = Urgency.LAST_WORD) -> None:
             await asyncio.Event().wait()
 
     async def run() -> set[str]:

@@ -11,7 +11,7 @@ import urllib3.exceptions
 from kubernetes.client import ApiException
 
 from controller.config import Settings
-from controller.handlers.context import KubernetesError, Services
+from controller.handlers.context import KubernetesError, Services, Turns, Urgency
 from controller.metrics import Metrics
 
 
@@ -84,3 +84,89 @@ def test_a_status_writer_counts_among_the_running_until_it_stops_or_lets_go() ->
         return counts
 
     assert asyncio.run(scenario()) == [2, 1, 0]
+
+
+def test_writes_waiting_for_a_writer_go_by_urgency_then_in_the_order_they_came() -> None:
+    """Two writers, both busy; six writes wait: the last words go first, then the first
+    statuses, then progress, each kind in the order it came; one cancelled while it waits
+    is passed over, and its turn is not lost."""
+    order: list[str] = []
+
+    async def run() -> None:
+        turns = Turns(2)
+        release = asyncio.Event()
+
+        async def write(name: str, urgency: Urgency, hold: bool = False) -> None:
+            async with turns.turn(urgency):
+                order.append(name)
+                if hold:
+                    await release.wait()
+
+        busy = [asyncio.create_task(write(f"busy{i}", Urgency.PROGRESS, hold=True))
+                for i in range(2)]
+        await asyncio.sleep(0)
+        waiting = [asyncio.create_task(write(name, urgency)) for name, urgency in [
+            ("progress1", Urgency.PROGRESS), ("first1", Urgency.FIRST),
+            ("last1", Urgency.LAST_WORD), ("progress2", Urgency.PROGRESS),
+            ("cancelled", Urgency.LAST_WORD), ("last2", Urgency.LAST_WORD)]]
+        await asyncio.sleep(0)
+        waiting[4].cancel()
+        release.set()
+        await asyncio.gather(*busy, *waiting, return_exceptions=True)
+        async with asyncio.timeout(1):  # both writers are free again
+            async with turns.turn(Urgency.PROGRESS), turns.turn(Urgency.PROGRESS):
+                pass
+
+    asyncio.run(run())
+
+    assert order == ["busy0", "busy1", "last1", "last2", "first1", "progress1", "progress2"]
+
+
+class RecordingCustomObjects:
+    def __init__(self) -> None:
+        self.statuses: list[dict[str, Any]] = []
+
+    def patch_namespaced_custom_object_status(self, *args: Any) -> None:
+        self.statuses.append(args[-1]["status"])
+
+
+def test_a_status_write_still_waiting_for_its_turn_is_called_off_by_the_final_one() -> None:
+    """Every writer busy: a run's first status waits its turn as the run ends; stopping the
+    writer calls it off (it would only say what the final status says, later) and the final
+    status is the one write made."""
+    from controller.engine import Event, EventKind
+    from controller.handlers.reporting import StatusWriter
+    from controller.models import WorkflowPhase, WorkflowStatus
+
+    custom_objects = RecordingCustomObjects()
+    services = Services(settings=Settings(), store=None, metrics=Metrics(),  # type: ignore[arg-type]
+                        custom_objects=custom_objects, pools=None)  # type: ignore[arg-type]
+    services._turns = Turns(1)
+
+    async def run() -> None:
+        occupied, release = asyncio.Event(), asyncio.Event()
+
+        async def busy() -> None:
+            async with services._turns.turn(Urgency.PROGRESS):
+                occupied.set()
+                await release.wait()
+
+        blocker = asyncio.create_task(busy())
+        await occupied.wait()
+        writer = StatusWriter(services, "team", "wf", "uid-1")
+        writer.start()
+        writer(Event(EventKind.WORKFLOW_STARTED, "started"),
+               WorkflowStatus(phase=WorkflowPhase.RUNNING))
+        await asyncio.sleep(0.05)  # its first write waits for the one writer
+        writer(Event(EventKind.WORKFLOW_FINISHED, "done"),
+               WorkflowStatus(phase=WorkflowPhase.SUCCEEDED))
+        stopping = asyncio.create_task(writer.stop())
+        await asyncio.sleep(0.05)
+        release.set()
+        async with asyncio.timeout(5):
+            await asyncio.gather(blocker, stopping)
+
+    asyncio.run(run())
+    services._writers.shutdown()
+
+    assert [status["phase"] for status in custom_objects.statuses] == ["Succeeded"]
