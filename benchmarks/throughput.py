@@ -225,6 +225,22 @@ def through_the_operator(objects: Any, core: Any, namespace: str, backend: str,
     return max(seen.get(name, time.time()) for name in names) - began_wall, lags
 
 
+def gone(core: Any, namespace: str) -> None:
+    """Delete the namespace and wait until it is gone (its pods and agents with it), so that
+    the next backend's run does not share the machine with the deletion."""
+    core.delete_namespace(namespace)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            core.read_namespace(namespace)
+        except kubernetes.client.ApiException as error:
+            if error.status == 404:
+                return
+            raise
+        time.sleep(1)
+    fail(f"namespace {namespace} was not gone after 300 s")
+
+
 def plain_pods(core: Any, namespace: str, count: int) -> float:
     """The same agents as pods, made by hand: create all, wait on one watch, read, delete."""
     label = f"plain={uuid.uuid4().hex[:8]}"
@@ -428,7 +444,7 @@ def main() -> int:
             baseline = pod_requests()
             plain_took = plain(backend, core, namespace, args.workflows)
             baseline = pod_requests() - baseline
-            core.delete_namespace(namespace)
+            gone(core, namespace)
             rate, plain_rate = args.workflows / took * 60, args.workflows / plain_took * 60
             print(f"{backend:<13} {rate:8.0f} {plain_rate:10.0f} {rate / plain_rate:6.2f} "
                   + (f"{statistics.median(lags):8.2f} {percentile(lags, 0.99):8.2f} "
