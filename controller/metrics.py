@@ -64,11 +64,13 @@ class Metrics:
                                      "Pool agents replaced because they died, timed out, "
                                      "failed their reset or were reclaimed", ["pool"], registry=r)
 
-    def set_workflow_phases(self, phases: dict[str, WorkflowPhase]) -> None:
-        """The gauge of workflows by phase, from the controller's view of every workflow."""
-        for phase in WorkflowPhase:
-            self.workflows.labels(phase=phase.value).set(
-                sum(1 for p in phases.values() if p is phase))
+    def workflow_moved(self, before: WorkflowPhase | None, after: WorkflowPhase | None) -> None:
+        """One workflow left phase ``before`` for ``after`` (None: it was not known, or is
+        gone) in the gauge of workflows by phase."""
+        if before is not None:
+            self.workflows.labels(phase=before.value).dec()
+        if after is not None:
+            self.workflows.labels(phase=after.value).inc()
 
 
 class WorkflowMetrics:

@@ -151,15 +151,16 @@ class Services:
             return self._kubernetes
 
     def workflow_phase(self, uid: str, phase: WorkflowPhase | None) -> None:
-        """Note a workflow's phase; called on every engine event, so the gauge of workflows by
-        phase (a count over all of them) is recomputed only when a phase changes."""
-        if self.phases.get(uid) is phase:
+        """Note a workflow's phase (None: it is gone); called on every engine event, so the
+        gauge of workflows by phase moves only when a phase changes, by one."""
+        before = self.phases.get(uid)
+        if before is phase:
             return
         if phase is None:
             self.phases.pop(uid, None)
         else:
             self.phases[uid] = phase
-        self.metrics.set_workflow_phases(self.phases)
+        self.metrics.workflow_moved(before, phase)
 
     async def patch_status(self, plural: str, namespace: str, name: str,
                            status: dict[str, Any] | Callable[[], dict[str, Any]],

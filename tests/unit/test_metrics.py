@@ -73,9 +73,23 @@ def test_pool_events_become_lease_and_task_latencies_and_replacements() -> None:
 
 
 def test_workflows_by_phase_gauge_counts_each_workflow_once() -> None:
+    """Noted again and again (on every event, and by kopf's indexer), moved, and gone: each
+    workflow is counted once, in its phase of now."""
+    from controller.handlers.context import Services
+
     metrics = Metrics()
-    metrics.set_workflow_phases({"u1": WorkflowPhase.RUNNING, "u2": WorkflowPhase.RUNNING,
-                                 "u3": WorkflowPhase.SUCCEEDED})
+    services = Services(settings=None, store=None, metrics=metrics,  # type: ignore[arg-type]
+                        custom_objects=None, pools=None)  # type: ignore[arg-type]
+    for uid, phases in {"u1": [WorkflowPhase.RUNNING] * 3,
+                        "u2": [WorkflowPhase.RUNNING, WorkflowPhase.FAILED,
+                               WorkflowPhase.RUNNING],
+                        "u3": [WorkflowPhase.RUNNING, WorkflowPhase.SUCCEEDED,
+                               WorkflowPhase.SUCCEEDED],
+                        "u4": [WorkflowPhase.RUNNING, WorkflowPhase.SUCCEEDED, None]}.items():
+        for phase in phases:
+            services.workflow_phase(uid, phase)
+    services.workflow_phase("never-known", None)
+
     assert sample(metrics, "agentainer_workflows", phase="Running") == 2
     assert sample(metrics, "agentainer_workflows", phase="Succeeded") == 1
     assert sample(metrics, "agentainer_workflows", phase="Failed") == 0
