@@ -245,7 +245,7 @@ async def spec_changed(body: kopf.Body, memo: kopf.Memo, old: Any, new: Any,
     if ignored is None:
         return
     kopf.warn(body, reason=ignored.type, message=ignored.message)
-    if status.get("phase") in {p.value for p in WorkflowPhase if p.finished}:
+    if _finished(status):
         conditions = [c for c in status.get("conditions", []) if c.get("type") != ignored.type]
         await services.patch_status(WORKFLOWS, body.metadata.namespace or "default",
                                     body.metadata.name or "",
