@@ -36,6 +36,12 @@ WRITERS = 16
 the process's default threads (a handful on a small machine)."""
 
 
+WRITE_TIMEOUT_SECONDS = 30.0
+"""How long one status patch or deletion may wait for the API server's answer: one that never
+comes (a server gone silent) must not hold a writer, and every write queued behind it, for
+good. The write fails as the API server out of reach, and is made again."""
+
+
 class Urgency(IntEnum):
     """Which write goes first when more wait than there are writers."""
 
@@ -170,7 +176,8 @@ class Services:
 
         def patch(status: dict[str, Any]) -> None:
             self.custom_objects.patch_namespaced_custom_object_status(
-                API_GROUP, API_VERSION, namespace, plural, name, {"status": status})
+                API_GROUP, API_VERSION, namespace, plural, name, {"status": status},
+                _request_timeout=WRITE_TIMEOUT_SECONDS)
 
         try:
             await self._write(patch, status, urgency)
@@ -187,7 +194,8 @@ class Services:
 
         def delete(_: None) -> None:
             self.custom_objects.delete_namespaced_custom_object(
-                API_GROUP, API_VERSION, namespace, plural, name)
+                API_GROUP, API_VERSION, namespace, plural, name,
+                _request_timeout=WRITE_TIMEOUT_SECONDS)
 
         try:
             await self._write(delete, None)

@@ -21,7 +21,7 @@ class FailingCustomObjects:
     def __init__(self, error: Exception) -> None:
         self.error = error
 
-    def patch_namespaced_custom_object_status(self, *args: Any) -> None:
+    def patch_namespaced_custom_object_status(self, *args: Any, **kwargs: Any) -> None:
         raise self.error
 
 
@@ -126,7 +126,7 @@ class RecordingCustomObjects:
     def __init__(self) -> None:
         self.statuses: list[dict[str, Any]] = []
 
-    def patch_namespaced_custom_object_status(self, *args: Any) -> None:
+    def patch_namespaced_custom_object_status(self, *args: Any, **kwargs: Any) -> None:
         self.statuses.append(args[-1]["status"])
 
 
@@ -170,3 +170,35 @@ def test_a_status_write_still_waiting_for_its_turn_is_called_off_by_the_final_on
     services._writers.shutdown()
 
     assert [status["phase"] for status in custom_objects.statuses] == ["Succeeded"]
+
+
+def test_a_status_write_the_api_server_never_answers_fails_at_its_deadline(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An API server that takes the connection and says nothing: the write fails as the API
+    server out of reach (retried later) after WRITE_TIMEOUT_SECONDS, and frees its writer."""
+    import socket
+    import time
+
+    import kubernetes
+
+    from controller.handlers import context
+
+    monkeypatch.setattr(context, "WRITE_TIMEOUT_SECONDS", 0.5)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    configuration = kubernetes.client.Configuration()
+    configuration.host = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    configuration.retries = 0
+    client = kubernetes.client.CustomObjectsApi(kubernetes.client.ApiClient(configuration))
+    writing = Services(settings=Settings(), store=None, metrics=Metrics(),  # type: ignore[arg-type]
+                       custom_objects=client, pools=None)  # type: ignore[arg-type]
+    began = time.monotonic()
+    try:
+        with pytest.raises(KubernetesError, match="cannot reach the API server"):
+            asyncio.run(writing.patch_status("workflows", "team", "wf", {"phase": "Running"}))
+    finally:
+        silent.close()
+        writing._writers.shutdown(wait=False)
+
+    assert time.monotonic() - began < 5
