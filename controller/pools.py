@@ -168,8 +168,9 @@ class PoolManager:
 
         Tasks waiting here take turns, first come first served: only the first looks (in the
         store, and is woken by an agent returned in this process), so that a thousand waiting
-        tasks cost the store what one does. One that makes room for a new agent starts it out
-        of turn and queues again, for the agent (or another) once it is idle."""
+        tasks cost the store what one does. One that finds room for a new agent starts it out
+        of turn, for itself: the next in turn looks meanwhile, so that a pool grows by as many
+        agents at once as tasks wait for them."""
         started = time.monotonic()
         deadline = started + state.pool.spec.lease_timeout_seconds
         holder = f"{self.holder}-{secrets.token_hex(4)}"
@@ -184,8 +185,10 @@ class PoolManager:
             finally:
                 state.turn.release()
             if isinstance(found, AgentSpec):
-                await self._start(state, found)
-                continue
+                new = await self._start(state, found, holder)
+                if new is None:
+                    continue  # its place lapsed as it started: a reconcile adopts it
+                found = new
             lease = Lease(state, found, holder, time.monotonic() - started)
             lease.renewer = asyncio.create_task(self._keep_held(state.uid, found.name, holder))
             state.busy += 1
@@ -270,8 +273,10 @@ class PoolManager:
             return None
         return spec
 
-    async def _start(self, state: PoolState, spec: AgentSpec) -> None:
-        """Start the agent of a reserved place and record it, idle."""
+    async def _start(self, state: PoolState, spec: AgentSpec,
+                     holder: str = "") -> AgentHandle | None:
+        """Start the agent of a reserved place and record it, idle, or leased to ``holder``
+        when one is given; None when its place lapsed while it started (the store away)."""
         placeholder = _placeholder(spec)
         holding = asyncio.create_task(self._keep_held(state.uid, placeholder, self.holder))
         try:
@@ -282,10 +287,15 @@ class PoolManager:
             raise
         holding.cancel()
         state.handles[handle.name] = handle
-        if not await self.store.pool_add(state.uid, _record(handle), replaces=placeholder):
+        if not await self.store.pool_add(state.uid, _record(handle), replaces=placeholder,
+                                         holder=holder,
+                                         ttl_ms=self.settings.lease_ttl_seconds * 1000):
             # Its place lapsed while it started (the store was away): a reconcile adopts it.
             logger.info("pool %s: %s started after its place lapsed", state.name, handle.name)
-        state.returned.set()
+            return None
+        if not holder:
+            state.returned.set()
+        return handle
 
     async def _keep_held(self, uid: str, agent: str, holder: str) -> None:
         """Renew a lease (or a placeholder's) every third of its time to live."""

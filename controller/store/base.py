@@ -46,9 +46,11 @@ class PoolStore(Protocol):
         """Hold a place for an agent about to start, unless the pool has ``max_size``; the
         place is leased to ``holder`` (renewed like a lease; it lapses if the holder dies)."""
 
-    async def pool_add(self, uid: str, agent: PoolAgent, replaces: str = "") -> bool:
-        """An agent that is up, idle from now, in place of its placeholder: False (and not
-        added) when the placeholder lapsed meanwhile."""
+    async def pool_add(self, uid: str, agent: PoolAgent, replaces: str = "",
+                       holder: str = "", ttl_ms: int = 0) -> bool:
+        """An agent that is up, idle from now (or, given a ``holder``, leased to it for
+        ``ttl_ms``), in place of its placeholder: False (and not added) when the placeholder
+        lapsed meanwhile."""
 
     async def pool_acquire(self, uid: str, holder: str, ttl_ms: int) -> str | None:
         """Lease the most recently returned idle agent, or None."""

@@ -96,7 +96,8 @@ class MemoryStore:
         pool.leases[placeholder] = (holder, time.monotonic() + ttl_ms / 1000)
         return True
 
-    async def pool_add(self, uid: str, agent: PoolAgent, replaces: str = "") -> bool:
+    async def pool_add(self, uid: str, agent: PoolAgent, replaces: str = "",
+                       holder: str = "", ttl_ms: int = 0) -> bool:
         pool = self._pool(uid)
         if replaces:
             if replaces not in pool.agents:
@@ -104,7 +105,10 @@ class MemoryStore:
             del pool.agents[replaces]
             pool.leases.pop(replaces, None)
         pool.agents[agent.name] = agent
-        pool.idle[agent.name] = time.time()
+        if holder:
+            pool.leases[agent.name] = (holder, time.monotonic() + ttl_ms / 1000)
+        else:
+            pool.idle[agent.name] = time.time()
         return True
 
     async def pool_acquire(self, uid: str, holder: str, ttl_ms: int) -> str | None:

@@ -134,16 +134,21 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 hold(KEYS[2], ARGV[1], ARGV[4], ARGV[5], now_ms())
 return 1
 """
-# An agent that is up joins the idle set, in place of its placeholder: only if the placeholder
-# is still there (if it lapsed, a reconcile took the agent over, and it must not join twice).
-ADD = """
+# An agent that is up joins the idle set, or is leased to ARGV[5] at once, in place of its
+# placeholder: only if the placeholder is still there (if it lapsed, a reconcile took the agent
+# over, and it must not join twice).
+ADD = LEASES + """
 if ARGV[4] ~= '' then
   if redis.call('HEXISTS', KEYS[1], ARGV[4]) == 0 then return 0 end
   redis.call('HDEL', KEYS[1], ARGV[4])
   redis.call('HDEL', KEYS[3], ARGV[4])
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+if ARGV[5] ~= '' then
+  hold(KEYS[3], ARGV[1], ARGV[5], ARGV[6], now_ms())
+else
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+end
 return 1
 """
 # Take idle agents that have idled since before ARGV[1], keeping ARGV[2] agents in the pool.
@@ -377,11 +382,13 @@ class RedisStore:
                       encode_pool_agent(PoolAgent(placeholder, pending_since=time.time())),
                       holder, ttl_ms]))
 
-    async def pool_add(self, uid: str, agent: PoolAgent, replaces: str = "") -> bool:
+    async def pool_add(self, uid: str, agent: PoolAgent, replaces: str = "",
+                       holder: str = "", ttl_ms: int = 0) -> bool:
         async with self._errors("adding a pool agent"):
             return bool(await self._add(
                 keys=[Keys.pool_agents(uid), Keys.pool_idle(uid), Keys.pool_leases(uid)],
-                args=[agent.name, encode_pool_agent(agent), time.time(), replaces]))
+                args=[agent.name, encode_pool_agent(agent), time.time(), replaces, holder,
+                      ttl_ms]))
 
     async def pool_acquire(self, uid: str, holder: str, ttl_ms: int) -> str | None:
         async with self._errors("leasing a pool agent"):

@@ -449,8 +449,9 @@ def test_a_store_record_naming_a_container_not_of_the_pool_is_never_leased(
 def test_waiting_tasks_cost_the_store_what_one_does_and_are_served_in_turn(
         pools: Pools) -> None:
     """200 tasks wait for the one agent of a pool, held for a second: the store is asked
-    about as often as by one waiter (not 200 times as often), and the agent goes to the
-    waiters in the order they came."""
+    about as often as by one waiter (not 200 times as often), and the agent (replaced after
+    every 30 tasks, by whichever task finds its place free) goes to the waiters in the order
+    they came."""
     calls: list[str] = []
 
     async def scenario(manager: PoolManager, state: PoolState) -> Any:
@@ -485,10 +486,33 @@ def test_waiting_tasks_cost_the_store_what_one_does_and_are_served_in_turn(
             await asyncio.gather(*waiters)
         return asked_while_held, served
 
-    asked_while_held, served = pools.run(scenario, minSize=1, maxSize=1)
+    asked_while_held, served = pools.run(scenario, minSize=1, maxSize=1, maxUses=30)
 
     assert asked_while_held <= 100, f"the store was asked {asked_while_held} times in 1 s"
     assert served == list(range(200))
+
+
+def test_a_task_that_starts_an_agent_is_served_by_it_in_its_turn(pools: Pools) -> None:
+    """Tasks come to an empty pool of one: the first finds room and starts the agent, the
+    others wait their turn meanwhile; the new agent goes to the task that started it, not to
+    whichever task is looking when it comes up."""
+    async def scenario(manager: PoolManager, state: PoolState) -> Any:
+        served: list[int] = []
+
+        async def waiter(index: int) -> None:
+            lease = await manager.lease(state)
+            served.append(index)
+            await manager.release(lease, keep=True)
+
+        waiters = []
+        for index in range(5):
+            waiters.append(asyncio.create_task(waiter(index)))
+            await asyncio.sleep(0)
+        async with asyncio.timeout(60):
+            await asyncio.gather(*waiters)
+        return served
+
+    assert pools.run(scenario, minSize=0, maxSize=1) == [0, 1, 2, 3, 4]
 
 
 def test_a_task_queued_behind_others_still_gives_up_at_its_lease_timeout(

@@ -186,6 +186,14 @@ def test_pool_leases_hold_lapse_and_are_reclaimed(url: str) -> None:
             assert await store.pool_reclaim(pool) == []
             await store.pool_remove(pool, last)
             assert await store.pool_agents(pool) == {}
+            # An agent its starter takes for itself joins leased to it, never idle.
+            assert await store.pool_reserve(pool, "p3", max_size=1, holder="me", ttl_ms=60_000)
+            assert await store.pool_add(pool, PoolAgent("a3", id="c3"), replaces="p3",
+                                        holder="starter", ttl_ms=60_000)
+            assert await store.pool_acquire(pool, "other", ttl_ms=60_000) is None
+            assert await store.pool_renew(pool, "a3", "starter", 60_000)
+            assert await store.pool_release(pool, "a3", "starter", True, 10) == 1
+            assert await store.pool_acquire(pool, "other", ttl_ms=60_000) == "a3"
             await store.pool_delete(pool)
         finally:
             await store.close()
