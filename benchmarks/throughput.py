@@ -225,6 +225,20 @@ def through_the_operator(objects: Any, core: Any, namespace: str, backend: str,
     return max(seen.get(name, time.time()) for name in names) - began_wall, lags
 
 
+def deleted(objects: Any, namespace: str) -> None:
+    """Delete the Workflows and AgentPools and wait until they are gone: the controller, which
+    removes their finalizers, must not be stopped before (their namespace would never go)."""
+    deadline = time.monotonic() + 300
+    for plural in ("workflows", "agentpools"):
+        objects.delete_collection_namespaced_custom_object(
+            "agentainer.dev", "v1alpha1", namespace, plural)
+        while objects.list_namespaced_custom_object(
+                "agentainer.dev", "v1alpha1", namespace, plural, limit=1)["items"]:
+            if time.monotonic() > deadline:
+                fail(f"the {plural} of {namespace} were not gone after 300 s")
+            time.sleep(1)
+
+
 def gone(core: Any, namespace: str) -> None:
     """Delete the namespace and wait until it is gone (its pods and agents with it), so that
     the next backend's run does not share the machine with the deletion."""
@@ -434,11 +448,7 @@ def main() -> int:
                 requests = pod_requests() - requests
                 cpu = controller.cpu_seconds() - cpu
                 rss = controller.peak_rss_mib()
-                objects.delete_collection_namespaced_custom_object(
-                    "agentainer.dev", "v1alpha1", namespace, "workflows")
-                if pooled:
-                    objects.delete_namespaced_custom_object(
-                        "agentainer.dev", "v1alpha1", namespace, "agentpools", POOL)
+                deleted(objects, namespace)
             finally:
                 controller.stop()
             baseline = pod_requests()
