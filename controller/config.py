@@ -72,9 +72,10 @@ class Settings:
     metrics_port: int = 8080
     """Port of ``/metrics`` and ``/healthz``; 0 turns the endpoint off."""
 
-    status_interval_seconds: int = 1
+    status_interval_seconds: float = 1.0
     """The controller writes a running workflow's status at most this often, in seconds, so
-    that a fan-out of many agents does not flood the API server with patches."""
+    that a fan-out of many agents does not flood the API server with patches: a change is
+    written this long after it came, with every change that came meanwhile."""
 
     status_writes_per_second: int = 50
     """Status writes of running workflows the controller makes per second at most, over all of

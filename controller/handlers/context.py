@@ -128,10 +128,13 @@ class Services:
     async def _write(self, call: Callable[[Any], None], body: Any,
                      urgency: Urgency = Urgency.LAST_WORD) -> None:
         """``call(body)`` on a writer thread, in its turn. A callable ``body`` is made only
-        then (in the loop): a write that waited says what is true when it is sent."""
+        then (in the loop): a write that waited says what is true when it is sent, or nothing
+        (None: it is not sent)."""
         async with self._turns.turn(urgency):
             if callable(body):
                 body = body()
+                if body is None:
+                    return
             await asyncio.get_running_loop().run_in_executor(self._writers, call, body)
 
     def backend_kind(self, chosen: str | None) -> BackendKind:
@@ -169,10 +172,10 @@ class Services:
         self.metrics.workflow_moved(before, phase)
 
     async def patch_status(self, plural: str, namespace: str, name: str,
-                           status: dict[str, Any] | Callable[[], dict[str, Any]],
+                           status: dict[str, Any] | Callable[[], dict[str, Any] | None],
                            urgency: Urgency = Urgency.LAST_WORD) -> None:
         """Merge-patch the status subresource of one of our resources; a callable ``status``
-        is made when the write's turn comes."""
+        is made when the write's turn comes (None then: nothing is written)."""
 
         def patch(status: dict[str, Any]) -> None:
             self.custom_objects.patch_namespaced_custom_object_status(

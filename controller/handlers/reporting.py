@@ -257,6 +257,8 @@ class StatusWriter:
         self._counted = False  # among the services' running writers
         self._written = False  # its first status
         self._sending = False  # a write of it has left for the API server
+        self._made: dict[str, Any] | None = None  # the status the last write was made with
+        self._landed: dict[str, Any] | None = None  # the last status the API server took
 
     def follow(self, status: WorkflowStatus,
                running: Callable[[], WorkflowSpec] | None = None) -> None:
@@ -292,36 +294,63 @@ class StatusWriter:
         self._counted = True
 
     async def _loop(self) -> None:
+        """The first status at once; then each change a moment (the status interval) after it
+        came, with all that came meanwhile: the few changes of a short agent (created,
+        running, ended) make one write, or none when the run ends in that moment, its final
+        status saying them all. Writes are the interval apart at least, more under load. The
+        final status is written as soon as the run's outcome is out (before its clean-up)."""
+        window = self.services.settings.status_interval_seconds
         while True:
             await self._dirty.wait()
+            final = self._status is not None and self._status.phase.finished
+            if self._written and not final:
+                await self._pause(window)
             if self._closing.is_set():
                 return
             self._dirty.clear()
             try:
-                await self.flush(Urgency.PROGRESS if self._written else Urgency.FIRST)
+                await self.flush(Urgency.LAST_WORD if final else
+                                 Urgency.PROGRESS if self._written else Urgency.FIRST)
             except AgentainerError as error:
                 logger.warning("status of %s: %s", self.name, error)
             except Exception:  # whatever it was, the next write may land: never stop writing
                 logger.exception("status of %s: the write failed unexpectedly", self.name)
-            try:  # the interval between writes, cut short by stop()
-                await asyncio.wait_for(self._closing.wait(), self.services.status_interval())
-            except TimeoutError:
-                pass
+            await self._pause(self.services.status_interval() - window)
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait ``seconds``, cut short by stop()."""
+        if seconds <= 0:
+            return
+        try:
+            await asyncio.wait_for(self._closing.wait(), seconds)
+        except TimeoutError:
+            pass
 
     async def flush(self, urgency: Urgency = Urgency.LAST_WORD) -> None:
         if self._status is None:
             return  # the run has not begun
+        self._made = None
         try:
             await self.services.patch_status(WORKFLOWS, self.namespace, self.name,
                                              self._sent, urgency)
         finally:
             self._sending = False
+        self._landed = self._made or self._landed
         self._written = True
 
-    def _sent(self) -> dict[str, Any]:
-        """The status as it is when its write's turn has come (the write leaves now)."""
+    def _sent(self) -> dict[str, Any] | None:
+        """The status as it is when its write's turn has come (the write leaves now), or None
+        when it is the one the API server last took (nothing to write: a progress write
+        that, waiting its turn, came to carry the final status makes the final one idle)."""
         assert self._status is not None
+        status = self._made = self._made_now()
+        if status == self._landed:
+            return None
         self._sending = True
+        return status
+
+    def _made_now(self) -> dict[str, Any]:
+        assert self._status is not None
         settings = self.services.settings
         status = compact_status(self._status, settings.status_output_limit,
                                 settings.status_agent_limit)

@@ -232,12 +232,14 @@ class FlakyServices:
         pass
 
     async def patch_status(self, plural: str, namespace: str, name: str,
-                           status: dict[str, Any] | Callable[[], dict[str, Any]],
+                           status: dict[str, Any] | Callable[[], dict[str, Any] | None],
                            urgency: Urgency = Urgency.LAST_WORD) -> None:
         if self.failures:
             raise self.failures.pop(0)
-        self.patched.append(status() if callable(status) else status)
-        self.urgencies.append(urgency)
+        made = status() if callable(status) else status
+        if made is not None:  # as Services: None is no write
+            self.patched.append(made)
+            self.urgencies.append(urgency)
 
 
 async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -281,7 +283,8 @@ def test_a_runs_first_status_then_its_progress_then_its_last_word_are_told_apart
         writer.start()
         writer(Event(EventKind.WORKFLOW_STARTED, "started"), WorkflowStatus())
         await until(lambda: len(services.patched) == 1)
-        writer(Event(EventKind.STEP_STARTED, "step a started"), WorkflowStatus())
+        writer(Event(EventKind.STEP_STARTED, "step a started"),
+               WorkflowStatus(phase=WorkflowPhase.RUNNING))
         await until(lambda: len(services.patched) == 2)
         writer(Event(EventKind.WORKFLOW_FINISHED, "done"),
                WorkflowStatus(phase=WorkflowPhase.SUCCEEDED))
@@ -291,6 +294,92 @@ def test_a_runs_first_status_then_its_progress_then_its_last_word_are_told_apart
 
     assert services.urgencies[:2] == [Urgency.FIRST, Urgency.PROGRESS]
     assert services.urgencies[-1] is Urgency.LAST_WORD
+
+
+class PacedServices(FlakyServices):
+    """Writes a running workflow's status a tenth of a second after a change at most."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.settings = Settings(status_interval_seconds=0.1)
+
+    def status_interval(self) -> float:
+        return 0.1
+
+
+def test_changes_that_come_in_one_moment_make_one_write_and_a_run_ending_in_it_none() -> None:
+    """The first status is written at once; the changes of the next moment (an agent
+    created, running, ended) make one write, with the last of them; a change followed by the
+    end of the run within the moment is written only by the final status."""
+    services = PacedServices()
+
+    async def run() -> None:
+        writer = StatusWriter(services, "team", "wf", "uid-1")  # type: ignore[arg-type]
+        writer.start()
+        writer(Event(EventKind.WORKFLOW_STARTED, "started"), WorkflowStatus())
+        await until(lambda: len(services.patched) == 1)
+        for message in ("created", "running", "ended"):
+            writer(Event(EventKind.AGENT_STARTED, message),
+                   WorkflowStatus(phase=WorkflowPhase.RUNNING, message=message))
+            await asyncio.sleep(0.01)
+        await until(lambda: len(services.patched) == 2)
+        await asyncio.sleep(0.25)  # nothing more changed: nothing more is written
+        assert len(services.patched) == 2
+        writer(Event(EventKind.STEP_FINISHED, "step done"),
+               WorkflowStatus(phase=WorkflowPhase.RUNNING, message="step done"))
+        await asyncio.sleep(0.02)
+        writer(Event(EventKind.WORKFLOW_FINISHED, "done"),
+               WorkflowStatus(phase=WorkflowPhase.SUCCEEDED, message="done"))
+        await writer.stop()
+
+    asyncio.run(run())
+
+    assert [patch.get("message") for patch in services.patched] == [None, "ended", "done"]
+    assert services.urgencies == [Urgency.FIRST, Urgency.PROGRESS, Urgency.LAST_WORD]
+
+
+def test_a_status_the_api_server_already_took_is_not_written_again() -> None:
+    """A progress write that, waiting for its turn, came to carry the final status makes the
+    final write idle; so does any event that changed nothing the status shows."""
+    services = FlakyServices()
+
+    async def run() -> None:
+        writer = StatusWriter(services, "team", "wf", "uid-1")  # type: ignore[arg-type]
+        writer.start()
+        writer(Event(EventKind.WORKFLOW_STARTED, "started"),
+               WorkflowStatus(phase=WorkflowPhase.RUNNING))
+        await until(lambda: len(services.patched) == 1)
+        writer(Event(EventKind.AGENT_STARTED, "nothing shown changed"),
+               WorkflowStatus(phase=WorkflowPhase.RUNNING))
+        await asyncio.sleep(0.1)
+        writer(Event(EventKind.WORKFLOW_FINISHED, "done"),
+               WorkflowStatus(phase=WorkflowPhase.SUCCEEDED))
+        await until(lambda: len(services.patched) == 2)  # the loop wrote the final status
+        await writer.stop()
+
+    asyncio.run(run())
+
+    assert [patch["phase"] for patch in services.patched] == ["Running", "Succeeded"]
+
+
+def test_a_final_status_whose_progress_write_failed_is_still_written() -> None:
+    services = FlakyServices()
+
+    async def run() -> None:
+        writer = StatusWriter(services, "team", "wf", "uid-1")  # type: ignore[arg-type]
+        writer.start()
+        writer(Event(EventKind.WORKFLOW_STARTED, "started"),
+               WorkflowStatus(phase=WorkflowPhase.RUNNING))
+        await until(lambda: len(services.patched) == 1)
+        services.failures.append(ConnectionResetError(104, "reset"))
+        writer(Event(EventKind.WORKFLOW_FINISHED, "done"),
+               WorkflowStatus(phase=WorkflowPhase.SUCCEEDED))
+        await until(lambda: not services.failures)  # the loop's write of it failed
+        await writer.stop()
+
+    asyncio.run(run())
+
+    assert [patch["phase"] for patch in services.patched] == ["Running", "Succeeded"]
 
 
 def test_status_writer_is_still_stopped_by_cancellation() -> None:
