@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TypeVar
 
@@ -109,6 +109,8 @@ class Attempts:
     emit: Emitter
     state: RunState
     status: WorkflowStatus
+    removals: set[asyncio.Task[None]] = field(default_factory=set)
+    """Removals of ended agents under way."""
 
     async def run(self, step: Step, status: StepStatus, index: int, attempt: int,
                   earlier: AgentStatus | None, outputs: dict[str, list[str]],
@@ -229,12 +231,24 @@ class Attempts:
             await self._cleanup(handle, succeeded=False)
 
     async def _cleanup(self, handle: AgentHandle, succeeded: bool) -> None:
+        """Remove an ended agent per the cleanup policy, in the background: neither the next
+        step nor the run's final status waits for it; the run does, once its outcome is out."""
         if not should_remove(self.workflow.spec.cleanup, succeeded):
             return
+        removal = asyncio.create_task(self._remove(handle), name=f"remove-{handle.name}")
+        self.removals.add(removal)
+        removal.add_done_callback(self.removals.discard)
+
+    async def _remove(self, handle: AgentHandle) -> None:
         try:
             await self.backend.remove(handle)
         except AgentainerError as error:
             logger.warning("could not remove agent %s: %s", handle.name, error)
+
+    async def removed(self) -> None:
+        """Wait for the removals under way (each ends: the backend's calls have deadlines)."""
+        while self.removals:
+            await asyncio.wait(set(self.removals))
 
 
 class _Place:

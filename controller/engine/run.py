@@ -266,6 +266,12 @@ class WorkflowRun:
             self._now_running = set(self._finally)
             await self._skip_unstarted()
         self._conclude(timeout)
+        await self.journal.ended(status, self.settings.state_ttl_seconds)
+        self.emit(EventKind.WORKFLOW_FINISHED,
+                  f"workflow {self.workflow.metadata.name} {status.phase.value.lower()}")
+        # The outcome is out (its status need not wait for this): the agents, then the
+        # workspace they used, are removed as the cleanup policy says.
+        await self.attempts.removed()
         if workspace is not None and should_remove(self.workflow.spec.cleanup,
                                                    status.phase is WorkflowPhase.SUCCEEDED):
             try:
@@ -273,9 +279,6 @@ class WorkflowRun:
             except AgentainerError as error:  # the run's outcome stands; the volume stays
                 logger.warning("workflow %s: removing its workspace %s failed: %s",
                                self.workflow.metadata.name, workspace.name, error)
-        await self.journal.ended(status, self.settings.state_ttl_seconds)
-        self.emit(EventKind.WORKFLOW_FINISHED,
-                  f"workflow {self.workflow.metadata.name} {status.phase.value.lower()}")
         return status
 
     async def _stop_leftovers(self) -> None:
