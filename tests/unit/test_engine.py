@@ -17,9 +17,10 @@ from typing import Any, TypeVar
 import pytest
 
 from controller.agents import build_agent_spec
-from controller.backends.base import LABEL_STEP, LABEL_WORKFLOW_UID, AgentSpec
+from controller.backends.base import LABEL_STEP, LABEL_WORKFLOW_UID, AgentHandle, AgentSpec
 from controller.config import Settings
 from controller.engine import Engine, WorkflowRun, attempts
+from controller.engine.events import Event, EventKind
 from controller.engine.run import MAX_UNCOUNTED_ATTEMPTS
 from controller.errors import BackendError, ImageNotFoundError
 from controller.models import (
@@ -521,6 +522,37 @@ def test_cleanup_policy_decides_which_agents_are_left(policy: str, kept: set[str
     assert {a.step for a in fake.held()} == kept
     assert {a.step for a in fake.removed} == {"good", "bad"} - kept
     assert fake.running() == []
+
+
+def test_removals_hold_up_neither_the_next_step_nor_the_outcome_but_the_run_waits_for_them(
+        ) -> None:
+    """A removal that takes its time: the next step starts meanwhile, and the run's outcome
+    is out before it ends; the run itself returns only once every agent is removed."""
+    removing = asyncio.Event()
+
+    class SlowRemovals(FakeBackend):
+        async def remove(self, agent: AgentHandle) -> None:
+            await removing.wait()
+            await super().remove(agent)
+
+    fake = SlowRemovals()
+    seen: list[tuple[EventKind, int]] = []
+
+    def observer(event: Event, status: WorkflowStatus) -> None:
+        seen.append((event.kind, len(fake.removed)))
+        if event.kind is EventKind.WORKFLOW_FINISHED:
+            removing.set()
+
+    document = with_uid(workflow_doc({"name": "a"}, {"name": "b", "dependsOn": ["a"]},
+                                     cleanup="Always"))
+    status = scenario(Engine(fake, MemoryStore(), SETTINGS).prepare(
+        parse_workflow(document), observer).execute())
+
+    assert status.phase is WorkflowPhase.SUCCEEDED, status.message
+    assert [step_of(agent.spec) for agent in fake.started] == ["a", "b"]
+    assert (EventKind.WORKFLOW_FINISHED, 0) in seen  # out before any removal ended
+    assert {step_of(agent.spec) for agent in fake.removed} == {"a", "b"}
+    assert fake.held() == []
 
 
 # --- restarts -------------------------------------------------------------------------------------
