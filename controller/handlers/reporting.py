@@ -253,6 +253,7 @@ class StatusWriter:
         self._checked: int | None = None  # the last generation compared with the run's spec
         self._dirty = asyncio.Event()
         self._closing = asyncio.Event()
+        self._hurry = asyncio.Event()  # cuts a pause short: the final status, or stop()
         self._task: asyncio.Task[None] | None = None
         self._counted = False  # among the services' running writers
         self._written = False  # its first status
@@ -286,6 +287,8 @@ class StatusWriter:
     def __call__(self, event: Event, status: WorkflowStatus) -> None:
         self._status = status
         self._dirty.set()
+        if status.phase.finished:
+            self._hurry.set()
         self.services.workflow_phase(self.uid, status.phase)
 
     def start(self) -> None:
@@ -302,11 +305,11 @@ class StatusWriter:
         window = self.services.settings.status_interval_seconds
         while True:
             await self._dirty.wait()
-            final = self._status is not None and self._status.phase.finished
-            if self._written and not final:
+            if self._written and not self._final():
                 await self._pause(window)
             if self._closing.is_set():
                 return
+            final = self._final()
             self._dirty.clear()
             try:
                 await self.flush(Urgency.LAST_WORD if final else
@@ -317,12 +320,15 @@ class StatusWriter:
                 logger.exception("status of %s: the write failed unexpectedly", self.name)
             await self._pause(self.services.status_interval() - window)
 
+    def _final(self) -> bool:
+        return self._status is not None and self._status.phase.finished
+
     async def _pause(self, seconds: float) -> None:
-        """Wait ``seconds``, cut short by stop()."""
+        """Wait ``seconds``, cut short by the final status or stop()."""
         if seconds <= 0:
             return
         try:
-            await asyncio.wait_for(self._closing.wait(), seconds)
+            await asyncio.wait_for(self._hurry.wait(), seconds)
         except TimeoutError:
             pass
 
@@ -366,6 +372,7 @@ class StatusWriter:
         runs on in its thread whatever happens to the task, and landing after the final one
         it would put an older status back); one still waiting for its turn is called off."""
         self._closing.set()
+        self._hurry.set()
         self._dirty.set()
         self._forget()
         if self._task is not None:

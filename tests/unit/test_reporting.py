@@ -338,6 +338,32 @@ def test_changes_that_come_in_one_moment_make_one_write_and_a_run_ending_in_it_n
     assert services.urgencies == [Urgency.FIRST, Urgency.PROGRESS, Urgency.LAST_WORD]
 
 
+def test_the_final_status_cuts_short_the_wait_of_a_change_before_it() -> None:
+    """A change waits the status interval to be written with those that follow; the final
+    status that follows is written at once, saying them all (the interval here: a minute)."""
+    services = PacedServices()
+    services.settings = Settings(status_interval_seconds=60)
+
+    async def run() -> None:
+        writer = StatusWriter(services, "team", "wf", "uid-1")  # type: ignore[arg-type]
+        writer.start()
+        writer(Event(EventKind.WORKFLOW_STARTED, "started"),
+               WorkflowStatus(phase=WorkflowPhase.RUNNING))
+        await until(lambda: len(services.patched) == 1)
+        writer(Event(EventKind.AGENT_FINISHED, "ended"),
+               WorkflowStatus(phase=WorkflowPhase.RUNNING, message="ended"))
+        await asyncio.sleep(0.05)
+        writer(Event(EventKind.WORKFLOW_FINISHED, "done"),
+               WorkflowStatus(phase=WorkflowPhase.SUCCEEDED, message="done"))
+        await until(lambda: len(services.patched) == 2, timeout=2)  # not a minute later
+        await writer.stop()
+
+    asyncio.run(run())
+
+    assert [patch.get("message") for patch in services.patched] == [None, "done"]
+    assert services.urgencies == [Urgency.FIRST, Urgency.LAST_WORD]
+
+
 def test_a_status_the_api_server_already_took_is_not_written_again() -> None:
     """A progress write that, waiting for its turn, came to carry the final status makes the
     final write idle; so does any event that changed nothing the status shows."""
