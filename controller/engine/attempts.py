@@ -244,6 +244,8 @@ class Attempts:
             await self.backend.remove(handle)
         except AgentainerError as error:
             logger.warning("could not remove agent %s: %s", handle.name, error)
+        except Exception:  # nobody awaits its outcome: said here, never lost
+            logger.exception("removing agent %s failed unexpectedly", handle.name)
 
     async def removed(self) -> None:
         """Wait for the removals under way (each ends: the backend's calls have deadlines)."""

@@ -9,6 +9,7 @@ integration tests prove on real Docker in seconds is proven here in a blink; the
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import Callable, Coroutine
@@ -553,6 +554,20 @@ def test_removals_hold_up_neither_the_next_step_nor_the_outcome_but_the_run_wait
     assert (EventKind.WORKFLOW_FINISHED, 0) in seen  # out before any removal ended
     assert {step_of(agent.spec) for agent in fake.removed} == {"a", "b"}
     assert fake.held() == []
+
+
+def test_a_removal_that_fails_unexpectedly_is_logged_and_the_outcome_stands(
+        caplog: pytest.LogCaptureFixture) -> None:
+    class BrokenRemovals(FakeBackend):
+        async def remove(self, agent: AgentHandle) -> None:
+            raise RuntimeError("something no one expected")
+
+    with caplog.at_level(logging.ERROR, logger="controller.engine.attempts"):
+        status = scenario(new_run(workflow_doc({"name": "a"}, cleanup="Always"),
+                                  BrokenRemovals(), MemoryStore()).execute())
+
+    assert status.phase is WorkflowPhase.SUCCEEDED, status.message
+    assert "removing agent" in caplog.text and "failed unexpectedly" in caplog.text
 
 
 # --- restarts -------------------------------------------------------------------------------------
