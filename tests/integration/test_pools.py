@@ -446,6 +446,18 @@ def test_a_store_record_naming_a_container_not_of_the_pool_is_never_leased(
     assert victim.name not in records
 
 
+def queue_waiters(manager: PoolManager, state: PoolState, count: int,
+                  served: list[int]) -> list[asyncio.Task[None]]:
+    """``count`` tasks that each lease an agent, note their number in ``served`` and give the
+    agent back; created in order, each queues (at its first step) before the next runs."""
+    async def waiter(index: int) -> None:
+        lease = await manager.lease(state)
+        served.append(index)
+        await manager.release(lease, keep=True)
+
+    return [asyncio.create_task(waiter(index)) for index in range(count)]
+
+
 def test_waiting_tasks_cost_the_store_what_one_does_and_are_served_in_turn(
         pools: Pools) -> None:
     """200 tasks wait for the one agent of a pool, held for a second: the store is asked
@@ -469,16 +481,7 @@ def test_waiting_tasks_cost_the_store_what_one_does_and_are_served_in_turn(
 
         store.pool_acquire, store.pool_reserve = counted_acquire, counted_reserve  # type: ignore[method-assign]
         served: list[int] = []
-
-        async def waiter(index: int) -> None:
-            lease = await manager.lease(state)
-            served.append(index)
-            await manager.release(lease, keep=True)
-
-        waiters = []
-        for index in range(200):
-            waiters.append(asyncio.create_task(waiter(index)))
-            await asyncio.sleep(0)  # each queues before the next comes
+        waiters = queue_waiters(manager, state, 200, served)
         await asyncio.sleep(1.0)
         asked_while_held = len(calls)
         await manager.release(held, keep=True)
@@ -498,16 +501,7 @@ def test_a_task_that_starts_an_agent_is_served_by_it_in_its_turn(pools: Pools) -
     whichever task is looking when it comes up."""
     async def scenario(manager: PoolManager, state: PoolState) -> Any:
         served: list[int] = []
-
-        async def waiter(index: int) -> None:
-            lease = await manager.lease(state)
-            served.append(index)
-            await manager.release(lease, keep=True)
-
-        waiters = []
-        for index in range(5):
-            waiters.append(asyncio.create_task(waiter(index)))
-            await asyncio.sleep(0)
+        waiters = queue_waiters(manager, state, 5, served)
         async with asyncio.timeout(60):
             await asyncio.gather(*waiters)
         return served

@@ -314,10 +314,7 @@ def test_changes_that_come_in_one_moment_make_one_write_and_a_run_ending_in_it_n
     services = PacedServices()
 
     async def run() -> None:
-        writer = StatusWriter(services, "team", "wf", "uid-1")  # type: ignore[arg-type]
-        writer.start()
-        writer(Event(EventKind.WORKFLOW_STARTED, "started"), WorkflowStatus())
-        await until(lambda: len(services.patched) == 1)
+        writer = await running_writer(services)
         for message in ("created", "running", "ended"):
             writer(Event(EventKind.AGENT_STARTED, message),
                    WorkflowStatus(phase=WorkflowPhase.RUNNING, message=message))
@@ -338,6 +335,16 @@ def test_changes_that_come_in_one_moment_make_one_write_and_a_run_ending_in_it_n
     assert services.urgencies == [Urgency.FIRST, Urgency.PROGRESS, Urgency.LAST_WORD]
 
 
+async def running_writer(services: FlakyServices) -> StatusWriter:
+    """A started writer whose run has begun, its first status (Running) written."""
+    writer = StatusWriter(services, "team", "wf", "uid-1")  # type: ignore[arg-type]
+    writer.start()
+    writer(Event(EventKind.WORKFLOW_STARTED, "started"),
+           WorkflowStatus(phase=WorkflowPhase.RUNNING))
+    await until(lambda: len(services.patched) == 1)
+    return writer
+
+
 def test_the_final_status_cuts_short_the_wait_of_a_change_before_it() -> None:
     """A change waits the status interval to be written with those that follow; the final
     status that follows is written at once, saying them all (the interval here: a minute)."""
@@ -345,11 +352,7 @@ def test_the_final_status_cuts_short_the_wait_of_a_change_before_it() -> None:
     services.settings = Settings(status_interval_seconds=60)
 
     async def run() -> None:
-        writer = StatusWriter(services, "team", "wf", "uid-1")  # type: ignore[arg-type]
-        writer.start()
-        writer(Event(EventKind.WORKFLOW_STARTED, "started"),
-               WorkflowStatus(phase=WorkflowPhase.RUNNING))
-        await until(lambda: len(services.patched) == 1)
+        writer = await running_writer(services)
         writer(Event(EventKind.AGENT_FINISHED, "ended"),
                WorkflowStatus(phase=WorkflowPhase.RUNNING, message="ended"))
         await asyncio.sleep(0.05)
@@ -370,11 +373,7 @@ def test_a_status_the_api_server_already_took_is_not_written_again() -> None:
     services = FlakyServices()
 
     async def run() -> None:
-        writer = StatusWriter(services, "team", "wf", "uid-1")  # type: ignore[arg-type]
-        writer.start()
-        writer(Event(EventKind.WORKFLOW_STARTED, "started"),
-               WorkflowStatus(phase=WorkflowPhase.RUNNING))
-        await until(lambda: len(services.patched) == 1)
+        writer = await running_writer(services)
         writer(Event(EventKind.AGENT_STARTED, "nothing shown changed"),
                WorkflowStatus(phase=WorkflowPhase.RUNNING))
         await asyncio.sleep(0.1)
@@ -392,11 +391,7 @@ def test_a_final_status_whose_progress_write_failed_is_still_written() -> None:
     services = FlakyServices()
 
     async def run() -> None:
-        writer = StatusWriter(services, "team", "wf", "uid-1")  # type: ignore[arg-type]
-        writer.start()
-        writer(Event(EventKind.WORKFLOW_STARTED, "started"),
-               WorkflowStatus(phase=WorkflowPhase.RUNNING))
-        await until(lambda: len(services.patched) == 1)
+        writer = await running_writer(services)
         services.failures.append(ConnectionResetError(104, "reset"))
         writer(Event(EventKind.WORKFLOW_FINISHED, "done"),
                WorkflowStatus(phase=WorkflowPhase.SUCCEEDED))
