@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -147,15 +148,7 @@ class Settings:
             raw = environ.get(ENV_PREFIX + f.name.upper())
             if raw is None or raw == "":
                 continue
-            if f.type == "int":
-                try:
-                    values[f.name] = int(raw)
-                except ValueError:
-                    raise ConfigError(
-                        f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a whole number"
-                    ) from None
-            else:
-                values[f.name] = raw
+            values[f.name] = _parsed(ENV_PREFIX + f.name.upper(), str(f.type), raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)
         settings.check()
@@ -186,3 +179,23 @@ class Settings:
             if getattr(self, name) < minimum:
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be at least {minimum}")
 
+
+def _parsed(variable: str, kind: str, raw: str) -> Any:
+    """A variable's text as its setting's type (``int``, ``float`` or ``str``), or a clear
+    error naming it."""
+    if kind == "str":
+        return raw
+    if kind == "int":
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(f"{variable}={raw!r} is not a whole number") from None
+    if kind == "float":
+        try:
+            number = float(raw)
+        except ValueError:
+            number = math.nan
+        if not math.isfinite(number):
+            raise ConfigError(f"{variable}={raw!r} is not a number")
+        return number
+    raise TypeError(f"{variable}: settings of type {kind} cannot be read from the environment")

@@ -4,6 +4,7 @@ decisions, the compact status, and settings read from the environment."""
 from __future__ import annotations
 
 import re
+from dataclasses import fields
 from typing import Any
 
 import pytest
@@ -392,12 +393,21 @@ def test_settings_read_agentainer_variables_with_whole_numbers_parsed() -> None:
         "AGENTAINER_DOCKER_THREADS": "8",
         "AGENTAINER_STATE_TTL_SECONDS": "0",
         "AGENTAINER_STATUS_OUTPUT_LIMIT": "256",
+        "AGENTAINER_STATUS_INTERVAL_SECONDS": "0.5",
     })
     assert settings == Settings(
         redis_url="redis://redis:6380/2", store="memory", default_backend="kubernetes",
         docker_network="none", image_pull_policy="Never", docker_threads=8,
-        state_ttl_seconds=0, status_output_limit=256,
+        state_ttl_seconds=0, status_output_limit=256, status_interval_seconds=0.5,
     )
+
+
+def test_every_setting_can_be_read_from_its_variable() -> None:
+    """Each setting's type is one the environment can give (the chart sets many of them):
+    a value of every setting, as text, reads back as itself."""
+    environ = {f"AGENTAINER_{f.name.upper()}": str(getattr(Settings(), f.name))
+               for f in fields(Settings)}
+    assert Settings.from_env(environ) == Settings()
 
 
 def test_empty_variable_means_the_default() -> None:
@@ -422,6 +432,12 @@ def test_explicit_overrides_win_over_the_environment_unless_none() -> None:
     ({"AGENTAINER_IMAGE_PULL_POLICY": "Always"},
      ("AGENTAINER_IMAGE_PULL_POLICY='Always'", "IfNotPresent, Never")),
     ({"AGENTAINER_DOCKER_THREADS": "0"}, ("AGENTAINER_DOCKER_THREADS", "at least 1")),
+    ({"AGENTAINER_STATUS_INTERVAL_SECONDS": "soon"},
+     ("AGENTAINER_STATUS_INTERVAL_SECONDS='soon'", "not a number")),
+    ({"AGENTAINER_STATUS_INTERVAL_SECONDS": "nan"},
+     ("AGENTAINER_STATUS_INTERVAL_SECONDS='nan'", "not a number")),
+    ({"AGENTAINER_STATUS_INTERVAL_SECONDS": "-1"},
+     ("AGENTAINER_STATUS_INTERVAL_SECONDS", "at least 0")),
 ])
 def test_setting_that_cannot_work_is_refused_naming_the_variable(
     environ: dict[str, str], words: tuple[str, ...]
