@@ -256,9 +256,7 @@ class StatusWriter:
         self._hurry = asyncio.Event()  # cuts a pause short: the final status, or stop()
         self._task: asyncio.Task[None] | None = None
         self._counted = False  # among the services' running writers
-        self._written = False  # its first status
         self._sending = False  # a write of it has left for the API server
-        self._made: dict[str, Any] | None = None  # the status the last write was made with
         self._landed: dict[str, Any] | None = None  # the last status the API server took
 
     def follow(self, status: WorkflowStatus,
@@ -335,25 +333,32 @@ class StatusWriter:
     async def flush(self, urgency: Urgency = Urgency.LAST_WORD) -> None:
         if self._status is None:
             return  # the run has not begun
-        self._made = None
+        made: dict[str, Any] | None = None
+
+        def sent() -> dict[str, Any] | None:
+            """The status as it is when the write's turn has come (the write leaves now), or
+            None when it is the one the API server last took (nothing to write: a progress
+            write that, waiting its turn, came to carry the final status makes the final one
+            idle)."""
+            nonlocal made
+            made = self._made_now()
+            if made == self._landed:
+                return None
+            self._sending = True
+            return made
+
         try:
-            await self.services.patch_status(WORKFLOWS, self.namespace, self.name,
-                                             self._sent, urgency)
+            await self.services.patch_status(WORKFLOWS, self.namespace, self.name, sent,
+                                             urgency)
         finally:
             self._sending = False
-        self._landed = self._made or self._landed
-        self._written = True
+        if made is not None:
+            self._landed = made
 
-    def _sent(self) -> dict[str, Any] | None:
-        """The status as it is when its write's turn has come (the write leaves now), or None
-        when it is the one the API server last took (nothing to write: a progress write
-        that, waiting its turn, came to carry the final status makes the final one idle)."""
-        assert self._status is not None
-        status = self._made = self._made_now()
-        if status == self._landed:
-            return None
-        self._sending = True
-        return status
+    @property
+    def _written(self) -> bool:
+        """Its first status has landed."""
+        return self._landed is not None
 
     def _made_now(self) -> dict[str, Any]:
         assert self._status is not None
