@@ -126,9 +126,16 @@ def helm() -> str:
 def kubectl(kubeconfig: str) -> Kubectl:
     kubectl = Kubectl(kubeconfig)
     kubectl("apply", "-f", str(ROOT / "crds"))
-    kubectl("wait", "--for", "condition=established", "--timeout=60s",
-            "crd/workflows.agentainer.dev", "crd/agentpools.agentainer.dev")
+    # Polled, not `kubectl wait`: that fails at once on a CRD the API server has not yet given
+    # any status conditions ("accessor error: <nil>"), as a just-made one may not have.
+    for crd in ("workflows.agentainer.dev", "agentpools.agentainer.dev"):
+        kubectl.wait_for("crd", crd, established, timeout=60)
     return kubectl
+
+
+def established(crd: dict[str, Any]) -> bool:
+    return any(condition.get("type") == "Established" and condition.get("status") == "True"
+               for condition in (crd.get("status") or {}).get("conditions") or [])
 
 
 @dataclass
