@@ -17,7 +17,6 @@ import docker
 import docker.errors
 import requests.exceptions
 import urllib3.exceptions
-from docker.models.containers import Container
 from docker.transport.unixconn import UnixHTTPAdapter
 
 from controller.backends import output, runner
@@ -62,6 +61,11 @@ T = TypeVar("T")
 CLIENT_ERRORS: dict[int, type[AgentainerError]] = {
     403: ForbiddenError, 404: NotFoundError, 409: ConflictError}
 
+CREATE_KEYS = frozenset({"image", "name", "labels", "environment", "detach", "entrypoint",
+                         "command", "stdin_open", "user", "working_dir"})
+"""The keys of ``container_config`` that are the container's own; the others (but volumes,
+split between both) are its host's."""
+
 
 @contextmanager
 def docker_errors(action: str, image: str = "") -> Iterator[None]:
@@ -96,7 +100,8 @@ class OneSocketAdapter(UnixHTTPAdapter):
     """docker-py's adapter for the engine's Unix socket keeps a pool of connections per
     request URL (per container, per query string), and 25 such pools at most: nearly every
     call opened a connection of its own, and closed one of another pool. One socket, one
-    pool of connections, kept."""
+    pool of connections, kept. Nor does a call to a local socket look for proxies and a
+    .netrc in the environment, as each call did."""
 
     ENGINE = "http+docker://localhost"
 
@@ -112,6 +117,7 @@ class OneSocketAdapter(UnixHTTPAdapter):
                 f"http+unix://{current.socket_path}", current.timeout,
                 max_pool_size=current.max_pool_size))
             current.close()
+            client.api.trust_env = False
 
 
 class DockerBackend:
@@ -184,13 +190,13 @@ class DockerBackend:
 
     # --- blocking parts, run in the pool -------------------------------------------------------
 
-    def _create(self, config: dict[str, Any], action: str) -> Container:
-        """Create a container, pulling its image first when it is missing and the policy
-        allows."""
+    def _create(self, config: dict[str, Any], action: str) -> str:
+        """Create a container (its id), pulling its image first when it is missing and the
+        policy allows."""
         image = config["image"]
         try:
             with docker_errors(action, image):
-                return self._client.containers.create(**config)
+                return self._create_container(config)
         except ImageNotFoundError:
             if self._settings.image_pull_policy == "Never":
                 raise ImageNotFoundError(
@@ -200,7 +206,21 @@ class DockerBackend:
                 ) from None
         self._pull(image)
         with docker_errors(action, image):
-            return self._client.containers.create(**config)
+            return self._create_container(config)
+
+    def _create_container(self, config: dict[str, Any]) -> str:
+        """The engine's create call alone: docker-py's ``containers.create`` inspects the new
+        container too, a second call per agent for nothing kept."""
+        api = self._client.api
+        create = {key: config[key] for key in CREATE_KEYS if key in config}
+        host = {key: value for key, value in config.items()
+                if key not in CREATE_KEYS and key != "volumes"}
+        if volumes := config.get("volumes"):
+            host["binds"] = volumes
+            create["volumes"] = [bind["bind"] for bind in volumes.values()]
+        created = api.create_container(
+            host_config=api.create_host_config(**host), **create)
+        return str(created["Id"])
 
     def _pull(self, image: str) -> None:
         logger.info("pulling image %s", image)
@@ -250,16 +270,15 @@ class DockerBackend:
         config["volumes"] = {self._runner_volume(): {"bind": runner.RUNNER_BIN_DIR, "mode": "ro"}}
         if spec.workspace:
             config["volumes"][spec.workspace] = {"bind": WORKSPACE_PATH, "mode": "rw"}
-        container = self._create(config, f"creating agent {spec.name}")
+        agent_id = self._create(config, f"creating agent {spec.name}")
         try:
             with docker_errors(f"starting agent {spec.name}", spec.image):
-                container.start()
+                self._client.api.start(agent_id)
         except BaseException:
-            self._remove(str(container.id))
+            self._remove(agent_id)
             raise
-        self._started[str(container.id)] = self._outages
-        return AgentHandle(id=str(container.id), name=spec.name,
-                           labels=dict(container.labels or spec.labels))
+        self._started[agent_id] = self._outages
+        return AgentHandle(id=agent_id, name=spec.name, labels=dict(spec.labels))
 
     def _runner_volume(self) -> str:
         """A volume holding the task runner, mounted read-only into every agent (no copy per
@@ -288,10 +307,10 @@ class DockerBackend:
              "labels": {LABEL_MANAGED_BY: MANAGED_BY}, "network_mode": "none"}, action)
         try:
             with docker_errors(action, image):
-                container.start()
-                return int(self._client.api.wait(str(container.id)).get("StatusCode", -1))
+                self._client.api.start(container)
+                return int(self._client.api.wait(container).get("StatusCode", -1))
         finally:
-            self._remove(str(container.id))
+            self._remove(container)
 
     def _prepare_workspace(self, workspace: WorkspaceSpec) -> None:
         with docker_errors(f"making the workspace {workspace.name}"):
@@ -342,9 +361,7 @@ class DockerBackend:
                     interrupted = agent.id not in self._stopping
             self._stopping.discard(agent.id)
             if not kept:
-                stdout, stderr = output.Head(limit), output.Tail(limit)
-                self._read_log(agent.id, stdout, stderr=False)
-                self._read_log(agent.id, stderr, stderr=True)
+                stdout, stderr = self._read_logs(agent.id, limit)
         return AgentResult(
             exit_code=exit_code,
             stdout=stdout.text(),
@@ -380,17 +397,40 @@ class DockerBackend:
                            agent_id[:12], error)
             return False, None
 
-    def _read_log(self, agent_id: str, keep: output.Head | output.Tail, stderr: bool) -> None:
-        """Stream one of an agent's logs into ``keep`` a frame at a time, never whole, and
-        stop reading (closing the stream) once it wants no more."""
-        frames = self._client.api.logs(agent_id, stdout=not stderr, stderr=stderr,
-                                       stream=True, follow=False)
+    def _read_logs(self, agent_id: str, limit: int) -> tuple[output.Head, output.Tail]:
+        """The head of an agent's stdout and the tail of its stderr, from one stream of both a
+        frame at a time, never whole. Should stdout pass its limit, that stream is closed (the
+        rest is not wanted) and stderr read from a stream of its own."""
+        stdout, stderr = output.Head(limit), output.Tail(limit)
+        for stream, data in self._log_frames(agent_id, stdout=True, stderr=True):
+            if stream == output.STDERR:
+                stderr.feed(data)
+            elif not stdout.feed(data):
+                break
+        else:
+            return stdout, stderr
+        stderr = output.Tail(limit)
+        for _, data in self._log_frames(agent_id, stdout=False, stderr=True):
+            stderr.feed(data)
+        return stdout, stderr
+
+    def _log_frames(self, agent_id: str, stdout: bool,
+                    stderr: bool) -> Iterator[tuple[int, bytes]]:
+        """An agent's log as the engine streams it, a frame at a time (closed when the reader
+        stops). Not docker-py's ``logs``, which inspects the container first, each time, to
+        learn whether it has a terminal: an agent never has one."""
+        api = self._client.api
+        answer = api.get(f"{api.base_url}/v{api.api_version}/containers/{agent_id}/logs",
+                         params={"stdout": int(stdout), "stderr": int(stderr), "follow": 0},
+                         stream=True)
         try:
-            for frame in frames:
-                if not keep.feed(frame):
-                    break
+            try:
+                answer.raise_for_status()
+            except requests.exceptions.HTTPError as error:
+                docker.errors.create_api_error_from_http_exception(error)  # raises it
+            yield from output.frames(answer.iter_content(65536))
         finally:
-            frames.close()
+            answer.close()
 
     def _stop(self, agent_id: str, grace_seconds: float) -> None:
         self._stopping.add(agent_id)

@@ -15,6 +15,11 @@ from typing import Any
 
 UTF8_CONTINUATION_MASK, UTF8_CONTINUATION = 0b1100_0000, 0b1000_0000
 
+STDOUT, STDERR = 1, 2
+"""The streams of Docker's multiplexed log stream, as each frame's first byte says them."""
+FRAME_HEADER = 8
+"""A frame's header: its stream, three zero bytes, its payload's size (4 bytes, big-endian)."""
+
 
 class Head:
     """The first ``limit`` bytes of a stream; the reader stops reading once ``feed`` says so."""
@@ -76,6 +81,24 @@ class Tail:
                 start += 1
             data = data[start:]
         return data.decode("utf-8", errors="replace")
+
+
+def frames(chunks: Iterator[bytes]) -> Iterator[tuple[int, bytes]]:
+    """The frames of a Docker multiplexed stream (a container's log without a terminal), from
+    its bytes however they were cut: (stream, payload), a frame at a time. A stream cut short
+    ends with the last whole frame."""
+    pending = bytearray()
+    for chunk in chunks:
+        pending += chunk
+        start = 0
+        while len(pending) - start >= FRAME_HEADER:
+            size = int.from_bytes(pending[start + 4:start + FRAME_HEADER], "big")
+            end = start + FRAME_HEADER + size
+            if end > len(pending):
+                break
+            yield pending[start], bytes(pending[start + FRAME_HEADER:end])
+            start = end
+        del pending[:start]
 
 
 class ChunkReader(io.RawIOBase):

@@ -20,6 +20,8 @@ from controller.store import Keys, RedisStore
 from tests.conftest import IMAGE, ROOT, sh, workflow_doc
 from tests.integration.conftest import Runner
 
+MiB = 1 << 20
+
 pytestmark = pytest.mark.integration
 
 MAPREDUCE = ROOT / "examples" / "mapreduce.yaml"
@@ -437,6 +439,24 @@ def test_a_failing_agents_long_stderr_is_read_to_its_end_for_the_reason(
     client.close()
     assert log.endswith("e\ndisk full: the real reason\n")
     assert len(log.encode()) == 64 * 1024  # the store keeps the last 64 KiB of it
+
+
+def test_an_agent_past_its_output_limit_keeps_its_heads_output_and_its_stderrs_end(
+        runner: Runner, redis_url: str) -> None:
+    """stdout and stderr come interleaved in one log: stdout past its limit stops that read,
+    and the tail of stderr is still read to its end."""
+    status, run = runner.run(workflow_doc({"name": "both", "command": sh(
+        "for i in 1 2 3; do head -c 700000 /dev/zero | tr '\\0' o; echo; "
+        "echo \"err $i\" >&2; done; echo 'the last word' >&2")}))
+
+    step = status.step("both")
+    assert status.phase is WorkflowPhase.SUCCEEDED, status.message
+    assert step.agents[0].output_truncated is True
+    assert step.output == "o" * 700000 + "\n" + "o" * (MiB - 700001)
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    log = client.hget(Keys.logs(run.uid), "both.0.1") or ""
+    client.close()
+    assert log == "err 1\nerr 2\nerr 3\nthe last word\n"
 
 
 def test_a_new_run_resumes_from_redis_and_adopts_running_agents(runner: Runner) -> None:

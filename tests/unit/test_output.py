@@ -6,7 +6,7 @@ from __future__ import annotations
 import tracemalloc
 from collections.abc import Iterator
 
-from controller.backends.output import Head, Tail
+from controller.backends.output import STDERR, STDOUT, Head, Tail, frames
 
 MiB = 1 << 20
 PIECE = 16 * 1024  # what Docker sends at a time: one log message of at most 16 KiB
@@ -105,3 +105,22 @@ def test_tail_holds_no_more_than_the_limit_and_a_piece_while_64_mib_stream_past(
     print(f"peak memory while 64 MiB streamed past a 1 MiB tail: {peak / MiB:.2f} MiB")
     assert peak < 2 * MiB
     assert len(tail.text()) == MiB
+
+
+def frame(stream: int, payload: bytes) -> bytes:
+    return bytes([stream, 0, 0, 0]) + len(payload).to_bytes(4, "big") + payload
+
+
+def test_frames_of_a_multiplexed_log_are_read_however_its_bytes_were_cut() -> None:
+    sent = [(STDOUT, b"out 1\n"), (STDERR, b"err\n"), (STDOUT, b""), (STDOUT, b"x" * 70000)]
+    stream = b"".join(frame(s, p) for s, p in sent)
+
+    for size in (1, 3, 8, 9, 4096, len(stream)):
+        cut = (stream[i:i + size] for i in range(0, len(stream), size))
+        assert list(frames(cut)) == sent, f"cut every {size} bytes"
+
+
+def test_a_multiplexed_log_cut_short_ends_with_its_last_whole_frame() -> None:
+    stream = frame(STDOUT, b"whole\n") + frame(STDERR, b"cut short")[:-3]
+
+    assert list(frames(iter([stream]))) == [(STDOUT, b"whole\n")]
