@@ -178,9 +178,7 @@ class Services:
         is made when the write's turn comes (None then: nothing is written)."""
 
         def patch(status: dict[str, Any]) -> None:
-            self.custom_objects.patch_namespaced_custom_object_status(
-                API_GROUP, API_VERSION, namespace, plural, name, {"status": status},
-                _request_timeout=WRITE_TIMEOUT_SECONDS)
+            self.custom_objects.merge_patch_status(plural, namespace, name, status)
 
         try:
             await self._write(patch, status, urgency)
@@ -218,9 +216,34 @@ class Services:
         self._writers.shutdown(wait=False, cancel_futures=True)
 
 
-def kubernetes_client() -> Any:
+class CustomObjects(kubernetes.client.CustomObjectsApi):
+    """The client's API of custom resources, and a status write as lean as it can be."""
+
+    STATUS = "/apis/{group}/{version}/namespaces/{namespace}/{plural}/{name}/status"
+
+    def merge_patch_status(self, plural: str, namespace: str, name: str,
+                           status: dict[str, Any]) -> None:
+        """Merge-patch the status of one of our resources: the request the client's generated
+        method makes, without what that method adds on every call and a status write does
+        not need (a check of its arguments' types, the patched object read back into a
+        dict), a third of the controller's time per write under load."""
+        api = self.api_client
+        request = api.param_serialize(
+            method="PATCH", resource_path=self.STATUS,
+            path_params={"group": API_GROUP, "version": API_VERSION, "namespace": namespace,
+                         "plural": plural, "name": name},
+            header_params={"Content-Type": "application/merge-patch+json",
+                           "Accept": "application/json"},
+            body={"status": status}, auth_settings=["BearerToken"])
+        answer = api.call_api(*request, _request_timeout=WRITE_TIMEOUT_SECONDS)
+        answer.read()
+        if not 200 <= answer.status <= 299:
+            kubernetes.client.ApiException.from_response(http_resp=answer, body=None, data=None)
+
+
+def kubernetes_client() -> CustomObjects:
     """A client for the API server, with the same credentials as the Kubernetes backend."""
     load_credentials()
     configuration = kubernetes.client.Configuration.get_default_copy()
     configuration.connection_pool_maxsize = WRITERS
-    return kubernetes.client.CustomObjectsApi(kubernetes.client.ApiClient(configuration))
+    return CustomObjects(kubernetes.client.ApiClient(configuration))

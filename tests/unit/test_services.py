@@ -21,7 +21,7 @@ class FailingCustomObjects:
     def __init__(self, error: Exception) -> None:
         self.error = error
 
-    def patch_namespaced_custom_object_status(self, *args: Any, **kwargs: Any) -> None:
+    def merge_patch_status(self, *args: Any) -> None:
         raise self.error
 
 
@@ -126,8 +126,8 @@ class RecordingCustomObjects:
     def __init__(self) -> None:
         self.statuses: list[dict[str, Any]] = []
 
-    def patch_namespaced_custom_object_status(self, *args: Any, **kwargs: Any) -> None:
-        self.statuses.append(args[-1]["status"])
+    def merge_patch_status(self, *args: Any) -> None:
+        self.statuses.append(args[-1])
 
 
 def test_a_status_write_still_waiting_for_its_turn_is_called_off_by_the_final_one() -> None:
@@ -190,7 +190,7 @@ def test_a_status_write_the_api_server_never_answers_fails_at_its_deadline(
     configuration = kubernetes.client.Configuration()
     configuration.host = f"http://127.0.0.1:{silent.getsockname()[1]}"
     configuration.retries = 0
-    client = kubernetes.client.CustomObjectsApi(kubernetes.client.ApiClient(configuration))
+    client = context.CustomObjects(kubernetes.client.ApiClient(configuration))
     writing = Services(settings=Settings(), store=None, metrics=Metrics(),  # type: ignore[arg-type]
                        custom_objects=client, pools=None)  # type: ignore[arg-type]
     began = time.monotonic()
@@ -202,3 +202,53 @@ def test_a_status_write_the_api_server_never_answers_fails_at_its_deadline(
         writing._writers.shutdown(wait=False)
 
     assert time.monotonic() - began < 5
+
+
+def test_a_status_write_is_a_merge_patch_of_the_status_and_its_refusal_is_told() -> None:
+    """The lean status write against an HTTP server: the request the client's generated method
+    makes (a merge patch of the status subresource, with the token), and an answer other than
+    2xx an ApiException with its status, as the generated method raises it."""
+    import http.server
+    import json
+    import threading
+
+    import kubernetes
+
+    from controller.handlers import context
+
+    seen: list[tuple[str, str, str, str, Any]] = []
+
+    class Server(http.server.BaseHTTPRequestHandler):
+        def do_PATCH(self) -> None:  # noqa: N802 (the handler's protocol)
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((self.path, self.headers["Content-Type"],
+                         self.headers["Authorization"], self.headers["Accept"], body))
+            code = 404 if "gone" in self.path else 200
+            answer = b'{"kind": "Workflow"}'
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Server)
+    threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True).start()
+    configuration = kubernetes.client.Configuration()
+    configuration.host = f"http://127.0.0.1:{server.server_address[1]}"
+    configuration.api_key = {"authorization": "token-1"}
+    configuration.api_key_prefix = {"authorization": "Bearer"}
+    client = context.CustomObjects(kubernetes.client.ApiClient(configuration))
+    try:
+        client.merge_patch_status("workflows", "team", "wf", {"phase": "Running"})
+        with pytest.raises(ApiException) as refused:
+            client.merge_patch_status("workflows", "team", "gone", {"phase": "Running"})
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    assert seen[0] == ("/apis/agentainer.dev/v1alpha1/namespaces/team/workflows/wf/status",
+                       "application/merge-patch+json", "Bearer token-1", "application/json",
+                       {"status": {"phase": "Running"}})
+    assert refused.value.status == 404
