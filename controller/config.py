@@ -81,7 +81,7 @@ class Settings:
     status_writes_per_second: int = 50
     """Status writes of running workflows the controller makes per second at most, over all of
     them: with more running than this many times ``status_interval_seconds``, each is written
-    less often (a workflow's first and final status are written at once whatever the load)."""
+    less often (a workflow's final status is written at once whatever the load)."""
 
     lease_ttl_seconds: int = 30
     """A pool agent's lease lapses this many seconds after its holder last renewed it (every

@@ -295,15 +295,16 @@ class StatusWriter:
         self._counted = True
 
     async def _loop(self) -> None:
-        """The first status at once; then each change a moment (the status interval) after it
-        came, with all that came meanwhile: the few changes of a short agent (created,
-        running, ended) make one write, or none when the run ends in that moment, its final
-        status saying them all. Writes are the interval apart at least, more under load. The
-        final status is written as soon as the run's outcome is out (before its clean-up)."""
+        """Each change a moment (the status interval) after it came, with all that came
+        meanwhile, the first too: a run's start and its first agent's make one write, and the
+        few changes of a short agent (created, running, ended) one more, or none when the run
+        ends in that moment, its final status saying them all. Writes are the interval apart
+        at least, more under load. The final status is written as soon as the run's outcome is
+        out (before its clean-up)."""
         window = self.services.settings.status_interval_seconds
         while True:
             await self._dirty.wait()
-            if self._written and not self._final():
+            if not self._final():
                 await self._pause(window)
             if self._closing.is_set():
                 return

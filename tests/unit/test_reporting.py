@@ -308,9 +308,9 @@ class PacedServices(FlakyServices):
 
 
 def test_changes_that_come_in_one_moment_make_one_write_and_a_run_ending_in_it_none() -> None:
-    """The first status is written at once; the changes of the next moment (an agent
-    created, running, ended) make one write, with the last of them; a change followed by the
-    end of the run within the moment is written only by the final status."""
+    """The run's start is written a moment after it came; the changes of the next moment (an
+    agent created, running, ended) make one write, with the last of them; a change followed by
+    the end of the run within the moment is written only by the final status."""
     services = PacedServices()
 
     async def run() -> None:
@@ -336,7 +336,8 @@ def test_changes_that_come_in_one_moment_make_one_write_and_a_run_ending_in_it_n
 
 
 async def running_writer(services: FlakyServices) -> StatusWriter:
-    """A started writer whose run has begun, its first status (Running) written."""
+    """A started writer whose run has begun, its first status (Running) written, the status
+    interval after the start."""
     writer = StatusWriter(services, "team", "wf", "uid-1")  # type: ignore[arg-type]
     writer.start()
     writer(Event(EventKind.WORKFLOW_STARTED, "started"),
@@ -346,25 +347,30 @@ async def running_writer(services: FlakyServices) -> StatusWriter:
 
 
 def test_the_final_status_cuts_short_the_wait_of_a_change_before_it() -> None:
-    """A change waits the status interval to be written with those that follow; the final
-    status that follows is written at once, saying them all (the interval here: a minute)."""
+    """A change waits the status interval to be written with those that follow, the run's
+    start too; the final status that follows is written at once, saying them all, as the one
+    write (the interval here: a minute)."""
     services = PacedServices()
     services.settings = Settings(status_interval_seconds=60)
 
     async def run() -> None:
-        writer = await running_writer(services)
+        writer = StatusWriter(services, "team", "wf", "uid-1")  # type: ignore[arg-type]
+        writer.start()
+        writer(Event(EventKind.WORKFLOW_STARTED, "started"),
+               WorkflowStatus(phase=WorkflowPhase.RUNNING))
         writer(Event(EventKind.AGENT_FINISHED, "ended"),
                WorkflowStatus(phase=WorkflowPhase.RUNNING, message="ended"))
         await asyncio.sleep(0.05)
+        assert services.patched == []
         writer(Event(EventKind.WORKFLOW_FINISHED, "done"),
                WorkflowStatus(phase=WorkflowPhase.SUCCEEDED, message="done"))
-        await until(lambda: len(services.patched) == 2, timeout=2)  # not a minute later
+        await until(lambda: len(services.patched) == 1, timeout=2)  # not a minute later
         await writer.stop()
 
     asyncio.run(run())
 
-    assert [patch.get("message") for patch in services.patched] == [None, "done"]
-    assert services.urgencies == [Urgency.FIRST, Urgency.LAST_WORD]
+    assert [patch.get("message") for patch in services.patched] == ["done"]
+    assert services.urgencies == [Urgency.LAST_WORD]
 
 
 def test_a_status_the_api_server_already_took_is_not_written_again() -> None:
