@@ -422,7 +422,7 @@ class DockerBackend:
         api = self._client.api
         answer = api.get(f"{api.base_url}/v{api.api_version}/containers/{agent_id}/logs",
                          params={"stdout": int(stdout), "stderr": int(stderr), "follow": 0},
-                         stream=True)
+                         stream=True, timeout=api.timeout)
         try:
             try:
                 answer.raise_for_status()
