@@ -41,6 +41,7 @@ import threading
 import time
 import uuid
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -151,15 +152,14 @@ def warm_pool(objects: Any, namespace: str, backend: str) -> None:
         "metadata": {"name": POOL, "namespace": namespace},
         "spec": {"backend": backend, "image": IMAGE, "minSize": POOL_SIZE,
                  "maxSize": POOL_SIZE, "warmUp": True, "maxUses": 1000000}})
-    deadline = time.monotonic() + 300
-    while True:
-        body = objects.get_namespaced_custom_object("agentainer.dev", "v1alpha1", namespace,
-                                                    "agentpools", POOL)
-        if (body.get("status") or {}).get("ready", 0) >= POOL_SIZE:
-            return
-        if time.monotonic() > deadline:
-            fail(f"the pool had not {POOL_SIZE} ready agents after 300 s: {body.get('status')}")
-        time.sleep(0.5)
+    status: dict[str, Any] = {}
+
+    def ready() -> bool:
+        status.update(objects.get_namespaced_custom_object(
+            "agentainer.dev", "v1alpha1", namespace, "agentpools", POOL).get("status") or {})
+        return bool(status.get("ready", 0) >= POOL_SIZE)
+
+    wait_until(ready, lambda: f"the pool had not {POOL_SIZE} ready agents ({status})")
 
 
 def through_the_operator(objects: Any, core: Any, namespace: str, backend: str,
@@ -235,31 +235,32 @@ def through_the_operator(objects: Any, core: Any, namespace: str, backend: str,
 def deleted(objects: Any, namespace: str) -> None:
     """Delete the Workflows and AgentPools and wait until they are gone: the controller, which
     removes their finalizers, must not be stopped before (their namespace would never go)."""
-    deadline = time.monotonic() + 300
     for plural in ("workflows", "agentpools"):
         objects.delete_collection_namespaced_custom_object(
             "agentainer.dev", "v1alpha1", namespace, plural)
-        while objects.list_namespaced_custom_object(
-                "agentainer.dev", "v1alpha1", namespace, plural, limit=1)["items"]:
-            if time.monotonic() > deadline:
-                fail(f"the {plural} of {namespace} were not gone after 300 s")
-            time.sleep(1)
+
+        def none_left(kind: str = plural) -> bool:
+            return not objects.list_namespaced_custom_object(
+                "agentainer.dev", "v1alpha1", namespace, kind, limit=1)["items"]
+
+        wait_until(none_left, f"the {plural} of {namespace} were not gone")
 
 
 def gone(core: Any, namespace: str) -> None:
     """Delete the namespace and wait until it is gone (its pods and agents with it), so that
     the next backend's run does not share the machine with the deletion."""
     core.delete_namespace(namespace)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
+
+    def absent() -> bool:
         try:
             core.read_namespace(namespace)
         except kubernetes.client.ApiException as error:
             if error.status == 404:
-                return
+                return True
             raise
-        time.sleep(1)
-    fail(f"namespace {namespace} was not gone after 300 s")
+        return False
+
+    wait_until(absent, f"namespace {namespace} was not gone")
 
 
 def plain_pods(core: Any, namespace: str, count: int) -> float:
@@ -295,10 +296,19 @@ def plain_pods(core: Any, namespace: str, count: int) -> float:
 def pods_gone(core: Any, namespace: str, label: str) -> None:
     """Wait until the plain script's pods are gone: what runs next must not share the machine
     with their deletion."""
-    deadline = time.monotonic() + 300
-    while core.list_namespaced_pod(namespace, label_selector=label, limit=1).items:
+    wait_until(lambda: not core.list_namespaced_pod(namespace, label_selector=label,
+                                                    limit=1).items,
+               f"the plain script's pods ({label}) were not gone")
+
+
+def wait_until(condition: Callable[[], bool], what: str | Callable[[], str],
+               seconds: float = 300) -> None:
+    """Ask ``condition`` every half second until it holds; after ``seconds``, fail saying
+    what did not happen (``what``, or what it says then)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
         if time.monotonic() > deadline:
-            fail(f"the plain script's pods ({label}) were not gone after 300 s")
+            fail(f"{what if isinstance(what, str) else what()} after {seconds:.0f} s")
         time.sleep(0.5)
 
 
@@ -400,11 +410,9 @@ def plain_pooled_pods(core: Any, namespace: str, count: int) -> float:
             "spec": {"containers": [{"name": "agent", "image": IMAGE,
                                      "imagePullPolicy": "IfNotPresent",
                                      "command": ["sleep", "3600"]}]}})
-    deadline = time.monotonic() + 300
-    while any(core.read_namespaced_pod(n, namespace).status.phase != "Running" for n in names):
-        if time.monotonic() > deadline:
-            fail("the plain script's warm pods did not run in 300 s")
-        time.sleep(0.5)
+    wait_until(lambda: all(core.read_namespaced_pod(n, namespace).status.phase == "Running"
+                           for n in names),
+               "the plain script's warm pods were not running")
     tasks = iter(range(count))
     lock = threading.Lock()
 
