@@ -155,8 +155,9 @@ def warm_pool(objects: Any, namespace: str, backend: str) -> None:
     status: dict[str, Any] = {}
 
     def ready() -> bool:
-        status.update(objects.get_namespaced_custom_object(
-            "agentainer.dev", "v1alpha1", namespace, "agentpools", POOL).get("status") or {})
+        nonlocal status
+        status = objects.get_namespaced_custom_object(
+            "agentainer.dev", "v1alpha1", namespace, "agentpools", POOL).get("status") or {}
         return bool(status.get("ready", 0) >= POOL_SIZE)
 
     wait_until(ready, lambda: f"the pool had not {POOL_SIZE} ready agents ({status})")
@@ -265,10 +266,10 @@ def gone(core: Any, namespace: str) -> None:
 
 def plain_pods(core: Any, namespace: str, count: int) -> float:
     """The same agents as pods, made by hand: create all, wait on one watch, read, delete."""
-    label = f"plain={uuid.uuid4().hex[:8]}"
+    run = uuid.uuid4().hex[:8]
+    label = f"plain={run}"
     pods = [{"apiVersion": "v1", "kind": "Pod",
-             "metadata": {"name": f"plain-{label[6:]}-{i:04d}",
-                          "labels": dict([label.split("=")])},
+             "metadata": {"name": f"plain-{run}-{i:04d}", "labels": {"plain": run}},
              "spec": {"restartPolicy": "Never", "containers": [{
                  "name": "agent", "image": IMAGE, "imagePullPolicy": "IfNotPresent",
                  "command": COMMAND}]}} for i in range(count)]
@@ -401,12 +402,13 @@ def plain_pooled_pods(core: Any, namespace: str, count: int) -> float:
     """The same command by a pod exec in POOL_SIZE warm pods, one at a time each."""
     from kubernetes.stream import stream
 
-    label = f"plain={uuid.uuid4().hex[:8]}"
-    names = [f"warm-{label[6:]}-{i:02d}" for i in range(POOL_SIZE)]
+    run = uuid.uuid4().hex[:8]
+    label = f"plain={run}"
+    names = [f"warm-{run}-{i:02d}" for i in range(POOL_SIZE)]
     for name in names:
         core.create_namespaced_pod(namespace, {
             "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "labels": dict([label.split("=")])},
+            "metadata": {"name": name, "labels": {"plain": run}},
             "spec": {"containers": [{"name": "agent", "image": IMAGE,
                                      "imagePullPolicy": "IfNotPresent",
                                      "command": ["sleep", "3600"]}]}})
