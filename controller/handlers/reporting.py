@@ -298,14 +298,16 @@ class StatusWriter:
         """Each change a moment (the status interval) after it came, with all that came
         meanwhile, the first too: a run's start and its first agent's make one write, and the
         few changes of a short agent (created, running, ended) one more, or none when the run
-        ends in that moment, its final status saying them all. Writes are the interval apart
-        at least, more under load. The final status is written as soon as the run's outcome is
-        out (before its clean-up)."""
+        ends in that moment, its final status saying them all. Under load the moment after a
+        change of a run already shown grows with the interval between writes (a short agent's
+        changes then come with its end); the start's does not, so a run shows as Running
+        within the interval whatever the load. Writes are the interval apart at least. The
+        final status is written as soon as the run's outcome is out (before its clean-up)."""
         window = self.services.settings.status_interval_seconds
         while True:
             await self._dirty.wait()
             if not self._final():
-                await self._pause(window)
+                await self._pause(self.services.status_interval() if self._written else window)
             if self._closing.is_set():
                 return
             final = self._final()
@@ -317,7 +319,6 @@ class StatusWriter:
                 logger.warning("status of %s: %s", self.name, error)
             except Exception:  # whatever it was, the next write may land: never stop writing
                 logger.exception("status of %s: the write failed unexpectedly", self.name)
-            await self._pause(self.services.status_interval() - window)
 
     def _final(self) -> bool:
         return self._status is not None and self._status.phase.finished

@@ -335,6 +335,46 @@ def test_changes_that_come_in_one_moment_make_one_write_and_a_run_ending_in_it_n
     assert services.urgencies == [Urgency.FIRST, Urgency.PROGRESS, Urgency.LAST_WORD]
 
 
+class LoadedServices(PacedServices):
+    """So many workflows run that each one's writes are half a second apart (the configured
+    interval: a twentieth of one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.settings = Settings(status_interval_seconds=0.05)
+
+    def status_interval(self) -> float:
+        return 0.5
+
+
+def test_under_load_a_run_shows_its_start_at_once_and_a_short_agent_only_with_its_end() -> None:
+    """The start is written the configured moment after it came, whatever the load; a later
+    change (after a quiet while) waits the longer interval of the load, so that an agent
+    created, run and ended within it is written once, by the final status."""
+    services = LoadedServices()
+
+    async def run() -> float:
+        began = asyncio.get_running_loop().time()
+        writer = await running_writer(services)
+        shown = asyncio.get_running_loop().time() - began
+        await asyncio.sleep(0.6)  # the agent waits for its turn: no change for a while
+        writer(Event(EventKind.AGENT_STARTED, "created"),
+               WorkflowStatus(phase=WorkflowPhase.RUNNING, message="created"))
+        await asyncio.sleep(0.3)  # within the interval of the load: nothing written yet
+        assert len(services.patched) == 1
+        writer(Event(EventKind.WORKFLOW_FINISHED, "done"),
+               WorkflowStatus(phase=WorkflowPhase.SUCCEEDED, message="done"))
+        await until(lambda: len(services.patched) == 2, timeout=0.15)  # at once
+        await writer.stop()
+        return shown
+
+    shown = asyncio.run(run())
+
+    assert shown < 0.4  # the configured moment, not the interval of the load
+    assert [patch.get("message") for patch in services.patched] == [None, "done"]
+    assert services.urgencies == [Urgency.FIRST, Urgency.LAST_WORD]
+
+
 async def running_writer(services: FlakyServices) -> StatusWriter:
     """A started writer whose run has begun, its first status (Running) written, the status
     interval after the start."""
