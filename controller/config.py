@@ -43,8 +43,8 @@ class Settings:
     """``IfNotPresent`` pulls a missing image once; ``Never`` only uses images already present."""
 
     docker_threads: int = 64
-    """Docker API calls in flight at once (each in a thread); a running agent holds one while
-    it is awaited, so this bounds how many agents one process can watch at once."""
+    """Docker API calls in flight at once (each in a thread). A running agent holds none: one
+    stream of the engine's events tells every agent's end."""
 
     kubernetes_threads: int = 32
     """Kubernetes API calls of the pod backend in flight at once (creating, deleting, reading

@@ -39,6 +39,7 @@ from controller.backends.base import (
     TaskResult,
 )
 from controller.backends.channel import DockerAttachChannel
+from controller.backends.exits import ENDS, FOLLOWING, ContainerExits, EventStream
 from controller.config import Settings
 from controller.models import WORKSPACE_PATH, EnvSource
 from controller.errors import (
@@ -141,6 +142,8 @@ class DockerBackend:
         """Agents started by this process, with the count of outages then."""
         self._stopping: set[str] = set()
         """Agents this process stopped: a signal they got was not the engine's own doing."""
+        self._exits = ContainerExits(self._events, self._engine_away)
+        """Agents' ends, from one stream of the engine's events: waiting takes no slot."""
 
     @classmethod
     async def connect(cls, settings: Settings, env: EnvSources | None = None) -> DockerBackend:
@@ -154,7 +157,9 @@ class DockerBackend:
                 client.ping()
                 return client
 
-        return cls(await asyncio.to_thread(make_client), settings, env)
+        backend = cls(await asyncio.to_thread(make_client), settings, env)
+        backend._exits.start()  # connected before the first agent starts: its end is told
+        return backend
 
     async def _call(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking docker-py call in a daemon thread of its own.
@@ -271,6 +276,7 @@ class DockerBackend:
         if spec.workspace:
             config["volumes"][spec.workspace] = {"bind": WORKSPACE_PATH, "mode": "rw"}
         agent_id = self._create(config, f"creating agent {spec.name}")
+        self._exits.expect(agent_id)
         try:
             with docker_errors(f"starting agent {spec.name}", spec.image):
                 self._client.api.start(agent_id)
@@ -329,19 +335,30 @@ class DockerBackend:
         except NotFoundError:
             pass
 
-    def _wait(self, agent: AgentHandle) -> AgentResult:
+    def _events(self, since: int) -> EventStream:
+        """The engine's events of containers ending, from ``since`` (a unix time) on."""
+        with docker_errors(FOLLOWING):
+            stream: EventStream = self._client.api.events(
+                since=since, filters={"type": "container", "event": list(ENDS)}, decode=True)
+            return stream
+
+    def _engine_away(self) -> None:
+        self._outages += 1
+
+    def _running(self, agent: AgentHandle) -> bool:
+        with docker_errors(f"waiting for agent {agent.name}"), self._noting_outages():
+            return bool(self._client.api.inspect_container(agent.id)["State"].get("Running"))
+
+    def _result(self, agent: AgentHandle) -> AgentResult | None:
+        """The outcome of an agent whose end was told (None: it runs after all, started
+        again by someone else)."""
         limit = self._settings.output_limit_bytes
         stdout, stderr = output.Head(limit), output.Tail(limit)
         with docker_errors(f"waiting for agent {agent.name}"), self._noting_outages():
-            status = self._client.api.wait(agent.id)
             state = self._client.api.inspect_container(agent.id)["State"]
-            if state.get("Running"):  # the engine, shutting down, let go of its waiters
-                self._outages += 1
-                error = status.get("Error")
-                why = error.get("Message") if error else "no reason given"
-                raise BackendUnavailableError(f"waiting for agent {agent.name}: the Docker engine "
-                                              f"stopped waiting before the agent ended ({why})")
-            exit_code = int(status.get("StatusCode", -1))
+            if state.get("Running"):
+                return None
+            exit_code = int(state.get("ExitCode", -1))
             # Its log and exit code are whole unless the engine was away since it started (or it
             # is an agent of an earlier process, which may have seen that): then the runner's
             # files say them, and whether the engine stopped it as it shut down (with
@@ -442,6 +459,7 @@ class DockerBackend:
 
     def _remove(self, agent_id: str) -> None:
         self._started.pop(agent_id, None)
+        self._exits.forget(agent_id)
         self._stopping.discard(agent_id)
         try:
             with docker_errors("removing agent"):
@@ -555,7 +573,11 @@ class DockerBackend:
         return handle
 
     async def wait(self, agent: AgentHandle) -> AgentResult:
-        return await self._call(self._wait, agent)
+        while True:
+            await self._exits.ended(agent.id, lambda: self._call(self._running, agent))
+            if (result := await self._call(self._result, agent)) is not None:
+                return result
+            self._exits.forget(agent.id)  # its next end is asked for anew
 
     async def stop(self, agent: AgentHandle, grace_seconds: float) -> None:
         self._forget_channel(agent.id)
@@ -587,6 +609,7 @@ class DockerBackend:
                 yield pending.decode(errors="replace")
 
     async def close(self) -> None:
+        self._exits.close()
         for agent_id in list(self._channels):
             self._forget_channel(agent_id)
         self._client.close()

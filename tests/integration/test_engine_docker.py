@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import uuid
 from datetime import datetime
@@ -141,6 +142,40 @@ def test_calls_to_the_engine_share_a_few_connections_kept_open(runner: Runner) -
     assert status.phase is WorkflowPhase.SUCCEEDED
     assert len(pools) == 1
     assert pools[0].num_connections <= 16, f"{pools[0].num_connections} connections opened"
+
+
+def test_agents_running_past_the_engine_call_slots_hold_none_of_them(runner: Runner) -> None:
+    """Waiting for agents takes no call to the engine: with two call slots and three agents
+    running on, another agent still starts, ends and is read at once (each wait held a slot,
+    and the quick one waited for the long ones to end)."""
+    runner.settings = dataclasses.replace(runner.settings, docker_threads=2)
+
+    async def go() -> tuple[WorkflowStatus, float]:
+        run, store, backend = await runner.start(workflow_doc(
+            {"name": "long", "parallel": {"replicas": 3}, "command": sh("sleep 60")},
+            {"name": "gate", "dependsOn": [], "command": sh("sleep 1; echo go")},
+            {"name": "quick", "dependsOn": ["gate"], "command": sh("echo quick")},
+            cleanup="Always"))
+        task = asyncio.create_task(run.execute())
+        try:
+            await asyncio.wait_for(agents_running(run, "long", 3), 30)
+            began = asyncio.get_running_loop().time()
+            async with asyncio.timeout(30):
+                while run.status.step("quick").phase is not StepPhase.SUCCEEDED:
+                    await asyncio.sleep(0.05)
+            took = asyncio.get_running_loop().time() - began
+            assert run.status.step("long").phase is StepPhase.RUNNING
+            run.cancel()
+            return await asyncio.wait_for(task, 30), took
+        finally:
+            await backend.close()
+            await store.close()
+
+    status, took = asyncio.run(go())
+
+    assert status.step("quick").output == "quick"
+    assert took < 20, f"the quick agent took {took:.1f} s behind three running ones"
+    assert status.step("long").phase is StepPhase.CANCELLED
 
 
 def test_failing_agent_is_retried_and_every_attempt_recorded(runner: Runner) -> None:
