@@ -41,6 +41,7 @@ from controller.backends.base import (
 from controller.backends.channel import DockerAttachChannel
 from controller.backends.exits import ENDS, FOLLOWING, ContainerExits, EventStream
 from controller.config import Settings
+from controller.turns import Turns
 from controller.models import WORKSPACE_PATH, EnvSource
 from controller.errors import (
     AgentainerError,
@@ -131,7 +132,7 @@ class DockerBackend:
         self._client = client
         self._settings = settings
         self._env = env or NoEnvSources()
-        self._slots = asyncio.Semaphore(settings.docker_threads)
+        self._slots = Turns(settings.docker_threads)
         self._channels: dict[str, DockerAttachChannel] = {}
         self._channel_locks: dict[str, asyncio.Lock] = {}
         self._runner_lock = threading.Lock()
@@ -144,6 +145,7 @@ class DockerBackend:
         """Agents this process stopped: a signal they got was not the engine's own doing."""
         self._exits = ContainerExits(self._events, self._engine_away)
         """Agents' ends, from one stream of the engine's events: waiting takes no slot."""
+        self._finishing = (self._result, self._running, self._stop, self._remove)
 
     @classmethod
     async def connect(cls, settings: Settings, env: EnvSources | None = None) -> DockerBackend:
@@ -162,13 +164,16 @@ class DockerBackend:
         return backend
 
     async def _call(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run a blocking docker-py call in a daemon thread of its own.
+        """Run a blocking docker-py call in a daemon thread of its own, in its turn: calls that
+        finish agents (reading an ended one, stopping, removing) go before those that start
+        new ones, so that under load an agent's end is read at once and the engine holds no
+        more containers than it runs.
 
         Not a ThreadPoolExecutor: the interpreter joins those threads at exit, so a process
         that leaves its agents running (a controller shutting down) would wait for every
         blocked ``wait`` call to return, that is for the agents to end.
         """
-        async with self._slots:
+        async with self._slots.turn(0 if function in self._finishing else 1):
             loop = asyncio.get_running_loop()
             future: asyncio.Future[T] = loop.create_future()
 

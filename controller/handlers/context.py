@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import heapq
-import itertools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
@@ -29,6 +26,7 @@ from controller.metrics import Metrics
 from controller.models import API_GROUP, API_VERSION, BackendKind, WorkflowPhase
 from controller.pools import PoolManager
 from controller.store import Store
+from controller.turns import Turns
 
 WRITERS = 16
 """Status patches and deletions of our resources in flight at once, on threads of their own
@@ -51,43 +49,6 @@ class Urgency(IntEnum):
     """A run's first status: that it runs."""
     PROGRESS = 2
     """A running workflow's status as it goes."""
-
-
-class Turns:
-    """At most ``size`` holders at once; those waiting are let in by urgency, then in the
-    order they came, so that under load a run's final status does not queue behind the
-    progress of a thousand others."""
-
-    def __init__(self, size: int) -> None:
-        self._free = size
-        self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []
-        self._order = itertools.count()
-
-    @asynccontextmanager
-    async def turn(self, urgency: Urgency) -> AsyncIterator[None]:
-        if self._free > 0 and not self._waiting:
-            self._free -= 1
-        else:
-            granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            heapq.heappush(self._waiting, (urgency, next(self._order), granted))
-            try:
-                await granted
-            except asyncio.CancelledError:
-                if granted.done() and not granted.cancelled():
-                    self._pass_on()  # let in just as it was cancelled: the next one's turn
-                raise
-        try:
-            yield
-        finally:
-            self._pass_on()
-
-    def _pass_on(self) -> None:
-        while self._waiting:
-            _, _, granted = heapq.heappop(self._waiting)
-            if not granted.done():  # (one cancelled while waiting is passed over)
-                granted.set_result(None)
-                return
-        self._free += 1
 
 
 class UnsupportedBackendError(AgentainerError):

@@ -1,10 +1,15 @@
-"""The Docker backend's own reads of the engine have the client's deadline, as docker-py's."""
+"""The Docker backend's own reads of the engine have the client's deadline, as docker-py's;
+its calls to the engine take turns."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import socket
+import threading
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import docker
 import pytest
@@ -32,3 +37,41 @@ def test_an_agents_log_read_from_an_engine_that_never_answers_fails_at_the_deadl
         reading.shutdown(wait=False)
         client.close()
         silent.close()
+
+
+class Engine:
+    """docker-py's API client, as far as listing and removing go: each call noted; a list
+    waits for ``gate``."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.gate = threading.Event()
+
+    def containers(self, all: bool, filters: dict[str, Any]) -> list[Any]:
+        self.calls.append("list")
+        self.gate.wait(5)
+        return []
+
+    def remove_container(self, container: str, v: bool, force: bool) -> None:
+        self.calls.append(f"remove {container}")
+
+
+def test_calls_that_finish_agents_go_before_those_waiting_to_begin_work() -> None:
+    """With every call slot taken, a removal asked for after a list goes first."""
+    engine = Engine()
+    backend = DockerBackend(SimpleNamespace(api=engine),  # type: ignore[arg-type]
+                            Settings(docker_threads=1))
+
+    async def scenario() -> None:
+        first = asyncio.ensure_future(backend.list_agents("ns", {}))
+        await asyncio.sleep(0.05)  # it holds the one slot
+        second = asyncio.ensure_future(backend.list_agents("ns", {}))
+        await asyncio.sleep(0.01)
+        removal = asyncio.ensure_future(backend._call(backend._remove, "ended"))
+        await asyncio.sleep(0.01)
+        engine.gate.set()
+        await asyncio.wait_for(asyncio.gather(first, second, removal), 5)
+
+    asyncio.run(scenario())
+
+    assert engine.calls == ["list", "remove ended", "list"]

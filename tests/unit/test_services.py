@@ -11,7 +11,8 @@ import urllib3.exceptions
 from kubernetes.client import ApiException
 
 from controller.config import Settings
-from controller.handlers.context import KubernetesError, Services, Turns, Urgency
+from controller.handlers.context import KubernetesError, Services, Urgency
+from controller.turns import Turns
 from controller.metrics import Metrics
 
 
