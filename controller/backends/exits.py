@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from controller.backends.following import LoopFollower
 from controller.errors import AgentainerError, BackendUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class _Expected:
     waiters: set[asyncio.Future[None]] = field(default_factory=set)
 
 
-class ContainerExits:
+class ContainerExits(LoopFollower):
     """Waits for containers to end, on one connection to the engine's events at a time."""
 
     def __init__(self, open_stream: OpenStream, lost: Callable[[], None]) -> None:
@@ -220,18 +221,6 @@ class ContainerExits:
     def _tell_news(self) -> None:
         if self._news is not None:
             self._news.set()
-
-    def _listening(self) -> bool:
-        """Whether the event loop of the waiters is still there (when it is gone, so are
-        they, and the stream ends)."""
-        return self._loop is not None and not self._loop.is_closed()
-
-    def _post(self, function: Callable[..., None], *args: Any) -> None:
-        if self._loop is not None and not self._loop.is_closed():
-            try:
-                self._loop.call_soon_threadsafe(function, *args)
-            except RuntimeError:
-                pass  # the loop closed meanwhile: nobody waits any more
 
 
 def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import kubernetes
 from kubernetes.client import ApiException, CoreV1Api
 
+from controller.backends.following import LoopFollower
 from controller.errors import AgentainerError, BackendError, NotFoundError
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ Convert = Callable[[str, BaseException], AgentainerError | None]
 """The project's error for what the client raised (None: not one of the client's errors)."""
 
 
-class PodWatch:
+class PodWatch(LoopFollower):
     """Pods with one label selector, by namespace and name, kept current by a watch."""
 
     def __init__(self, core: CoreV1Api, selector: str, convert: Convert) -> None:
@@ -202,18 +203,6 @@ class PodWatch:
         if failing >= FAILING_SECONDS:
             self._post(self._fail, namespace, converted)
         self._stopping.wait(BACKOFF_SECONDS[min(failures, len(BACKOFF_SECONDS) - 1)])
-
-    def _listening(self) -> bool:
-        """Whether the event loop of the waiters is still there (when it is gone, so are they,
-        and the watch ends)."""
-        return self._loop is not None and not self._loop.is_closed()
-
-    def _post(self, function: Callable[..., None], *args: Any) -> None:
-        if self._loop is not None and not self._loop.is_closed():
-            try:
-                self._loop.call_soon_threadsafe(function, *args)
-            except RuntimeError:
-                pass  # the loop closed meanwhile: nobody waits any more
 
     # --- on the event loop --------------------------------------------------------------------
 
