@@ -131,6 +131,16 @@ def test_usual_values_are_taken_and_helm_template_needs_no_kube_version(helm: st
     assert not [d for d in documents if d["kind"] == "ServiceAccount"]
 
 
+def test_a_status_interval_of_a_fraction_of_a_second_reaches_the_controller_as_given(
+        helm: str, tmp_path: Path) -> None:
+    values = tmp_path / "values.yaml"
+    values.write_text("settings:\n  statusIntervalSeconds: 0.5\n")
+    container = find(template(helm, "-f", str(values)),
+                     "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["AGENTAINER_STATUS_INTERVAL_SECONDS"] == "0.5"  # not cut to 0
+
+
 def test_service_monitor_is_optional(helm: str) -> None:
     assert not [d for d in template(helm) if d["kind"] == "ServiceMonitor"]
     monitor = find(template(helm, "--set", "metrics.serviceMonitor.enabled=true"),
