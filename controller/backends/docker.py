@@ -170,8 +170,8 @@ class DockerBackend:
         more containers than it runs.
 
         Not a ThreadPoolExecutor: the interpreter joins those threads at exit, so a process
-        that leaves its agents running (a controller shutting down) would wait for every
-        blocked ``wait`` call to return, that is for the agents to end.
+        shutting down would wait for every call still blocked (a stop in its grace period, a
+        log still streaming) to return.
         """
         async with self._slots.turn(0 if function in self._finishing else 1):
             loop = asyncio.get_running_loop()
