@@ -59,7 +59,8 @@ has answered (raises the project's error when it does not)."""
 @dataclass(slots=True)
 class _Expected:
     connection: int
-    """The connection that tells the container's end (0: none could, the stream was down)."""
+    """The connection that tells the container's end (0: none yet: the stream was down, or
+    the engine has not said yet that the container still ran)."""
     ended: bool = False
     waiters: set[asyncio.Future[None]] = field(default_factory=set)
 
@@ -117,19 +118,25 @@ class ContainerExits(LoopFollower):
         with self._lock:
             if not self._connected:
                 raise BackendUnavailableError(self._why)
+            connection = self._connection
             expected = self._expected.get(container_id)
-            vouched = expected is not None and expected.connection == self._connection
+            vouched = expected is not None and expected.connection == connection
             if expected is None or not vouched:
-                expected = self._expected[container_id] = _Expected(self._connection)
+                # Its end is caught from now on, but vouched for only once the engine has
+                # said it still ran: a wait cut off before that leaves the next one to ask.
+                expected = self._expected[container_id] = _Expected(0)
             elif expected.ended:
                 self._expected.pop(container_id)
                 return
             expected.waiters.add(future)
         told = False
         try:
-            if not vouched and not await running():
-                told = True
-                return
+            if not vouched:
+                if not await running():
+                    told = True
+                    return
+                with self._lock:
+                    expected.connection = connection
             await future
             told = True
         finally:

@@ -123,6 +123,34 @@ def test_a_waiter_the_stream_cannot_vouch_for_asks_the_engine_once_then_listens(
     assert engine.asked == ["done", "busy"]
 
 
+def test_a_wait_cut_off_while_asking_the_engine_leaves_the_next_one_to_ask_again() -> None:
+    """A container that ended before anyone listened, its first wait cut off (its deadline)
+    while the engine was being asked: the next wait asks again, rather than listening for
+    an end that was never going to be told."""
+    engine = Engine()
+
+    async def scenario() -> None:
+        follower = engine.exits()
+        await connected(follower, engine)
+        asking = asyncio.Event()
+
+        async def slow_answer() -> bool:
+            asking.set()
+            await asyncio.sleep(10)
+            return False
+
+        first = asyncio.ensure_future(follower.ended("gone", slow_answer))
+        await asyncio.wait_for(asking.wait(), 1)
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        await asyncio.wait_for(follower.ended("gone", engine.running("gone", False)), 1)
+        follower.close()
+
+    asyncio.run(scenario())
+
+    assert engine.asked == ["gone"]
+
+
 def test_a_container_expected_while_the_stream_was_down_is_asked_about() -> None:
     engine = Engine()
     engine.answering.clear()
