@@ -297,14 +297,16 @@ def test_a_runs_first_status_then_its_progress_then_its_last_word_are_told_apart
 
 
 class PacedServices(FlakyServices):
-    """Writes a running workflow's status a tenth of a second after a change at most."""
+    """Writes a running workflow's status ``interval`` seconds after a change at most (a tenth
+    of one), or ``loaded`` seconds apart when so many run."""
 
-    def __init__(self) -> None:
+    def __init__(self, interval: float = 0.1, loaded: float | None = None) -> None:
         super().__init__()
-        self.settings = Settings(status_interval_seconds=0.1)
+        self.settings = Settings(status_interval_seconds=interval)
+        self.loaded = interval if loaded is None else loaded
 
     def status_interval(self) -> float:
-        return 0.1
+        return self.loaded
 
 
 def test_changes_that_come_in_one_moment_make_one_write_and_a_run_ending_in_it_none() -> None:
@@ -335,23 +337,11 @@ def test_changes_that_come_in_one_moment_make_one_write_and_a_run_ending_in_it_n
     assert services.urgencies == [Urgency.FIRST, Urgency.PROGRESS, Urgency.LAST_WORD]
 
 
-class LoadedServices(PacedServices):
-    """So many workflows run that each one's writes are half a second apart (the configured
-    interval: a twentieth of one)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.settings = Settings(status_interval_seconds=0.05)
-
-    def status_interval(self) -> float:
-        return 0.5
-
-
 def test_under_load_a_run_shows_its_start_at_once_and_a_short_agent_only_with_its_end() -> None:
     """The start is written the configured moment after it came, whatever the load; a later
     change (after a quiet while) waits the longer interval of the load, so that an agent
     created, run and ended within it is written once, by the final status."""
-    services = LoadedServices()
+    services = PacedServices(interval=0.05, loaded=0.5)  # so many run: writes 0.5 s apart
 
     async def run() -> float:
         began = asyncio.get_running_loop().time()
@@ -390,8 +380,7 @@ def test_the_final_status_cuts_short_the_wait_of_a_change_before_it() -> None:
     """A change waits the status interval to be written with those that follow, the run's
     start too; the final status that follows is written at once, saying them all, as the one
     write (the interval here: a minute)."""
-    services = PacedServices()
-    services.settings = Settings(status_interval_seconds=60)
+    services = PacedServices(interval=60, loaded=0.1)
 
     async def run() -> None:
         writer = StatusWriter(services, "team", "wf", "uid-1")  # type: ignore[arg-type]
