@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import docker
 import docker.errors
@@ -343,9 +343,11 @@ class DockerBackend:
     def _events(self, since: int) -> EventStream:
         """The engine's events of containers ending, from ``since`` (a unix time) on."""
         with docker_errors(FOLLOWING):
-            stream: EventStream = self._client.api.events(
+            stream = self._client.api.events(
                 since=since, filters={"type": "container", "event": list(ENDS)}, decode=True)
-            return stream
+            # Its iteration would end quietly on a refusal (a proxy's 403): said here.
+            self._client.api._raise_for_status(stream._response)  # type: ignore[attr-defined]
+            return cast(EventStream, stream)
 
     def _engine_away(self) -> None:
         self._outages += 1
@@ -353,6 +355,12 @@ class DockerBackend:
     def _running(self, agent: AgentHandle) -> bool:
         with docker_errors(f"waiting for agent {agent.name}"), self._noting_outages():
             return bool(self._client.api.inspect_container(agent.id)["State"].get("Running"))
+
+    def _waited(self, agent: AgentHandle) -> None:
+        """Wait for an agent's end on a call of its own (holding its slot meanwhile): for
+        an engine that refuses its events."""
+        with docker_errors(f"waiting for agent {agent.name}"), self._noting_outages():
+            self._client.api.wait(agent.id)
 
     def _result(self, agent: AgentHandle) -> AgentResult | None:
         """The outcome of an agent whose end was told (None: it runs after all, started
@@ -579,7 +587,8 @@ class DockerBackend:
 
     async def wait(self, agent: AgentHandle) -> AgentResult:
         while True:
-            await self._exits.ended(agent.id, lambda: self._call(self._running, agent))
+            await self._exits.ended(agent.id, lambda: self._call(self._running, agent),
+                                    lambda: self._call(self._waited, agent))
             if (result := await self._call(self._result, agent)) is not None:
                 return result
             self._exits.forget(agent.id)  # its next end is asked for anew

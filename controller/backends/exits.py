@@ -10,7 +10,13 @@ asks the engine once whether it still runs, after it has begun to listen. Each c
 for the events of the second before it too (the engine replays them), as the engine answers
 before it subscribes. A lost connection fails its waiters at once as the engine away (they try
 again, as after any call that failed, and ask the engine), and is made again after a pause
-that grows while the engine does not answer."""
+that grows while the engine does not answer.
+
+An end the stream never tells (the engine drops the events of a listener that lags behind; a
+remote engine whose clock is behind ours replays too little) is found still: a waiter asks the
+engine itself every RECHECK_SECONDS. An engine that refuses its events outright (a proxy in
+front of its socket that lets only some calls through) is waited on one blocking call per
+container instead, as without the stream, and the stream is asked for again now and then."""
 
 from __future__ import annotations
 
@@ -37,6 +43,11 @@ BACKOFF_SECONDS = (0.0, 0.5, 1.0, 2.0, 5.0)
 """Pauses between attempts to connect again while the engine does not answer."""
 QUICK_SECONDS = 1.0
 """A connection that ended sooner than this is made again only this long after it began."""
+RECHECK_SECONDS = 60.0
+"""How long a waiter listens before it asks the engine itself whether its container still
+runs (and again each time as long): the resync of an informer, for ends the stream missed."""
+REFUSED_SECONDS = 60.0
+"""How long the stream, once refused, is not asked for again."""
 ENDS = ("die", "destroy")
 """The events that end a container (or the container itself)."""
 FOLLOWING = "following the Docker engine's events"
@@ -53,7 +64,8 @@ class EventStream(Protocol):
 
 OpenStream = Callable[[int], EventStream]
 """Connect to the engine's container events from a unix time on: the stream, once the engine
-has answered (raises the project's error when it does not)."""
+has answered (raises the project's error when it does not: a retryable one while it is away,
+another when it refuses)."""
 
 
 @dataclass(slots=True)
@@ -79,6 +91,8 @@ class ContainerExits(LoopFollower):
         """Connections made so far: the current one while connected."""
         self._connected = False
         self._why = f"{FOLLOWING}: not connected yet"
+        self._refused = False
+        """The engine refuses its events: waiters wait on a call of their own."""
         self._stream: EventStream | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._news: asyncio.Event | None = None
@@ -108,13 +122,20 @@ class ContainerExits(LoopFollower):
         with self._lock:
             self._expected.pop(container_id, None)
 
-    async def ended(self, container_id: str, running: Callable[[], Awaitable[bool]]) -> None:
+    async def ended(self, container_id: str, running: Callable[[], Awaitable[bool]],
+                    waited: Callable[[], Awaitable[None]]) -> None:
         """Return once the container has ended (or is gone). ``running`` asks the engine
-        whether it still runs; it is asked only when the stream cannot vouch for having seen
-        the container's end. Fails as the engine away when the stream is lost meanwhile, or
-        not connected within READY_SECONDS."""
+        whether it still runs: when the stream cannot vouch for having seen the container's
+        end, and every RECHECK_SECONDS of waiting. ``waited`` waits for its end on a call of
+        its own, for when the engine refuses its events. Fails as the engine away when the
+        stream is lost meanwhile, or not connected within READY_SECONDS."""
         await self._ready()
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        with self._lock:
+            if refused := self._refused:
+                self._expected.pop(container_id, None)
+        if refused:
+            return await waited()
         with self._lock:
             if not self._connected:
                 raise BackendUnavailableError(self._why)
@@ -137,9 +158,18 @@ class ContainerExits(LoopFollower):
                     return
                 with self._lock:
                     expected.connection = connection
-            await future
+            while True:
+                try:
+                    await asyncio.wait_for(asyncio.shield(future), RECHECK_SECONDS)
+                    break
+                except TimeoutError:
+                    if not await running():
+                        logger.info("%s: container %s ended untold", FOLLOWING, container_id)
+                        break
             told = True
         finally:
+            if future.done() and not future.cancelled():
+                future.exception()  # a loss told while the engine was asked: it said ended
             with self._lock:
                 expected.waiters.discard(future)
                 if told and not expected.waiters and \
@@ -153,7 +183,7 @@ class ContainerExits(LoopFollower):
         while True:
             self._news.clear()
             with self._lock:
-                if self._connected:
+                if self._connected or self._refused:
                     return
             remaining = deadline - self._loop.time()
             if remaining <= 0:
@@ -178,6 +208,15 @@ class ContainerExits(LoopFollower):
             began = time.monotonic()
             try:
                 stream = self._open(int(time.time()) - REPLAY_SECONDS)
+            except AgentainerError as error:
+                if not error.retryable:  # refused, not away: waiters wait call by call
+                    self._refuse(error)
+                    self._stopping.wait(REFUSED_SECONDS)
+                    continue
+                self._lost(error)
+                self._stopping.wait(BACKOFF_SECONDS[min(failures, len(BACKOFF_SECONDS) - 1)])
+                failures += 1
+                continue
             except Exception as error:  # noqa: BLE001 - the engine away: again after a pause
                 self._lost(error)
                 self._stopping.wait(BACKOFF_SECONDS[min(failures, len(BACKOFF_SECONDS) - 1)])
@@ -188,6 +227,7 @@ class ContainerExits(LoopFollower):
                 self._stream = stream
                 self._connection += 1
                 self._connected = True
+                self._refused = False
             self._post(self._tell_news)
             if self._stopping.is_set():  # closed as it connected: close() missed the stream
                 stream.close()
@@ -223,6 +263,17 @@ class ContainerExits(LoopFollower):
         logger.warning("%s; connecting again", self._why)
         for future in waiters:
             self._post(_settle, future, BackendUnavailableError(self._why))
+        self._post(self._tell_news)
+
+    def _refuse(self, error: AgentainerError) -> None:
+        with self._lock:
+            first = not self._refused
+            self._refused = True
+            self._why = str(error)
+        if first:
+            logger.warning("%s; waiting for each agent on a call of its own (holding one of "
+                           "the engine's call slots while it runs) until it lets them through",
+                           self._why)
         self._post(self._tell_news)
 
     def _tell_news(self) -> None:

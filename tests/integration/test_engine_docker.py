@@ -5,6 +5,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
+import re
+import socket
+import threading
 import uuid
 from datetime import datetime
 from pathlib import Path
@@ -91,7 +95,6 @@ def test_state_and_full_outputs_are_in_redis_after_a_run(runner: Runner, redis_u
     assert [outputs[str(i)] for i in range(5)] == status.step("map").outputs
     assert client.hget(Keys.outputs(run.uid, "reduce"), "0") == status.step("reduce").output
 
-    import json
     agents = {key: json.loads(value) for key, value in client.hgetall(Keys.agents(run.uid)).items()}
     assert len(agents) == 8
     for record in agents.values():
@@ -176,6 +179,81 @@ def test_agents_running_past_the_engine_call_slots_hold_none_of_them(runner: Run
     assert status.step("quick").output == "quick"
     assert took < 20, f"the quick agent took {took:.1f} s behind three running ones"
     assert status.step("long").phase is StepPhase.CANCELLED
+
+
+class EventsRefusingProxy:
+    """A proxy in front of the engine's socket that lets every call through but those for
+    its events (as socket proxies configured to pass only some calls do): it answers those
+    403, and counts them."""
+
+    EVENTS = re.compile(rb"^GET /(v[0-9.]+/)?events", re.MULTILINE)
+    FORBIDDEN = (b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\n"
+                 b"Content-Length: 9\r\nConnection: close\r\n\r\nforbidden")
+
+    def __init__(self, path: Path, engine: str) -> None:
+        self.path, self.engine, self.refused = path, engine, 0
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(str(path))
+        self.server.listen(64)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return  # closed
+            upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            upstream.connect(self.engine)
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False),
+                             daemon=True).start()
+
+    def _pipe(self, source: socket.socket, target: socket.socket, requests: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if requests and self.EVENTS.search(data):
+                    self.refused += 1
+                    source.sendall(self.FORBIDDEN)
+                    break
+                target.sendall(data)
+        except OSError:
+            pass
+        for end in (source, target):
+            try:
+                end.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_an_engine_behind_a_proxy_that_refuses_its_events_still_runs_agents(
+        runner: Runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Agents' ends are then waited for call by call, as without the engine's events: no
+    wait fails, as it would were the refusal taken for the engine away."""
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    if not host.startswith("unix://"):
+        pytest.skip(f"the engine is not on a local socket ({host})")
+    proxy = EventsRefusingProxy(tmp_path / "proxy.sock", host.removeprefix("unix://"))
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{proxy.path}")
+    try:
+        status, _ = runner.run(workflow_doc(
+            {"name": "first", "command": sh("echo one")},
+            {"name": "fan", "parallel": {"replicas": 2}, "command": sh("sleep 1; echo two")},
+        ))
+    finally:
+        proxy.close()
+
+    assert status.phase is WorkflowPhase.SUCCEEDED, status.message
+    assert status.step("first").output == "one"
+    assert status.step("fan").outputs == ["two", "two"]
+    assert proxy.refused >= 1
+    assert [r.getMessage() for r in caplog.records if "failed for now" in r.getMessage()] == []
+    assert "Docker refused it: forbidden; waiting for each agent on a call of its own" in \
+        caplog.text
 
 
 def test_failing_agent_is_retried_and_every_attempt_recorded(runner: Runner) -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from controller.backends import exits
 from controller.backends.exits import ContainerExits
-from controller.errors import BackendUnavailableError
+from controller.errors import BackendUnavailableError, ForbiddenError
 
 
 class Stream:
@@ -46,12 +46,19 @@ class Engine:
         self.answering = threading.Event()
         self.answering.set()
         self.away = 0
+        self.refusing = False
+        """Answers, but refuses its events (a proxy in front of it that lets only some
+        calls through)."""
         self.asked: list[str] = []
+        self.waited: list[str] = []
         self.sinces: list[int] = []
 
     def open(self, since: int) -> Stream:
         if not self.answering.is_set():
             raise BackendUnavailableError("connection refused")
+        if self.refusing:
+            raise ForbiddenError("following the Docker engine's events: Docker refused it: "
+                                 "forbidden")
         self.sinces.append(since)
         self.streams.append(Stream())
         return self.streams[-1]
@@ -67,6 +74,18 @@ class Engine:
             self.asked.append(container_id)
             return answer
         return ask
+
+    def wait(self, container_id: str) -> Any:
+        async def wait() -> None:
+            self.waited.append(container_id)
+        return wait
+
+
+def until_ended(follower: ContainerExits, engine: Engine, container_id: str,
+                running: bool) -> Any:
+    """Wait for a container's end; the engine says, when asked, that it is ``running``."""
+    return follower.ended(container_id, engine.running(container_id, running),
+                          engine.wait(container_id))
 
 
 @pytest.fixture(autouse=True)
@@ -92,7 +111,7 @@ def test_an_end_told_before_its_waiter_came_is_kept_and_the_engine_is_not_asked(
         engine.streams[0].die("a")
         engine.streams[0].die("not ours")
         await asyncio.sleep(0.05)
-        await asyncio.wait_for(follower.ended("a", engine.running("a", True)), 1)
+        await asyncio.wait_for(until_ended(follower, engine, "a", True), 1)
         assert follower._expected == {}  # kept no longer than its waiter needed it
         follower.close()
 
@@ -110,8 +129,8 @@ def test_a_waiter_the_stream_cannot_vouch_for_asks_the_engine_once_then_listens(
     async def scenario() -> None:
         follower = engine.exits()
         await connected(follower, engine)
-        await asyncio.wait_for(follower.ended("done", engine.running("done", False)), 1)
-        waiting = asyncio.ensure_future(follower.ended("busy", engine.running("busy", True)))
+        await asyncio.wait_for(until_ended(follower, engine, "done", False), 1)
+        waiting = asyncio.ensure_future(until_ended(follower, engine, "busy", True))
         await asyncio.sleep(0.05)
         assert not waiting.done()
         engine.streams[0].die("busy")
@@ -139,11 +158,11 @@ def test_a_wait_cut_off_while_asking_the_engine_leaves_the_next_one_to_ask_again
             await asyncio.sleep(10)
             return False
 
-        first = asyncio.ensure_future(follower.ended("gone", slow_answer))
+        first = asyncio.ensure_future(follower.ended("gone", slow_answer, engine.wait("gone")))
         await asyncio.wait_for(asking.wait(), 1)
         first.cancel()
         await asyncio.gather(first, return_exceptions=True)
-        await asyncio.wait_for(follower.ended("gone", engine.running("gone", False)), 1)
+        await asyncio.wait_for(until_ended(follower, engine, "gone", False), 1)
         follower.close()
 
     asyncio.run(scenario())
@@ -161,7 +180,7 @@ def test_a_container_expected_while_the_stream_was_down_is_asked_about() -> None
         follower.expect("a")  # started while the engine's events could not be followed
         engine.answering.set()
         await connected(follower, engine)
-        await asyncio.wait_for(follower.ended("a", engine.running("a", False)), 1)
+        await asyncio.wait_for(until_ended(follower, engine, "a", False), 1)
         follower.close()
 
     asyncio.run(scenario())
@@ -179,13 +198,13 @@ def test_a_lost_stream_fails_its_waiters_at_once_and_the_next_wait_asks_the_engi
         follower = engine.exits()
         await connected(follower, engine)
         follower.expect("a")
-        waiting = asyncio.ensure_future(follower.ended("a", engine.running("a", True)))
+        waiting = asyncio.ensure_future(until_ended(follower, engine, "a", True))
         await asyncio.sleep(0.05)
         engine.streams[0].events.put(Stream.CUT)
         with pytest.raises(BackendUnavailableError, match="following the Docker engine's events: ConnectionResetError"):
             await asyncio.wait_for(waiting, 1)
         await connected(follower, engine, count=2)
-        await asyncio.wait_for(follower.ended("a", engine.running("a", False)), 1)
+        await asyncio.wait_for(until_ended(follower, engine, "a", False), 1)
         follower.close()
 
     asyncio.run(scenario())
@@ -203,7 +222,7 @@ def test_waiting_while_the_engine_does_not_answer_fails_within_its_deadline(
     async def scenario() -> None:
         follower = engine.exits()
         with pytest.raises(BackendUnavailableError, match=r"connection refused \(for 0.1 s\)"):
-            await asyncio.wait_for(follower.ended("a", engine.running("a", True)), 2)
+            await asyncio.wait_for(until_ended(follower, engine, "a", True), 2)
         follower.close()
 
     asyncio.run(scenario())
@@ -223,3 +242,60 @@ def test_close_ends_the_streams_thread() -> None:
         return follower._thread
 
     assert not asyncio.run(scenario()).is_alive()
+
+
+def test_an_end_the_stream_never_told_is_found_by_asking_the_engine_now_and_then(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine drops the events of a listener that lags (and a remote engine whose clock
+    is behind replays too little): a waiter asks the engine itself every RECHECK_SECONDS."""
+    monkeypatch.setattr(exits, "RECHECK_SECONDS", 0.05)
+    engine = Engine()
+    answers = iter([True, True, False])
+
+    async def running() -> bool:
+        engine.asked.append("a")
+        return next(answers)
+
+    async def scenario() -> None:
+        follower = engine.exits()
+        await connected(follower, engine)
+        follower.expect("a")  # vouched for: its end would be told, but never is
+        await asyncio.wait_for(follower.ended("a", running, engine.wait("a")), 1)
+        assert follower._expected == {}
+        follower.close()
+
+    asyncio.run(scenario())
+
+    assert engine.asked == ["a", "a", "a"]
+    assert engine.waited == []
+
+
+def test_an_engine_that_refuses_its_events_is_waited_on_call_by_call_until_it_lets_them_by(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A proxy in front of the engine's socket that lets only some calls through: each agent
+    is waited for on a call of its own, as without the stream, and the stream is asked for
+    again later. A refusal is not the engine away."""
+    monkeypatch.setattr(exits, "REFUSED_SECONDS", 0.1)
+    engine = Engine()
+    engine.refusing = True
+
+    async def scenario() -> None:
+        follower = engine.exits()
+        follower.expect("a")
+        await asyncio.wait_for(until_ended(follower, engine, "a", True), 1)
+        assert engine.waited == ["a"] and engine.streams == []
+        assert follower._expected == {}
+        engine.refusing = False
+        await connected(follower, engine)
+        follower.expect("b")
+        waiting = asyncio.ensure_future(until_ended(follower, engine, "b", True))
+        await asyncio.sleep(0.05)
+        engine.streams[0].die("b")
+        await asyncio.wait_for(waiting, 1)
+        follower.close()
+
+    asyncio.run(scenario())
+
+    assert engine.waited == ["a"]
+    assert engine.asked == []
+    assert engine.away == 0
