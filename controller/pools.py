@@ -86,6 +86,8 @@ class PoolState:
     turn: asyncio.Lock = field(default_factory=asyncio.Lock)
     """Held by the one task of this process looking for an agent; the others queue for it."""
     busy: int = 0
+    starting: int = 0
+    """Agents this process is starting: draining waits for their starts to return."""
     draining: bool = False
     reclaimed_at: float = 0.0
     """When a task waiting here last looked for agents whose holder died (monotonic)."""
@@ -279,12 +281,15 @@ class PoolManager:
         when one is given; None when its place lapsed while it started (the store away)."""
         placeholder = _placeholder(spec)
         holding = asyncio.create_task(self._keep_held(state.uid, placeholder, self.holder))
+        state.starting += 1
         try:
             handle = await state.backend.start(spec)
         except BaseException:
             holding.cancel()
             await asyncio.shield(self.store.pool_remove(state.uid, placeholder))
             raise
+        finally:
+            state.starting -= 1
         holding.cancel()
         state.handles[handle.name] = handle
         if not await self.store.pool_add(state.uid, _record(handle), replaces=placeholder,
@@ -497,25 +502,30 @@ class PoolManager:
         return AgentPoolStatus(ready=ready, busy=total - ready, total=total,
                                observed_generation=state.pool.metadata.generation)
 
+    @staticmethod
+    async def _listed(state: PoolState) -> list[AgentHandle]:
+        return await state.backend.list_agents(
+            state.pool.metadata.namespace, {LABEL_POOL_UID: state.uid}, state.owner)
+
     async def drain(self, state: PoolState, timeout: float = 300.0) -> int:
         """Stop leasing; let running tasks finish (up to ``timeout``); remove every agent."""
         state.draining = True
         self.drained.add(state.uid)
         deadline = time.monotonic() + timeout
-        while state.busy > 0 and time.monotonic() < deadline:
+        while (state.busy > 0 or state.starting > 0) and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         removed = 0
-        # Again until none is left: an agent that was being started when draining began
-        # shows up only once its start returns.
-        while agents := await state.backend.list_agents(
-                state.pool.metadata.namespace, {LABEL_POOL_UID: state.uid}, state.owner):
+        # Again until none is left: another process may still be starting one.
+        agents = await self._listed(state)
+        while agents:
             for agent in agents:
                 await state.backend.remove(agent)
             removed += len(agents)
-            if time.monotonic() > deadline:
-                logger.warning("pool %s: agents still listed after draining", state.name)
-                break
-            await asyncio.sleep(0.2)
+            if agents := await self._listed(state):
+                if time.monotonic() > deadline:
+                    logger.warning("pool %s: agents still listed after draining", state.name)
+                    break
+                await asyncio.sleep(0.2)
         await self.store.pool_delete(state.uid)
         self.pools.pop((state.pool.metadata.namespace, state.name), None)
         return removed
