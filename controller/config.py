@@ -91,7 +91,7 @@ class Settings:
     """How long a pooled step waits for its AgentPool to appear before failing, in seconds
     (a Workflow and its pool applied together reach the controller in either order)."""
 
-    backend_retry_seconds: int = 120
+    backend_retry_seconds: float = 120.0
     """How long, in seconds, the engine retries (with growing pauses) a backend that fails for
     now (a Docker engine restarting, an API server away) while starting or watching an agent.
     Long enough for either to come back; past it the run lets go, and the controller resumes it

@@ -25,14 +25,14 @@ def test_an_agents_log_read_from_an_engine_that_never_answers_fails_at_the_deadl
     silent.bind(str(tmp_path / "docker.sock"))
     silent.listen(8)  # takes the connection, says nothing
     client = docker.DockerClient(base_url=f"unix://{tmp_path / 'docker.sock'}", version="1.41",
-                                 timeout=1)
+                                 timeout=0.25)
     OneSocketAdapter.install(client)
     backend = DockerBackend(client, Settings())
     reading = concurrent.futures.ThreadPoolExecutor(1)
     try:
         read = reading.submit(backend._read_logs, "0123456789ab", 1024)
         with pytest.raises(requests.exceptions.Timeout):
-            read.result(timeout=5)  # the client's timeout is 1 s
+            read.result(timeout=5)  # the client's timeout is 0.25 s
     finally:
         reading.shutdown(wait=False)
         client.close()

@@ -330,7 +330,7 @@ def test_an_agent_lost_from_under_the_engine_is_retried_per_retries_and_says_why
 
 def test_an_engine_away_longer_than_the_retry_window_lets_the_run_go_without_failing_it() -> None:
     settings = Settings.from_env({}, store="memory", stop_grace_seconds=0,
-                                 backend_retry_seconds=1)
+                                 backend_retry_seconds=0.3)
     fake = FakeBackend(lambda spec: Behaviour(stdout="fine"))
     fake.hiccups["wait"] = [BackendError("the engine is down")] * 10
 

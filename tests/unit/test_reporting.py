@@ -341,16 +341,16 @@ def test_under_load_a_run_shows_its_start_at_once_and_a_short_agent_only_with_it
     """The start is written the configured moment after it came, whatever the load; a later
     change (after a quiet while) waits the longer interval of the load, so that an agent
     created, run and ended within it is written once, by the final status."""
-    services = PacedServices(interval=0.05, loaded=0.5)  # so many run: writes 0.5 s apart
+    services = PacedServices(interval=0.05, loaded=0.3)  # so many run: writes 0.3 s apart
 
     async def run() -> float:
         began = asyncio.get_running_loop().time()
         writer = await running_writer(services)
         shown = asyncio.get_running_loop().time() - began
-        await asyncio.sleep(0.6)  # the agent waits for its turn: no change for a while
+        await asyncio.sleep(0.35)  # the agent waits for its turn: no change for a while
         writer(Event(EventKind.AGENT_STARTED, "created"),
                WorkflowStatus(phase=WorkflowPhase.RUNNING, message="created"))
-        await asyncio.sleep(0.3)  # within the interval of the load: nothing written yet
+        await asyncio.sleep(0.15)  # within the interval of the load: nothing written yet
         assert len(services.patched) == 1
         writer(Event(EventKind.WORKFLOW_FINISHED, "done"),
                WorkflowStatus(phase=WorkflowPhase.SUCCEEDED, message="done"))
@@ -360,7 +360,7 @@ def test_under_load_a_run_shows_its_start_at_once_and_a_short_agent_only_with_it
 
     shown = asyncio.run(run())
 
-    assert shown < 0.4  # the configured moment, not the interval of the load
+    assert shown < 0.25  # the configured moment, not the interval of the load
     assert [patch.get("message") for patch in services.patched] == [None, "done"]
     assert services.urgencies == [Urgency.FIRST, Urgency.LAST_WORD]
 

@@ -184,7 +184,7 @@ def test_a_status_write_the_api_server_never_answers_fails_at_its_deadline(
 
     from controller.handlers import context
 
-    monkeypatch.setattr(context, "WRITE_TIMEOUT_SECONDS", 0.5)
+    monkeypatch.setattr(context, "WRITE_TIMEOUT_SECONDS", 0.2)
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(8)
