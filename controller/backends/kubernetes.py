@@ -41,6 +41,7 @@ from controller.backends.base import (
 from controller.backends.runner import ChannelClosedError, RunnerChannel
 from controller.config import Settings
 from controller.models import EnvSource
+from controller.turns import Turns
 from controller.errors import (
     AgentainerError,
     AgentSpecError,
@@ -231,6 +232,10 @@ class PodAttachChannel(RunnerChannel):
             pass
 
 
+FINISHING = frozenset({"_read_log", "delete_namespaced_pod"})
+"""The calls that finish agents, which take their turn first."""
+
+
 class KubernetesBackend:
     """Runs each agent as a pod through the API server."""
 
@@ -246,6 +251,10 @@ class KubernetesBackend:
         """The backend's own threads for the client's blocking calls, none of which lasts
         long (waits are the watch's): the status writes and the rest of the process, on the
         default threads, never wait behind agents."""
+        self._turns = Turns(settings.kubernetes_threads)
+        """Turns at those threads: calls that finish agents (reading an ended pod's log,
+        deleting a pod) go before those that begin work (creating, listing), so that under a
+        burst of starts a timed-out agent is stopped, and an ended one read, at once."""
         self.pods = PodWatch(core, f"{LABEL_MANAGED_BY}={MANAGED_BY}", api_error)
         """Every agent's pod, as one watch per namespace sees it: waits read it, no polling."""
 
@@ -259,9 +268,11 @@ class KubernetesBackend:
 
     async def _call(self, action: str, function: Callable[..., T], *args: Any,
                     **kwargs: Any) -> T:
+        urgency = 0 if getattr(function, "__name__", "") in FINISHING else 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(
-                self._threads, functools.partial(function, *args, **kwargs))
+            async with self._turns.turn(urgency):
+                return await asyncio.get_running_loop().run_in_executor(
+                    self._threads, functools.partial(function, *args, **kwargs))
         except CLIENT_RAISES as error:
             raise api_error(action, error) or BackendError(f"{action}: {error!r}") from error
 

@@ -7,6 +7,7 @@ import asyncio
 import binascii
 import collections
 import socket
+import threading
 import tracemalloc
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -353,3 +354,37 @@ def test_only_pods_the_resource_owns_are_its_agents(monkeypatch: pytest.MonkeyPa
                                               "pool-uid"))
     assert [agent.name for agent in found] == ["ours"]
     assert asked == [("team", "agentainer.dev/pool-uid=pool-uid")]
+
+
+def test_calls_that_finish_agents_go_before_those_waiting_to_begin_work(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With every thread taken, a pod's deletion (a timed-out agent stopped) asked for after
+    a list goes first."""
+    calls: list[str] = []
+    gate = threading.Event()
+
+    def list_namespaced_pod(self: Any, namespace: str, **kwargs: Any) -> Any:
+        calls.append("list")
+        gate.wait(5)
+        return SimpleNamespace(items=[])
+
+    def delete_namespaced_pod(self: Any, name: str, namespace: str, **kwargs: Any) -> None:
+        calls.append(f"delete {name}")
+
+    monkeypatch.setattr(CoreV1Api, "list_namespaced_pod", list_namespaced_pod)
+    monkeypatch.setattr(CoreV1Api, "delete_namespaced_pod", delete_namespaced_pod)
+    pods = backend(kubernetes_threads=1)
+
+    async def scenario() -> None:
+        first = asyncio.ensure_future(pods.list_agents("team", {}))
+        await asyncio.sleep(0.05)  # it holds the one thread
+        second = asyncio.ensure_future(pods.list_agents("team", {}))
+        await asyncio.sleep(0.01)
+        stop = asyncio.ensure_future(pods.stop(AGENT, 2))
+        await asyncio.sleep(0.01)
+        gate.set()
+        await asyncio.wait_for(asyncio.gather(first, second, stop), 5)
+
+    asyncio.run(scenario())
+
+    assert calls == ["list", f"delete {AGENT.name}", "list"]
