@@ -71,6 +71,9 @@ class Services:
     phases: dict[str, WorkflowPhase] = field(default_factory=dict)
     runs: dict[str, WorkflowRun] = field(default_factory=dict)
     """The runs of this process, by workflow uid: for handlers that steer them."""
+    heeded: dict[str, int | None] = field(default_factory=dict)
+    """The generation of each Workflow's spec this process has acted on, by uid: a run here
+    steered by its controls, or a change after its end recorded."""
     _docker: DockerBackend | None = None
     _kubernetes: KubernetesBackend | None = None
     _backend_lock: asyncio.Lock = field(default_factory=asyncio.Lock)

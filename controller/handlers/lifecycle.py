@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import kopf
@@ -12,10 +13,36 @@ from controller.errors import AgentainerError
 from controller.handlers.context import Services, kubernetes_client
 from controller.handlers.reporting import to_kopf
 from controller.metrics import Metrics, PoolMetrics
+from controller.models import API_GROUP
 from controller.pools import PoolManager
 from controller.store import open_store
 
 FINALIZER = "agentainer.dev/finalizer"
+
+
+class PoolsOnlyDiffBase(kopf.AnnotationsDiffBaseStorage):
+    """kopf's copy of the spec last handled, in an annotation, for AgentPools only. Workflows
+    have no handler that kopf tells of a change (theirs compare each event with their run,
+    their status and the store), so none is kept for them: a new Workflow costs no write of
+    that copy, and none of its events a copy of its body."""
+
+    @staticmethod
+    def _ours(body: kopf.Body) -> bool:
+        return body.get("kind") == "Workflow" and \
+            str(body.get("apiVersion", "")).startswith(f"{API_GROUP}/")
+
+    def build(self, *, body: kopf.Body,
+              extra_fields: Iterable[Any] | None = None) -> kopf.BodyEssence:
+        if self._ours(body):
+            return kopf.BodyEssence()
+        return super().build(body=body, extra_fields=extra_fields)
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None if self._ours(body) else super().fetch(body=body)
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        if not self._ours(body):
+            super().store(body=body, patch=patch, essence=essence)
 
 
 @kopf.on.startup()
@@ -25,7 +52,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo,
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
         prefix="agentainer.dev")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+    settings.persistence.diffbase_storage = PoolsOnlyDiffBase(
         prefix="agentainer.dev", key="last-handled-configuration")
     settings.posting.level = logging.INFO
     config = Settings.from_env()

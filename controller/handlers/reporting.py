@@ -11,7 +11,7 @@ import asyncio
 import collections
 import heapq
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import kopf
@@ -101,6 +101,13 @@ def spec_change_ignored(body: kopf.Body, running: int | None) -> Condition | Non
                "new one)")
     return condition(ConditionType.SPEC_CHANGE_IGNORED, True, "SpecChangedAfterStart",
                      message, (body.get("status") or {}).get("conditions", []))
+
+
+def spec_change_recorded(status: Mapping[str, Any] | None, generation: int | None) -> bool:
+    """Whether the status's SpecChangeIgnored condition already tells of that generation."""
+    return any(c.get("type") == ConditionType.SPEC_CHANGE_IGNORED.value and
+               str(c.get("message", "")).startswith(f"spec changed to generation {generation} ")
+               for c in (status or {}).get("conditions", []))
 
 
 # --- a Workflow's status and Events -------------------------------------------------------------

@@ -23,7 +23,6 @@ from controller.models import (
     API_GROUP,
     API_VERSION,
     RETRY_ANNOTATION,
-    SPEC_CONTROLS,
     ConditionType,
     Shutdown,
     StepPhase,
@@ -42,8 +41,6 @@ RELEASE_SECONDS = 60.0
 """How long a daemon whose run ended waits for kopf to see the final phase and stop it: a
 daemon stopped so (not one that returned) is started again should a retry reopen the run."""
 FINISHED = {phase.value for phase in WorkflowPhase if phase.finished}
-CONTROLS = {WorkflowSpec.model_fields[name].alias or name for name in SPEC_CONTROLS}
-"""The spec's fields that steer a run, as the resource spells them."""
 
 
 def _finished(status: Mapping[str, Any] | None) -> bool:
@@ -63,7 +60,7 @@ def _ttl(spec: Mapping[str, Any] | None, services: Services) -> int | None:
     return services.settings.workflow_ttl_seconds or None if ttl is None else int(ttl)
 
 
-def _steer(run: WorkflowRun, body: kopf.Body) -> None:
+def _steer(services: Services, run: WorkflowRun, body: kopf.Body) -> None:
     """Have the run follow its controls as the resource says them now."""
     spec = body.get("spec") or {}
     try:
@@ -71,6 +68,7 @@ def _steer(run: WorkflowRun, body: kopf.Body) -> None:
     except ValueError:
         shutdown = None  # the schema allows none other; one written around it is ignored
     run.steer(bool(spec.get("suspend")), shutdown)
+    services.heeded[run.uid] = body.metadata.get("generation")
 
 
 async def _refuse(services: Services, body: kopf.Body, kind: ConditionType,
@@ -126,7 +124,7 @@ async def run_workflow(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonSto
     writer.follow(run.status, lambda: run.workflow.spec)
     writer.start()
     services.runs[run.uid] = run
-    _steer(run, body)
+    _steer(services, run, body)
     execution = asyncio.create_task(run.execute(), name=f"workflow-{workflow.metadata.name}")
     stop = asyncio.ensure_future(stopped.wait())
     try:
@@ -154,6 +152,7 @@ async def run_workflow(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonSto
     finally:
         stop.cancel()
         services.runs.pop(run.uid, None)
+        services.heeded.pop(run.uid, None)
         if run.detached:
             writer.abandon()
         else:
@@ -223,50 +222,95 @@ async def _final_status(services: Services, writer: StatusWriter, retry: int) ->
         raise reporting.reconcile_failed(services, "Workflow", error, retry) from error
 
 
-@kopf.on.update(API_GROUP, API_VERSION, WORKFLOWS, field="spec")
-async def spec_changed(body: kopf.Body, memo: kopf.Memo, old: Any, new: Any,
-                       **_: Any) -> None:
+# Neither the spec's changes nor the retry annotation's are told by kopf (which would keep the
+# spec last seen in an annotation of each Workflow, one more write per Workflow): each event
+# is compared with what the run runs, the status, and the store.
+
+
+def _unheeded(body: kopf.Body, status: kopf.Status, memo: Any, type: str | None,
+              **_: Any) -> bool:
+    """A generation of the spec this process has not acted on: one a run here is not steered
+    by yet, or one a finished Workflow's status does not account for."""
+    services: Services | None = getattr(memo, "services", None)
+    uid, generation = body.metadata.uid or "", body.metadata.get("generation")
+    if services is None or type == "DELETED" or services.heeded.get(uid, -1) == generation:
+        return False
+    if uid in services.runs:
+        return True
+    observed = status.get("observedGeneration")
+    return _finished(status) and observed is not None and generation != observed and \
+        not reporting.spec_change_recorded(status, generation)
+
+
+@kopf.on.event(API_GROUP, API_VERSION, WORKFLOWS, when=_unheeded)
+async def spec_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """Its controls (suspend, shutdown) steer its run at once. Otherwise a Workflow runs the
     spec it started with; a later change is said, in an Event and a condition (which its run's
-    status writer keeps while it runs, restarts included)."""
+    status writer keeps while it runs, restarts included). A finished Workflow is compared
+    with the spec its run kept in the store: a change of its controls alone is observed, as it
+    was while it ran."""
     services: Services = memo.services
-    if (run := services.runs.get(body.metadata.uid or "")) is not None:
-        _steer(run, body)
+    uid, generation = body.metadata.uid or "", body.metadata.get("generation")
     status = body.get("status") or {}
-    if _without_controls(old) == _without_controls(new):
-        if _finished(status) and status.get("observedGeneration") is not None and \
-                not any(c.get("type") == ConditionType.SPEC_CHANGE_IGNORED.value
-                        for c in status.get("conditions", [])):
-            await services.patch_status(WORKFLOWS, body.metadata.namespace or "default",
-                                        body.metadata.name or "", {
-                                            "observedGeneration": body.metadata.get("generation")})
+    if (run := services.runs.get(uid)) is not None:
+        _steer(services, run, body)
+        if _changed_from(body, run.workflow.spec):
+            ignored = reporting.spec_change_ignored(body, run.status.observed_generation)
+            if ignored is not None:
+                kopf.warn(body, reason=ignored.type, message=ignored.message)
         return
-    ignored = reporting.spec_change_ignored(body, status.get("observedGeneration"))
-    if ignored is None:
+    record = await services.store.workflow(uid)
+    if record is None or record.spec is None:
+        services.heeded[uid] = generation  # the spec it ran is no longer kept: none to compare
         return
-    kopf.warn(body, reason=ignored.type, message=ignored.message)
-    if _finished(status):
+    namespace, name = body.metadata.namespace or "default", body.metadata.name or ""
+    if not _changed_from(body, record.spec):
+        if not any(c.get("type") == ConditionType.SPEC_CHANGE_IGNORED.value
+                   for c in status.get("conditions", [])):
+            await services.patch_status(WORKFLOWS, namespace, name,
+                                        {"observedGeneration": generation})
+    elif (ignored := reporting.spec_change_ignored(body, status.get("observedGeneration"))):
+        kopf.warn(body, reason=ignored.type, message=ignored.message)
         conditions = [c for c in status.get("conditions", []) if c.get("type") != ignored.type]
-        await services.patch_status(WORKFLOWS, body.metadata.namespace or "default",
-                                    body.metadata.name or "",
+        await services.patch_status(WORKFLOWS, namespace, name,
                                     {"conditions": conditions + reporting.dumped([ignored])})
+    services.heeded[uid] = generation
 
 
-def _without_controls(spec: Any) -> dict[str, Any]:
-    return {key: value for key, value in dict(spec or {}).items() if key not in CONTROLS}
+def _changed_from(body: kopf.Body, ran: WorkflowSpec) -> bool:
+    """Whether the resource's spec says to run other than ``ran`` (its controls aside)."""
+    try:
+        spec = parse_workflow(dict(body)).spec
+    except InvalidSpecError:
+        return True
+    return spec.running_part() != ran.running_part()
 
 
-@kopf.on.field(API_GROUP, API_VERSION, WORKFLOWS,
-               field=("metadata", "annotations", RETRY_ANNOTATION))
-async def retry_requested(body: kopf.Body, memo: kopf.Memo, new: Any, logger: kopf.Logger,
-                          retry: int, **_: Any) -> None:
+def _retry_asked(body: kopf.Body, status: kopf.Status, **_: Any) -> bool:
+    asked = body.metadata.annotations.get(RETRY_ANNOTATION)
+    return bool(asked) and status.get("retried") != asked
+
+
+@kopf.daemon(API_GROUP, API_VERSION, WORKFLOWS, cancellation_backoff=STOP_SECONDS,
+             when=_retry_asked)
+async def retry_workflow(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped,
+                         logger: kopf.Logger, retry: int, **_: Any) -> None:
     """A new value of the retry annotation on a Workflow that failed (or was stopped): run
     again the steps that did not succeed, keeping the outputs of those that did. Each value is
-    acted on once (``status.retried`` keeps the last)."""
-    services: Services = memo.services
+    acted on once (``status.retried`` keeps the last). A daemon, so that a failure (the store
+    away) is tried again; it lives until kopf sees the value acted on."""
+    new = body.metadata.annotations.get(RETRY_ANNOTATION)
+    if new and (body.get("status") or {}).get("retried") != new:
+        await _retry(memo.services, body, new, logger, retry)
+    if not await stopped.wait(RELEASE_SECONDS):
+        logger.warning("the retry %s was not seen acted on within %.0f s: another retry of this "
+                       "workflow is acted on only after the controller restarts", new,
+                       RELEASE_SECONDS)
+
+
+async def _retry(services: Services, body: kopf.Body, new: str, logger: kopf.Logger,
+                 retry: int) -> None:
     status = dict(body.get("status") or {})
-    if not new or status.get("retried") == new:
-        return
     namespace, name = body.metadata.namespace or "default", body.metadata.name or ""
 
     async def refuse(why: str) -> None:
@@ -317,4 +361,5 @@ async def workflow_deleted(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger
         raise reporting.reconcile_failed(services, "Workflow", error, retry,
                                          converge=True) from error
     services.workflow_phase(uid, None)
+    services.heeded.pop(uid, None)
     logger.info("removed the agents and state of the workflow")
