@@ -230,10 +230,12 @@ async def _final_status(services: Services, writer: StatusWriter, retry: int) ->
 def _unheeded(body: kopf.Body, status: kopf.Status, memo: Any, type: str | None,
               **_: Any) -> bool:
     """A generation of the spec this process has not acted on: one a run here is not steered
-    by yet, or one a finished Workflow's status does not account for."""
+    by yet, or one a finished Workflow's status does not account for. Not one of a Workflow
+    being deleted (its deletion is a generation too)."""
     services: Services | None = getattr(memo, "services", None)
     uid, generation = body.metadata.uid or "", body.metadata.get("generation")
-    if services is None or type == "DELETED" or services.heeded.get(uid, -1) == generation:
+    if services is None or type == "DELETED" or body.metadata.deletion_timestamp or \
+            services.heeded.get(uid, -1) == generation:
         return False
     if uid in services.runs:
         return True

@@ -91,6 +91,9 @@ def test_a_finished_workflows_change_of_its_controls_alone_is_observed(
     assert services.patched == [{"observedGeneration": 2}]
     assert warned == []
     assert not unheeded(body, services)  # each generation once
+    deleting = copy.deepcopy(dict(edited({}, generation=3)))
+    deleting["metadata"]["deletionTimestamp"] = "2026-11-27T08:03:11Z"  # a generation too
+    assert not unheeded(kopf.Body(deleting), services)
 
 
 def test_a_finished_workflows_spec_change_is_said_once_in_an_event_and_a_condition(
