@@ -245,7 +245,8 @@ def _unheeded(body: kopf.Body, status: kopf.Status, memo: Any, type: str | None,
 
 
 @kopf.on.event(API_GROUP, API_VERSION, WORKFLOWS, when=_unheeded)
-async def spec_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def spec_changed(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger,
+                       **_: Any) -> None:
     """Its controls (suspend, shutdown) steer its run at once. Otherwise a Workflow runs the
     spec it started with; a later change is said, in an Event and a condition (which its run's
     status writer keeps while it runs, restarts included). A finished Workflow is compared
@@ -253,7 +254,6 @@ async def spec_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     was while it ran."""
     services: Services = memo.services
     uid, generation = body.metadata.uid or "", body.metadata.get("generation")
-    status = body.get("status") or {}
     if (run := services.runs.get(uid)) is not None:
         _steer(services, run, body)
         if _changed_from(body, run.workflow.spec):
@@ -261,22 +261,31 @@ async def spec_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
             if ignored is not None:
                 kopf.warn(body, reason=ignored.type, message=ignored.message)
         return
-    record = await services.store.workflow(uid)
-    if record is None or record.spec is None:
-        services.heeded[uid] = generation  # the spec it ran is no longer kept: none to compare
+    try:
+        await _note_change_after_the_end(services, body)
+    except AgentainerError as error:  # the store or the API server away: its next event
+        logger.warning("generation %s of the spec not compared with what ran: %s",
+                       generation, error)
         return
+    services.heeded[uid] = generation
+
+
+async def _note_change_after_the_end(services: Services, body: kopf.Body) -> None:
+    record = await services.store.workflow(body.metadata.uid or "")
+    if record is None or record.spec is None:
+        return  # the spec it ran is no longer kept: nothing to compare with
+    status = body.get("status") or {}
     namespace, name = body.metadata.namespace or "default", body.metadata.name or ""
     if not _changed_from(body, record.spec):
         if not any(c.get("type") == ConditionType.SPEC_CHANGE_IGNORED.value
                    for c in status.get("conditions", [])):
             await services.patch_status(WORKFLOWS, namespace, name,
-                                        {"observedGeneration": generation})
+                                        {"observedGeneration": body.metadata.get("generation")})
     elif (ignored := reporting.spec_change_ignored(body, status.get("observedGeneration"))):
         kopf.warn(body, reason=ignored.type, message=ignored.message)
         conditions = [c for c in status.get("conditions", []) if c.get("type") != ignored.type]
         await services.patch_status(WORKFLOWS, namespace, name,
                                     {"conditions": conditions + reporting.dumped([ignored])})
-    services.heeded[uid] = generation
 
 
 def _changed_from(body: kopf.Body, ran: WorkflowSpec) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 from types import SimpleNamespace
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 from controller.handlers import workflow
 from controller.handlers.lifecycle import PoolsOnlyDiffBase
 from controller.models import RETRY_ANNOTATION, WorkflowPhase, parse_workflow
+from controller.errors import StoreUnavailableError
 from controller.store.records import WorkflowRecord
 from tests.conftest import sh, workflow_doc
 
@@ -77,7 +79,8 @@ def unheeded(body: kopf.Body, services: Services) -> bool:
 
 
 def handled(body: kopf.Body, services: Services) -> None:
-    asyncio.run(workflow.spec_changed(body=body, memo=SimpleNamespace(services=services)))
+    asyncio.run(workflow.spec_changed(body=body, memo=SimpleNamespace(services=services),
+                                      logger=logging.getLogger("test")))
 
 
 def test_a_finished_workflows_change_of_its_controls_alone_is_observed(
@@ -180,3 +183,19 @@ def test_kopf_keeps_a_copy_of_the_spec_of_agent_pools_but_not_of_workflows() -> 
         else:
             assert annotations == {}
             assert storage.fetch(body=body) is None and storage.build(body=body) == {}
+
+
+def test_a_store_away_leaves_the_generation_to_the_next_event(
+        caplog: pytest.LogCaptureFixture, warned: list[tuple[str, str]]) -> None:
+    services = Services(record(ran()))
+
+    async def away(uid: str) -> WorkflowRecord | None:
+        raise StoreUnavailableError("Redis at 127.0.0.1:6379 failed while connecting")
+
+    services.store.workflow = away  # type: ignore[method-assign]
+    body = edited({"description": "changed"})
+    asyncio.run(workflow.spec_changed(body=body, memo=SimpleNamespace(services=services),
+                                      logger=logging.getLogger("test")))
+
+    assert "generation 2 of the spec not compared with what ran: Redis" in caplog.text
+    assert unheeded(body, services)  # tried again on its next event
