@@ -113,6 +113,10 @@ def build_pod(spec: AgentSpec, runner_image: str = "") -> dict[str, Any]:
             container["command"] = list(spec.command)
         if spec.args is not None:
             container["args"] = list(spec.args)
+        # The pod's pause process is its PID 1, as the runner is a Docker agent's: the command
+        # is not, so a SIGTERM (its timeout, a stop) ends it as it would anywhere else rather
+        # than being ignored until the grace period's SIGKILL, and its orphans are reaped.
+        pod_spec["shareProcessNamespace"] = True
     limits: dict[str, str] = {}
     if spec.nano_cpus is not None:
         limits["cpu"] = _millicores(spec.nano_cpus)

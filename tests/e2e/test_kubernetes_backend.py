@@ -105,6 +105,9 @@ def test_pod_past_its_timeout_is_reported_deadline_exceeded(kubectl: Kubectl,
     assert status["phase"] == "Failed"
     assert status["steps"][0]["agents"][0]["reason"] == "DeadlineExceeded"
     assert "timeoutSeconds (3)" in status["steps"][0]["message"]
+    # Ended by the kubelet's SIGTERM (143), not by its SIGKILL once the grace period had
+    # passed (137), as when the command was the pod's PID 1, which ignores SIGTERM.
+    assert status["steps"][0]["agents"][0]["exitCode"] == 143
 
 
 def test_missing_image_is_reported_from_the_pod_status(kubectl: Kubectl,

@@ -185,3 +185,14 @@ def test_an_agent_of_its_own_runs_through_the_runner_which_keeps_its_output() ->
                                     "--", "sh", "-c", "echo hi"]
     assert config["command"] == [] and config["user"] == "0:0"  # it drops to app:staff itself
     assert config["init"] is True
+
+
+def test_a_pods_pid_1_is_never_a_command_that_would_ignore_sigterm() -> None:
+    """PID 1 ignores a signal it has no handler for: a fresh pod's command (sleep, sh) would
+    outlive its timeout's SIGTERM until the grace period's SIGKILL. Its pod's pause process is
+    PID 1 instead, as the runner is a pool pod's."""
+    fresh = AgentSpec(name="wf-step-abcde", image="agent:1", command=["sleep", "300"],
+                      args=None, env={}, labels={}, namespace="team", timeout_seconds=3)
+
+    assert build_pod(fresh, RUNNER_IMAGE)["spec"]["shareProcessNamespace"] is True
+    assert "shareProcessNamespace" not in build_pod(agent(), RUNNER_IMAGE)["spec"]
