@@ -137,11 +137,36 @@ class Controller:
             self.process.kill()
 
 
-def workflow(name: str, namespace: str, backend: str, pooled: bool) -> dict[str, Any]:
-    step = {"name": "echo", "command": COMMAND, **({"pool": POOL} if pooled else {"image": IMAGE})}
+def workflow(name: str, namespace: str, backend: str, pooled: bool,
+             **step: Any) -> dict[str, Any]:
+    step = {"name": "echo", "command": COMMAND, **({"pool": POOL} if pooled else {"image": IMAGE}),
+            **step}
     return {"apiVersion": "agentainer.dev/v1alpha1", "kind": "Workflow",
             "metadata": {"name": name, "namespace": namespace},
             "spec": {"backend": backend, "cleanup": "Always", "steps": [step]}}
+
+
+PROBE = "bench-timeout"
+PROBE_TIMEOUT_SECONDS = 3
+"""A workflow submitted just before the burst, whose agent sleeps past this timeout while the
+burst is under way: how late its agent is stopped says whether timeouts act at once under
+load."""
+
+
+def probe(namespace: str, backend: str, pooled: bool) -> dict[str, Any]:
+    return workflow(PROBE, namespace, backend, pooled, command=["sleep", "300"],
+                    timeoutSeconds=PROBE_TIMEOUT_SECONDS)
+
+
+def overrun(body: dict[str, Any]) -> float | None:
+    """Seconds the probe's agent ran past its timeout, as its status says (None: it did not
+    end by its timeout)."""
+    for step in (body.get("status") or {}).get("steps", []):
+        for agent in step.get("agents", []):
+            if agent.get("reason") == "DeadlineExceeded" and agent.get("finishedAt"):
+                return moment(agent["finishedAt"]) - moment(agent["startedAt"]) \
+                    - PROBE_TIMEOUT_SECONDS
+    return None
 
 
 def warm_pool(objects: Any, namespace: str, backend: str) -> None:
@@ -164,8 +189,9 @@ def warm_pool(objects: Any, namespace: str, backend: str) -> None:
 
 
 def through_the_operator(objects: Any, core: Any, namespace: str, backend: str,
-                         pooled: bool, count: int) -> tuple[float, list[float]]:
-    """Seconds until all ``count`` workflows succeeded, and each agent's status lag."""
+                         pooled: bool, count: int) -> tuple[float, list[float], float]:
+    """Seconds until all ``count`` workflows succeeded, each agent's status lag, and how late
+    the probe's agent was stopped past its timeout."""
     names = [f"bench-{backend[:4]}-{i:04d}" for i in range(count)]
     seen: dict[str, float] = {}
     lags: list[float] = []
@@ -173,10 +199,16 @@ def through_the_operator(objects: Any, core: Any, namespace: str, backend: str,
 
     failed: list[str] = []
 
+    late: list[float] = []
+
     def note(body: dict[str, Any], watched: bool = True) -> None:
         """What a Workflow's status says; the lags only from the watch, as they happen."""
         name = body["metadata"]["name"]
         status = body.get("status") or {}
+        if name == PROBE:
+            if not late and (past := overrun(body)) is not None:
+                late.append(past)
+            return
         for step in status.get("steps", []) if watched else []:
             for agent in step.get("agents", []):
                 if agent.get("finishedAt") and agent["id"] + name not in seen:
@@ -206,6 +238,8 @@ def through_the_operator(objects: Any, core: Any, namespace: str, backend: str,
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     time.sleep(0.5)
+    objects.create_namespaced_custom_object("agentainer.dev", "v1alpha1", namespace, "workflows",
+                                            probe(namespace, backend, pooled))
     began_wall = time.time()
     with concurrent.futures.ThreadPoolExecutor(SUBMITTERS) as submit:  # as many clients would
         list(submit.map(lambda name: objects.create_namespaced_custom_object(
@@ -230,7 +264,17 @@ def through_the_operator(objects: Any, core: Any, namespace: str, backend: str,
                  f"{LIMIT_SECONDS} s")
     if failed:
         fail(f"{len(failed)} workflows did not succeed; the first: {failed[0]}")
-    return max(seen.get(name, time.time()) for name in names) - began_wall, lags
+    took = max(seen.get(name, time.time()) for name in names) - began_wall
+
+    def probed() -> bool:  # (the watch has stopped: read)
+        if not late and (past := overrun(objects.get_namespaced_custom_object(
+                "agentainer.dev", "v1alpha1", namespace, "workflows", PROBE))) is not None:
+            late.append(past)
+        return bool(late)
+
+    wait_until(probed, f"the probe's agent had not ended by its timeout "
+                       f"({PROBE_TIMEOUT_SECONDS} s)")
+    return took, lags, late[0]
 
 
 def deleted(objects: Any, namespace: str) -> None:
@@ -481,8 +525,8 @@ def main() -> int:
                 if pooled:
                     warm_pool(objects, namespace, kind)
                 cpu, requests = controller.cpu_seconds(), pod_requests()
-                took, lags = through_the_operator(objects, core, namespace, kind, pooled,
-                                                  args.workflows)
+                took, lags, late = through_the_operator(objects, core, namespace, kind, pooled,
+                                                        args.workflows)
                 requests = pod_requests() - requests
                 cpu = controller.cpu_seconds() - cpu
                 rss = controller.peak_rss_mib()
@@ -501,6 +545,8 @@ def main() -> int:
                   + (f"{requests / args.workflows:5.1f} ({baseline / args.workflows:.1f})"
                      if kind == "kubernetes" else f"{'-':>11}")
                   + f" {rss:8.0f} {cpu / args.workflows:9.3f}", flush=True)
+            print(f"  (a {PROBE_TIMEOUT_SECONDS} s timeout under that load: its agent ended "
+                  f"{late:.2f} s past it)", flush=True)
             if backend == "docker":
                 alone = args.workflows / backend_alone(args.workflows) * 60
                 print(f"{'  backend alone':<13} {alone:8.0f} {plain_rate:10.0f} "
