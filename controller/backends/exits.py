@@ -130,12 +130,12 @@ class ContainerExits(LoopFollower):
         its own, for when the engine refuses its events. Fails as the engine away when the
         stream is lost meanwhile, or not connected within READY_SECONDS."""
         await self._ready()
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         with self._lock:
             if refused := self._refused:
                 self._expected.pop(container_id, None)
         if refused:
             return await waited()
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         with self._lock:
             if not self._connected:
                 raise BackendUnavailableError(self._why)
