@@ -306,7 +306,7 @@ def test_an_agent_that_exists_already_is_adopted_even_when_the_store_forgot_it()
 
 
 def test_an_agent_lost_from_under_the_engine_is_retried_per_retries_and_says_why() -> None:
-    fake = FakeBackend(lambda spec: Behaviour(0.3 if attempt_of(spec) == 1 else 0,
+    fake = FakeBackend(lambda spec: Behaviour(0.15 if attempt_of(spec) == 1 else 0,
                                               stdout=f"attempt {attempt_of(spec)}"))
 
     async def play() -> WorkflowStatus:
@@ -431,7 +431,7 @@ def test_failed_step_fails_the_workflow_and_its_dependents_never_start() -> None
         {"name": "side", "dependsOn": ["prepare"]},
         {"name": "late", "dependsOn": ["side"]},
         cleanup="Never",
-    ), by_step({"crash": Behaviour(0.01, exit_code=1), "side": Behaviour(0.2, stdout="side")}))
+    ), by_step({"crash": Behaviour(0.01, exit_code=1), "side": Behaviour(0.1, stdout="side")}))
 
     assert status.phase is WorkflowPhase.FAILED
     assert status.step("crash").phase is StepPhase.FAILED
@@ -453,7 +453,7 @@ def test_fan_out_starts_no_new_agent_once_one_failed_and_lets_running_ones_finis
     def agent(spec: AgentSpec) -> Behaviour:
         index = index_of(spec)
         if index == 0:
-            return Behaviour(0.2, stdout="slow but fine")
+            return Behaviour(0.1, stdout="slow but fine")
         return Behaviour(0.01, exit_code=1 if index == 1 else 0)
 
     status, fake = run(workflow_doc(
@@ -690,13 +690,13 @@ def test_a_restarted_run_adopts_only_the_agents_of_its_own_workflow_uid() -> Non
     document = workflow_doc({"name": "fan", "parallel": {"replicas": 2}}, name="twice")
     document["metadata"]["uid"] = "new00000-uid"
     old = parse_workflow({**document, "metadata": {"name": "twice", "uid": "old00000-uid"}})
-    fake = FakeBackend(lambda spec: Behaviour(0.2, stdout=f"new {index_of(spec)}"))
+    fake = FakeBackend(lambda spec: Behaviour(0.1, stdout=f"new {index_of(spec)}"))
     store = MemoryStore()
 
     async def go() -> WorkflowStatus:
         for index in (0, 1):
             spec = build_agent_spec(old, "old00000-uid", old.spec.steps[0], index, 1, {})
-            await fake.hold(spec, Behaviour(0.2, stdout=f"old {index}"))
+            await fake.hold(spec, Behaviour(0.1, stdout=f"old {index}"))
         first = new_run(document, fake, store)
         task = asyncio.create_task(first.execute())
         await until(lambda: len(fake.running()) == 4)
@@ -742,7 +742,7 @@ def test_a_restarted_run_goes_on_with_the_spec_it_started_with() -> None:
     new = {**old, "metadata": {**old["metadata"], "generation": 2},
            "spec": workflow_doc({"name": "fan", "parallel": {"items": ["x", "y", "z"]},
                                  "env": [{"name": "WORD", "value": "new"}]})["spec"]}
-    fake = FakeBackend(lambda spec: Behaviour(0.2 if spec.env["WORD"].endswith("b") else 0,
+    fake = FakeBackend(lambda spec: Behaviour(0.1 if spec.env["WORD"].endswith("b") else 0,
                                               stdout=spec.env["WORD"]))
     store = MemoryStore()
 
@@ -769,7 +769,7 @@ def test_an_output_lost_from_the_store_fails_the_step_that_reads_it_loudly() -> 
     from controller.store import Keys
 
     document = map_reduce_aside()
-    fake = FakeBackend(lambda spec: Behaviour(0.3 if step_of(spec) == "reduce" else 0,
+    fake = FakeBackend(lambda spec: Behaviour(0.15 if step_of(spec) == "reduce" else 0,
                                               stdout=spec.env.get("WORD", "x")))
     store = MemoryStore()
 
@@ -808,7 +808,7 @@ def test_a_store_that_lost_the_run_resumes_it_from_the_status_of_its_resource(cu
     shown whole, else the step that reads them fails saying they are lost; a running agent is
     adopted by its labels."""
     document = map_reduce_aside()
-    fake = FakeBackend(lambda spec: Behaviour(0.3 if step_of(spec) == "reduce" else 0,
+    fake = FakeBackend(lambda spec: Behaviour(0.15 if step_of(spec) == "reduce" else 0,
                                               stdout=spec.env.get("ALL") or spec.env.get("WORD", "")))
 
     async def play() -> WorkflowStatus:

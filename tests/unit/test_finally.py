@@ -83,7 +83,7 @@ def test_finally_steps_run_after_a_cancellation_or_the_timeout(how: str) -> None
 def test_a_restart_during_the_finally_steps_runs_nothing_twice() -> None:
     document = with_finally({"name": "build"})
     store = MemoryStore()
-    fake = FakeBackend(by_step({"cleanup": Behaviour(0.2), "notify": Behaviour(0.2)}))
+    fake = FakeBackend(by_step({"cleanup": Behaviour(0.1), "notify": Behaviour(0.1)}))
 
     async def play() -> Any:
         first = new_run(document, fake, store)

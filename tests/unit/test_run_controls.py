@@ -87,7 +87,7 @@ def test_a_run_suspended_before_it_starts_waits_for_its_resume() -> None:
 
 
 def test_stop_lets_running_agents_finish_starts_nothing_new_and_runs_finally() -> None:
-    fake = FakeBackend(by_step({"first": Behaviour(0.2, stdout="x")}))
+    fake = FakeBackend(by_step({"first": Behaviour(0.1, stdout="x")}))
 
     async def go() -> WorkflowStatus:
         run = new_run(two_slow_steps(), fake, MemoryStore())

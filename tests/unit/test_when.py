@@ -106,7 +106,7 @@ def test_the_outcome_is_a_condition_unknown_while_running_then_true_or_false() -
     from tests.unit.fake_backend import FakeBackend
     from tests.unit.test_engine import new_run, scenario, until
 
-    fake = FakeBackend(by_step({"slow": Behaviour(0.2), "bad": Behaviour(exit_code=1)}))
+    fake = FakeBackend(by_step({"slow": Behaviour(0.1), "bad": Behaviour(exit_code=1)}))
 
     async def play() -> tuple[list[Any], Any, Any]:
         workflow_run = new_run(with_uid(workflow_doc({"name": "slow"})), fake, MemoryStore())
