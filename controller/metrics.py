@@ -46,6 +46,8 @@ class Metrics:
                                     ["backend"], registry=r)
         self.agent_retries = Counter("agentainer_agent_retries_total",
                                      "Failed agents run again", ["backend"], registry=r)
+        self.leading = Gauge("agentainer_leading", "1 while this replica runs the operator (it "
+                             "leads, or runs unelected), 0 while it stands by", registry=r)
         self.reconcile_errors = Counter("agentainer_reconcile_errors_total",
                                         "Reconciliations that raised, by kind and error",
                                         ["kind", "error"], registry=r)

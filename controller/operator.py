@@ -10,6 +10,8 @@ import signal
 import socket
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,7 +128,8 @@ async def run(options: Options, config: Settings) -> int:
         loop.add_signal_handler(sig, stopping.set)
     try:
         if election is None:
-            await _operate(options, metrics, health, stopping)
+            with _leading(metrics):
+                await _operate(options, metrics, health, stopping)
             return 0
         if not await election.acquire(stopping):
             return 0
@@ -138,25 +141,37 @@ async def run(options: Options, config: Settings) -> int:
 
 async def _lead(election: LeaderElection, options: Options, metrics: Metrics, health: Health,
                 stopping: asyncio.Event) -> int:
-    holding = asyncio.create_task(election.hold(), name="leader election")
-    operating = asyncio.create_task(_operate(options, metrics, health, stopping),
-                                    name="operator")
+    with _leading(metrics):
+        holding = asyncio.create_task(election.hold(), name="leader election")
+        operating = asyncio.create_task(_operate(options, metrics, health, stopping),
+                                        name="operator")
+        try:
+            await asyncio.wait({holding, operating}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not holding.done():
+                holding.cancel()
+        if operating.done():
+            await election.release()
+            operating.result()
+            return 0
+        logger.error("lost the lease: stopping at once; the new leader adopts the agents")
+        stopping.set()
+        try:
+            await asyncio.wait_for(operating, LOST_LEASE_EXIT_SECONDS)
+        except TimeoutError:
+            logger.error("the operator did not stop in %.0f s: exiting",
+                         LOST_LEASE_EXIT_SECONDS)
+        return EXIT_LOST_LEASE
+
+
+@contextmanager
+def _leading(metrics: Metrics) -> Iterator[None]:
+    """``agentainer_leading`` is 1 meanwhile: a standby's metrics say it stands by."""
+    metrics.leading.set(1)
     try:
-        await asyncio.wait({holding, operating}, return_when=asyncio.FIRST_COMPLETED)
+        yield
     finally:
-        if not holding.done():
-            holding.cancel()
-    if operating.done():
-        await election.release()
-        operating.result()
-        return 0
-    logger.error("lost the lease: stopping at once; the new leader adopts the agents")
-    stopping.set()
-    try:
-        await asyncio.wait_for(operating, LOST_LEASE_EXIT_SECONDS)
-    except TimeoutError:
-        logger.error("the operator did not stop in %.0f s: exiting", LOST_LEASE_EXIT_SECONDS)
-    return EXIT_LOST_LEASE
+        metrics.leading.set(0)
 
 
 async def _operate(options: Options, metrics: Metrics, health: Health,

@@ -16,6 +16,7 @@ import pytest
 from kubernetes.client import ApiException
 
 from controller.leader import LeaderElection, Timing
+from controller.metrics import Metrics
 
 TIMING = Timing(duration=15, renew_deadline=10, retry_period=2)
 
@@ -216,16 +217,20 @@ async def test_a_leader_stops_its_operator_at_once_when_the_lease_is_lost(
     monkeypatch.setattr(operator, "_operate", operate)
     election = Election()
     stopping = asyncio.Event()
+    metrics = Metrics()
+    assert metrics.registry.get_sample_value("agentainer_leading") == 0  # standing by
     leading = asyncio.create_task(operator._lead(
-        election, operator.Options(), None, None, stopping))  # type: ignore[arg-type]
+        election, operator.Options(), metrics, None, stopping))  # type: ignore[arg-type]
     await asyncio.sleep(0.05)
     assert not leading.done()
+    assert metrics.registry.get_sample_value("agentainer_leading") == 1
     if how == "lease lost":
         election.lost.set()
     else:
         stopping.set()  # SIGTERM
     code = await asyncio.wait_for(leading, 5)
     assert stopped_by == ["flag"]
+    assert metrics.registry.get_sample_value("agentainer_leading") == 0
     if how == "lease lost":
         assert code == operator.EXIT_LOST_LEASE
         assert not election.released  # it is another's now
