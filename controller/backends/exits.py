@@ -208,16 +208,11 @@ class ContainerExits(LoopFollower):
             began = time.monotonic()
             try:
                 stream = self._open(int(time.time()) - REPLAY_SECONDS)
-            except AgentainerError as error:
-                if not error.retryable:  # refused, not away: waiters wait call by call
-                    self._refuse(error)
+            except Exception as error:  # noqa: BLE001 - the engine away: again after a pause
+                if isinstance(error, AgentainerError) and not error.retryable:
+                    self._refuse(error)  # refused, not away: waiters wait call by call
                     self._stopping.wait(REFUSED_SECONDS)
                     continue
-                self._lost(error)
-                self._stopping.wait(BACKOFF_SECONDS[min(failures, len(BACKOFF_SECONDS) - 1)])
-                failures += 1
-                continue
-            except Exception as error:  # noqa: BLE001 - the engine away: again after a pause
                 self._lost(error)
                 self._stopping.wait(BACKOFF_SECONDS[min(failures, len(BACKOFF_SECONDS) - 1)])
                 failures += 1
