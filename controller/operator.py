@@ -10,8 +10,6 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,8 +126,7 @@ async def run(options: Options, config: Settings) -> int:
         loop.add_signal_handler(sig, stopping.set)
     try:
         if election is None:
-            with _leading(metrics):
-                await _operate(options, metrics, health, stopping)
+            await _operate(options, metrics, health, stopping)
             return 0
         if not await election.acquire(stopping):
             return 0
@@ -141,44 +138,38 @@ async def run(options: Options, config: Settings) -> int:
 
 async def _lead(election: LeaderElection, options: Options, metrics: Metrics, health: Health,
                 stopping: asyncio.Event) -> int:
-    with _leading(metrics):
-        holding = asyncio.create_task(election.hold(), name="leader election")
-        operating = asyncio.create_task(_operate(options, metrics, health, stopping),
-                                        name="operator")
-        try:
-            await asyncio.wait({holding, operating}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not holding.done():
-                holding.cancel()
-        if operating.done():
-            await election.release()
-            operating.result()
-            return 0
-        logger.error("lost the lease: stopping at once; the new leader adopts the agents")
-        stopping.set()
-        try:
-            await asyncio.wait_for(operating, LOST_LEASE_EXIT_SECONDS)
-        except TimeoutError:
-            logger.error("the operator did not stop in %.0f s: exiting",
-                         LOST_LEASE_EXIT_SECONDS)
-        return EXIT_LOST_LEASE
-
-
-@contextmanager
-def _leading(metrics: Metrics) -> Iterator[None]:
-    """``agentainer_leading`` is 1 meanwhile: a standby's metrics say it stands by."""
-    metrics.leading.set(1)
+    holding = asyncio.create_task(election.hold(), name="leader election")
+    operating = asyncio.create_task(_operate(options, metrics, health, stopping),
+                                    name="operator")
     try:
-        yield
+        await asyncio.wait({holding, operating}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        metrics.leading.set(0)
+        if not holding.done():
+            holding.cancel()
+    if operating.done():
+        await election.release()
+        operating.result()
+        return 0
+    logger.error("lost the lease: stopping at once; the new leader adopts the agents")
+    stopping.set()
+    try:
+        await asyncio.wait_for(operating, LOST_LEASE_EXIT_SECONDS)
+    except TimeoutError:
+        logger.error("the operator did not stop in %.0f s: exiting", LOST_LEASE_EXIT_SECONDS)
+    return EXIT_LOST_LEASE
 
 
 async def _operate(options: Options, metrics: Metrics, health: Health,
                    stopping: asyncio.Event) -> None:
+    """Run kopf until asked to stop; ``agentainer_leading`` is 1 meanwhile, so that a
+    standby's metrics say it stands by."""
     import controller.handlers  # noqa: F401  (registers the handlers)
 
-    await kopf.operator(
-        clusterwide=not options.namespaces, namespaces=options.namespaces,
-        standalone=True,  # no kopf peering: the Lease elects the one replica that works
-        memo=kopf.Memo(metrics=metrics), stop_flag=stopping, ready_flag=health.operating)
+    metrics.leading.set(1)
+    try:
+        await kopf.operator(
+            clusterwide=not options.namespaces, namespaces=options.namespaces,
+            standalone=True,  # no kopf peering: the Lease elects the one replica that works
+            memo=kopf.Memo(metrics=metrics), stop_flag=stopping, ready_flag=health.operating)
+    finally:
+        metrics.leading.set(0)

@@ -210,17 +210,18 @@ async def test_a_leader_stops_its_operator_at_once_when_the_lease_is_lost(
 
     stopped_by: list[str] = []
 
-    async def operate(options: Any, metrics: Any, health: Any, stopping: asyncio.Event) -> None:
-        await stopping.wait()  # kopf's stop flag: set by a signal, or by a lost lease
+    async def kopf_operator(*, stop_flag: asyncio.Event, **_: Any) -> None:
+        await stop_flag.wait()  # kopf's stop flag: set by a signal, or by a lost lease
         stopped_by.append("flag")
 
-    monkeypatch.setattr(operator, "_operate", operate)
+    monkeypatch.setattr(operator.kopf, "operator", kopf_operator)
     election = Election()
     stopping = asyncio.Event()
     metrics = Metrics()
     assert metrics.registry.get_sample_value("agentainer_leading") == 0  # standing by
     leading = asyncio.create_task(operator._lead(
-        election, operator.Options(), metrics, None, stopping))  # type: ignore[arg-type]
+        election, operator.Options(), metrics, operator.Health(None),  # type: ignore[arg-type]
+        stopping))
     await asyncio.sleep(0.05)
     assert not leading.done()
     assert metrics.registry.get_sample_value("agentainer_leading") == 1
