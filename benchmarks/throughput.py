@@ -198,16 +198,20 @@ def through_the_operator(objects: Any, core: Any, namespace: str, backend: str,
     done = threading.Event()
 
     failed: list[str] = []
-
     late: list[float] = []
+
+    def note_probe(body: dict[str, Any]) -> bool:
+        """Whether the probe's agent has ended past its timeout (noted once)."""
+        if not late and (past := overrun(body)) is not None:
+            late.append(past)
+        return bool(late)
 
     def note(body: dict[str, Any], watched: bool = True) -> None:
         """What a Workflow's status says; the lags only from the watch, as they happen."""
         name = body["metadata"]["name"]
         status = body.get("status") or {}
         if name == PROBE:
-            if not late and (past := overrun(body)) is not None:
-                late.append(past)
+            note_probe(body)
             return
         for step in status.get("steps", []) if watched else []:
             for agent in step.get("agents", []):
@@ -266,14 +270,10 @@ def through_the_operator(objects: Any, core: Any, namespace: str, backend: str,
         fail(f"{len(failed)} workflows did not succeed; the first: {failed[0]}")
     took = max(seen.get(name, time.time()) for name in names) - began_wall
 
-    def probed() -> bool:  # (the watch has stopped: read)
-        if not late and (past := overrun(objects.get_namespaced_custom_object(
-                "agentainer.dev", "v1alpha1", namespace, "workflows", PROBE))) is not None:
-            late.append(past)
-        return bool(late)
-
-    wait_until(probed, f"the probe's agent had not ended by its timeout "
-                       f"({PROBE_TIMEOUT_SECONDS} s)")
+    # The watch has stopped: the probe is read, should it not have ended by now.
+    wait_until(lambda: bool(late) or note_probe(objects.get_namespaced_custom_object(
+        "agentainer.dev", "v1alpha1", namespace, "workflows", PROBE)),
+        f"the probe's agent had not ended by its timeout ({PROBE_TIMEOUT_SECONDS} s)")
     return took, lags, late[0]
 
 
