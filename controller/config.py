@@ -91,6 +91,14 @@ class Settings:
     """How long a pooled step waits for its AgentPool to appear before failing, in seconds
     (a Workflow and its pool applied together reach the controller in either order)."""
 
+    pod_scheduling_seconds: float = 0.0
+    """How long an agent's pod may wait for a node (the scheduler finding none with room for
+    it, or none it may run on) before its agent fails with the scheduler's reason, in seconds;
+    the pod is then removed, as left pending it would run after its step was given up. 0 waits
+    as Kubernetes does, for as long as it takes: a fan-out wider than the cluster queues its
+    pods until earlier ones end, for as long as those run. A step's ``timeoutSeconds`` bounds
+    the wait either way. A pod waiting for its image, or being created, is not counted."""
+
     backend_retry_seconds: float = 120.0
     """How long, in seconds, the engine retries (with growing pauses) a backend that fails for
     now (a Docker engine restarting, an API server away) while starting or watching an agent.
@@ -170,7 +178,7 @@ class Settings:
         minimums = {"docker_threads": 1, "kubernetes_threads": 1, "state_ttl_seconds": 0, "stop_grace_seconds": 0,
                     "status_output_limit": 0, "status_agent_limit": 0, "metrics_port": 0,
                     "status_interval_seconds": 0, "status_writes_per_second": 1,
-                    "lease_ttl_seconds": 1, "pool_wait_seconds": 0,
+                    "lease_ttl_seconds": 1, "pool_wait_seconds": 0, "pod_scheduling_seconds": 0,
                     "output_limit_bytes": 1, "agent_pids_limit": 0, "backend_retry_seconds": 0,
                     "agent_log_bytes": 1024 * 1024, "max_items_from": 1,
                     "finally_grace_seconds": 1,

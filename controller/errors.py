@@ -64,6 +64,11 @@ class AgentSpecError(AgentainerError):
     """The engine refused to create an agent from this spec (bad limit, bad option)."""
 
 
+class AgentUnschedulableError(AgentainerError):
+    """No node took the agent's pod in time: none had room for what it asks, or none was one
+    it may run on. Not retried: the cluster, not the agent, has to change."""
+
+
 class NotFoundError(AgentainerError):
     """What a request named does not exist, or no longer does (a container, a pod)."""
 

@@ -17,6 +17,7 @@ import functools
 import logging
 import re
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import kubernetes
@@ -45,6 +46,7 @@ from controller.turns import Turns
 from controller.errors import (
     AgentainerError,
     AgentSpecError,
+    AgentUnschedulableError,
     BackendError,
     BackendUnavailableError,
     ConflictError,
@@ -78,6 +80,18 @@ RBAC_DENIAL = re.compile(r'cannot [a-z]+ resource "')
 says something else, and stays final)."""
 IMAGE_ERRORS = {"ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName"}
 SPEC_ERRORS = {"CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
+
+
+def _unscheduled(pod: Any) -> tuple[float, str] | None:
+    """How long a pod has waited for a node that would take it, and the scheduler's reason
+    (None: it has one, or the scheduler has not yet tried)."""
+    for condition in getattr(pod.status, "conditions", None) or []:
+        if condition.type == "PodScheduled" and condition.status == "False" and \
+                condition.reason == "Unschedulable":
+            since = condition.last_transition_time
+            waited = (datetime.now(UTC) - since).total_seconds() if since else 0.0
+            return max(0.0, waited), condition.message or "Unschedulable"
+    return None
 
 
 def load_credentials() -> None:
@@ -311,8 +325,11 @@ class KubernetesBackend:
             await asyncio.wait_for(self.pods.until(namespace, name, running),
                                    START_TIMEOUT_SECONDS)
         except TimeoutError:
-            raise BackendError(f"pod {name} was not running after "
-                               f"{START_TIMEOUT_SECONDS:.0f}s") from None
+            pending = self.pods.cached(namespace, name)
+            unscheduled = _unscheduled(pending) if pending is not None else None
+            raise BackendError(f"pod {name} was not running after {START_TIMEOUT_SECONDS:.0f}s"
+                               + (f": no node took it ({unscheduled[1]})" if unscheduled
+                                  else "")) from None
 
     async def _log_tail(self, agent: AgentHandle) -> str:
         namespace, name = _split(agent.id)
@@ -339,15 +356,34 @@ class KubernetesBackend:
                 raise AgentSpecError(f"pod {agent.name}: {waiting.reason}: {waiting.message}")
 
     async def wait(self, agent: AgentHandle) -> AgentResult:
+        """The agent's outcome, once its pod ended. With ``pod_scheduling_seconds`` set, a pod
+        no node takes within that long is removed (left pending, it could run after its step
+        was given up), and its agent fails with the scheduler's reason."""
         namespace, name = _split(agent.id)
+        limit = self._settings.pod_scheduling_seconds
+        left: list[float] = []
+        """While no node takes the pod: the seconds it may still wait for one."""
 
         def ended(pod: Any) -> bool:
             if pod.status and pod.status.phase in ("Succeeded", "Failed"):
                 return True
             self._check_waiting(pod, agent)
+            left.clear()
+            if limit and (unscheduled := _unscheduled(pod)) is not None:
+                waited, reason = unscheduled
+                if waited >= limit:
+                    raise AgentUnschedulableError(
+                        f"pod {name}: no node took it in {limit:g}s "
+                        f"(AGENTAINER_POD_SCHEDULING_SECONDS): {reason}")
+                left.append(limit - waited)
             return False
 
-        pod = await self.pods.until(namespace, name, ended)
+        try:
+            pod = await self.pods.until(namespace, name, ended,
+                                        recheck=lambda: left[0] if left else None)
+        except AgentUnschedulableError:
+            await asyncio.shield(self._delete(agent, 0))
+            raise
         return await self._result(pod, namespace, name)
 
     async def _result(self, pod: Any, namespace: str, name: str) -> AgentResult:

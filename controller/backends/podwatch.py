@@ -63,10 +63,17 @@ class PodWatch(LoopFollower):
         self.requests = 0
         """Lists, watches and reads made so far (for the benchmarks)."""
 
-    async def until(self, namespace: str, name: str, done: Callable[[Any], bool]) -> Any:
+    def cached(self, namespace: str, name: str) -> Any | None:
+        """The pod as the watch last showed it (None: not shown)."""
+        return self._pods.get(namespace, {}).get(name)
+
+    async def until(self, namespace: str, name: str, done: Callable[[Any], bool],
+                    recheck: Callable[[], float | None] = lambda: None) -> Any:
         """The pod, once ``done(pod)`` holds (``done`` may raise, to give up); NotFoundError
         once the pod is gone, or found not to exist; the error of the API server when its list
-        or watch fails (the caller retries, as after any call that failed)."""
+        or watch fails (the caller retries, as after any call that failed). ``done`` is asked
+        again on each change of the pod, and also ``recheck()`` seconds after it was last
+        asked, when that says a number (for a wait whose end comes with time, not news)."""
         self._start(namespace)
         key = (namespace, name)
         absent_since: float | None = None
@@ -89,6 +96,8 @@ class PodWatch(LoopFollower):
                         await self._read_once(namespace, name)
                         absent_since, timeout = None, None
                         continue
+                if (again := recheck()) is not None:
+                    timeout = again if timeout is None else min(timeout, again)
                 if not await self._change(key, timeout) and key in self._unwatched:
                     await self._read_once(namespace, name)
         finally:

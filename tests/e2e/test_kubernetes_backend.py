@@ -186,6 +186,42 @@ def test_controller_restarted_mid_run_adopts_its_pods(kubectl: Kubectl,
     assert len(pods(kubectl, f"agentainer.dev/workflow={name}")) == 3  # none started twice
 
 
+def test_a_pod_no_node_can_take_fails_its_agent_in_time_with_the_schedulers_reason(
+        kubectl: Kubectl, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pod asking for more CPU than the node has: with a scheduling limit, its agent fails
+    once that has passed, saying why, and the pod is removed."""
+    import asyncio
+
+    from controller.backends.base import AgentSpec
+    from controller.backends.kubernetes import KubernetesBackend
+    from controller.config import Settings
+    from controller.errors import AgentUnschedulableError
+
+    import kubernetes
+
+    monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION",
+                        kubectl.kubeconfig)
+    labels = {"agentainer.dev/test": "unschedulable"}
+
+    async def scenario() -> tuple[str, float]:
+        backend = await KubernetesBackend.connect(Settings.from_env(pod_scheduling_seconds=3))
+        agent = await backend.start(AgentSpec(
+            name="too-big", image="agentainer/busybox:latest", command=sh("echo never"),
+            args=None, env={}, labels=labels, nano_cpus=64_000_000_000))
+        began = time.monotonic()
+        try:
+            with pytest.raises(AgentUnschedulableError) as raised:
+                await asyncio.wait_for(backend.wait(agent), 60)
+            return str(raised.value), time.monotonic() - began
+        finally:
+            await backend.remove(agent)
+
+    message, took = asyncio.run(scenario())
+    assert "no node took it in 3s" in message and "Insufficient cpu" in message, message
+    assert took < 30
+    assert no_pods_left(kubectl, "agentainer.dev/test=unschedulable")
+
+
 def test_websocket_calls_do_not_disturb_concurrent_api_calls(kubectl: Kubectl,
                                                              monkeypatch: pytest.MonkeyPatch
                                                              ) -> None:

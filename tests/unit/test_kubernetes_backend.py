@@ -9,6 +9,7 @@ import collections
 import socket
 import threading
 import tracemalloc
+from datetime import UTC, datetime, timedelta
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -26,7 +27,7 @@ from controller.backends.base import AgentHandle, AgentSpec
 from controller.backends.kubernetes import KubernetesBackend
 from controller.backends.runner import ChannelClosedError
 from controller.config import Settings
-from controller.errors import BackendUnavailableError
+from controller.errors import AgentUnschedulableError, BackendUnavailableError
 
 MiB = 1 << 20
 AGENT = AgentHandle(id="team/wf-step-abcde", name="wf-step-abcde")
@@ -267,6 +268,64 @@ def test_a_pods_log_that_is_not_utf8_is_read_with_replacement_characters(
     result = asyncio.run(backend().wait(AGENT))
 
     assert result.stdout == "\ufffd" * 3
+
+
+def unschedulable_pod(waited: float) -> Any:
+    """A pending pod the scheduler found no node for, ``waited`` seconds ago."""
+    condition = SimpleNamespace(
+        type="PodScheduled", status="False", reason="Unschedulable",
+        message="0/1 nodes are available: 1 Insufficient cpu.",
+        last_transition_time=datetime.now(UTC) - timedelta(seconds=waited))
+    return SimpleNamespace(
+        metadata=SimpleNamespace(name=AGENT.name, namespace="team", resource_version="7"),
+        status=SimpleNamespace(phase="Pending", reason=None, conditions=[condition],
+                               container_statuses=None, init_container_statuses=None))
+
+
+def serve_deletions(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    deleted: list[tuple[str, int]] = []
+    monkeypatch.setattr(CoreV1Api, "delete_namespaced_pod",
+                        lambda self, name, namespace, **k: deleted.append(
+                            (name, k["grace_period_seconds"])))
+    return deleted
+
+
+def test_a_pod_no_node_took_in_time_is_removed_and_its_agent_fails_saying_why(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    serve_pods(monkeypatch, unschedulable_pod(waited=120))
+    deleted = serve_deletions(monkeypatch)
+
+    with pytest.raises(AgentUnschedulableError) as raised:
+        asyncio.run(asyncio.wait_for(backend(pod_scheduling_seconds=60).wait(AGENT), 10))
+
+    assert "no node took it in 60s" in str(raised.value)
+    assert "Insufficient cpu" in str(raised.value)
+    assert deleted == [(AGENT.name, 0)]  # left pending, it would run later
+
+
+def test_a_pod_waiting_for_a_node_is_given_up_when_its_time_is_out_without_news(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The watch says nothing more of the pod: the wait ends by the clock, not by an event."""
+    serve_pods(monkeypatch, unschedulable_pod(waited=0))
+    serve_deletions(monkeypatch)
+
+    async def waited() -> float:
+        began = asyncio.get_running_loop().time()
+        with pytest.raises(AgentUnschedulableError):
+            await asyncio.wait_for(backend(pod_scheduling_seconds=0.1).wait(AGENT), 10)
+        return asyncio.get_running_loop().time() - began
+
+    assert 0.1 <= asyncio.run(waited()) < 5
+
+
+def test_a_pod_waiting_for_a_node_waits_on_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As Kubernetes does: a fan-out wider than the cluster queues for room."""
+    serve_pods(monkeypatch, unschedulable_pod(waited=3600))
+    deleted = serve_deletions(monkeypatch)
+
+    with pytest.raises(TimeoutError):
+        asyncio.run(asyncio.wait_for(backend().wait(AGENT), 0.1))
+    assert deleted == []
 
 
 # --- a pool pod's runner, over a real websocket client ----------------------------------------
