@@ -16,7 +16,10 @@ the Workflow's status showing it (the end as the engine noted it, the status as 
 Workflows delivered it); the API server's requests
 for pods per agent (from its own ``apiserver_request_total``: pods, their logs and attach, not
 the node's status updates; in brackets, the plain script's pods counted the same way, the node's
-own reads of each pod included); and the controller's peak RSS and CPU seconds per workflow.
+own reads of each pod included); the controller's peak RSS and CPU seconds per workflow; and
+the whole machine's CPU per workflow in the plain script's first run and in the operator's run,
+with the processes that took most of it (where the operator's cost goes: its own process, the
+API server, etcd, or the container engine).
 
 Timing is measured here and printed; nothing is asserted about it. A workflow that does not
 succeed exits 1.
@@ -95,6 +98,48 @@ def pod_requests() -> float:
                 "", "log", "attach"):
             total += float(found.group("count"))
     return total
+
+
+class MachineCPU:
+    """The machine's CPU time over a stretch, in all and by process (named by its program, the
+    controller and this benchmark by role): where a workflow's cost goes, the operator's and
+    the Docker engine's and the API server's alike. Processes that ended within it (runc,
+    short-lived shims) count in the total alone."""
+
+    def __init__(self, roles: dict[int, str]) -> None:
+        self.roles = roles
+        self.busy, self.processes = self._read()
+
+    def _read(self) -> tuple[int, dict[int, tuple[str, int]]]:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+        busy = sum(int(f) for f in fields) - int(fields[3]) - int(fields[4])  # idle, iowait
+        processes = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                program = (entry / "cmdline").read_bytes().split(b"\0", 1)[0]
+            except OSError:
+                continue  # ended meanwhile
+            name = self.roles.get(int(entry.name)) or \
+                os.path.basename(program.decode().split(" ")[0]) or "kernel"  # no program
+            processes[int(entry.name)] = (name, int(stat[11]) + int(stat[12]))
+        return busy, processes
+
+    def since(self, count: int) -> str:
+        """Milliseconds of CPU per workflow since this was made: the machine's, and the
+        processes' that took most."""
+        busy, processes = self._read()
+        tick = os.sysconf("SC_CLK_TCK")
+        spent: dict[str, int] = {}
+        for pid, (name, ticks) in processes.items():
+            before = self.processes.get(pid)
+            spent[name] = spent.get(name, 0) + ticks - (
+                before[1] if before is not None and before[0] == name else 0)
+        top = sorted(spent.items(), key=lambda item: -item[1])[:6]
+        return (f"{(busy - self.busy) / tick / count * 1000:.0f} ms, of which " + ", ".join(
+            f"{name} {ticks / tick / count * 1000:.1f}" for name, ticks in top if ticks))
 
 
 class Controller:
@@ -518,15 +563,21 @@ def main() -> int:
             # The plain script runs before the operator and after it, and its rate is that of
             # the two together: the machine's own speed drifts within minutes (other tenants),
             # and the operator's run is compared with the machine as it was around it.
+            roles = {os.getpid(): "benchmark"}
+            machine = MachineCPU(roles)
             plain_before = plain(backend, core, namespace, args.workflows)
+            plain_cpu = machine.since(args.workflows)
             controller = Controller(f"redis://127.0.0.1:{port}/0", kind,
                                     folder / f"controller-{backend}.log")
             try:
                 if pooled:
                     warm_pool(objects, namespace, kind)
                 cpu, requests = controller.cpu_seconds(), pod_requests()
+                roles[controller.process.pid] = "controller"
+                machine = MachineCPU(roles)
                 took, lags, late = through_the_operator(objects, core, namespace, kind, pooled,
                                                         args.workflows)
+                operator_cpu = machine.since(args.workflows)
                 requests = pod_requests() - requests
                 cpu = controller.cpu_seconds() - cpu
                 rss = controller.peak_rss_mib()
@@ -547,6 +598,8 @@ def main() -> int:
                   + f" {rss:8.0f} {cpu / args.workflows:9.3f}", flush=True)
             print(f"  (a {PROBE_TIMEOUT_SECONDS} s timeout under that load: its agent ended "
                   f"{late:.2f} s past it)", flush=True)
+            print(f"  (the machine's CPU per workflow: the plain script's first run {plain_cpu}; "
+                  f"the operator's run {operator_cpu})", flush=True)
             if backend == "docker":
                 alone = args.workflows / backend_alone(args.workflows) * 60
                 print(f"{'  backend alone':<13} {alone:8.0f} {plain_rate:10.0f} "
