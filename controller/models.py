@@ -836,7 +836,9 @@ class StepStatus(StatusModel):
     output_truncated: bool | None = Field(default=None, description="Output was cut here.")
     started_at: str | None = Field(default=None, description="When it started.")
     finished_at: str | None = Field(default=None, description="When it ended.")
-    message: str | None = Field(default=None, description="Why it failed or was skipped.")
+    message: str | None = Field(
+        default=None, description="Why it failed or was skipped; while it runs, what its "
+                                  "agents that have not begun to run wait for (a node).")
 
 
 class WorkflowStatus(StatusModel):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -150,6 +150,11 @@ class AgentResult:
     """The container engine stopped it as the engine shut down: it did not end by itself."""
 
 
+Waiting = Callable[[str | None], None]
+"""Told why an agent that has not begun to run waits, as that changes (None: it no longer
+does)."""
+
+
 class Backend(Protocol):
     """A place where agents run. Every method raises only the project's own errors."""
 
@@ -159,8 +164,10 @@ class Backend(Protocol):
     async def start(self, spec: AgentSpec) -> AgentHandle:
         """Create and start an agent (pulling its image when allowed)."""
 
-    async def wait(self, agent: AgentHandle) -> AgentResult:
-        """Wait until the agent stops; return its exit status and output."""
+    async def wait(self, agent: AgentHandle, waiting: Waiting | None = None) -> AgentResult:
+        """Wait until the agent stops; return its exit status and output. ``waiting`` is told
+        why the agent has not begun to run, where it waits for something outside it (a pod
+        no node has room for), and None once it no longer does."""
 
     async def stop(self, agent: AgentHandle, grace_seconds: float) -> None:
         """Ask the agent to stop, killing it after ``grace_seconds``; no error if it has."""

@@ -37,6 +37,7 @@ from controller.backends.base import (
     WorkspaceSpec,
     NoEnvSources,
     TaskResult,
+    Waiting,
 )
 from controller.backends.channel import DockerAttachChannel
 from controller.backends.exits import ENDS, FOLLOWING, ContainerExits, EventStream
@@ -585,7 +586,8 @@ class DockerBackend:
                 raise
         return handle
 
-    async def wait(self, agent: AgentHandle) -> AgentResult:
+    async def wait(self, agent: AgentHandle, waiting: Waiting | None = None) -> AgentResult:
+        # A container runs once started: it never waits for room, so ``waiting`` is not told.
         while True:
             await self._exits.ended(agent.id, lambda: self._call(self._running, agent),
                                     lambda: self._call(self._waited, agent))

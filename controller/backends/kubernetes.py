@@ -36,6 +36,7 @@ from controller.backends.base import (
     AgentResult,
     AgentSpec,
     TaskResult,
+    Waiting,
     WorkspaceSpec,
     missing,
 )
@@ -355,21 +356,28 @@ class KubernetesBackend:
             if waiting.reason in SPEC_ERRORS:
                 raise AgentSpecError(f"pod {agent.name}: {waiting.reason}: {waiting.message}")
 
-    async def wait(self, agent: AgentHandle) -> AgentResult:
-        """The agent's outcome, once its pod ended. With ``pod_scheduling_seconds`` set, a pod
-        no node takes within that long is removed (left pending, it could run after its step
-        was given up), and its agent fails with the scheduler's reason."""
+    async def wait(self, agent: AgentHandle, waiting: Waiting | None = None) -> AgentResult:
+        """The agent's outcome, once its pod ended; ``waiting`` is told the scheduler's reason
+        while no node takes the pod. With ``pod_scheduling_seconds`` set, a pod no node takes
+        within that long is removed (left pending, it could run after its step was given up),
+        and its agent fails with that reason."""
         namespace, name = _split(agent.id)
         limit = self._settings.pod_scheduling_seconds
         left: list[float] = []
         """While no node takes the pod: the seconds it may still wait for one."""
+        told: list[str | None] = [None]
 
         def ended(pod: Any) -> bool:
             if pod.status and pod.status.phase in ("Succeeded", "Failed"):
                 return True
             self._check_waiting(pod, agent)
             left.clear()
-            if limit and (unscheduled := _unscheduled(pod)) is not None:
+            unscheduled = _unscheduled(pod)
+            why = f"no node takes its pod yet: {unscheduled[1]}" if unscheduled else None
+            if why != told[0] and waiting is not None:
+                told[0] = why
+                waiting(why)
+            if limit and unscheduled is not None:
                 waited, reason = unscheduled
                 if waited >= limit:
                     raise AgentUnschedulableError(

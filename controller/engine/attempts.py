@@ -111,6 +111,8 @@ class Attempts:
     status: WorkflowStatus
     removals: set[asyncio.Task[None]] = field(default_factory=set)
     """Removals of ended agents under way."""
+    waiting: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Per step, its agents that wait for something outside them (a node), and what."""
 
     async def run(self, step: Step, status: StepStatus, index: int, attempt: int,
                   earlier: AgentStatus | None, outputs: dict[str, list[str]],
@@ -134,7 +136,7 @@ class Attempts:
                 handle = await place.start(agent, status)
             else:
                 place.adopt(agent, status)
-            result, reason = await place.result(handle, agent)
+            result, reason = await place.result(handle, agent, status)
         except asyncio.CancelledError:
             await asyncio.shield(place.let_go())
             if self.state.leaves_agents:
@@ -208,6 +210,26 @@ class Attempts:
             await self._cleanup(handle, succeeded)
         return AttemptOutcome(succeeded, output)
 
+    def told_waiting(self, agent: AgentStatus, status: StepStatus, why: str | None) -> None:
+        """An agent that has not begun to run waits for something outside it (``why``), or
+        no longer does (None): its step's message says what the first of its waiting agents
+        waits for, and how many more wait; it is cleared once none does."""
+        waits = self.waiting.setdefault(status.name, {})
+        before = _waiting_message(waits)
+        if why is None:
+            waits.pop(agent.name, None)
+        else:
+            waits[agent.name] = why
+        after = _waiting_message(waits)
+        if not waits:
+            self.waiting.pop(status.name, None)
+        if after == before:
+            return
+        if why is not None or status.message == before:  # another message is left as it is
+            status.message = after
+        self.emit(EventKind.AGENT_WAITING, f"agent {agent.name} waits: {why}" if why else "",
+                  status, agent)
+
     async def _abort(self, agent: AgentStatus, handle: AgentHandle | None,
                      status: StepStatus) -> None:
         """The run is being stopped: stop this agent, record it, clean up per the policy."""
@@ -277,8 +299,8 @@ class _Place:
     async def start(self, agent: AgentStatus, status: StepStatus) -> AgentHandle:
         raise NotImplementedError
 
-    async def result(self, handle: AgentHandle,
-                     agent: AgentStatus) -> tuple[AgentResult, AgentReason]:
+    async def result(self, handle: AgentHandle, agent: AgentStatus,
+                     status: StepStatus) -> tuple[AgentResult, AgentReason]:
         raise NotImplementedError
 
     async def starting(self) -> AgentHandle | None:
@@ -373,15 +395,26 @@ class _Started(_Place):
         raise ConflictError(f"agent {self.spec.name} was created, removed and created again "
                             "by someone else meanwhile")
 
-    async def result(self, handle: AgentHandle,
-                     agent: AgentStatus) -> tuple[AgentResult, AgentReason]:
+    async def result(self, handle: AgentHandle, agent: AgentStatus,
+                     status: StepStatus) -> tuple[AgentResult, AgentReason]:
+        try:
+            return await self._result(handle, agent, status)
+        finally:
+            self.attempts.told_waiting(agent, status, None)  # whatever it waited for is over
+
+    async def _result(self, handle: AgentHandle, agent: AgentStatus,
+                      status: StepStatus) -> tuple[AgentResult, AgentReason]:
         backend = self.attempts.backend
         loop = asyncio.get_running_loop()
+
+        def waiting(why: str | None) -> None:
+            self.attempts.told_waiting(agent, status, why)
+
         try:
             remaining = None if self._deadline is None else max(0.0, self._deadline - loop.time())
             result = await asyncio.wait_for(
                 self.attempts.retrying(f"watching agent {agent.name}",
-                                       lambda: backend.wait(handle)), remaining)
+                                       lambda: backend.wait(handle, waiting)), remaining)
         except TimeoutError:
             await self.attempts.retrying(f"stopping agent {agent.name}",
                                          lambda: backend.stop(handle, 0))
@@ -448,8 +481,8 @@ class _Leased(_Place):
                 logger.warning("returning %s failed (its lease lapses): %s", lease.agent.name,
                                error)
 
-    async def result(self, handle: AgentHandle,
-                     agent: AgentStatus) -> tuple[AgentResult, AgentReason]:
+    async def result(self, handle: AgentHandle, agent: AgentStatus,
+                     status: StepStatus) -> tuple[AgentResult, AgentReason]:
         assert self.attempts.pools is not None
         argv = [*(self.spec.command or []), *(self.spec.args or [])]
         pools = self.attempts.pools
@@ -478,3 +511,13 @@ def _failure_message(agent: AgentStatus, step: Step, result: AgentResult) -> str
     last_line = result.stderr.strip().splitlines()[-1:] or [""]
     detail = f": {last_line[0][:200]}" if last_line[0] else ""
     return f"agent {agent.name} exited with code {result.exit_code}{detail}"
+
+
+def _waiting_message(waits: dict[str, str]) -> str | None:
+    """A step's message while agents of it wait: the first's, and how many more wait."""
+    if not waits:
+        return None
+    name, why = next(iter(waits.items()))
+    more = len(waits) - 1
+    return f"agent {name} waits: {why}" + (f" (and {more} more agents of the step wait)"
+                                            if more else "")

@@ -17,6 +17,9 @@ class EventKind(StrEnum):
     STEP_STARTED = "StepStarted"
     AGENT_STARTED = "AgentStarted"
     AGENT_FINISHED = "AgentFinished"
+    AGENT_WAITING = "AgentWaiting"
+    """An agent that has not begun to run waits for something outside it (a pod no node has
+    room for): its step's message says what, and is cleared once none of its agents waits."""
     AGENT_RETRYING = "AgentRetrying"
     STEP_FINISHED = "StepFinished"
     WORKFLOW_SUSPENDED = "WorkflowSuspended"

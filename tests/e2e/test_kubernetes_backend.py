@@ -110,6 +110,28 @@ def test_pod_past_its_timeout_is_reported_deadline_exceeded(kubectl: Kubectl,
     assert status["steps"][0]["agents"][0]["exitCode"] == 143
 
 
+def test_a_pod_no_node_has_room_for_is_said_in_its_steps_message_and_an_event(
+        kubectl: Kubectl, controller: Controller) -> None:
+    name = apply(kubectl, on_pods({"name": "big", "resources": {"cpu": "64"},
+                                   "command": sh("echo never")}))
+
+    def waiting(body: dict[str, Any]) -> bool:
+        steps = (body.get("status") or {}).get("steps") or [{}]
+        return "Insufficient cpu" in (steps[0].get("message") or "")
+
+    status = kubectl.wait_for("workflow", name, waiting, timeout=60)["status"]
+
+    assert status["phase"] == "Running"
+    assert status["steps"][0]["message"].startswith(
+        f"agent {status['steps'][0]['agents'][0]['name']} waits: no node takes its pod yet: ")
+    events = json.loads(kubectl("get", "events", "--field-selector",
+                                f"involvedObject.name={name}", "-o", "json").stdout)["items"]
+    assert any(event["reason"] == "AgentWaiting" and "Insufficient cpu" in event["message"]
+               for event in events), [event["reason"] for event in events]
+    kubectl("delete", "workflow", name, "--wait", "--timeout=60s")
+    assert no_pods_left(kubectl, f"agentainer.dev/workflow={name}")
+
+
 def test_missing_image_is_reported_from_the_pod_status(kubectl: Kubectl,
                                                        controller: Controller) -> None:
     name = apply(kubectl, on_pods({"name": "ghost", "image": "agentainer/not-here:1",

@@ -35,6 +35,7 @@ from controller.backends.base import (
     AgentResult,
     AgentSpec,
     TaskResult,
+    Waiting,
     WorkspaceSpec,
     missing,
 )
@@ -60,6 +61,9 @@ class Behaviour:
     """Starting it fails with this error (a missing image, an engine that is away)."""
     interrupted: bool = False
     """The engine stops it as the engine shuts down (exit 143), as Docker may."""
+    waits_for: str | None = None
+    """Told as why it has not begun to run, for the first half of its ``seconds`` (as a pod
+    waits for a node)."""
 
 
 Script = Callable[[AgentSpec], Behaviour]
@@ -239,9 +243,13 @@ class FakeBackend:
         self._hiccup("start")
         return agent.handle()
 
-    async def wait(self, agent: AgentHandle) -> AgentResult:
+    async def wait(self, agent: AgentHandle, waiting: Waiting | None = None) -> AgentResult:
         self._hiccup("wait")
         fake = self._find(agent, "waiting for")
+        if fake.behaviour.waits_for and waiting is not None:
+            waiting(fake.behaviour.waits_for)
+            await asyncio.sleep(fake.behaviour.seconds / 2)
+            waiting(None)
         await fake.exited.wait()
         self._find(agent, "reading the log of")
         assert fake.exit_code is not None

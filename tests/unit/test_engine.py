@@ -401,6 +401,30 @@ def test_attempt_past_its_timeout_is_killed_with_reason_deadline_exceeded() -> N
     assert 1 <= interval(agent)[1] - interval(agent)[0] < 5
 
 
+def test_agents_waiting_for_a_node_say_so_in_their_steps_message_until_none_does() -> None:
+    """Pods no node has room for yet: while they wait their step's message says why, and how
+    many more of its agents wait; it is cleared once none does, and the run goes on."""
+    why = "no node takes its pod yet: 0/1 nodes are available: 1 Insufficient cpu."
+    seen: list[tuple[str, str | None]] = []
+
+    def observe(event: Event, status: WorkflowStatus) -> None:
+        if event.kind is EventKind.AGENT_WAITING:
+            seen.append((event.message, status.step("wide").message))
+
+    fake = FakeBackend(lambda spec: Behaviour(0.1 + 0.2 * index_of(spec), waits_for=why))
+    document = with_uid(workflow_doc({"name": "wide", "parallel": {"replicas": 2}}))
+    status = scenario(Engine(fake, MemoryStore(), SETTINGS).prepare(
+        parse_workflow(document), observe).execute())
+
+    assert status.phase is WorkflowPhase.SUCCEEDED
+    first, second = (f"agent {agent.name} waits: {why}" for agent in status.step("wide").agents)
+    assert seen == [(first, first),
+                    (second, f"{first} (and 1 more agents of the step wait)"),
+                    ("", second),  # the first no longer waits
+                    ("", None)]
+    assert status.step("wide").message is None
+
+
 def test_workflow_past_its_timeout_fails_and_its_running_agents_are_stopped() -> None:
     status, fake = run(workflow_doc(
         {"name": "forever", "parallel": {"replicas": 2}},

@@ -294,10 +294,13 @@ def test_a_pod_no_node_took_in_time_is_removed_and_its_agent_fails_saying_why(
         monkeypatch: pytest.MonkeyPatch) -> None:
     serve_pods(monkeypatch, unschedulable_pod(waited=120))
     deleted = serve_deletions(monkeypatch)
+    told: list[str | None] = []
 
     with pytest.raises(AgentUnschedulableError) as raised:
-        asyncio.run(asyncio.wait_for(backend(pod_scheduling_seconds=60).wait(AGENT), 10))
+        asyncio.run(asyncio.wait_for(
+            backend(pod_scheduling_seconds=60).wait(AGENT, told.append), 10))
 
+    assert told == ["no node takes its pod yet: 0/1 nodes are available: 1 Insufficient cpu."]
     assert "no node took it in 60s" in str(raised.value)
     assert "Insufficient cpu" in str(raised.value)
     assert deleted == [(AGENT.name, 0)]  # left pending, it would run later
