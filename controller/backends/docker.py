@@ -42,7 +42,7 @@ from controller.backends.base import (
 from controller.backends.channel import DockerAttachChannel
 from controller.backends.exits import ENDS, FOLLOWING, ContainerExits, EventStream
 from controller.config import Settings
-from controller.turns import Turns
+from controller.turns import URGENT, Turns
 from controller.models import WORKSPACE_PATH, EnvSource
 from controller.errors import (
     AgentainerError,
@@ -133,7 +133,10 @@ class DockerBackend:
         self._client = client
         self._settings = settings
         self._env = env or NoEnvSources()
-        self._slots = Turns(settings.docker_threads)
+        self._slots = Turns(settings.docker_threads, reserved=settings.docker_threads // 8)
+        """Calls in flight at once; an eighth of them only for those that finish agents, so
+        that an ended or timed-out agent is read or stopped at once however long the engine
+        takes to create the others."""
         self._channels: dict[str, DockerAttachChannel] = {}
         self._channel_locks: dict[str, asyncio.Lock] = {}
         self._runner_lock = threading.Lock()
@@ -174,7 +177,7 @@ class DockerBackend:
         shutting down would wait for every call still blocked (a stop in its grace period, a
         log still streaming) to return.
         """
-        async with self._slots.turn(0 if function in self._finishing else 1):
+        async with self._slots.turn(URGENT if function in self._finishing else URGENT + 1):
             loop = asyncio.get_running_loop()
             future: asyncio.Future[T] = loop.create_future()
 

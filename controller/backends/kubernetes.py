@@ -43,7 +43,7 @@ from controller.backends.base import (
 from controller.backends.runner import ChannelClosedError, RunnerChannel
 from controller.config import Settings
 from controller.models import EnvSource
-from controller.turns import Turns
+from controller.turns import URGENT, Turns
 from controller.errors import (
     AgentainerError,
     AgentSpecError,
@@ -266,10 +266,12 @@ class KubernetesBackend:
         """The backend's own threads for the client's blocking calls, none of which lasts
         long (waits are the watch's): the status writes and the rest of the process, on the
         default threads, never wait behind agents."""
-        self._turns = Turns(settings.kubernetes_threads)
+        self._turns = Turns(settings.kubernetes_threads,
+                            reserved=settings.kubernetes_threads // 8)
         """Turns at those threads: calls that finish agents (reading an ended pod's log,
         deleting a pod) go before those that begin work (creating, listing), so that under a
-        burst of starts a timed-out agent is stopped, and an ended one read, at once."""
+        burst of starts a timed-out agent is stopped, and an ended one read, at once; an eighth
+        of the threads are theirs alone."""
         self.pods = PodWatch(core, f"{LABEL_MANAGED_BY}={MANAGED_BY}", api_error)
         """Every agent's pod, as one watch per namespace sees it: waits read it, no polling."""
 
@@ -283,7 +285,7 @@ class KubernetesBackend:
 
     async def _call(self, action: str, function: Callable[..., T], *args: Any,
                     **kwargs: Any) -> T:
-        urgency = 0 if getattr(function, "__name__", "") in FINISHING else 1
+        urgency = URGENT if getattr(function, "__name__", "") in FINISHING else URGENT + 1
         try:
             async with self._turns.turn(urgency):
                 return await asyncio.get_running_loop().run_in_executor(

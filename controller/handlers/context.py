@@ -79,7 +79,7 @@ class Services:
     _backend_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _writers: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
         WRITERS, thread_name_prefix="status-writer"))
-    _turns: Turns = field(default_factory=lambda: Turns(WRITERS))
+    _turns: Turns = field(default_factory=lambda: Turns(WRITERS, reserved=WRITERS // 8))
     running: int = 0
     """Workflows whose status this process writes as they run."""
 

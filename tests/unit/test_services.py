@@ -12,7 +12,7 @@ from kubernetes.client import ApiException
 
 from controller.config import Settings
 from controller.handlers.context import KubernetesError, Services, Urgency
-from controller.turns import Turns
+from controller.turns import URGENT, Turns
 from controller.metrics import Metrics
 
 
@@ -85,6 +85,39 @@ def test_a_status_writer_counts_among_the_running_until_it_stops_or_lets_go() ->
         return counts
 
     assert asyncio.run(scenario()) == [2, 1, 0]
+
+
+def test_the_reserved_turns_let_the_urgent_in_at_once_while_the_others_hold_the_rest() -> None:
+    """Four turns, one reserved: three slow holders take the rest, a fourth waits though a
+    turn is free, and an urgent one comes in at once; once a holder leaves, the fourth comes
+    in."""
+    entered: list[str] = []
+
+    async def run() -> None:
+        turns = Turns(4, reserved=1)
+        release = asyncio.Event()
+
+        async def hold(name: str, urgency: int, until: asyncio.Event) -> None:
+            async with turns.turn(urgency):
+                entered.append(name)
+                await until.wait()
+
+        holders = [asyncio.create_task(hold(f"slow{i}", URGENT + 1, release))
+                   for i in range(3)]
+        fourth = asyncio.create_task(hold("fourth", URGENT + 1, asyncio.Event()))
+        await asyncio.sleep(0.01)
+        assert entered == ["slow0", "slow1", "slow2"]
+        async with asyncio.timeout(1):
+            async with turns.turn(URGENT):
+                entered.append("urgent")
+        release.set()
+        await asyncio.gather(*holders)
+        await asyncio.sleep(0.01)
+        assert entered[-1] == "fourth"
+        fourth.cancel()
+
+    asyncio.run(run())
+    assert entered == ["slow0", "slow1", "slow2", "urgent", "fourth"]
 
 
 def test_writes_waiting_for_a_writer_go_by_urgency_then_in_the_order_they_came() -> None:
