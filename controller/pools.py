@@ -43,6 +43,11 @@ RESET_TIMEOUT_SECONDS = 30.0
 PENDING = "pending-"
 # Tasks waiting for an agent look for agents whose holder died at most this often.
 RECLAIM_SECONDS = 1.0
+FIRST_LOOK_SECONDS = 0.05
+LOOK_CAP_SECONDS = 1.0
+"""The task first in turn for a full pool looks again in the store after FIRST_LOOK_SECONDS,
+then twice as long each time up to LOOK_CAP_SECONDS, for what other processes return; an
+agent returned, or a place freed, in this process wakes it at once."""
 
 
 class PoolEventKind(StrEnum):
@@ -202,6 +207,7 @@ class PoolManager:
         """In turn: an idle agent leased to ``holder``, or the spec of one to start in a place
         reserved for it, waiting until the deadline for either."""
         ttl_ms = self.settings.lease_ttl_seconds * 1000
+        pause = FIRST_LOOK_SECONDS
         while True:
             if state.draining:
                 raise PoolUnavailableError(f"AgentPool {state.name} is being deleted")
@@ -222,10 +228,11 @@ class PoolManager:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise self._all_busy(state)
-            try:  # a return in this process wakes us at once; other processes' every 50 ms
-                await asyncio.wait_for(state.returned.wait(), min(0.05, remaining))
+            try:  # a return in this process wakes us at once; other processes' in the pause
+                await asyncio.wait_for(state.returned.wait(), min(pause, remaining))
+                pause = FIRST_LOOK_SECONDS
             except TimeoutError:
-                pass
+                pause = min(pause * 2, LOOK_CAP_SECONDS)
 
     @staticmethod
     def _all_busy(state: PoolState) -> PoolUnavailableError:
@@ -287,6 +294,7 @@ class PoolManager:
         except BaseException:
             holding.cancel()
             await asyncio.shield(self.store.pool_remove(state.uid, placeholder))
+            state.returned.set()  # its place is free again
             raise
         finally:
             state.starting -= 1
@@ -396,6 +404,7 @@ class PoolManager:
             return
         await self.store.pool_remove(state.uid, agent.name)
         state.handles.pop(agent.name, None)
+        state.returned.set()  # its place is free: a task waiting may start an agent in it
         self._emit(PoolEventKind.RECYCLED if recycled else PoolEventKind.REPLACED, state)
         if not state.draining and state.pool.spec.warm_up:
             await self._top_up(state)
@@ -465,6 +474,7 @@ class PoolManager:
                 await state.backend.remove(listed)
             await self.store.pool_remove(state.uid, name)
             state.handles.pop(name, None)
+        state.returned.set()  # what it freed or adopted, a task waiting looks at now
         return await self.status(state)
 
     async def _reclaim(self, state: PoolState,

@@ -935,3 +935,49 @@ def test_a_lease_taken_just_before_the_store_failed_is_given_back_not_held_for_e
 
     assert busy == 0  # nothing holds an agent after the run let go
     assert status.phase is WorkflowPhase.SUCCEEDED, status.message
+
+
+def test_a_task_waiting_for_a_full_pool_looks_ever_less_often_and_gets_a_return_at_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first in turn for a full pool looks in the store again after a pause that doubles
+    while nothing comes (other processes' returns), and is woken at once by a return here."""
+    from controller import pools as pools_module
+    from controller.models import parse_agent_pool
+    from controller.pools import PoolManager
+
+    monkeypatch.setattr(pools_module, "FIRST_LOOK_SECONDS", 0.005)
+    monkeypatch.setattr(pools_module, "LOOK_CAP_SECONDS", 0.1)
+
+    class Counting(MemoryStore):
+        looks = 0
+
+        async def pool_acquire(self, uid: str, holder: str, ttl_ms: int) -> str | None:
+            self.looks += 1
+            return await super().pool_acquire(uid, holder, ttl_ms)
+
+    store, fake = Counting(), FakeBackend()
+    pools = PoolManager(store, SETTINGS)
+    pool = parse_agent_pool({"apiVersion": "agentainer.dev/v1alpha1", "kind": "AgentPool",
+                             "metadata": {"name": "one"},
+                             "spec": {"image": "agent:1", "minSize": 1, "maxSize": 1}})
+
+    async def play() -> tuple[int, float]:
+        state = pools.register(pool, "pool-uid", fake)
+        await pools.reconcile(state)
+        first = await pools.lease(state)
+        second = asyncio.create_task(pools.lease(state))
+        looks = store.looks
+        await asyncio.sleep(0.25)
+        looks = store.looks - looks
+        began = time.monotonic()
+        await pools.release(first, keep=True)
+        lease = await asyncio.wait_for(second, 1)
+        took = time.monotonic() - began
+        await pools.release(lease, keep=True)
+        await pools.drain(state, timeout=1)
+        return looks, took
+
+    looks, took = scenario(play())
+
+    assert looks <= 10  # at a fixed 5 ms, 50
+    assert took < 0.05
