@@ -74,8 +74,8 @@ class Journal:
 
     async def ended(self, status: WorkflowStatus, ttl_seconds: int) -> None:
         """The run ended: its final state, expiring after ``ttl_seconds``."""
-        await self.store.record(self.uid, Change(workflow=self._whole(status)))
-        await self.store.finish(self.uid, ttl_seconds)
+        await self.store.record(self.uid, Change(workflow=self._whole(status),
+                                                 expire_seconds=max(0, ttl_seconds) or None))
 
     async def reopen(self, last_known: WorkflowStatus | None = None) -> list[str] | None:
         """Make a finished run resumable, for a retry: the steps that did not succeed (and the

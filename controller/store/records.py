@@ -112,6 +112,9 @@ class Change:
     """Puts the workflow in the index, at this start time (seconds since the epoch)."""
     forget_outputs: str | None = None
     """A step whose outputs are dropped (before ``output`` is written): it runs again."""
+    expire_seconds: int | None = None
+    """The workflow finished: all its keys expire this many seconds from now (with the rest
+    of the change)."""
 
 
 def encode_step(step: StepStatus) -> str:

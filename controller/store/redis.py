@@ -226,6 +226,11 @@ def redacted(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+INDEX_TRIM_SECONDS = 60.0
+"""Workflows whose keys have expired are dropped from the index at most this often (as
+workflows finish), not at each finish."""
+
+
 class RedisStore:
     """The store of record: what the controller and ``agentainer run`` use by default."""
 
@@ -241,6 +246,8 @@ class RedisStore:
         self._reclaim = client.register_script(RECLAIM)
         self._add = client.register_script(ADD)
         self._reserve = client.register_script(RESERVE)
+        self._index_trimmed = -INDEX_TRIM_SECONDS
+        """When long-expired workflows were last dropped from the index (monotonic)."""
 
     @classmethod
     async def connect(cls, url: str, connections: int = CONNECTIONS,
@@ -291,6 +298,12 @@ class RedisStore:
         if change.started_at is not None:
             async with self._errors("recording state"):
                 await self._client.zadd(Keys.workflows, {uid: change.started_at})
+        expiring: list[str] = []
+        if change.expire_seconds:
+            async with self._errors("expiring state"):
+                steps = {_text(step) for step in await self._client.hkeys(Keys.steps(uid))}
+            expiring = Keys.workflow_keys(uid, sorted(
+                steps | ({change.step.name} if change.step else set())))
         async with self._errors("recording state"), self._client.pipeline(
             transaction=True
         ) as pipe:
@@ -308,19 +321,20 @@ class RedisStore:
             if change.log:
                 agent_id, text = change.log
                 pipe.hset(Keys.logs(uid), agent_id, tail(text))
+            for key in expiring:
+                pipe.expire(key, change.expire_seconds)
             await pipe.execute()
+        if change.expire_seconds and \
+                time.monotonic() - self._index_trimmed >= INDEX_TRIM_SECONDS:
+            self._index_trimmed = time.monotonic()
+            async with self._errors("expiring state"):  # long-expired workflows: unlisted
+                await self._client.zremrangebyscore(Keys.workflows, 0,
+                                                    time.time() - change.expire_seconds)
 
     async def finish(self, uid: str, ttl_seconds: int) -> None:
         """Let a finished workflow's keys expire; drop long-expired uids from the index."""
-        if ttl_seconds <= 0:
-            return
-        async with self._errors("expiring state"):
-            steps = [_text(step) for step in await self._client.hkeys(Keys.steps(uid))]
-            async with self._client.pipeline(transaction=True) as pipe:
-                for key in Keys.workflow_keys(uid, steps):
-                    pipe.expire(key, ttl_seconds)
-                await pipe.execute()
-            await self._client.zremrangebyscore(Keys.workflows, 0, time.time() - ttl_seconds)
+        if ttl_seconds > 0:
+            await self.record(uid, Change(expire_seconds=ttl_seconds))
 
     async def reopen(self, uid: str) -> None:
         """A finished workflow runs again (a retry): its keys no longer expire."""

@@ -103,7 +103,9 @@ def test_state_and_full_outputs_are_in_redis_after_a_run(runner: Runner, redis_u
         assert record["container"]  # the Docker container id
         assert record["createdAt"] <= record["startedAt"] <= record["finishedAt"]
     assert {record["step"] for record in agents.values()} == set(steps)
-    # Finished state expires instead of piling up.
+    # Finished state expires instead of piling up: every key of it, written or not before.
+    for key in Keys.workflow_keys(run.uid, sorted(steps)):
+        assert not client.exists(key) or 0 < client.ttl(key) <= 7 * 24 * 3600, key
     assert 0 < client.ttl(Keys.workflow(run.uid)) <= 7 * 24 * 3600
     client.close()
 
