@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import queue
 import socket
 import tarfile
 import threading
@@ -123,6 +124,39 @@ class OneSocketAdapter(UnixHTTPAdapter):
             client.api.trust_env = False
 
 
+class DaemonThreads:
+    """Threads for blocking calls, kept from one call to the next (starting a thread per call
+    cost the controller a twentieth of its CPU under load), as many as calls in flight. Not a
+    ThreadPoolExecutor: the interpreter joins those threads at exit, so a process shutting
+    down would wait for every call still blocked (a stop in its grace period, a log still
+    streaming) to return; these are daemons, never joined."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._work: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0
+
+    def run(self, work: Callable[[], None]) -> None:
+        """Have ``work`` (which raises nothing) run on a thread of its own."""
+        with self._lock:
+            spare = self._idle > 0
+            if spare:
+                self._idle -= 1
+        if not spare:
+            threading.Thread(target=self._serve, name=self._name, daemon=True).start()
+        self._work.put(work)
+
+    def _serve(self) -> None:
+        while True:
+            work = self._work.get()
+            try:
+                work()
+            finally:
+                with self._lock:
+                    self._idle += 1
+
+
 class DockerBackend:
     """Runs each agent as a container; blocking docker-py calls run in threads."""
 
@@ -139,6 +173,7 @@ class DockerBackend:
         takes to create the others."""
         self._channels: dict[str, DockerAttachChannel] = {}
         self._channel_locks: dict[str, asyncio.Lock] = {}
+        self._threads = DaemonThreads("docker")
         self._runner_lock = threading.Lock()
         self._runner_volume_name: str | None = None
         self._outages = 0
@@ -168,15 +203,10 @@ class DockerBackend:
         return backend
 
     async def _call(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run a blocking docker-py call in a daemon thread of its own, in its turn: calls that
-        finish agents (reading an ended one, stopping, removing) go before those that start
-        new ones, so that under load an agent's end is read at once and the engine holds no
-        more containers than it runs.
-
-        Not a ThreadPoolExecutor: the interpreter joins those threads at exit, so a process
-        shutting down would wait for every call still blocked (a stop in its grace period, a
-        log still streaming) to return.
-        """
+        """Run a blocking docker-py call in a daemon thread, in its turn: calls that finish
+        agents (reading an ended one, stopping, removing) go before those that start new ones,
+        so that under load an agent's end is read at once and the engine holds no more
+        containers than it runs."""
         async with self._slots.turn(URGENT if function in self._finishing else URGENT + 1):
             loop = asyncio.get_running_loop()
             future: asyncio.Future[T] = loop.create_future()
@@ -199,7 +229,7 @@ class DockerBackend:
                 except RuntimeError:
                     pass  # the loop has closed: nobody is waiting any more
 
-            threading.Thread(target=work, name="docker", daemon=True).start()
+            self._threads.run(work)
             return await future
 
     # --- blocking parts, run in the pool -------------------------------------------------------

@@ -7,6 +7,7 @@ import asyncio
 import concurrent.futures
 import socket
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -15,7 +16,7 @@ import docker
 import pytest
 import requests
 
-from controller.backends.docker import DockerBackend, OneSocketAdapter
+from controller.backends.docker import DaemonThreads, DockerBackend, OneSocketAdapter
 from controller.config import Settings
 
 
@@ -75,3 +76,34 @@ def test_calls_that_finish_agents_go_before_those_waiting_to_begin_work() -> Non
     asyncio.run(scenario())
 
     assert engine.calls == ["list", "remove ended", "list"]
+
+
+def test_calls_reuse_the_threads_of_calls_that_returned_which_are_daemons() -> None:
+    """As many threads as calls in flight, kept for the next calls; none joined at exit."""
+    threads = DaemonThreads("test")
+    release = threading.Event()
+    first: list[threading.Thread] = []
+    then: list[threading.Thread] = []
+
+    def until(condition: Any) -> None:
+        deadline = time.monotonic() + 5
+        while not condition():
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+
+    def held() -> None:
+        first.append(threading.current_thread())
+        release.wait(5)
+
+    for _ in range(3):
+        threads.run(held)
+    until(lambda: len(first) == 3)
+    release.set()
+    until(lambda: threads._idle == 3)
+    for _ in range(3):
+        threads.run(lambda: then.append(threading.current_thread()))
+    until(lambda: len(then) == 3)
+
+    assert len(set(first)) == 3  # three at once: three threads
+    assert set(then) <= set(first)  # then none new
+    assert all(thread.daemon for thread in first)
