@@ -14,9 +14,6 @@ class WorkflowStore(Protocol):
     async def record(self, uid: str, change: Change) -> None:
         """Write every part of ``change`` at once, or none of it."""
 
-    async def finish(self, uid: str, ttl_seconds: int) -> None:
-        """Let a finished workflow's state expire after ``ttl_seconds`` (0: never)."""
-
     async def reopen(self, uid: str) -> None:
         """A finished workflow runs again: its state no longer expires."""
 

@@ -31,6 +31,7 @@ class MemoryStore:
     index: dict[str, float] = field(default_factory=dict)
 
     async def record(self, uid: str, change: Change) -> None:
+        # ``expire_seconds`` is not kept: nothing here outlives the process anyway.
         if change.started_at is not None:
             self.index[uid] = change.started_at
         if change.workflow:
@@ -46,9 +47,6 @@ class MemoryStore:
             self.data[Keys.outputs(uid, output.step)][str(output.index)] = output.text
         if change.log:
             self.data[Keys.logs(uid)][change.log[0]] = tail(change.log[1])
-
-    async def finish(self, uid: str, ttl_seconds: int) -> None:
-        """Nothing outlives the process anyway."""
 
     async def reopen(self, uid: str) -> None:
         """Nothing expires here."""

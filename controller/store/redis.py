@@ -330,12 +330,6 @@ class RedisStore:
             async with self._errors("expiring state"):  # long-expired workflows: unlisted
                 await self._client.zremrangebyscore(Keys.workflows, 0,
                                                     time.time() - change.expire_seconds)
-
-    async def finish(self, uid: str, ttl_seconds: int) -> None:
-        """Let a finished workflow's keys expire; drop long-expired uids from the index."""
-        if ttl_seconds > 0:
-            await self.record(uid, Change(expire_seconds=ttl_seconds))
-
     async def reopen(self, uid: str) -> None:
         """A finished workflow runs again (a retry): its keys no longer expire."""
         async with self._errors("keeping state"):

@@ -142,7 +142,7 @@ def test_a_workflow_is_kept_read_expired_and_forgotten(url: str) -> None:
             assert await store.outputs(uid, "map") == {0: "out 0", 1: "out 1", 2: "out 2"}
             assert sorted(await store.agents(uid)) == ["map.0.1", "map.1.1", "map.2.1"]
             assert (await store.logs(uid))["map.2.1"] == "err 2"
-            await store.finish(uid, ttl_seconds=600)
+            await store.record(uid, Change(expire_seconds=600))  # it finished
             await store.reopen(uid)
             await store.delete(uid)
             assert await store.workflow(uid) is None
