@@ -59,6 +59,72 @@ packages() {
 
 docker_answers() { timeout 10 docker version >/dev/null 2>&1; }
 
+# alive PID [NAME]: the process PID runs (not a zombie), and is the program NAME when one is given.
+alive() {
+    local state
+    [ -n "$1" ] && [ -r "/proc/$1/stat" ] || return 1
+    [ -z "${2:-}" ] || [ "$(cat "/proc/$1/comm" 2>/dev/null)" = "$2" ] || return 1
+    state=$(sed 's/^.*) \(.\).*$/\1/' "/proc/$1/stat" 2>/dev/null) || return 1
+    [ -n "$state" ] && [ "$state" != Z ] && [ "$state" != X ]
+}
+
+# gone PID NAME SECONDS: waits until PID is no longer NAME; false when it still is at the deadline.
+gone() {
+    local deadline=$((SECONDS + $3))
+    while alive "$1" "$2"; do
+        [ $SECONDS -ge "$deadline" ] && return 1
+        sleep 0.5
+    done
+}
+
+# stop PID NAME: asks PID to stop, and kills it when it has not within 30 s.
+stop() {
+    alive "$1" "$2" || return 0
+    say "stopping $2 (pid $1)"
+    kill -TERM "$1" 2>/dev/null || true
+    gone "$1" "$2" 30 && return 0
+    kill -KILL "$1" 2>/dev/null || true
+    gone "$1" "$2" 10 || die "$2 (pid $1) did not end within 40s of being told to stop"
+}
+
+# pids_of NAME: the processes running the program NAME.
+pids_of() {
+    local comm
+    for comm in /proc/[0-9]*/comm; do
+        [ "$(cat "$comm" 2>/dev/null)" = "$1" ] && basename "$(dirname "$comm")"
+    done
+    return 0
+}
+
+# What an engine stopped mid-way leaves (a machine whose processes were killed, then restarted):
+# dockerd trusts the pid files of itself and of the containerd it runs, so a file naming a
+# process that is ending, gone or another program makes it refuse to start, or wait a minute for
+# a containerd socket nobody serves. An engine that runs but does not answer is given 30 s to.
+docker_leftovers() {
+    local engine containerd=/var/run/docker/containerd
+    for engine in $(pids_of dockerd); do
+        say "dockerd (pid $engine) runs but does not answer; waiting up to 30s for it to answer or end"
+        local deadline=$((SECONDS + 30))
+        while alive "$engine" dockerd && [ $SECONDS -lt $deadline ]; do
+            docker_answers && return 0
+            sleep 1
+        done
+        stop "$engine" dockerd
+    done
+    local pid
+    pid=$(cat "$containerd/containerd.pid" 2>/dev/null || true)
+    if alive "$pid" containerd; then
+        # A containerd serving its socket is one a restarted dockerd takes on with its
+        # containers (live-restore); one without a socket is on its way out.
+        if [ ! -S "$containerd/containerd.sock" ]; then
+            gone "$pid" containerd 30 || stop "$pid" containerd
+        fi
+    fi
+    alive "$pid" containerd || rm -f "$containerd/containerd.pid"
+    pid=$(cat /var/run/docker.pid 2>/dev/null || true)
+    alive "$pid" dockerd || rm -f /var/run/docker.pid
+}
+
 docker_up() {
     docker_answers && return 0
     if [ -n "${DOCKER_HOST:-}" ]; then
@@ -66,16 +132,30 @@ docker_up() {
     fi
     is_root || die "no Docker engine answers and starting dockerd needs root; start Docker (Docker Desktop, or sudo systemctl start docker) and add yourself to the docker group"
     command -v dockerd >/dev/null || die "dockerd is not installed (scripts/setup.sh packages)"
-    say "starting dockerd (log: $CACHE/dockerd.log)"
-    # Outside systemd (containers, CI machines) nothing else starts it. live-restore: a
-    # restarted engine finds its containers still running, as on a well-kept node.
-    nohup dockerd --host unix:///var/run/docker.sock --live-restore >>"$CACHE/dockerd.log" 2>&1 &
-    for _ in $(seq 1 60); do
-        docker_answers && return 0
-        sleep 1
+    docker_leftovers
+    docker_answers && return 0
+    local engine deadline
+    for _ in 1 2; do
+        say "starting dockerd (log: $CACHE/dockerd.log)"
+        # Outside systemd (containers, CI machines) nothing else starts it. live-restore: a
+        # restarted engine finds its containers still running, as on a well-kept node.
+        nohup dockerd --host unix:///var/run/docker.sock --live-restore >>"$CACHE/dockerd.log" 2>&1 &
+        engine=$!
+        deadline=$((SECONDS + 90))
+        while [ $SECONDS -lt $deadline ] && alive "$engine"; do  # nohup, then dockerd
+            docker_answers && return 0
+            sleep 1
+        done
+        tail -n 30 "$CACHE/dockerd.log" >&2
+        if alive "$engine"; then
+            stop "$engine" "$(cat "/proc/$engine/comm" 2>/dev/null)"
+            say "dockerd (pid $engine) did not answer within 90s"
+        else
+            say "dockerd (pid $engine) ended without answering"
+        fi
+        docker_leftovers
     done
-    tail -n 30 "$CACHE/dockerd.log" >&2
-    die "dockerd did not come up within 60s (log above)"
+    die "dockerd did not come up in two tries of 90s (its log: $CACHE/dockerd.log, last lines above)"
 }
 
 redis_up() {
@@ -93,14 +173,19 @@ PY
     say "starting redis-server on 127.0.0.1:$port (log: $CACHE/redis.log, data: $CACHE/redis)"
     # An append-only file, written every second: a Redis restarted keeps the workflows' state
     # (what the last second lost, the controller finds again in the agents' labels).
+    # Three tries 5 s apart: a server still ending (a machine whose processes were just killed)
+    # holds the port for a moment, and the new one then ends at once, saying so in the log.
     mkdir -p "$CACHE/redis"
-    redis-server --port "$port" --bind 127.0.0.1 --daemonize yes --save '' --appendonly yes \
-        --appendfsync everysec --dir "$CACHE/redis" --logfile "$CACHE/redis.log"
-    for _ in $(seq 1 20); do
-        redis-cli -p "$port" ping >/dev/null 2>&1 && return 0
-        sleep 0.25
+    for _ in 1 2 3; do
+        redis-server --port "$port" --bind 127.0.0.1 --daemonize yes --save '' --appendonly yes \
+            --appendfsync everysec --dir "$CACHE/redis" --logfile "$CACHE/redis.log"
+        for _ in $(seq 1 20); do
+            [ "$(redis-cli -p "$port" ping 2>/dev/null)" = PONG ] && return 0
+            sleep 0.25
+        done
     done
-    die "redis-server did not answer on port $port (log: $CACHE/redis.log)"
+    tail -n 10 "$CACHE/redis.log" >&2
+    die "redis-server did not answer on port $port in three tries of 5s (log above: $CACHE/redis.log)"
 }
 
 venv() {
