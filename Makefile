@@ -72,6 +72,7 @@ controller-image: setup
 bench: setup redis
 	$(PY) benchmarks/engine_overhead.py
 	$(PY) benchmarks/pool.py
+	$(PY) benchmarks/fan_out.py
 
 bench-cluster: cluster
 	$(PY) scripts/cluster.py load agentainer/busybox:latest

@@ -582,8 +582,13 @@ class WorkflowRun:
         failures: list[str] = []
         pending = iter(range(step.width))  # taken one by one: a waiting item costs no task
         base = status.attempts_before_retry or 0
-        live = {agent.index for agent in status.agents if agent.attempt > base and
-                agent.phase in (AgentPhase.CREATED, AgentPhase.RUNNING)}
+        recorded: dict[int, list[AgentStatus]] = {}
+        """Each item's attempts an earlier process (or run, before a retry) recorded, in order."""
+        for agent in status.agents:
+            if agent.attempt > base:
+                recorded.setdefault(agent.index, []).append(agent)
+        live = {index for index, agents in recorded.items()
+                if any(a.phase in (AgentPhase.CREATED, AgentPhase.RUNNING) for a in agents)}
         """Items whose agent an earlier process started: waited for whatever happens since."""
 
         def stopping() -> bool:  # fail fast: no new agents once something failed
@@ -598,7 +603,8 @@ class WorkflowRun:
                 async with self.state.agents_at_once:
                     if stopping() and index not in live:
                         continue
-                    outcome = await self._run_unit(step, status, index)
+                    outcome = await self._run_unit(step, status, index,
+                                                   recorded.pop(index, []))
                 if outcome.succeeded:
                     results[index] = outcome.output
                 else:
@@ -686,16 +692,17 @@ class WorkflowRun:
         self.emit(EventKind.STEP_FINISHED, f"step {step.name} failed: {message}", status)
         return False
 
-    async def _run_unit(self, step: Step, status: StepStatus, index: int) -> AttemptOutcome:
-        """One item (or replica) of a step, with its retries."""
+    async def _run_unit(self, step: Step, status: StepStatus, index: int,
+                        recorded: list[AgentStatus]) -> AttemptOutcome:
+        """One item (or replica) of a step, with its retries, after the attempts ``recorded``
+        for it before (by an earlier process; a retry counts its attempts afresh)."""
         retries = step.retries.limit if step.retries else 0
         restored = self._restored_outputs.get(step.name, {})
         if index in restored:
             return AttemptOutcome(True, restored[index])  # finished before a restart
-        base = status.attempts_before_retry or 0  # a retry counts its attempts afresh
+        base = status.attempts_before_retry or 0
         attempt = base + 1
         earlier: AgentStatus | None = None
-        recorded = [a for a in status.agents if a.index == index and a.attempt > base]
         # Attempts the container engine cut short are not the step's retries (up to a bound).
         uncounted = sum(a.reason is AgentReason.INTERRUPTED for a in recorded)
         if recorded:

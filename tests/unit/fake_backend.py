@@ -141,6 +141,8 @@ class FakeBackend:
         self.script = script
         self.agents: dict[str, FakeAgent] = {}
         """The containers it holds now (not removed), by container id."""
+        self._names: dict[str, str] = {}
+        """The ids of those containers, by name."""
         self.started: list[FakeAgent] = []
         """Every agent created by ``start``, in order: not those put in by ``hold``, nor those
         whose start failed at once (``Behaviour.start_error``)."""
@@ -198,7 +200,7 @@ class FakeBackend:
 
     def lose(self, agent: FakeAgent) -> None:
         """The agent goes away from under the engine (deleted, evicted, preempted)."""
-        self.agents.pop(agent.id, None)
+        self._forget(agent.id)
         self._kill(agent)
 
     def _hiccup(self, method: str) -> None:
@@ -228,7 +230,7 @@ class FakeBackend:
             spec = replace(spec, env=spec.env | await self.env_values(spec.namespace,
                                                                       spec.env_refs),
                            env_refs={})
-        if any(a.name == spec.name for a in self.agents.values()):
+        if spec.name in self._names:
             raise ConflictError(f"creating agent {spec.name}: Conflict: the container name "
                                 f'"/{spec.name}" is already in use')
         behaviour = self.script(spec)
@@ -262,7 +264,7 @@ class FakeBackend:
             self._kill(fake)
 
     async def remove(self, agent: AgentHandle) -> None:
-        fake = self.agents.pop(agent.id, None)
+        fake = self._forget(agent.id)
         if fake is not None:
             self._kill(fake)  # removal is forced, as the Docker backend's is
             self.removed.append(fake)
@@ -291,6 +293,13 @@ class FakeBackend:
     def _create(self, spec: AgentSpec, behaviour: Behaviour) -> FakeAgent:
         agent = FakeAgent(id=f"fake-{next(self._ids):04d}", spec=spec, behaviour=behaviour)
         self.agents[agent.id] = agent
+        self._names[agent.name] = agent.id
+        return agent
+
+    def _forget(self, agent_id: str) -> FakeAgent | None:
+        agent = self.agents.pop(agent_id, None)
+        if agent is not None:
+            self._names.pop(agent.name, None)
         return agent
 
     def _run(self, agent: FakeAgent) -> None:
