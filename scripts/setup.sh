@@ -87,42 +87,38 @@ stop() {
     gone "$1" "$2" 10 || die "$2 (pid $1) did not end within 40s of being told to stop"
 }
 
-# pids_of NAME: the processes running the program NAME.
-pids_of() {
-    local comm
-    for comm in /proc/[0-9]*/comm; do
-        [ "$(cat "$comm" 2>/dev/null)" = "$1" ] && basename "$(dirname "$comm")"
-    done
-    return 0
-}
-
 # What an engine stopped mid-way leaves (a machine whose processes were killed, then restarted):
 # dockerd trusts the pid files of itself and of the containerd it runs, so a file naming a
 # process that is ending, gone or another program makes it refuse to start, or wait a minute for
 # a containerd socket nobody serves. An engine that runs but does not answer is given 30 s to.
+# docker_leftovers [failed]: failed, after a dockerd that did not come up.
 docker_leftovers() {
-    local engine containerd=/var/run/docker/containerd
-    for engine in $(pids_of dockerd); do
-        say "dockerd (pid $engine) runs but does not answer; waiting up to 30s for it to answer or end"
-        local deadline=$((SECONDS + 30))
-        while alive "$engine" dockerd && [ $SECONDS -lt $deadline ]; do
+    local pid deadline containerd=/var/run/docker/containerd
+    pid=$(cat /var/run/docker.pid 2>/dev/null || true)
+    if alive "$pid" dockerd; then
+        say "dockerd (pid $pid) runs but does not answer; waiting up to 30s for it to answer or end"
+        deadline=$((SECONDS + 30))
+        while alive "$pid" dockerd && [ $SECONDS -lt $deadline ]; do
             docker_answers && return 0
             sleep 1
         done
-        stop "$engine" dockerd
-    done
-    local pid
-    pid=$(cat "$containerd/containerd.pid" 2>/dev/null || true)
-    if alive "$pid" containerd; then
-        # A containerd serving its socket is one a restarted dockerd takes on with its
-        # containers (live-restore); one without a socket is on its way out.
-        if [ ! -S "$containerd/containerd.sock" ]; then
-            gone "$pid" containerd 30 || stop "$pid" containerd
-        fi
+        stop "$pid" dockerd
     fi
-    alive "$pid" containerd || rm -f "$containerd/containerd.pid"
-    pid=$(cat /var/run/docker.pid 2>/dev/null || true)
-    alive "$pid" dockerd || rm -f /var/run/docker.pid
+    rm -f /var/run/docker.pid
+    pid=$(cat "$containerd/containerd.pid" 2>/dev/null || true)
+    # Only the containerd dockerd runs, not another (the local Kubernetes node's, say).
+    if alive "$pid" containerd && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null \
+            | grep -q -- "--config $containerd/containerd.toml"; then
+        # A containerd serving its socket is one a restarted dockerd takes on with its
+        # containers (live-restore); one without a socket is on its way out, and one a dockerd
+        # just failed to start with is stopped.
+        if [ ! -S "$containerd/containerd.sock" ] || [ "${1:-}" = failed ]; then
+            gone "$pid" containerd 30 || stop "$pid" containerd
+            rm -f "$containerd/containerd.pid"
+        fi
+    else
+        rm -f "$containerd/containerd.pid"
+    fi
 }
 
 docker_up() {
@@ -153,7 +149,7 @@ docker_up() {
         else
             say "dockerd (pid $engine) ended without answering"
         fi
-        docker_leftovers
+        docker_leftovers failed
     done
     die "dockerd did not come up in two tries of 90s (its log: $CACHE/dockerd.log, last lines above)"
 }
