@@ -1,6 +1,6 @@
 """Fan-out width: the engine's own cost per agent, from a hundred agents in a step to 10,000.
 
-What it measures. One workflow of two steps, ``wide`` (a fan-out of W replicas) and ``sum``
+What it measures. One workflow of two steps, ``wide`` (a fan-out over W items) and ``sum``
 (one agent reading all of ``wide``'s outputs), run by ``controller.engine.Engine`` on a backend
 whose agents do nothing and end at once: the fake container engine of the unit tests, which
 keeps its agents in memory. Containers cost nothing there, so the wall time is the engine's
@@ -46,7 +46,9 @@ logger = logging.getLogger("benchmarks.fan_out")
 
 
 def document(width: int) -> dict[str, Any]:
-    """Two steps: W replicas each printing its index, then one agent given all their outputs."""
+    """Two steps: W agents each printing its item's index, then one agent given all their
+    outputs. The items are sentences, so that the spec grows with the width as a real one
+    does."""
     return {
         "apiVersion": "agentainer.dev/v1alpha1", "kind": "Workflow",
         "metadata": {"name": f"wide-{width}", "namespace": "default",
@@ -54,7 +56,9 @@ def document(width: int) -> dict[str, Any]:
         "spec": {"backend": "docker", "cleanup": "Always", "steps": [
             {"name": "wide", "image": "agentainer/busybox:latest",
              "command": ["sh", "-c", "echo $AGENTAINER_ITEM_INDEX"],
-             "parallel": {"replicas": width}},
+             "env": [{"name": "TEXT", "value": "{{ item }}"}],
+             "parallel": {"items": [f"the text of item {index}, about sixty characters long"
+                                    for index in range(width)]}},
             {"name": "sum", "image": "agentainer/busybox:latest", "dependsOn": ["wide"],
              "command": ["sh", "-c", "echo $ALL"],
              "env": [{"name": "ALL", "value": "{{ steps.wide.outputs }}"}]},
@@ -104,7 +108,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     except ValueError:
         parser.error(f"--widths: {args.widths!r} is not a list of numbers")
     if not args.widths or min(args.widths) < 1 or max(args.widths) > 10000:
-        parser.error("--widths: each between 1 and 10000 (the most replicas a step may have)")
+        parser.error("--widths: each between 1 and 10000")
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     return args

@@ -39,11 +39,15 @@ class Journal:
         self.workflow = workflow
         self.uid = uid
 
-    def _whole(self, status: WorkflowStatus) -> WorkflowRecord:
+    def _whole(self, status: WorkflowStatus, with_spec: bool = True) -> WorkflowRecord:
+        """The workflow's record; ``with_spec`` False: without the spec, which a write of
+        progress leaves as the run's beginning wrote it (a spec may hold 10,000 items, and a
+        step as many agents, each writing its progress)."""
         return WorkflowRecord(
             name=self.workflow.metadata.name, namespace=self.workflow.metadata.namespace,
             phase=status.phase, progress=status.progress, started_at=status.started_at,
-            finished_at=status.finished_at, message=status.message, spec=self.workflow.spec,
+            finished_at=status.finished_at, message=status.message,
+            spec=self.workflow.spec if with_spec else None,
             generation=status.observed_generation)
 
     def _agent(self, agent: AgentStatus, container: str) -> AgentRecord:
@@ -69,7 +73,7 @@ class Journal:
         await self.store.record(self.uid, Change(
             agent=self._agent(agent, container), step=step,
             output=Output(step.name, agent.index, output) if output is not None else None,
-            workflow=self._whole(status) if output is not None else None,
+            workflow=self._whole(status, with_spec=False) if output is not None else None,
             log=(agent.id, stderr) if stderr else None))
 
     async def ended(self, status: WorkflowStatus, ttl_seconds: int) -> None:

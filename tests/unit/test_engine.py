@@ -32,7 +32,7 @@ from controller.models import (
     WorkflowStatus,
     parse_workflow,
 )
-from controller.store import MemoryStore
+from controller.store import Change, MemoryStore
 from tests.conftest import workflow_doc
 from tests.unit.fake_backend import KILLED, Behaviour, FakeAgent, FakeBackend, Script, succeed
 
@@ -859,6 +859,32 @@ def test_a_store_that_lost_the_run_resumes_it_from_the_status_of_its_resource(cu
     else:
         assert status.phase is WorkflowPhase.SUCCEEDED, status.message
         assert status.step("reduce").output == '["a", "b"]'
+
+
+def test_the_spec_is_written_to_the_store_when_a_run_begins_and_ends_not_by_each_agent() -> None:
+    """The store keeps the spec a run goes on with after a restart. It is written when the run
+    begins and when it ends; an agent's end writes the progress beside it, not the spec again
+    (a spec of 10,000 items, written by each of its 10,000 agents, once sent Redis 5 GB)."""
+
+    class Recording(MemoryStore):
+        specs = 0
+        progress = 0
+
+        async def record(self, uid: str, change: Change) -> None:
+            if change.workflow is not None:
+                self.specs += change.workflow.spec is not None
+                self.progress += change.workflow.spec is None
+            await super().record(uid, change)
+
+    store = Recording()
+    document = with_uid(workflow_doc({"name": "wide", "parallel": {"items": list(range(20))}}))
+    status = scenario(new_run(document, FakeBackend(), store).execute())
+
+    assert status.phase is WorkflowPhase.SUCCEEDED
+    assert (store.specs, store.progress) == (2, 20)
+    record = scenario(store.workflow(document["metadata"]["uid"]))
+    assert record is not None and record.spec == parse_workflow(document).spec
+    assert record.progress == "20/20"
 
 
 def test_items_waiting_their_turn_cost_no_task() -> None:
