@@ -28,6 +28,7 @@ from controller.backends.base import (
     AgentSpec,
     WorkspaceSpec,
 )
+from controller.errors import AgentSpecError
 from controller.models import (
     AgentPool,
     CleanupPolicy,
@@ -39,6 +40,11 @@ from controller.models import (
 )
 
 UID_SUFFIX_LENGTH = 5
+
+MAX_ARG_BYTES = 32 * 4096
+"""The longest argument or environment variable (``NAME=value``, its closing NUL counted) Linux
+starts a program with (``MAX_ARG_STRLEN``): a longer one fails the agent's start with
+"argument list too long", whatever the backend."""
 
 
 def owner_reference(resource: Workflow | AgentPool, uid: str | None) -> dict[str, Any] | None:
@@ -143,6 +149,25 @@ def build_agent_spec(
         capabilities=tuple(workflow.spec.capabilities.add) if workflow.spec.capabilities else (),
         env_refs=env_refs,
     )
+
+
+def check_exec_limits(spec: AgentSpec) -> None:
+    """Refuse an agent whose rendered command, args or env have a string Linux would not start
+    it with, naming it, before any backend tries (which would say only "argument list too
+    long", and whose retries would fail the same way)."""
+    def refuse(what: str, size: int) -> AgentSpecError:
+        return AgentSpecError(
+            f"agent {spec.name}: {what} is {size:,} bytes once its templates are rendered, "
+            f"over the {MAX_ARG_BYTES:,} Linux starts a program with in one argument or "
+            "variable; hand data this large over through the workflow's workspace")
+
+    for name, value in spec.env.items():
+        if (size := len(name.encode()) + len(value.encode()) + 2) > MAX_ARG_BYTES:
+            raise refuse(f"env {name}", size)
+    for field, words in (("command", spec.command), ("args", spec.args)):
+        for position, word in enumerate(words or ()):
+            if (size := len(word.encode()) + 1) > MAX_ARG_BYTES:
+                raise refuse(f"{field}[{position}]", size)
 
 
 def workspace_spec(workflow: Workflow, uid: str) -> WorkspaceSpec:

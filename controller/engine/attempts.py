@@ -13,7 +13,7 @@ from enum import StrEnum
 from typing import TypeVar
 
 from controller import templating
-from controller.agents import agent_id, build_agent_spec, should_remove
+from controller.agents import agent_id, build_agent_spec, check_exec_limits, should_remove
 from controller.backends.base import (
     LABEL_AGENT_ID,
     LABEL_WORKFLOW_UID,
@@ -133,6 +133,7 @@ class Attempts:
             await self.journal.agent(agent, step=status)
         try:
             if handle is None:
+                check_exec_limits(spec)
                 handle = await place.start(agent, status)
             else:
                 place.adopt(agent, status)

@@ -18,6 +18,8 @@ import pytest
 import redis
 import yaml
 
+from controller.agents import MAX_ARG_BYTES
+from controller.backends.base import LABEL_STEP
 from controller.backends.docker import DockerBackend
 from controller.engine import Engine, WorkflowRun
 from controller.models import AgentReason, StepPhase, WorkflowPhase, WorkflowStatus
@@ -526,6 +528,35 @@ def test_missing_executable_is_reported_with_the_programs_name(runner: Runner) -
     assert status.phase is WorkflowPhase.FAILED
     assert status.step("typo").agents[0].exit_code == 127
     assert "no-such-program" in (status.step("typo").message or "")
+
+
+def test_a_variable_longer_than_linux_starts_a_program_with_fails_its_agent_unstarted(
+        runner: Runner) -> None:
+    """An output read through a template as a variable: the longest Linux takes reaches the
+    agent whole; one byte more fails the agent before any container is made, naming the
+    variable and the limit, and is not retried (the engine would refuse it every time)."""
+    longest = MAX_ARG_BYTES - len("BIG=") - 1  # its closing NUL counts
+
+    def reader(name: str, source: str, *after: str) -> dict[str, Any]:
+        return {"name": name, "dependsOn": [source, *after],
+                "retries": {"limit": 2, "backoffSeconds": 0},
+                "command": sh('echo "${#BIG}"'),
+                "env": [{"name": "BIG", "value": f"{{{{ steps.{source}.output }}}}"}]}
+
+    status, run = runner.run(workflow_doc(
+        {"name": "longest", "command": sh(f"head -c {longest} /dev/zero | tr '\\0' x")},
+        {"name": "longer", "dependsOn": [],
+         "command": sh(f"head -c {longest + 1} /dev/zero | tr '\\0' x")},
+        reader("fits", "longest"), reader("over", "longer", "fits"), cleanup="Never"))
+
+    assert status.step("fits").phase is StepPhase.SUCCEEDED
+    assert status.step("fits").output == str(longest)
+    over = status.step("over")
+    assert over.phase is StepPhase.FAILED and over.attempts == 1
+    assert f"env BIG is {MAX_ARG_BYTES + 1:,} bytes" in (over.message or "")
+    assert f"over the {MAX_ARG_BYTES:,}" in (over.message or "")
+    made = [c.labels[LABEL_STEP] for c in runner.containers(run.uid)]
+    assert sorted(made) == ["fits", "longer", "longest"]
 
 
 def test_agent_over_its_memory_limit_is_reported_oom_killed(runner: Runner) -> None:

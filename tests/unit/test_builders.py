@@ -4,7 +4,7 @@ decisions, the compact status, and settings read from the environment."""
 from __future__ import annotations
 
 import re
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Any
 
 import pytest
@@ -12,7 +12,14 @@ import pytest
 from controller.backends.base import AgentSpec
 from controller.backends.containers import container_config
 from controller.config import Settings
-from controller.agents import agent_labels, agent_name, build_agent_spec, should_remove
+from controller.agents import (
+    MAX_ARG_BYTES,
+    agent_labels,
+    agent_name,
+    build_agent_spec,
+    check_exec_limits,
+    should_remove,
+)
 from controller.errors import AgentSpecError, ConfigError, InvalidSpecError
 from controller.handlers.reporting import compact_status
 from controller.models import (
@@ -461,3 +468,27 @@ def test_a_connection_to_the_docker_engine_cut_even_mid_answer_is_the_engine_awa
     with pytest.raises(BackendUnavailableError, match="cannot reach the Docker engine"):
         with docker_errors("waiting for agent a"):
             raise getattr(requests.exceptions, cut)("Response ended prematurely")
+
+
+@pytest.mark.parametrize("where", ["env", "command", "args"])
+def test_a_string_longer_than_linux_execs_is_refused_naming_it_in_bytes_not_characters(
+        where: str) -> None:
+    """Linux counts bytes, the closing NUL included: ``é`` is two of them."""
+    room = MAX_ARG_BYTES - 1 - (len("HUGE=") if where == "env" else 0)
+    workflow = make_workflow({"name": "s", "image": "busybox", "command": ["sh", "-c", "true"]})
+    spec = build_agent_spec(workflow, UID, workflow.spec.steps[0], 0, 1, {})
+
+    def with_text(text: str) -> AgentSpec:
+        if where == "env":
+            return replace(spec, env={**spec.env, "HUGE": text})
+        return replace(spec, **{where: ["sh", "-c", text] if where == "command" else [text]})
+
+    check_exec_limits(with_text("x" * room))  # the longest there is room for
+    check_exec_limits(with_text("é" * (room // 2)))
+    for text in ("x" * (room + 1), "é" * (room // 2 + 1)):
+        with pytest.raises(AgentSpecError) as refused:
+            check_exec_limits(with_text(text))
+        what = {"env": "env HUGE", "command": "command[2]", "args": "args[0]"}[where]
+        assert f"agent {spec.name}: {what} is " in str(refused.value)
+        assert f"over the {MAX_ARG_BYTES:,}" in str(refused.value)
+
