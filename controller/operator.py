@@ -18,6 +18,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from controller.config import Settings
+from controller.errors import ConfigError
 from controller.leader import LeaderElection
 from controller.metrics import Metrics
 
@@ -104,7 +105,14 @@ async def serve(metrics: Metrics, health: Health, config: Settings) -> web.AppRu
     app.router.add_get("/readyz", ready)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, config.metrics_host, config.metrics_port).start()
+    try:
+        await web.TCPSite(runner, config.metrics_host, config.metrics_port).start()
+    except OSError as error:  # the port taken (another controller?), or no such address
+        await runner.cleanup()
+        raise ConfigError(
+            f"cannot serve metrics and health checks on {config.metrics_host}:"
+            f"{config.metrics_port} (AGENTAINER_METRICS_HOST, AGENTAINER_METRICS_PORT; 0 "
+            f"serves none): {error.strerror or error}") from None
     return runner
 
 

@@ -3,11 +3,13 @@ and the messages users read. Nothing here reaches Docker or Redis."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
 
 from controller.cli import main
+from controller.commands import EXIT_UNUSABLE
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 
@@ -313,3 +315,22 @@ def test_logs_of_a_run_the_store_does_not_know_is_one_line_and_exit_2(
     captured = capsys.readouterr()
     assert_no_traceback(captured.out, captured.err)
     assert captured.err.startswith("error: no workflow named 'nowhere'")
+
+
+def test_a_controller_whose_metrics_port_is_taken_says_so_and_exits(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Another controller (or anything) on the port: a message naming the address and the
+    settings, not a traceback, before the controller connects anywhere."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        monkeypatch.setenv("AGENTAINER_METRICS_HOST", "127.0.0.1")
+        monkeypatch.setenv("AGENTAINER_METRICS_PORT", str(port))
+
+        assert main(["controller"]) == EXIT_UNUSABLE
+
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: cannot serve metrics and health checks on 127.0.0.1:{port} ")
+    assert "AGENTAINER_METRICS_PORT" in error and "in use" in error
+    assert "Traceback" not in error
