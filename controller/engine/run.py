@@ -81,8 +81,11 @@ class WorkflowRun:
     def __init__(self, workflow: Workflow, backend: Backend, store: WorkflowStore,
                  settings: Settings, observer: Observer | None = None,
                  pools: PoolManager | None = None,
-                 last_known: WorkflowStatus | None = None) -> None:
+                 last_known: WorkflowStatus | None = None,
+                 output_kept: int | None = None) -> None:
         self.last_known = last_known
+        self.output_kept = output_kept
+        """Characters of an output no later step reads that the run holds (None: all)."""
         """The status the resource carries: what the run had done, should the store have lost
         it."""
         self.uid = workflow.metadata.uid or str(uuid.uuid4())
@@ -110,6 +113,8 @@ class WorkflowRun:
     def _plan(self, workflow: Workflow) -> None:
         """Take ``workflow``'s spec as the one to run."""
         self.workflow = self.journal.workflow = self.attempts.workflow = workflow
+        self._read = {name for step in workflow.spec.all_steps for name in step.inputs()}
+        """The steps whose outputs a step reads (through templates, ``itemsFrom``, ``when``)."""
         self.dependencies = workflow.spec.dependency_map()
         self.steps = {step.name: step for step in workflow.spec.all_steps}
         self._finally = {step.name for step in workflow.spec.finally_steps}
@@ -412,7 +417,8 @@ class WorkflowRun:
             step.started_at, step.finished_at = state.started_at, state.finished_at
             step.message = state.message
             step.attempts_before_retry = state.attempts_before_retry
-            outputs = restored.outputs.get(name, {})
+            outputs = {index: self._kept(name, output)
+                       for index, output in restored.outputs.get(name, {}).items()}
             self._restored_outputs[name] = outputs
             self.state.units_done += len(outputs)
             if state.phase is StepPhase.SUCCEEDED:
@@ -436,6 +442,14 @@ class WorkflowRun:
             status.phase = restored.workflow.phase
             status.finished_at = restored.workflow.finished_at
             status.message = restored.workflow.message
+
+    def _kept(self, step: str, output: str) -> str:
+        """An agent's output as the run holds it: whole when a step reads it, else its head
+        (``output_kept``; the store has it whole). A fan-out of chatty agents (a MiB each)
+        would otherwise hold the controller's memory for as long as the run lasts."""
+        if self.output_kept is None or step in self._read:
+            return output
+        return output[:self.output_kept]
 
     def _step_succeeded(self, step: Step, status: StepStatus, outputs: list[str]) -> None:
         self.outputs[step.name] = outputs
@@ -606,7 +620,7 @@ class WorkflowRun:
                     outcome = await self._run_unit(step, status, index,
                                                    recorded.pop(index, []))
                 if outcome.succeeded:
-                    results[index] = outcome.output
+                    results[index] = self._kept(step.name, outcome.output)
                 else:
                     failures.append(status.message or "failed")
 
@@ -752,17 +766,21 @@ class Engine:
     """Runs Workflows on one backend with one store (and the pools of this process)."""
 
     def __init__(self, backend: Backend, store: WorkflowStore, settings: Settings,
-                 pools: PoolManager | None = None) -> None:
+                 pools: PoolManager | None = None, output_kept: int | None = None) -> None:
         self.backend = backend
         self.store = store
         self.settings = settings
         self.pools = pools
+        self.output_kept = output_kept
+        """Characters of an output no later step reads that a run's status keeps (None: all
+        of it, as ``agentainer run -o json`` prints). The controller keeps what its status
+        shows: every output is whole in the store."""
 
     def prepare(self, workflow: Workflow, observer: Observer | None = None,
                 last_known: WorkflowStatus | None = None) -> WorkflowRun:
         """A run of ``workflow``; ``last_known``: the status its resource carries, if any."""
         return WorkflowRun(workflow, self.backend, self.store, self.settings, observer,
-                           self.pools, last_known)
+                           self.pools, last_known, self.output_kept)
 
     async def run(self, workflow: Workflow, observer: Observer | None = None) -> WorkflowStatus:
         return await self.prepare(workflow, observer).execute()

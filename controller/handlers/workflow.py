@@ -119,7 +119,10 @@ async def run_workflow(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonSto
         metrics(event, status)
         events(event, status)
 
-    run = Engine(backend, services.store, services.settings, services.pools).prepare(
+    # The status shows at most status_output_limit characters of an output: one more tells
+    # that it was cut.
+    run = Engine(backend, services.store, services.settings, services.pools,
+                 output_kept=services.settings.status_output_limit + 1).prepare(
         workflow, observe, reporting.last_known_status(body))
     writer.follow(run.status, lambda: run.workflow.spec)
     writer.start()

@@ -887,6 +887,46 @@ def test_the_spec_is_written_to_the_store_when_a_run_begins_and_ends_not_by_each
     assert record.progress == "20/20"
 
 
+def test_a_run_keeping_outputs_short_holds_whole_only_those_a_step_reads() -> None:
+    """The controller's runs hold the head of an output no step reads (what the status shows,
+    and one more character to tell it was cut); an output a step reads is held whole, and
+    the store has every one whole. So a fan-out of chatty agents costs the controller little
+    memory, also once a restarted run took the outputs back from the store."""
+    long = "x" * 50
+    document = with_uid(workflow_doc(
+        {"name": "chatty", "parallel": {"replicas": 3}},
+        {"name": "read", "dependsOn": []},
+        {"name": "reader", "dependsOn": ["read"],
+         "env": [{"name": "ALL", "value": "{{ steps.read.output }}"}]},
+        {"name": "slow", "dependsOn": ["chatty"]}))
+    fake = FakeBackend(lambda spec: Behaviour(0.1 if step_of(spec) == "slow" else 0,
+                                              stdout=spec.env.get("ALL", long)))
+    store = MemoryStore()
+    engine = Engine(fake, store, SETTINGS, output_kept=11)
+
+    async def play() -> tuple[WorkflowStatus, WorkflowStatus]:
+        first = engine.prepare(parse_workflow(document))
+        execution = asyncio.ensure_future(first.execute())
+        await until(lambda: first.status.step("reader").phase is StepPhase.SUCCEEDED and
+                    first.status.step("slow").phase is StepPhase.RUNNING and
+                    bool(fake.running()))
+        first.detach()
+        await execution
+        return first.status, await engine.prepare(parse_workflow(document)).execute()
+
+    before, after = scenario(play())
+
+    for status in (before, after):
+        assert status.step("chatty").outputs == ["x" * 11] * 3
+        assert status.step("read").output == long
+    assert after.phase is WorkflowPhase.SUCCEEDED
+    assert [agent.spec.env["ALL"] for agent in fake.starts("reader")] == [long]
+    assert after.step("reader").output == "x" * 11  # read by none
+    assert after.step("slow").output == "x" * 11
+    stored = scenario(store.outputs(document["metadata"]["uid"], "chatty"))
+    assert stored == {0: long, 1: long, 2: long}
+
+
 def test_items_waiting_their_turn_cost_no_task() -> None:
     """A fan-out of 10,000 replicas, 5 at once: the tasks alive stay a handful, not one per
     item (a million items once took 1.4 GiB)."""
