@@ -110,7 +110,10 @@ async def _run(workflow: Workflow, agent_pools: list[AgentPool], settings: Setti
         states = [pools.register(pool, str(uuid.uuid4()), backend) for pool in agent_pools]
         for state in states:  # warm up before the first step asks
             await pools.reconcile(state)
-        run = Engine(backend, store, settings, pools).prepare(workflow, Progress(progress_out))
+        # The summary shows the head of each output; the JSON status every output whole.
+        kept = None if output == "json" else settings.status_output_limit + 1
+        run = Engine(backend, store, settings, pools, output_kept=kept).prepare(
+            workflow, Progress(progress_out))
         run.steer(False, workflow.spec.shutdown)
         title = workflow.spec.description or workflow.metadata.name
         steps = workflow.spec.all_steps
