@@ -152,22 +152,27 @@ def build_agent_spec(
 
 
 def check_exec_limits(spec: AgentSpec) -> None:
-    """Refuse an agent whose rendered command, args or env have a string Linux would not start
+    """Refuse an agent whose rendered command, args or env hold a string Linux would not start
     it with, naming it, before any backend tries (which would say only "argument list too
-    long", and whose retries would fail the same way)."""
-    def refuse(what: str, size: int) -> AgentSpecError:
-        return AgentSpecError(
-            f"agent {spec.name}: {what} is {size:,} bytes once its templates are rendered, "
-            f"over the {MAX_ARG_BYTES:,} Linux starts a program with in one argument or "
-            "variable; hand data this large over through the workflow's workspace")
+    long" or "invalid argument", and whose retries would fail the same way): one longer than
+    ``MAX_ARG_BYTES``, or one with a NUL character, which ends a C string."""
+    def check(what: str, text: str, size: int) -> None:
+        if size > MAX_ARG_BYTES:
+            raise AgentSpecError(
+                f"agent {spec.name}: {what} is {size:,} bytes once its templates are rendered, "
+                f"over the {MAX_ARG_BYTES:,} Linux starts a program with in one argument or "
+                "variable; hand data this large over through the workflow's workspace")
+        if "\0" in text:
+            raise AgentSpecError(
+                f"agent {spec.name}: {what} holds a NUL character once its templates are "
+                f"rendered (at {text.index(chr(0))}), which no program can be given in an "
+                "argument or variable; have the step that prints it encode it (base64)")
 
     for name, value in spec.env.items():
-        if (size := len(name.encode()) + len(value.encode()) + 2) > MAX_ARG_BYTES:
-            raise refuse(f"env {name}", size)
+        check(f"env {name}", value, len(name.encode()) + len(value.encode()) + 2)
     for field, words in (("command", spec.command), ("args", spec.args)):
         for position, word in enumerate(words or ()):
-            if (size := len(word.encode()) + 1) > MAX_ARG_BYTES:
-                raise refuse(f"{field}[{position}]", size)
+            check(f"{field}[{position}]", word, len(word.encode()) + 1)
 
 
 def workspace_spec(workflow: Workflow, uid: str) -> WorkspaceSpec:

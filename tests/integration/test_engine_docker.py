@@ -559,6 +559,21 @@ def test_a_variable_longer_than_linux_starts_a_program_with_fails_its_agent_unst
     assert sorted(made) == ["fits", "longer", "longest"]
 
 
+def test_an_output_with_a_nul_character_fails_the_agent_that_reads_it_unstarted(
+        runner: Runner) -> None:
+    """Docker would refuse the variable ("invalid argument") on every retry."""
+    status, run = runner.run(workflow_doc(
+        {"name": "binary", "command": sh("printf 'a\\000b'")},
+        {"name": "reads", "dependsOn": ["binary"], "retries": {"limit": 2, "backoffSeconds": 0},
+         "command": sh('echo "$X"'), "env": [{"name": "X", "value": "{{ steps.binary.output }}"}]},
+        cleanup="Never"))
+
+    reads = status.step("reads")
+    assert reads.phase is StepPhase.FAILED and reads.attempts == 1
+    assert "env X holds a NUL character" in (reads.message or "")
+    assert [c.labels[LABEL_STEP] for c in runner.containers(run.uid)] == ["binary"]
+
+
 def test_agent_over_its_memory_limit_is_reported_oom_killed(runner: Runner) -> None:
     status, _ = runner.run(workflow_doc(
         {"name": "hog", "resources": {"memory": "16Mi"},

@@ -471,9 +471,9 @@ def test_a_connection_to_the_docker_engine_cut_even_mid_answer_is_the_engine_awa
 
 
 @pytest.mark.parametrize("where", ["env", "command", "args"])
-def test_a_string_longer_than_linux_execs_is_refused_naming_it_in_bytes_not_characters(
-        where: str) -> None:
-    """Linux counts bytes, the closing NUL included: ``é`` is two of them."""
+def test_a_string_linux_would_not_exec_is_refused_naming_it(where: str) -> None:
+    """Longer than Linux takes, counted in bytes with the closing NUL (``é`` is two), or with a
+    NUL inside."""
     room = MAX_ARG_BYTES - 1 - (len("HUGE=") if where == "env" else 0)
     workflow = make_workflow({"name": "s", "image": "busybox", "command": ["sh", "-c", "true"]})
     spec = build_agent_spec(workflow, UID, workflow.spec.steps[0], 0, 1, {})
@@ -491,4 +491,6 @@ def test_a_string_longer_than_linux_execs_is_refused_naming_it_in_bytes_not_char
         what = {"env": "env HUGE", "command": "command[2]", "args": "args[0]"}[where]
         assert f"agent {spec.name}: {what} is " in str(refused.value)
         assert f"over the {MAX_ARG_BYTES:,}" in str(refused.value)
+    with pytest.raises(AgentSpecError, match=f"{re.escape(what)} holds a NUL character .*at 3"):
+        check_exec_limits(with_text("abc\0def"))  # ends a C string: "invalid argument"
 
