@@ -98,6 +98,16 @@ async def until(condition: Callable[[], bool], seconds: float = 5.0) -> None:
         await asyncio.sleep(0.001)
 
 
+async def detached_once(run: WorkflowRun, condition: Callable[[], bool]) -> WorkflowStatus:
+    """Run ``run`` until ``condition`` holds, then let it go as a stopping controller does:
+    its agents run on, for a later run to adopt. Its status as it was let go."""
+    execution = asyncio.ensure_future(run.execute())
+    await until(condition)
+    run.detach()
+    await execution
+    return run.status
+
+
 def map_reduce_aside() -> dict[str, Any]:
     """A fan-out over two words, a step that reads all their outputs, and one that reads none."""
     return with_uid(workflow_doc(
@@ -666,10 +676,7 @@ def test_a_restarted_run_reads_agents_that_ended_unwatched_and_retries_the_faile
 
     async def go() -> WorkflowStatus:
         first = new_run(document, fake, store)
-        task = asyncio.create_task(first.execute())
-        await until(lambda: len(fake.running()) == 2)
-        first.detach()
-        await task
+        await detached_once(first, lambda: len(fake.running()) == 2)
         await until(lambda: fake.running() == [])  # both ended with nobody watching
         return await new_run(document, fake, store).execute()
 
@@ -690,10 +697,7 @@ def test_an_agent_only_created_before_a_restart_is_replaced_by_one_that_runs() -
 
     async def go() -> WorkflowStatus:
         first = new_run(document, fake, store)
-        task = asyncio.create_task(first.execute())
-        await until(lambda: [a.state for a in fake.held()] == ["created"])
-        first.detach()
-        await task
+        await detached_once(first, lambda: [a.state for a in fake.held()] == ["created"])
         fake.script = lambda spec: Behaviour(stdout="pulled")
         return await new_run(document, fake, store).execute()
 
@@ -722,10 +726,7 @@ def test_a_restarted_run_adopts_only_the_agents_of_its_own_workflow_uid() -> Non
             spec = build_agent_spec(old, "old00000-uid", old.spec.steps[0], index, 1, {})
             await fake.hold(spec, Behaviour(0.1, stdout=f"old {index}"))
         first = new_run(document, fake, store)
-        task = asyncio.create_task(first.execute())
-        await until(lambda: len(fake.running()) == 4)
-        first.detach()
-        await task
+        await detached_once(first, lambda: len(fake.running()) == 4)
         return await new_run(document, fake, store).execute()
 
     status = scenario(go())
@@ -772,11 +773,7 @@ def test_a_restarted_run_goes_on_with_the_spec_it_started_with() -> None:
 
     async def play() -> WorkflowStatus:
         first = new_run(old, fake, store)
-        execution = asyncio.ensure_future(first.execute())
-        while first.status.progress != "1/2":
-            await asyncio.sleep(0.01)
-        first.detach()
-        await execution
+        await detached_once(first, lambda: first.status.progress == "1/2")
         return await new_run(new, fake, store).execute()
 
     status = scenario(play())
@@ -799,11 +796,8 @@ def test_an_output_lost_from_the_store_fails_the_step_that_reads_it_loudly() -> 
 
     async def play() -> WorkflowStatus:
         first = new_run(document, fake, store)
-        execution = asyncio.ensure_future(first.execute())
-        while not fake.running() or step_of(fake.running()[0].spec) != "reduce":
-            await asyncio.sleep(0.01)
-        first.detach()
-        await execution
+        await detached_once(first, lambda: bool(fake.running()) and
+                            step_of(fake.running()[0].spec) == "reduce")
         for agent in fake.held("reduce"):
             await fake.remove(agent.handle())
         store.data[Keys.outputs(first.uid, "map")].pop("1")  # lost with a Redis restart
@@ -837,12 +831,9 @@ def test_a_store_that_lost_the_run_resumes_it_from_the_status_of_its_resource(cu
 
     async def play() -> WorkflowStatus:
         first = new_run(document, fake, MemoryStore())
-        execution = asyncio.ensure_future(first.execute())
-        await until(lambda: first.status.step("reduce").phase is StepPhase.RUNNING and
-                    first.status.step("aside").phase is StepPhase.SUCCEEDED and
-                    bool(fake.running()))
-        first.detach()
-        await execution
+        await detached_once(first, lambda: first.status.step("reduce").phase is
+                            StepPhase.RUNNING and first.status.step("aside").phase is
+                            StepPhase.SUCCEEDED and bool(fake.running()))
         last_known = shown(first.status, output_limit=3 if cut else 4096)
         emptied = MemoryStore()
         return await Engine(fake, emptied, SETTINGS).prepare(
@@ -906,13 +897,10 @@ def test_a_run_keeping_outputs_short_holds_whole_only_those_a_step_reads() -> No
 
     async def play() -> tuple[WorkflowStatus, WorkflowStatus]:
         first = engine.prepare(parse_workflow(document))
-        execution = asyncio.ensure_future(first.execute())
-        await until(lambda: first.status.step("reader").phase is StepPhase.SUCCEEDED and
-                    first.status.step("slow").phase is StepPhase.RUNNING and
-                    bool(fake.running()))
-        first.detach()
-        await execution
-        return first.status, await engine.prepare(parse_workflow(document)).execute()
+        before = await detached_once(first, lambda: first.status.step("reader").phase is
+                                     StepPhase.SUCCEEDED and first.status.step("slow").phase is
+                                     StepPhase.RUNNING and bool(fake.running()))
+        return before, await engine.prepare(parse_workflow(document)).execute()
 
     before, after = scenario(play())
 
