@@ -2,8 +2,9 @@
 timeouts, fail-fast, cancellation, cleanup, templates, and resuming after a restart.
 
 Agents are scripted (``tests/unit/fake_backend.py``) to run for milliseconds, so what the
-integration tests prove on real Docker in seconds is proven here in a blink; the two tests of
-``timeoutSeconds`` (at least 1 s by the schema) take about a second each.
+integration tests prove on real Docker in seconds is proven here in a blink; the tests of
+``timeoutSeconds`` (whole seconds by the schema) give the engine a fifth of one
+(:func:`with_quick_timeouts`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from controller.models import (
     AgentPhase,
     AgentReason,
     StepPhase,
+    Workflow,
     WorkflowPhase,
     WorkflowStatus,
     parse_workflow,
@@ -76,8 +78,31 @@ def with_uid(document: dict[str, Any]) -> dict[str, Any]:
     return document
 
 
-def new_run(document: dict[str, Any], fake: FakeBackend, store: MemoryStore) -> WorkflowRun:
-    return Engine(fake, store, SETTINGS).prepare(parse_workflow(document))
+def new_run(document: dict[str, Any] | Workflow, fake: FakeBackend,
+            store: MemoryStore) -> WorkflowRun:
+    workflow = document if isinstance(document, Workflow) else parse_workflow(document)
+    return Engine(fake, store, SETTINGS).prepare(workflow)
+
+
+QUICK_TIMEOUT = 0.2
+"""Seconds: a timeout shorter than the schema's whole seconds. The engine takes any number, so
+its timeout tests need not wait a second each; the tests on real Docker use whole seconds."""
+quick_timeouts = pytest.mark.filterwarnings(  # the spec, stored, says its int is a float
+    "ignore:Pydantic serializer warnings:UserWarning")
+
+
+def with_quick_timeouts(document: dict[str, Any]) -> Workflow:
+    """``document`` parsed, with its timeouts (the workflow's, its steps') of 1 s made
+    QUICK_TIMEOUT."""
+    workflow = parse_workflow(document)
+    spec = workflow.spec
+    quick: dict[str, Any] = {"timeout_seconds": QUICK_TIMEOUT}
+    update: dict[str, Any] = {"steps": [step.model_copy(update=quick)
+                                        if step.timeout_seconds == 1 else step
+                                        for step in spec.steps]}
+    if spec.timeout_seconds == 1:
+        update |= quick
+    return workflow.model_copy(update={"spec": spec.model_copy(update=update)})
 
 
 def scenario(coroutine: Coroutine[Any, Any, T]) -> T:
@@ -85,7 +110,8 @@ def scenario(coroutine: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(asyncio.wait_for(coroutine, LIMIT_SECONDS))
 
 
-def run(document: dict[str, Any], script: Script = succeed) -> tuple[WorkflowStatus, FakeBackend]:
+def run(document: dict[str, Any] | Workflow,
+        script: Script = succeed) -> tuple[WorkflowStatus, FakeBackend]:
     """Run a workflow to its end on a fresh fake backend and store."""
     fake = FakeBackend(script)
     return scenario(new_run(document, fake, MemoryStore()).execute()), fake
@@ -395,20 +421,21 @@ def test_an_engine_that_stops_an_agent_again_and_again_fails_the_step_in_the_end
     assert "stopped by its container engine" in (status.step("only").message or "")
 
 
+@quick_timeouts
 def test_attempt_past_its_timeout_is_killed_with_reason_deadline_exceeded() -> None:
     began = time.monotonic()
-    status, fake = run(workflow_doc({"name": "slow", "timeoutSeconds": 1}, cleanup="Never"),
-                       lambda spec: Behaviour(60))
+    status, fake = run(with_quick_timeouts(workflow_doc(
+        {"name": "slow", "timeoutSeconds": 1}, cleanup="Never")), lambda spec: Behaviour(60))
 
     assert time.monotonic() - began < 10  # killed, not left to run its 60 s
     assert status.phase is WorkflowPhase.FAILED
     slow = status.step("slow")
     assert slow.agents[0].reason is AgentReason.DEADLINE_EXCEEDED
     assert slow.agents[0].exit_code == KILLED
-    assert "ran past timeoutSeconds (1) and was killed" in (slow.message or "")
+    assert f"ran past timeoutSeconds ({QUICK_TIMEOUT}) and was killed" in (slow.message or "")
     agent = only(fake.held())
     assert agent.killed and agent.state == "exited"
-    assert 1 <= interval(agent)[1] - interval(agent)[0] < 5
+    assert QUICK_TIMEOUT <= interval(agent)[1] - interval(agent)[0] < 5
 
 
 def test_agents_waiting_for_a_node_say_so_in_their_steps_message_until_none_does() -> None:
@@ -435,15 +462,16 @@ def test_agents_waiting_for_a_node_say_so_in_their_steps_message_until_none_does
     assert status.step("wide").message is None
 
 
+@quick_timeouts
 def test_workflow_past_its_timeout_fails_and_its_running_agents_are_stopped() -> None:
-    status, fake = run(workflow_doc(
+    status, fake = run(with_quick_timeouts(workflow_doc(
         {"name": "forever", "parallel": {"replicas": 2}},
         {"name": "later"},
         timeoutSeconds=1, cleanup="OnSuccess",
-    ), lambda spec: Behaviour(60))
+    )), lambda spec: Behaviour(60))
 
     assert status.phase is WorkflowPhase.FAILED
-    assert status.message == "workflow exceeded its timeoutSeconds (1)"
+    assert status.message == f"workflow exceeded its timeoutSeconds ({QUICK_TIMEOUT})"
     assert status.conditions[0].reason == "DeadlineExceeded"
     assert status.step("forever").phase is StepPhase.FAILED
     assert {a.reason for a in status.step("forever").agents} == {AgentReason.DEADLINE_EXCEEDED}

@@ -15,7 +15,16 @@ from controller.store import MemoryStore
 from tests.conftest import IMAGE, workflow_doc
 from tests.unit.test_models import assert_reported, problems_of
 from tests.unit.fake_backend import Behaviour, FakeBackend
-from tests.unit.test_engine import by_step, new_run, run, scenario, until, with_uid
+from tests.unit.test_engine import (
+    by_step,
+    new_run,
+    quick_timeouts,
+    run,
+    scenario,
+    until,
+    with_quick_timeouts,
+    with_uid,
+)
 
 CLEANUP = {"name": "cleanup", "image": IMAGE, "env": [
     {"name": "STATUS", "value": "{{ workflow.status }}"},
@@ -58,10 +67,11 @@ def test_a_failing_finally_step_fails_the_workflow_but_not_the_other_finally_ste
     assert status.step("notify").phase is StepPhase.SUCCEEDED
 
 
+@quick_timeouts
 @pytest.mark.parametrize("how", ["cancelled", "timed out"])
 def test_finally_steps_run_after_a_cancellation_or_the_timeout(how: str) -> None:
-    document = with_finally({"name": "long"}, **({"timeoutSeconds": 1} if how == "timed out"
-                                                 else {}))
+    document = with_quick_timeouts(with_finally(
+        {"name": "long"}, **({"timeoutSeconds": 1} if how == "timed out" else {})))
     fake = FakeBackend(by_step({"long": Behaviour(30)}))
 
     async def play() -> Any:
