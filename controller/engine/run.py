@@ -84,10 +84,10 @@ class WorkflowRun:
                  last_known: WorkflowStatus | None = None,
                  output_kept: int | None = None) -> None:
         self.last_known = last_known
-        self.output_kept = output_kept
-        """Characters of an output no later step reads that the run holds (None: all)."""
         """The status the resource carries: what the run had done, should the store have lost
         it."""
+        self.output_kept = output_kept
+        """Characters of an output no later step reads that the run holds (None: all)."""
         self.uid = workflow.metadata.uid or str(uuid.uuid4())
         self.settings = settings
         self.status = WorkflowStatus()
