@@ -42,9 +42,6 @@ from controller.models import WorkflowPhase, parse_workflow  # noqa: E402
 from controller.store import open_store  # noqa: E402
 from tests.unit.fake_backend import Behaviour, FakeBackend  # noqa: E402
 
-logger = logging.getLogger("benchmarks.fan_out")
-
-
 def document(width: int) -> dict[str, Any]:
     """Two steps: W agents each printing its item's index, then one agent given all their
     outputs. The items are sentences, so that the spec grows with the width as a real one
@@ -67,7 +64,8 @@ def document(width: int) -> dict[str, Any]:
 
 
 def behaviour(spec: Any) -> Behaviour:
-    """What the commands above print: a replica its index, the last step its ``ALL``."""
+    """What the commands above print: an agent of the fan-out its item's index, the last step
+    its ``ALL``."""
     if "ALL" in spec.env:
         return Behaviour(0, stdout=spec.env["ALL"] + "\n")
     return Behaviour(0, stdout=spec.env["AGENTAINER_ITEM_INDEX"] + "\n")
@@ -88,7 +86,7 @@ async def one_run(settings: Settings, width: int) -> float:
         seen = json.loads(status.step("sum").output or "[]")
         if seen != [str(index) for index in range(width)]:
             raise SystemExit(f"width {width}: the last step read {len(seen)} outputs, "
-                             "not every replica's index in order")
+                             "not every item's index in order")
         await store.delete(run.uid)
         return took
     finally:
