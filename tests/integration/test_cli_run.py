@@ -294,10 +294,17 @@ def test_the_planner_workers_reviewer_example_plans_works_reviews_and_reports(
     ("continue-on.yaml", "lint Failed, fix Succeeded"),
 ])
 def test_the_workflow_language_examples_run_as_their_comments_say(
-        redis_env: dict[str, str], example: str, last: str) -> None:
-    result = agentainer("run", f"examples/{example}", "--output", "json", env=redis_env)
-    assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["steps"][-1]["output"] == last
+        redis_env: dict[str, str], example: str, last: str,
+        docker_client: docker.DockerClient) -> None:
+    name = yaml.safe_load((ROOT / "examples" / example).read_text())["metadata"]["name"]
+    try:
+        result = agentainer("run", f"examples/{example}", "--output", "json", env=redis_env)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["steps"][-1]["output"] == last
+    finally:  # what the example's cleanup policy keeps (a failed agent, to debug) goes
+        for container in docker_client.containers.list(
+                all=True, filters={"label": f"{LABEL_WORKFLOW}={name}"}):
+            container.remove(force=True)
 
 
 def test_logs_read_back_what_the_agents_printed_after_their_containers_are_gone(
