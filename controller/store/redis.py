@@ -330,6 +330,7 @@ class RedisStore:
             async with self._errors("expiring state"):  # long-expired workflows: unlisted
                 await self._client.zremrangebyscore(Keys.workflows, 0,
                                                     time.time() - change.expire_seconds)
+
     async def reopen(self, uid: str) -> None:
         """A finished workflow runs again (a retry): its keys no longer expire."""
         async with self._errors("keeping state"):
