@@ -20,6 +20,9 @@ LABEL_POOL = LABEL_PREFIX + "pool"
 LABEL_POOL_UID = LABEL_PREFIX + "pool-uid"
 LABEL_RUNNER = LABEL_PREFIX + "runner"
 """On pool agents: the version of the task runner's protocol they speak."""
+LABEL_HELPER = LABEL_PREFIX + "helper"
+"""On the Docker backend's short-lived containers of the runner's image (filling a volume): what
+they do."""
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "agentainer"
 

@@ -9,6 +9,7 @@ import queue
 import socket
 import tarfile
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
@@ -29,6 +30,7 @@ from controller.backends.containers import (
     read_kept,
 )
 from controller.backends.base import (
+    LABEL_HELPER,
     LABEL_MANAGED_BY,
     MANAGED_BY,
     AgentHandle,
@@ -69,6 +71,9 @@ CREATE_KEYS = frozenset({"image", "name", "labels", "environment", "detach", "en
                          "command", "stdin_open", "user", "working_dir"})
 """The keys of ``container_config`` that are the container's own; the others (but volumes,
 split between both) are its host's."""
+
+HELPER_SECONDS = 120
+"""How long a helper container (the runner's image filling a volume) may take."""
 
 
 @contextmanager
@@ -199,6 +204,10 @@ class DockerBackend:
                 return client
 
         backend = cls(await asyncio.to_thread(make_client), settings, env)
+        try:
+            await asyncio.to_thread(backend._sweep_helpers)
+        except AgentainerError as error:  # they wait for the next process
+            logger.warning("leaving the helper containers an earlier process left: %s", error)
         backend._exits.start()  # connected before the first agent starts: its end is told
         return backend
 
@@ -344,18 +353,48 @@ class DockerBackend:
             return self._runner_volume_name
 
     def _run_runner(self, command: list[str], volume: str, path: str, action: str) -> int:
-        """Run the runner's image once, with ``volume`` at ``path``: its exit code."""
+        """Run the runner's image once, with ``volume`` at ``path``: its exit code, within
+        ``HELPER_SECONDS``. Its container is labelled a helper: one that a process ending
+        mid-way left behind is removed when the next one connects (:meth:`_sweep_helpers`);
+        if that sweep took this one as it ended, it runs again (what it does is idempotent)."""
+        try:
+            return self._run_helper(command, volume, path, action)
+        except NotFoundError:
+            return self._run_helper(command, volume, path, action)
+
+    def _run_helper(self, command: list[str], volume: str, path: str, action: str) -> int:
         image = self._settings.runner_image
         container = self._create(
             {"image": image, "command": command,
              "volumes": {volume: {"bind": path, "mode": "rw"}},
-             "labels": {LABEL_MANAGED_BY: MANAGED_BY}, "network_mode": "none"}, action)
+             "labels": {LABEL_MANAGED_BY: MANAGED_BY, LABEL_HELPER: command[0]},
+             "network_mode": "none"}, action)
         try:
             with docker_errors(action, image):
                 self._client.api.start(container)
-                return int(self._client.api.wait(container).get("StatusCode", -1))
+                try:
+                    answer = self._client.api.wait(container, timeout=HELPER_SECONDS)
+                except requests.exceptions.ConnectionError as error:
+                    if not isinstance(error.args[0] if error.args else None,
+                                      urllib3.exceptions.ReadTimeoutError):
+                        raise
+                    raise BackendError(f"{action}: the image '{image}' did not finish "
+                                       f"'{command[0]}' within {HELPER_SECONDS} s") from None
+                return int(answer.get("StatusCode", -1))
         finally:
             self._remove(container)
+
+    def _sweep_helpers(self) -> None:
+        """Remove the helper containers (:meth:`_run_runner`) that a process ended before it
+        could: those that have exited, and any made over ``HELPER_SECONDS`` ago (a process on
+        the same engine may be about to start a newer one)."""
+        filters = {"label": [f"{LABEL_MANAGED_BY}={MANAGED_BY}", LABEL_HELPER]}
+        with docker_errors("listing the task runner's helper containers"):
+            found = self._client.api.containers(all=True, filters=filters)
+        for container in found:
+            if container.get("State") in ("exited", "dead") or \
+                    time.time() - int(container.get("Created") or 0) > HELPER_SECONDS:
+                self._remove(str(container["Id"]))
 
     def _prepare_workspace(self, workspace: WorkspaceSpec) -> None:
         with docker_errors(f"making the workspace {workspace.name}"):

@@ -14,14 +14,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import docker.errors
 import pytest
 import redis
 import yaml
 
 from controller.agents import MAX_ARG_BYTES
 from controller.backends.base import LABEL_STEP
+from controller.backends import docker as docker_backend
 from controller.backends.docker import DockerBackend
 from controller.engine import Engine, WorkflowRun
+from controller.errors import BackendError
 from controller.models import AgentReason, StepPhase, WorkflowPhase, WorkflowStatus
 from controller.store import Keys, RedisStore
 from tests.conftest import IMAGE, ROOT, sh, workflow_doc
@@ -776,3 +779,64 @@ def test_agents_share_a_workspace_that_goes_with_the_workflow(runner: Runner,
         for container in runner.containers(run.uid):
             container.remove(force=True)
         volume.remove()
+
+
+
+def test_helper_containers_a_process_left_go_and_a_hung_one_fails_in_time(
+        runner: Runner, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runner's image fills volumes in short-lived containers: those a process ended before
+    removing are removed when the next process connects (one exited at once, one never started
+    once older than ``HELPER_SECONDS``), and one that does not finish fails its call in time,
+    removed too. Any other container is left alone."""
+    tag = uuid.uuid4().hex[:8]
+
+    def made(name: str, helper: str, start: bool) -> Any:
+        container = runner.docker.containers.create(
+            IMAGE, ["true"], name=f"{name}-{tag}", labels={
+                "app.kubernetes.io/managed-by": "agentainer",
+                **({"agentainer.dev/helper": helper} if helper else {})})
+        if start:
+            container.start()
+            container.wait(timeout=30)
+        return container
+
+    def left() -> set[str]:
+        return {c.name for c in runner.docker.containers.list(all=True)
+                if c.name.endswith(tag)}
+
+    async def connect() -> DockerBackend:
+        return await DockerBackend.connect(dataclasses.replace(runner.settings,
+                                                               runner_image=IMAGE))
+
+    async def go() -> None:
+        await (await connect()).close()
+        assert left() == {f"unstarted-{tag}", f"other-{tag}"}
+        monkeypatch.setattr(docker_backend, "HELPER_SECONDS", -1)  # now older than that
+        await (await connect()).close()
+        assert left() == {f"other-{tag}"}
+        monkeypatch.setattr(docker_backend, "HELPER_SECONDS", 1)
+        backend = await connect()
+        try:
+            with pytest.raises(BackendError, match=r"did not finish 'sleep' within 1 s"):
+                await asyncio.to_thread(backend._run_runner, ["sleep", "30"],
+                                        f"hung-{tag}", "/hung", "filling a volume")
+        finally:
+            await backend.close()
+
+    containers = [made("exited", "install", start=True),
+                  made("unstarted", "workspace", start=False), made("other", "", start=True)]
+    try:
+        asyncio.run(go())
+        assert left() == {f"other-{tag}"}
+        assert runner.docker.containers.list(
+            all=True, filters={"label": "agentainer.dev/helper=sleep"}) == []
+    finally:
+        for container in containers:
+            try:
+                container.remove(force=True)
+            except docker.errors.NotFound:
+                pass
+        try:
+            runner.docker.volumes.get(f"hung-{tag}").remove(force=True)
+        except docker.errors.NotFound:
+            pass
