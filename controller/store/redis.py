@@ -284,6 +284,11 @@ class RedisStore:
             raise StoreUnavailableError(
                 f"Redis at {redacted(self._url)} refused us while {action}: {error}; set its "
                 "password in AGENTAINER_REDIS_PASSWORD") from error
+        except redis.exceptions.OutOfMemoryError as error:
+            raise StoreUnavailableError(
+                f"Redis at {redacted(self._url)} is full (its maxmemory) while {action}: give "
+                "it more memory (the chart's redis.maxmemory), or keep finished workflows' "
+                "state less long (AGENTAINER_STATE_TTL_SECONDS)") from error
         except redis.exceptions.RedisError as error:
             raise StoreUnavailableError(
                 f"Redis at {redacted(self._url)} failed while {action}: {error}; start it "

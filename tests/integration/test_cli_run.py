@@ -18,7 +18,7 @@ import yaml
 
 from controller.backends.base import LABEL_WORKFLOW
 from controller.store import Keys
-from tests.conftest import ROOT, free_port, sh, workflow_doc
+from tests.conftest import ROOT, free_port, sh, start_redis, workflow_doc
 
 pytestmark = pytest.mark.integration
 
@@ -172,6 +172,30 @@ def test_redis_lost_mid_run_is_reported_and_no_agent_is_left(tmp_path: Path) -> 
     assert process.returncode == 2
     assert "Redis at redis://127.0.0.1" in stderr
     assert "Traceback" not in stderr
+    assert client.containers.list(all=True, filters={"label": f"{LABEL_WORKFLOW}={name}"}) == []
+    client.close()
+
+
+def test_a_full_redis_is_named_as_such_and_no_agent_is_left(tmp_path: Path) -> None:
+    """Agents whose outputs Redis has no room for (its maxmemory, refusing writes): the run
+    stops saying that Redis is full and what to do, not that it is away."""
+    server, port = start_redis(tmp_path, "--maxmemory", "3mb",
+                               "--maxmemory-policy", "noeviction")
+    document = workflow_doc({"name": "chatty", "parallel": {"replicas": 5},
+                             "command": sh("head -c 900000 /dev/zero | tr '\\0' x")},
+                            {"name": "after", "command": sh("echo never")}, cleanup="Always")
+    name = document["metadata"]["name"]
+    client = docker.from_env()
+    try:
+        result = agentainer("run", write(tmp_path, document),
+                            env={"AGENTAINER_REDIS_URL": f"redis://127.0.0.1:{port}/0"})
+    finally:
+        server.kill()
+
+    assert result.returncode == 2, result.stderr
+    assert f"Redis at redis://127.0.0.1:{port}/0 is full (its maxmemory)" in result.stderr
+    assert "AGENTAINER_STATE_TTL_SECONDS" in result.stderr
+    assert "Traceback" not in result.stderr
     assert client.containers.list(all=True, filters={"label": f"{LABEL_WORKFLOW}={name}"}) == []
     client.close()
 
