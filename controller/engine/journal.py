@@ -38,6 +38,9 @@ class Journal:
         self.store = store
         self.workflow = workflow
         self.uid = uid
+        self._steps: set[str] | None = None
+        """The steps with records, when all are known: those of a run the store had nothing
+        of when it began, all written here (its end then need not ask the store for them)."""
 
     def _whole(self, status: WorkflowStatus, with_spec: bool = True) -> WorkflowRecord:
         """The workflow's record; ``with_spec`` False: without the spec, which a write of
@@ -59,27 +62,34 @@ class Journal:
         await self.store.record(self.uid, Change(workflow=self._whole(status),
                                                  started_at=time.time()))
 
+    def _noted(self, step: StepStatus | None) -> StepStatus | None:
+        if step is not None and self._steps is not None:
+            self._steps.add(step.name)
+        return step
+
     async def step(self, step: StepStatus) -> None:
-        await self.store.record(self.uid, Change(step=step))
+        await self.store.record(self.uid, Change(step=self._noted(step)))
 
     async def agent(self, agent: AgentStatus, container: str = "",
                     step: StepStatus | None = None) -> None:
-        await self.store.record(self.uid, Change(agent=self._agent(agent, container), step=step))
+        await self.store.record(self.uid, Change(agent=self._agent(agent, container),
+                                                 step=self._noted(step)))
 
     async def agent_ended(self, agent: AgentStatus, container: str, step: StepStatus,
                           status: WorkflowStatus, output: str | None, stderr: str) -> None:
         """An agent ended: it, its step, its output and the progress change together, or not
         at all (``output`` None: it did not succeed, and gave none)."""
         await self.store.record(self.uid, Change(
-            agent=self._agent(agent, container), step=step,
+            agent=self._agent(agent, container), step=self._noted(step),
             output=Output(step.name, agent.index, output) if output is not None else None,
             workflow=self._whole(status, with_spec=False) if output is not None else None,
             log=(agent.id, stderr) if stderr else None))
 
     async def ended(self, status: WorkflowStatus, ttl_seconds: int) -> None:
         """The run ended: its final state, expiring after ``ttl_seconds``."""
-        await self.store.record(self.uid, Change(workflow=self._whole(status),
-                                                 expire_seconds=max(0, ttl_seconds) or None))
+        await self.store.record(self.uid, Change(
+            workflow=self._whole(status), expire_seconds=max(0, ttl_seconds) or None,
+            steps=frozenset(self._steps) if self._steps is not None else None))
 
     async def reopen(self, last_known: WorkflowStatus | None = None) -> list[str] | None:
         """Make a finished run resumable, for a retry: the steps that did not succeed (and the
@@ -125,6 +135,7 @@ class Journal:
         (Redis restarted without its last second, or emptied), the steps that status says
         finished stay finished, with the outputs it shows whole; they are not run again."""
         workflow = await self.store.workflow(self.uid)
+        self._steps = set() if workflow is None else None
         if workflow is None:
             if last_known is None or last_known.started_at is None:
                 return None

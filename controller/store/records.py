@@ -115,6 +115,9 @@ class Change:
     expire_seconds: int | None = None
     """The workflow finished: all its keys expire this many seconds from now (with the rest
     of the change)."""
+    steps: frozenset[str] | None = None
+    """With ``expire_seconds``: every step the workflow has records of, when the writer knows
+    them all (None: the store lists them)."""
 
 
 def encode_step(step: StepStatus) -> str:

@@ -248,6 +248,8 @@ class RedisStore:
         self._reserve = client.register_script(RESERVE)
         self._index_trimmed = -INDEX_TRIM_SECONDS
         """When long-expired workflows were last dropped from the index (monotonic)."""
+        self._one_server = not isinstance(client, redis.asyncio.RedisCluster)
+        """Every key on one server: the index can change in a workflow's transactions."""
 
     @classmethod
     async def connect(cls, url: str, connections: int = CONNECTIONS,
@@ -298,20 +300,25 @@ class RedisStore:
             self._turns.release()
 
     async def record(self, uid: str, change: Change) -> None:
-        # The index first, on its own (on Redis Cluster it lives in another slot than the
-        # workflow): an index entry whose workflow failed to be written only lists nothing.
-        if change.started_at is not None:
+        # On Redis Cluster the index lives in another slot than the workflow: it is written
+        # first, on its own (an index entry whose workflow failed to be written only lists
+        # nothing); on one server, in the same transaction.
+        if change.started_at is not None and not self._one_server:
             async with self._errors("recording state"):
                 await self._client.zadd(Keys.workflows, {uid: change.started_at})
         expiring: list[str] = []
         if change.expire_seconds:
-            async with self._errors("expiring state"):
-                steps = {_text(step) for step in await self._client.hkeys(Keys.steps(uid))}
+            steps = set(change.steps or ())
+            if change.steps is None:
+                async with self._errors("expiring state"):
+                    steps = {_text(step) for step in await self._client.hkeys(Keys.steps(uid))}
             expiring = Keys.workflow_keys(uid, sorted(
                 steps | ({change.step.name} if change.step else set())))
         async with self._errors("recording state"), self._client.pipeline(
             transaction=True
         ) as pipe:
+            if change.started_at is not None and self._one_server:
+                pipe.zadd(Keys.workflows, {uid: change.started_at})
             if change.workflow:
                 pipe.hset(Keys.workflow(uid), mapping=dict[Any, Any](change.workflow.fields()))
             if change.step:

@@ -17,11 +17,14 @@ from typing import Any
 import pytest
 import redis
 
+from controller.config import Settings
+from controller.engine import Engine
 from controller.errors import StoreUnavailableError
-from controller.models import AgentStatus, StepStatus, WorkflowPhase
+from controller.models import AgentStatus, StepStatus, WorkflowPhase, WorkflowStatus, parse_workflow
 from controller.store import Change, Keys, Output, PoolAgent, RedisStore
 from controller.store.records import AgentRecord, WorkflowRecord
-from tests.conftest import ROOT, free_port, start_redis
+from tests.conftest import ROOT, free_port, start_redis, workflow_doc
+from tests.unit.fake_backend import FakeBackend
 
 pytestmark = pytest.mark.integration
 
@@ -152,6 +155,58 @@ def test_a_workflow_is_kept_read_expired_and_forgotten(url: str) -> None:
             await store.close()
 
     run(scenario)
+
+
+def test_every_key_of_a_finished_workflow_expires_its_steps_listed_or_told(url: str) -> None:
+    """A run that wrote all its records tells its end which steps it has (one round trip
+    fewer); one that resumed does not, and the store lists them: every key expires either way."""
+    async def scenario() -> None:
+        store = await RedisStore.connect(url)
+        try:
+            for told in (frozenset({"map"}), None):
+                uid = str(uuid.uuid4())
+                await record_a_workflow(store, uid)
+                await store.record(uid, Change(step=StepStatus(name="reduce", phase="Running"),
+                                               expire_seconds=600, steps=told))
+                for key in Keys.workflow_keys(uid, ["map", "reduce"]):  # -2: not written
+                    assert await store._client.ttl(key) in (-2, *range(1, 601)), (key, told)
+                assert 0 < await store._client.ttl(Keys.outputs(uid, "map")) <= 600
+        finally:
+            await store.close()
+
+    run(scenario)
+
+
+def test_a_one_step_workflow_costs_eight_round_trips_to_redis(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a one-step workflow of one agent sends Redis, counted where the client sends it:
+    a read (anything an earlier process did?), its beginning with its index entry, its step
+    and its agent as each starts, the agent's end with its output, the step's end, and the
+    run's end with the expiry of every key (the steps known, not listed)."""
+    sent: list[int] = []
+    send = redis.asyncio.connection.AbstractConnection.send_packed_command
+
+    async def counted(self: Any, command: Any, check_health: bool = True) -> None:
+        sent.append(1)
+        await send(self, command, check_health)
+
+    async def scenario() -> WorkflowStatus:
+        store = await RedisStore.connect(redis_url)
+        try:
+            await store.record(str(uuid.uuid4()), Change(expire_seconds=60))  # trims the index
+            settings = Settings.from_env({}, redis_url=redis_url)
+            run = Engine(FakeBackend(), store, settings).prepare(parse_workflow(
+                workflow_doc({"name": "one", "command": ["echo", "hi"]})))
+            monkeypatch.setattr(redis.asyncio.connection.AbstractConnection,
+                                "send_packed_command", counted)
+            return await run.execute()
+        finally:
+            monkeypatch.undo()
+            await store.close()
+
+    status = run(scenario)
+    assert status.phase is WorkflowPhase.SUCCEEDED
+    assert len(sent) == 8
 
 
 def test_pool_leases_hold_lapse_and_are_reclaimed(url: str) -> None:
