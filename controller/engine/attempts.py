@@ -94,6 +94,10 @@ class AttemptOutcome:
     retryable: bool = True
     counted: bool = True
     """False when the container engine cut the attempt short: not one of the step's retries."""
+    agent: AgentStatus | None = None
+    """The attempt's agent (a step's list of agents ends with whichever started last)."""
+    failure: str = ""
+    """Why it failed (the step's message may be another agent's by the time it is read)."""
 
 
 @dataclass
@@ -185,7 +189,8 @@ class Attempts:
         if handle is not None and owned:
             await self._cleanup(handle, succeeded=False)
         return AttemptOutcome(False, retryable=error.retryable,
-                              counted=not isinstance(error, AgentInterruptedError))
+                              counted=not isinstance(error, AgentInterruptedError),
+                              agent=agent, failure=str(error))
 
     async def _finished(self, agent: AgentStatus, handle: AgentHandle, result: AgentResult,
                         reason: AgentReason, status: StepStatus, step: Step,
@@ -197,11 +202,12 @@ class Attempts:
         agent.output_truncated = result.output_truncated or None
         agent.finished_at = now()
         output = result.stdout.strip()
+        failure = "" if succeeded else _failure_message(agent, step, result)
         if succeeded:
             self.state.units_done += 1
             self.status.progress = self.state.progress
         else:
-            status.message = _failure_message(agent, step, result)
+            status.message = failure
         await self.journal.agent_ended(agent, handle.id, status, self.status,
                                        output if succeeded else None, result.stderr)
         self.emit(EventKind.AGENT_FINISHED,
@@ -209,7 +215,7 @@ class Attempts:
                   status, agent)
         if owned:
             await self._cleanup(handle, succeeded)
-        return AttemptOutcome(succeeded, output)
+        return AttemptOutcome(succeeded, output, agent=agent, failure=failure)
 
     def told_waiting(self, agent: AgentStatus, status: StepStatus, why: str | None) -> None:
         """An agent that has not begun to run waits for something outside it (``why``), or

@@ -274,6 +274,34 @@ def test_failing_agent_is_retried_as_new_agents_after_growing_delays_until_it_su
     assert {a.name for a in fake.held()} == {first.name, second.name}
 
 
+def test_each_retry_of_a_fan_out_names_the_agent_that_failed_and_its_own_failure() -> None:
+    """Agents of a fan-out fail while others start: each retry's event is of the agent that
+    failed, and says its failure (it named whichever agent had started last, with the step's
+    latest message)."""
+    retries: list[tuple[str, int, str]] = []
+
+    def observe(event: Event, status: WorkflowStatus) -> None:
+        if event.kind is EventKind.AGENT_RETRYING and event.agent is not None:
+            retries.append((event.agent.name, event.agent.index, event.message))
+
+    def script(spec: AgentSpec) -> Behaviour:
+        index = index_of(spec)
+        return Behaviour(0.002 * (index % 4), exit_code=index + 1 if attempt_of(spec) == 1
+                         and index % 2 == 0 else 0)
+
+    workflow = parse_workflow(workflow_doc(
+        {"name": "fan", "parallel": {"replicas": 12, "maxWorkers": 5},
+         "retries": {"limit": 1, "backoffSeconds": 0}}))
+    run = Engine(FakeBackend(script), MemoryStore(), SETTINGS).prepare(workflow, observe)
+    status = scenario(run.execute())
+
+    assert status.phase is WorkflowPhase.SUCCEEDED, status.message
+    assert sorted(index for _, index, _ in retries) == [0, 2, 4, 6, 8, 10]
+    for name, index, message in retries:
+        assert message.startswith(f"agent {name} failed (agent {name} exited with code "
+                                  f"{index + 1}"), message
+
+
 def test_agent_that_keeps_failing_fails_the_workflow_after_its_last_retry() -> None:
     status, fake = run(workflow_doc(
         {"name": "broken", "retries": {"limit": 2, "backoffSeconds": 0}},
