@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 import uuid
+from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from controller import __version__
@@ -34,12 +35,46 @@ from controller.errors import AgentainerError, ConfigError, InvalidSpecError, No
 from controller.local_env import LocalEnv
 from controller.manifests import load_run, manifest_files, ours, parse, read_documents
 from controller.models import (
+    AgentPhase,
     AgentPool,
+    AgentStatus,
     BackendKind,
+    StepStatus,
     Workflow,
     WorkflowStatus,
 )
 from controller.pools import PoolManager
+
+
+@dataclass
+class Tally:
+    """A step's agents as :class:`Progress` counts them, kept up as the list grows: each
+    agent's end costs the agents new since the last, not all of them (a fan-out of 10,000
+    would be counted 10,000 times)."""
+
+    agents: list[AgentStatus]
+    seen: int = 0
+    items: set[int] = field(default_factory=set)
+    live: dict[str, AgentStatus] = field(default_factory=dict)
+    ends: int = 0
+    """Ends told since the live agents were last looked over."""
+
+    def counts(self, ended: AgentStatus) -> tuple[int, int]:
+        """The agents created or running once ``ended`` has, and the items started."""
+        for agent in self.agents[self.seen:]:
+            self.items.add(agent.index)
+            if agent.phase in LIVE:
+                self.live[agent.id] = agent
+        self.seen = len(self.agents)
+        self.live.pop(ended.id, None)
+        self.ends += 1
+        if self.ends >= len(self.live):  # any that ended untold (a run stopping): now and then
+            self.ends = 0
+            self.live = {key: agent for key, agent in self.live.items() if agent.phase in LIVE}
+        return len(self.live), len(self.items)
+
+
+LIVE = (AgentPhase.CREATED, AgentPhase.RUNNING)
 
 
 class Progress:
@@ -47,6 +82,13 @@ class Progress:
 
     def __init__(self, out: TextIO) -> None:
         self.out = out
+        self._tallies: dict[str, Tally] = {}
+
+    def _tally(self, step: StepStatus) -> Tally:
+        tally = self._tallies.get(step.name)
+        if tally is None or tally.agents is not step.agents or tally.seen > len(step.agents):
+            tally = self._tallies[step.name] = Tally(step.agents)
+        return tally
 
     def __call__(self, event: Event, status: WorkflowStatus) -> None:
         step = event.step
@@ -56,8 +98,7 @@ class Progress:
                 line = f"  start  {step.name}: {event.message.split(': ', 1)[1]}"
             case EventKind.AGENT_FINISHED if step and event.agent:
                 agent = event.agent
-                total = len({a.index for a in step.agents})
-                running = sum(1 for a in step.agents if a.phase.value in ("Created", "Running"))
+                running, total = self._tally(step).counts(agent)
                 took = seconds_between(agent.started_at, agent.finished_at)
                 line = (f"         {step.name}: agent {agent.id} {agent.phase.value.lower()}"
                         f" exit={agent.exit_code if agent.exit_code is not None else '-'}"

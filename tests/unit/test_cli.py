@@ -3,13 +3,22 @@ and the messages users read. Nothing here reaches Docker or Redis."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from pathlib import Path
+from typing import TextIO, cast
 
 import pytest
 
-from controller.cli import main
+from controller.backends.base import AgentSpec
+from controller.cli import Progress, main
 from controller.commands import EXIT_UNUSABLE
+from controller.config import Settings
+from controller.engine import Engine, Event, EventKind
+from controller.models import AgentPhase, WorkflowPhase, WorkflowStatus, parse_workflow
+from controller.store import MemoryStore
+from tests.conftest import workflow_doc
+from tests.unit.fake_backend import Behaviour, FakeBackend
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 
@@ -334,3 +343,46 @@ def test_a_controller_whose_metrics_port_is_taken_says_so_and_exits(
     assert error.startswith(f"error: cannot serve metrics and health checks on 127.0.0.1:{port} ")
     assert "AGENTAINER_METRICS_PORT" in error and "in use" in error
     assert "Traceback" not in error
+
+
+def test_run_progress_counts_running_and_started_agents_as_a_look_at_all_of_them_would() -> None:
+    """The counts on each agent's line, kept up as agents come and go (a fan-out of 40, at
+    most 7 at once, a third failing once and retried), are those of a look over all the
+    step's agents at that moment."""
+    lines: list[str] = []
+    expected: list[str] = []
+
+    class Lines:
+        def write(self, text: str) -> None:
+            lines.extend(line for line in text.splitlines() if line)
+
+        def flush(self) -> None:
+            pass
+
+    progress = Progress(cast(TextIO, Lines()))
+
+    def observe(event: Event, status: WorkflowStatus) -> None:
+        if event.kind is EventKind.AGENT_FINISHED and event.step is not None:
+            agents = event.step.agents
+            running = sum(1 for a in agents if a.phase in (AgentPhase.CREATED,
+                                                           AgentPhase.RUNNING))
+            expected.append(f"({running} running, {len({a.index for a in agents})} started")
+        progress(event, status)
+
+    def script(spec: AgentSpec) -> Behaviour:
+        index, attempt = int(spec.env["AGENTAINER_ITEM_INDEX"]), int(spec.env["AGENTAINER_ATTEMPT"])
+        return Behaviour(0.001 * (index % 5), exit_code=1 if index % 3 == 0 and attempt == 1
+                         else 0)
+
+    workflow = parse_workflow(workflow_doc(
+        {"name": "fan", "parallel": {"replicas": 40, "maxWorkers": 7},
+         "retries": {"limit": 1, "backoffSeconds": 0}, "command": ["true"]}))
+    run = Engine(FakeBackend(script), MemoryStore(), Settings.from_env({})).prepare(
+        workflow, observe)
+    status = asyncio.run(asyncio.wait_for(run.execute(), 30))
+
+    assert status.phase is WorkflowPhase.SUCCEEDED
+    shown = [line[line.index("("):line.index(" started") + len(" started")]
+             for line in lines if " started, progress " in line]
+    assert len(shown) == 40 + 14 and shown == expected
+    assert shown[-1] == "(0 running, 40 started"
