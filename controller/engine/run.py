@@ -621,8 +621,8 @@ class WorkflowRun:
                                                    recorded.pop(index, []))
                 if outcome.succeeded:
                     results[index] = self._kept(step.name, outcome.output)
-                else:
-                    failures.append(status.message or "failed")
+                else:  # the step's message may be another agent's by now
+                    failures.append(outcome.failure or status.message or "failed")
 
         try:
             # A TaskGroup, unlike gather, waits for every agent to be stopped when cancelled.
@@ -647,8 +647,8 @@ class WorkflowRun:
             status.message = "stopped: the workflow was stopped before all its agents started"
         elif failures or any(r is None for r in results):
             status.phase = StepPhase.FAILED
-            if not failures:
-                status.message = "stopped: another step failed"
+            # The first failure, which stopped the rest (not whichever came last).
+            status.message = failures[0] if failures else "stopped: another step failed"
             if self.failed_step is None and self._fails(step):
                 self.failed_step = step.name
         else:

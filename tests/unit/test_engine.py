@@ -302,6 +302,19 @@ def test_each_retry_of_a_fan_out_names_the_agent_that_failed_and_its_own_failure
                                   f"{index + 1}"), message
 
 
+def test_a_fan_out_that_fails_says_the_failure_that_stopped_it_not_the_last_one() -> None:
+    """The first agent's failure stops the fan-out (no new agent starts); agents already running
+    end as they do, failing too here: the step and the workflow say the first."""
+    status, _ = run(workflow_doc({"name": "fan", "parallel": {"replicas": 3}}), lambda spec: (
+        Behaviour(exit_code=3, stderr="first\n") if index_of(spec) == 0 else
+        Behaviour(0.05, exit_code=4, stderr="later\n")))
+
+    assert status.phase is WorkflowPhase.FAILED
+    assert "exited with code 3: first" in (status.step("fan").message or "")
+    assert (status.message or "").startswith("step fan failed: agent ")
+    assert "exited with code 3: first" in (status.message or "")
+
+
 def test_agent_that_keeps_failing_fails_the_workflow_after_its_last_retry() -> None:
     status, fake = run(workflow_doc(
         {"name": "broken", "retries": {"limit": 2, "backoffSeconds": 0}},
