@@ -78,7 +78,7 @@ def running_agents(body: dict[str, Any], name: str) -> int:
 def containers_of(uid: str, running_only: bool = False) -> list[Any]:
     client = docker.from_env()
     try:
-        return list(client.containers.list(all=not running_only,
+        return list(client.containers.list(all=not running_only, ignore_removed=True,
                                            filters={"label": f"agentainer.dev/workflow-uid={uid}"}))
     finally:
         client.close()

@@ -214,7 +214,8 @@ def _started_twice(client: docker.DockerClient, kubectl: Kubectl,
     labelled = [(c.labels, c.name, f"{c.status} exit {c.attrs['State']['ExitCode']} "
                  f"created {c.attrs['Created']}")
                 for uid in wanted for c in client.containers.list(
-                    all=True, filters={"label": f"agentainer.dev/workflow-uid={uid}"})]
+                    all=True, filters={"label": f"agentainer.dev/workflow-uid={uid}"},
+                    ignore_removed=True)]
     labelled += [(p["metadata"]["labels"], p["metadata"]["name"],
                   f"{p['status'].get('phase')} created {p['metadata']['creationTimestamp']}")
                  for p in json.loads(kubectl(
@@ -244,9 +245,11 @@ def _left(client: docker.DockerClient, kubectl: Kubectl, uids: dict[str, str],
     deadline = time.monotonic() + 60
     while True:
         containers = [c for uid in uids.values() for c in client.containers.list(
-            all=True, filters={"label": f"agentainer.dev/workflow-uid={uid}"})]
+            all=True, filters={"label": f"agentainer.dev/workflow-uid={uid}"},
+            ignore_removed=True)]
         containers += client.containers.list(
-            all=True, filters={"label": f"agentainer.dev/pool-uid={pool_uid}"})
+            all=True, filters={"label": f"agentainer.dev/pool-uid={pool_uid}"},
+            ignore_removed=True)
         pods = [p for p in json.loads(kubectl("get", "pods", "-A", "-l",
                                               "app.kubernetes.io/managed-by=agentainer",
                                               "-o", "json").stdout)["items"]

@@ -33,7 +33,9 @@ def apply(kubectl: Kubectl, document: dict[str, Any]) -> str:
 def agents_of(client: docker.DockerClient, name: str, **labels: str) -> list[Any]:
     selectors = [f"agentainer.dev/workflow={name}"] + [f"agentainer.dev/{k}={v}"
                                                         for k, v in labels.items()]
-    return list(client.containers.list(all=True, filters={"label": selectors}))
+    # One the engine removed between listing and reading it is gone, not an error.
+    return list(client.containers.list(all=True, filters={"label": selectors},
+                                       ignore_removed=True))
 
 
 @pytest.fixture(scope="module")

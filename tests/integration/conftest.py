@@ -47,8 +47,8 @@ class Runner:
     uids: list[str]
 
     def containers(self, uid: str) -> list[Any]:
-        return list(self.docker.containers.list(
-            all=True, filters={"label": f"{LABEL_WORKFLOW_UID}={uid}"}))
+        return list(self.docker.containers.list(  # one removed meanwhile: gone, no error
+            all=True, filters={"label": f"{LABEL_WORKFLOW_UID}={uid}"}, ignore_removed=True))
 
     async def start(self, document: dict[str, Any]) -> tuple[WorkflowRun, RedisStore,
                                                               DockerBackend]:
