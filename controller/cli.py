@@ -35,7 +35,6 @@ from controller.errors import AgentainerError, ConfigError, InvalidSpecError, No
 from controller.local_env import LocalEnv
 from controller.manifests import load_run, manifest_files, ours, parse, read_documents
 from controller.models import (
-    AgentPhase,
     AgentPool,
     AgentStatus,
     BackendKind,
@@ -63,18 +62,15 @@ class Tally:
         """The agents created or running once ``ended`` has, and the items started."""
         for agent in self.agents[self.seen:]:
             self.items.add(agent.index)
-            if agent.phase in LIVE:
+            if agent.phase.live:
                 self.live[agent.id] = agent
         self.seen = len(self.agents)
         self.live.pop(ended.id, None)
         self.ends += 1
         if self.ends >= len(self.live):  # any that ended untold (a run stopping): now and then
             self.ends = 0
-            self.live = {key: agent for key, agent in self.live.items() if agent.phase in LIVE}
+            self.live = {key: agent for key, agent in self.live.items() if agent.phase.live}
         return len(self.live), len(self.items)
-
-
-LIVE = (AgentPhase.CREATED, AgentPhase.RUNNING)
 
 
 class Progress:

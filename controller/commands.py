@@ -490,8 +490,7 @@ def _print_logs(cluster: Cluster, body: dict[str, Any], args: argparse.Namespace
     while True:
         agents = _agent_logs(cluster, body, args, stored, live_containers)
         if any(agent.status.id not in printed and agent.status.id not in stored and
-               agent.lines is None and agent.status.phase not in (AgentPhase.CREATED,
-                                                                  AgentPhase.RUNNING)
+               agent.lines is None and not agent.status.phase.live
                for agent in agents):  # an agent that ended and is gone: the store has it now
             stored, store_problem = asyncio.run(_stored_logs(uid, settings))
             agents = _agent_logs(cluster, body, args, stored, live_containers)
@@ -500,10 +499,10 @@ def _print_logs(cluster: Cluster, body: dict[str, Any], args: argparse.Namespace
             if key in printed or key in streams:
                 continue
             if args.follow and agent.lines is not None and \
-                    agent.status.phase in (AgentPhase.CREATED, AgentPhase.RUNNING):
+                    agent.status.phase.live:
                 streams[key] = _stream(agent, lines)
                 continue
-            if args.follow and agent.status.phase in (AgentPhase.CREATED, AgentPhase.RUNNING):
+            if args.follow and agent.status.phase.live:
                 continue  # not up yet: taken when it is
             printed.add(key)
             print(log_header(agent.status), flush=True)

@@ -96,6 +96,11 @@ class AgentPhase(StrEnum):
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
 
+    @property
+    def live(self) -> bool:
+        """Created or running: the agent has not ended."""
+        return self in (AgentPhase.CREATED, AgentPhase.RUNNING)
+
 
 class AgentReason(StrEnum):
     """Why an agent stopped, when its exit code alone does not say."""

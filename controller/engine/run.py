@@ -305,7 +305,7 @@ class WorkflowRun:
                            self.workflow.metadata.name, error)
         deadline = self.stop_reason is StopReason.DEADLINE_EXCEEDED
         for step in self.status.steps:
-            left = [a for a in step.agents if a.phase in (AgentPhase.CREATED, AgentPhase.RUNNING)]
+            left = [a for a in step.agents if a.phase.live]
             for agent in left:
                 agent.phase, agent.finished_at = AgentPhase.FAILED, now()
                 agent.reason = AgentReason.DEADLINE_EXCEEDED if deadline else \
@@ -508,8 +508,7 @@ class WorkflowRun:
 
     def _live_step(self, name: str) -> bool:
         """Whether an earlier process left agents of this step running."""
-        return any(agent.phase in (AgentPhase.CREATED, AgentPhase.RUNNING)
-                   for agent in self.status.step(name).agents)
+        return any(agent.phase.live for agent in self.status.step(name).agents)
 
     async def _step_crashed(self, task: asyncio.Task[bool], error: BaseException) -> None:
         """A step ended by an error of ours or of the store, not of its agents."""
@@ -602,7 +601,7 @@ class WorkflowRun:
             if agent.attempt > base:
                 recorded.setdefault(agent.index, []).append(agent)
         live = {index for index, agents in recorded.items()
-                if any(a.phase in (AgentPhase.CREATED, AgentPhase.RUNNING) for a in agents)}
+                if any(a.phase.live for a in agents)}
         """Items whose agent an earlier process started: waited for whatever happens since."""
 
         def stopping() -> bool:  # fail fast: no new agents once something failed
@@ -721,7 +720,7 @@ class WorkflowRun:
         uncounted = sum(a.reason is AgentReason.INTERRUPTED for a in recorded)
         if recorded:
             last = recorded[-1]
-            if last.phase in (AgentPhase.CREATED, AgentPhase.RUNNING):
+            if last.phase.live:
                 attempt, earlier = last.attempt, last
             elif last.phase is AgentPhase.SUCCEEDED:  # but its output is not in the store
                 status.message = (f"agent {last.name} succeeded, but its output is missing "
