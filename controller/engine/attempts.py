@@ -95,9 +95,11 @@ class AttemptOutcome:
     counted: bool = True
     """False when the container engine cut the attempt short: not one of the step's retries."""
     agent: AgentStatus | None = None
-    """The attempt's agent (a step's list of agents ends with whichever started last)."""
+    """The attempt's agent (None: no attempt ran; a step's list of agents ends with whichever
+    started last)."""
     failure: str = ""
-    """Why it failed (the step's message may be another agent's by the time it is read)."""
+    """Why the attempt failed (the step's message may be another agent's by the time it is
+    read)."""
 
 
 @dataclass

@@ -737,7 +737,8 @@ class WorkflowRun:
             earlier = None
             if outcome.succeeded or self.stop_reason is not None:
                 return outcome
-            agent = outcome.agent or status.agents[-1]
+            agent = outcome.agent
+            assert agent is not None  # every attempt's outcome has its agent
             if not outcome.counted and uncounted < MAX_UNCOUNTED_ATTEMPTS:
                 uncounted += 1
                 self.emit(EventKind.AGENT_RETRYING,
@@ -752,7 +753,7 @@ class WorkflowRun:
             assert step.retries is not None
             delay = step.retries.delay(counted)
             self.emit(EventKind.AGENT_RETRYING,
-                      f"agent {agent.name} failed ({outcome.failure or status.message}); "
+                      f"agent {agent.name} failed ({outcome.failure}); "
                       f"retry {counted} of {retries} in {delay:g}s", status, agent)
             await asyncio.sleep(delay)
             await self._unheld()
