@@ -4,9 +4,9 @@ and the messages users read. Nothing here reaches Docker or Redis."""
 from __future__ import annotations
 
 import asyncio
+import io
 import socket
 from pathlib import Path
-from typing import TextIO, cast
 
 import pytest
 
@@ -15,10 +15,11 @@ from controller.cli import Progress, main
 from controller.commands import EXIT_UNUSABLE
 from controller.config import Settings
 from controller.engine import Engine, Event, EventKind
-from controller.models import AgentPhase, WorkflowPhase, WorkflowStatus, parse_workflow
+from controller.models import WorkflowPhase, WorkflowStatus, parse_workflow
 from controller.store import MemoryStore
 from tests.conftest import workflow_doc
 from tests.unit.fake_backend import Behaviour, FakeBackend
+from tests.unit.test_engine import attempt_of, index_of
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 
@@ -349,30 +350,21 @@ def test_run_progress_counts_running_and_started_agents_as_a_look_at_all_of_them
     """The counts on each agent's line, kept up as agents come and go (a fan-out of 40, at
     most 7 at once, a third failing once and retried), are those of a look over all the
     step's agents at that moment."""
-    lines: list[str] = []
     expected: list[str] = []
-
-    class Lines:
-        def write(self, text: str) -> None:
-            lines.extend(line for line in text.splitlines() if line)
-
-        def flush(self) -> None:
-            pass
-
-    progress = Progress(cast(TextIO, Lines()))
+    printed = io.StringIO()
+    progress = Progress(printed)
 
     def observe(event: Event, status: WorkflowStatus) -> None:
         if event.kind is EventKind.AGENT_FINISHED and event.step is not None:
             agents = event.step.agents
-            running = sum(1 for a in agents if a.phase in (AgentPhase.CREATED,
-                                                           AgentPhase.RUNNING))
+            running = sum(1 for a in agents if a.phase.live)
             expected.append(f"({running} running, {len({a.index for a in agents})} started")
         progress(event, status)
 
     def script(spec: AgentSpec) -> Behaviour:
-        index, attempt = int(spec.env["AGENTAINER_ITEM_INDEX"]), int(spec.env["AGENTAINER_ATTEMPT"])
-        return Behaviour(0.001 * (index % 5), exit_code=1 if index % 3 == 0 and attempt == 1
-                         else 0)
+        index = index_of(spec)
+        return Behaviour(0.001 * (index % 5), exit_code=1 if index % 3 == 0 and
+                         attempt_of(spec) == 1 else 0)
 
     workflow = parse_workflow(workflow_doc(
         {"name": "fan", "parallel": {"replicas": 40, "maxWorkers": 7},
@@ -383,6 +375,6 @@ def test_run_progress_counts_running_and_started_agents_as_a_look_at_all_of_them
 
     assert status.phase is WorkflowPhase.SUCCEEDED
     shown = [line[line.index("("):line.index(" started") + len(" started")]
-             for line in lines if " started, progress " in line]
+             for line in printed.getvalue().splitlines() if " started, progress " in line]
     assert len(shown) == 40 + 14 and shown == expected
     assert shown[-1] == "(0 running, 40 started"
