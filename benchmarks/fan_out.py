@@ -42,6 +42,7 @@ from controller.models import WorkflowPhase, parse_workflow  # noqa: E402
 from controller.store import open_store  # noqa: E402
 from tests.unit.fake_backend import Behaviour, FakeBackend  # noqa: E402
 
+
 def document(width: int) -> dict[str, Any]:
     """Two steps: W agents each printing its item's index, then one agent given all their
     outputs. The items are sentences, so that the spec grows with the width as a real one

@@ -308,8 +308,9 @@ class RedisStore:
                 await self._client.zadd(Keys.workflows, {uid: change.started_at})
         expiring: list[str] = []
         if change.expire_seconds:
-            steps = set(change.steps or ())
-            if change.steps is None:
+            if change.steps is not None:
+                steps = set(change.steps)
+            else:
                 async with self._errors("expiring state"):
                     steps = {_text(step) for step in await self._client.hkeys(Keys.steps(uid))}
             expiring = Keys.workflow_keys(uid, sorted(
