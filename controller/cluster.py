@@ -14,6 +14,7 @@ from typing import Any
 import kubernetes
 import urllib3
 
+from controller.backends.kubernetes import api_client
 from controller.errors import AgentainerError, ConfigError, ConflictError, NotFoundError
 from controller.models import API_GROUP, API_VERSION
 
@@ -184,7 +185,7 @@ def _connect(target: Target) -> tuple[Any, str, str]:
             kubernetes.config.load_incluster_config(  # type: ignore[no-untyped-call]
                 client_configuration=configuration)
             namespace = SERVICE_ACCOUNT_NAMESPACE.read_text().strip()
-            return kubernetes.client.ApiClient(configuration), namespace, "this cluster"
+            return api_client(configuration), namespace, "this cluster"
         kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
             config_file=target.kubeconfig, context=target.context,
             client_configuration=configuration)
@@ -196,7 +197,7 @@ def _connect(target: Target) -> tuple[Any, str, str]:
     chosen = next((c for c in contexts if c["name"] == target.context), active) \
         if target.context else active
     namespace = (chosen.get("context") or {}).get("namespace") or "default"
-    return kubernetes.client.ApiClient(configuration), namespace, \
+    return api_client(configuration), namespace, \
         f"context {chosen['name']} ({configuration.host})"
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import kubernetes
 from kubernetes.client import ApiException
 
-from controller.backends.kubernetes import TRANSPORT_ERRORS, load_credentials
+from controller.backends.kubernetes import TRANSPORT_ERRORS, api_client, load_credentials
 from controller.errors import AgentainerError
 
 logger = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class LeaderElection:
     def connect(cls, namespace: str, name: str, identity: str,
                 timing: Timing = Timing()) -> LeaderElection:
         load_credentials()
-        return cls(kubernetes.client.CoordinationV1Api(), namespace, name, identity, timing)
+        return cls(kubernetes.client.CoordinationV1Api(api_client()), namespace, name, identity, timing)
 
     @property
     def leading(self) -> bool:

@@ -26,6 +26,7 @@ import websocket
 from kubernetes.client import ApiClient, ApiException, CoreV1Api
 from kubernetes.stream import stream
 
+from controller import __version__
 from controller.backends import output
 from controller.backends.pods import CONTAINER, build_claim, build_pod
 from controller.backends.podwatch import PodWatch
@@ -95,6 +96,18 @@ def _unscheduled(pod: Any) -> tuple[float, str] | None:
     return None
 
 
+USER_AGENT = f"agentainer/{__version__}"
+"""The client's name to the API server: the field manager of what it writes (a status, a pod),
+as ``kubectl get --show-managed-fields`` shows it, and the name in its audit log."""
+
+
+def api_client(configuration: kubernetes.client.Configuration | None = None) -> ApiClient:
+    """A client of the API server that says it is Agentainer."""
+    client = ApiClient(configuration)
+    client.user_agent = USER_AGENT
+    return client
+
+
 def load_credentials() -> None:
     """Credentials for the API server: in-cluster ones, else the kubeconfig (KUBECONFIG)."""
     try:
@@ -111,8 +124,8 @@ def _stream(method: str, *args: Any, **kwargs: Any) -> Any:
     """A websocket call (attach, exec) on an API client of its own: kubernetes.stream swaps its
     client's transport for the duration of the call, so that any call made meanwhile on a
     shared client, from another thread, would go over a websocket too and fail."""
-    with ApiClient() as api_client:
-        return stream(getattr(CoreV1Api(api_client), method), *args, **kwargs)
+    with api_client() as client:
+        return stream(getattr(CoreV1Api(client), method), *args, **kwargs)
 
 
 class ClusterEnv:
@@ -279,7 +292,7 @@ class KubernetesBackend:
     async def connect(cls, settings: Settings) -> KubernetesBackend:
         def make() -> CoreV1Api:
             load_credentials()
-            return CoreV1Api()
+            return CoreV1Api(api_client())
 
         return cls(await asyncio.to_thread(make), settings)
 

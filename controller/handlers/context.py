@@ -17,6 +17,7 @@ from controller.backends.kubernetes import (
     TRANSPORT_ERRORS,
     ClusterEnv,
     KubernetesBackend,
+    api_client,
     load_credentials,
 )
 from controller.config import Settings
@@ -117,7 +118,7 @@ class Services:
                 if self._docker is None:
                     # Docker agents' valueFrom variables: read from the cluster, as a pod's.
                     self._docker = await DockerBackend.connect(
-                        self.settings, ClusterEnv(kubernetes.client.CoreV1Api()))
+                        self.settings, ClusterEnv(kubernetes.client.CoreV1Api(api_client())))
                 return self._docker
             if self._kubernetes is None:
                 self._kubernetes = await KubernetesBackend.connect(self.settings)
@@ -210,4 +211,4 @@ def kubernetes_client() -> CustomObjects:
     load_credentials()
     configuration = kubernetes.client.Configuration.get_default_copy()
     configuration.connection_pool_maxsize = WRITERS
-    return CustomObjects(kubernetes.client.ApiClient(configuration))
+    return CustomObjects(api_client(configuration))

@@ -76,6 +76,11 @@ def test_agent_pods_are_built_restricted_and_owned_by_the_workflow(
     # A map of the spec reaches the pod: the API server keeps its keys.
     assert pod["spec"]["nodeSelector"] == {"kubernetes.io/hostname": "localhost"}
     assert pod["metadata"]["labels"]["agentainer.dev/step"] == "one"
+    managed = json.loads(kubectl("get", "pod", "-n", pod["metadata"]["namespace"],
+                                 pod["metadata"]["name"], "-o", "json",
+                                 "--show-managed-fields").stdout)["metadata"]["managedFields"]
+    assert "agentainer" in {entry["manager"] for entry in managed  # its creator, named
+                            if not entry.get("subresource")}
 
     kubectl("delete", "workflow", name, "--timeout=90s")
     assert no_pods_left(kubectl, f"agentainer.dev/workflow={name}")  # deleting removes them

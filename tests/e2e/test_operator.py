@@ -68,6 +68,10 @@ def test_mapreduce_example_succeeds_with_the_right_total(kubectl: Kubectl,
                      "involvedObject.name=mapreduce-wordcount", "-o", "json").stdout
     reasons = {event["reason"] for event in json.loads(events)["items"]}
     assert {"Started", "StepStarted", "StepSucceeded", "Succeeded"} <= reasons
+    managed = json.loads(kubectl("get", "workflow", "mapreduce-wordcount", "-o", "json",
+                                 "--show-managed-fields").stdout)["metadata"]["managedFields"]
+    assert {entry["manager"] for entry in managed
+            if entry.get("subresource") == "status"} == {"agentainer"}  # the controller, named
 
 
 BAD_STEPS: list[tuple[dict[str, Any], str]] = [
