@@ -305,8 +305,10 @@ def _retry_asked(body: kopf.Body, status: kopf.Status, **_: Any) -> bool:
     return bool(asked) and status.get("retried") != asked
 
 
+# kopf looks for the annotation before it calls the filter (which costs it the filter's
+# arguments, on every event of every Workflow): most Workflows never have one.
 @kopf.daemon(API_GROUP, API_VERSION, WORKFLOWS, cancellation_backoff=STOP_SECONDS,
-             when=_retry_asked)
+             annotations={RETRY_ANNOTATION: kopf.PRESENT}, when=_retry_asked)
 async def retry_workflow(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped,
                          logger: kopf.Logger, retry: int, **_: Any) -> None:
     """A new value of the retry annotation on a Workflow that failed (or was stopped): run
