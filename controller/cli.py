@@ -102,6 +102,8 @@ class Progress:
                         + f" ({running} running, {total} started, progress {status.progress})")
             case EventKind.AGENT_RETRYING if step:
                 line = f"  retry  {step.name}: {event.message}"
+            case EventKind.OUTPUTS_CUT if step:
+                line = f"  cut    {step.name}: {event.message}"
             case EventKind.STEP_FINISHED if step:
                 line = step_line(step)
         if line is not None:

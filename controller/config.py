@@ -124,6 +124,14 @@ class Settings:
     under 128 KiB anyway (Linux's limit on one argument or environment variable of a
     program)."""
 
+    workflow_output_limit_bytes: int = 32 << 20
+    """Bytes of outputs one workflow keeps, over all its agents (in the store, and in the
+    controller for the steps that read them): past it, each further output is kept only as far
+    as the status shows one (its first ``status_output_limit`` bytes, marked truncated), and an
+    ``OutputsCut`` Event says so once. So that one chatty fan-out (10,000 agents printing a MiB
+    each) cannot fill Redis and stop every other workflow's writes: size Redis for a few
+    workflows at this limit (the chart's 192 MB holds five)."""
+
     agent_pids_limit: int = 1024
     """Processes a Docker agent may have at once (its pids limit), so that a fork bomb stays
     inside its agent; 0 sets none. On Kubernetes the kubelet's ``podPidsLimit`` does this."""
@@ -179,7 +187,8 @@ class Settings:
                     "status_output_limit": 0, "status_agent_limit": 0, "metrics_port": 0,
                     "status_interval_seconds": 0, "status_writes_per_second": 1,
                     "lease_ttl_seconds": 1, "pool_wait_seconds": 0, "pod_scheduling_seconds": 0,
-                    "output_limit_bytes": 1, "agent_pids_limit": 0, "backend_retry_seconds": 0,
+                    "output_limit_bytes": 1, "workflow_output_limit_bytes": 0,
+                    "agent_pids_limit": 0, "backend_retry_seconds": 0,
                     "agent_log_bytes": 1024 * 1024, "max_items_from": 1,
                     "finally_grace_seconds": 1,
                     "max_agents_per_workflow": 1}

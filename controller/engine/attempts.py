@@ -74,6 +74,11 @@ class RunState:
     """Held by each agent (with its retries) while it runs: the run's cap on agents at once."""
     units_done: int = 0
     stop_reason: StopReason | None = None
+    output_room: int | None = None
+    """Bytes of outputs the run may still keep whole (its workflow's limit less what it kept);
+    None: no limit."""
+    outputs_cut: bool = False
+    """An output was cut for want of room (said once)."""
 
     @property
     def progress(self) -> str:
@@ -206,6 +211,7 @@ class Attempts:
         output = result.stdout.strip()
         failure = "" if succeeded else _failure_message(agent, step, result)
         if succeeded:
+            output = self._room_for(output, agent, status)
             self.state.units_done += 1
             self.status.progress = self.state.progress
         else:
@@ -218,6 +224,30 @@ class Attempts:
         if owned:
             await self._cleanup(handle, succeeded)
         return AttemptOutcome(succeeded, output, agent=agent, failure=failure)
+
+    def _room_for(self, output: str, agent: AgentStatus, status: StepStatus) -> str:
+        """``output`` as the run keeps it: whole while the workflow's outputs fit in their
+        limit, else its head as the status shows it, the agent's output marked truncated."""
+        state = self.state
+        if state.output_room is None:
+            return output
+        size = len(output.encode())
+        if size > state.output_room and \
+                len(output) > (shown := self.settings.status_output_limit):
+            output = output[:shown]
+            size = len(output.encode())
+            agent.output_truncated = True
+            if not state.outputs_cut:
+                state.outputs_cut = True
+                limit = self.settings.workflow_output_limit_bytes
+                self.emit(EventKind.OUTPUTS_CUT,
+                          f"the outputs of this workflow passed {limit} bytes "
+                          f"(AGENTAINER_WORKFLOW_OUTPUT_LIMIT_BYTES): from agent {agent.name} "
+                          f"on, an output is kept to its first "
+                          f"{self.settings.status_output_limit} characters (outputTruncated)",
+                          status, agent)
+        state.output_room = max(0, state.output_room - size)
+        return output
 
     def told_waiting(self, agent: AgentStatus, status: StepStatus, why: str | None) -> None:
         """An agent that has not begun to run waits for something outside it (``why``), or

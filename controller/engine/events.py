@@ -27,6 +27,8 @@ class EventKind(StrEnum):
     WORKFLOW_STOPPING = "WorkflowStopping"
     """Asked to stop or terminate: its message says which."""
     WORKFLOW_FINISHED = "WorkflowFinished"
+    OUTPUTS_CUT = "OutputsCut"
+    """The workflow's outputs filled their limit: later ones are kept cut (said once a run)."""
 
 
 @dataclass(frozen=True)

@@ -92,7 +92,7 @@ class WorkflowRun:
         self.settings = settings
         self.status = WorkflowStatus()
         self.state = RunState(units_total=0, agents_at_once=asyncio.Semaphore(
-            settings.max_agents_per_workflow))
+            settings.max_agents_per_workflow), output_room=settings.workflow_output_limit_bytes)
         self.journal = Journal(store, workflow, self.uid)
         self.emit = Emitter(workflow.metadata.name, self.status, observer)
         self.attempts = Attempts(workflow, self.uid, backend, pools, settings, self.journal,
@@ -417,8 +417,11 @@ class WorkflowRun:
             step.started_at, step.finished_at = state.started_at, state.finished_at
             step.message = state.message
             step.attempts_before_retry = state.attempts_before_retry
-            outputs = {index: self._kept(name, output)
-                       for index, output in restored.outputs.get(name, {}).items()}
+            kept = restored.outputs.get(name, {})
+            if self.state.output_room is not None:
+                self.state.output_room = max(0, self.state.output_room - sum(
+                    len(output.encode()) for output in kept.values()))
+            outputs = {index: self._kept(name, output) for index, output in kept.items()}
             self._restored_outputs[name] = outputs
             self.state.units_done += len(outputs)
             if state.phase is StepPhase.SUCCEEDED:

@@ -427,6 +427,8 @@ def post_event(body: kopf.Body) -> Observer:
                               f"{step.message}")
             case EventKind.AGENT_RETRYING:
                 kopf.warn(body, reason="Retrying", message=event.message)
+            case EventKind.OUTPUTS_CUT:
+                kopf.warn(body, reason="OutputsCut", message=event.message)
             case EventKind.AGENT_WAITING if event.message:  # not once it no longer waits
                 kopf.warn(body, reason="AgentWaiting", message=event.message)
             case EventKind.WORKFLOW_SUSPENDED:

@@ -200,6 +200,38 @@ def test_a_full_redis_is_named_as_such_and_no_agent_is_left(tmp_path: Path) -> N
     client.close()
 
 
+def test_a_chatty_fan_out_keeps_its_outputs_within_the_workflows_limit_and_redis_has_room(
+        tmp_path: Path) -> None:
+    """Twenty agents printing 600 kB each would fill this Redis (its maxmemory 8 MB, refusing
+    writes then, as the chart's does at 192 MB); with the workflow's limit at 2 MiB its first
+    three outputs are kept whole, the others cut as the status shows them, said once, and a
+    workflow after it still runs."""
+    server, port = start_redis(tmp_path, "--maxmemory", "8mb",
+                               "--maxmemory-policy", "noeviction")
+    env = {"AGENTAINER_REDIS_URL": f"redis://127.0.0.1:{port}/0",
+           "AGENTAINER_WORKFLOW_OUTPUT_LIMIT_BYTES": str(2 * MiB)}
+    chatty = workflow_doc({"name": "chatty", "parallel": {"replicas": 20, "maxWorkers": 4},
+                           "command": sh("head -c 600000 /dev/zero | tr '\\0' x")},
+                          cleanup="Always")
+    try:
+        result = agentainer("run", write(tmp_path, chatty), "--output", "json", env=env)
+        after = agentainer("run", "examples/mapreduce.yaml", env=env)
+        used = int(redis.Redis(port=port).info("memory")["used_memory"])
+    finally:
+        server.kill()
+
+    assert result.returncode == 0, result.stderr
+    (step,) = json.loads(result.stdout)["steps"]
+    lengths = sorted(len(output) for output in step["outputs"])
+    assert lengths == [1024] * 17 + [600000] * 3, lengths
+    assert sum(bool(agent.get("outputTruncated")) for agent in step["agents"]) == 17
+    cut = [line for line in result.stderr.splitlines() if line.startswith("  cut    chatty:")]
+    assert len(cut) == 1 and "passed 2097152 bytes (AGENTAINER_WORKFLOW_OUTPUT_LIMIT_BYTES)" \
+        in cut[0], result.stderr
+    assert after.returncode == 0, after.stderr
+    assert used < 6 * MiB, used
+
+
 def test_an_agent_printing_200_mb_has_its_output_cut_at_the_limit_in_bounded_memory(
         tmp_path: Path, redis_url: str) -> None:
     document = workflow_doc({"name": "loud", "command": sh(

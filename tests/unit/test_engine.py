@@ -984,6 +984,43 @@ def test_a_run_keeping_outputs_short_holds_whole_only_those_a_step_reads() -> No
     assert stored == {0: long, 1: long, 2: long}
 
 
+@pytest.mark.parametrize("restarted", [False, True])
+def test_a_workflows_outputs_past_its_limit_are_kept_cut_and_said_once(restarted: bool) -> None:
+    """One workflow keeps at most AGENTAINER_WORKFLOW_OUTPUT_LIMIT_BYTES of outputs whole
+    (bytes, not characters); past it each output is kept as the status shows one (a short one
+    whole), marked truncated, and one event says so. A restarted run counts what it kept."""
+    settings = Settings.from_env({}, store="memory", stop_grace_seconds=0,
+                                 workflow_output_limit_bytes=100, status_output_limit=8)
+    document = with_uid(workflow_doc(
+        {"name": "fan", "parallel": {"replicas": 6, "maxWorkers": 1}}))
+    printed = ["é" * 20, "x" * 40, "y" * 40, "z" * 40, "w" * 40, "short"]  # é: 2 bytes
+    fake = FakeBackend(lambda spec: Behaviour(0.01 if index_of(spec) < 2 else 0.05,
+                                              stdout=printed[index_of(spec)]))
+    store = MemoryStore()
+    events: list[Event] = []
+    engine = Engine(fake, store, settings)
+
+    async def play() -> WorkflowStatus:
+        run = engine.prepare(parse_workflow(document), lambda event, _: events.append(event))
+        if restarted:
+            await detached_once(run, lambda: run.state.units_done == 2)
+            run = engine.prepare(parse_workflow(document),
+                                 lambda event, _: events.append(event))
+        return await run.execute()
+
+    status = scenario(play())
+
+    assert status.phase is WorkflowPhase.SUCCEEDED
+    kept = ["é" * 20, "x" * 40, "yyyyyyyy", "zzzzzzzz", "wwwwwwww", "short"]
+    assert status.step("fan").outputs == kept
+    assert scenario(store.outputs(document["metadata"]["uid"], "fan")) == dict(enumerate(kept))
+    assert [bool(agent.output_truncated) for agent in status.step("fan").agents] == [
+        False, False, True, True, True, False]
+    (said,) = [event for event in events if event.kind is EventKind.OUTPUTS_CUT]
+    assert "passed 100 bytes (AGENTAINER_WORKFLOW_OUTPUT_LIMIT_BYTES)" in said.message
+    assert said.agent is not None and said.agent.index == 2
+
+
 def test_items_waiting_their_turn_cost_no_task() -> None:
     """A fan-out of 10,000 replicas, 5 at once: the tasks alive stay a handful, not one per
     item (a million items once took 1.4 GiB)."""
