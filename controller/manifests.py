@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from yaml.composer import ComposerError
 
 from controller.errors import InvalidSpecError, ManifestError, Problem
 from controller.models import (
@@ -30,6 +31,58 @@ class Document:
 
 STDIN = "-"
 """The path that means standard input."""
+
+
+MAX_ALIASED_NODES = 1_000_000
+"""How many nodes the aliases of a file may stand for, each counted as if written out where it
+is used: far more than a manifest repeats (the API server takes at most 3 MiB of one), and few
+enough that whatever walks the documents (validation, JSON encoding) ends in time. Go's YAML,
+which kubectl reads manifests with, refuses excessive aliasing too."""
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML read as kubectl reads it, with errors where PyYAML would go on: an alias inside
+    the node it names (a structure that contains itself, which no walk of it ends), and aliases
+    standing for more than MAX_ALIASED_NODES (a "billion laughs" file of a few lines, which
+    PyYAML reads at once as shared objects but which hangs anything that walks it)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.sizes: dict[yaml.Node, int] = {}
+        """Each complete node of the document: how many nodes it is, its aliases expanded."""
+        self.aliased = 0
+        """How many nodes the aliases read so far stand for, in every document of the file."""
+
+    def compose_document(self) -> yaml.Node | None:
+        self.sizes = {}  # anchors, hence aliases, are the document's own
+        return super().compose_document()
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            self._expand(self.peek_event())  # type: ignore[no-untyped-call]
+            return super().compose_node(parent, index)
+        node = super().compose_node(parent, index)
+        assert node is not None  # not an alias: a node made here
+        if isinstance(node, yaml.MappingNode):
+            children = [child for pair in node.value for child in pair]
+        else:
+            children = node.value if isinstance(node, yaml.SequenceNode) else []
+        self.sizes[node] = 1 + sum(self.sizes[child] for child in children)
+        return node
+
+    def _expand(self, alias: Any) -> None:
+        """Count the nodes ``alias`` (an AliasEvent) stands for, or refuse it."""
+        named = self.anchors.get(alias.anchor)
+        if named is None:
+            return  # an undefined alias: the composer says so
+        if named not in self.sizes:
+            raise ComposerError(None, None, f"the alias *{alias.anchor} is inside the node "
+                                f"&{alias.anchor} it names, which would contain itself",
+                                alias.start_mark)
+        self.aliased += self.sizes[named]
+        if self.aliased > MAX_ALIASED_NODES:
+            raise ComposerError(None, None, "excessive aliasing: the aliases stand for more "
+                                f"than {MAX_ALIASED_NODES:,} nodes", alias.start_mark)
 
 
 def manifest_files(paths: list[str]) -> list[str]:
@@ -81,7 +134,7 @@ def read_documents(path: str | Path) -> list[Document]:
 
 def _documents(path: str, text: str) -> list[Document]:
     try:
-        bodies = [body for body in yaml.safe_load_all(text) if body is not None]
+        bodies = [body for body in yaml.load_all(text, Loader=_Loader) if body is not None]
     except RecursionError:
         raise ManifestError(f"{path}: nested too deeply to be read") from None
     except yaml.YAMLError as error:

@@ -9,7 +9,7 @@ with its field path.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from functools import cached_property
@@ -351,8 +351,8 @@ class Parallel(ApiModel):
     @field_validator("items")
     @classmethod
     def _items_not_too_deep(cls, items: list[Any] | None) -> list[Any] | None:
-        for index, item in enumerate(items or []):
-            if nesting(item) > MAX_ITEM_NESTING:
+        for index, depth in enumerate(_nestings(items or [])):
+            if depth > MAX_ITEM_NESTING:
                 raise ValueError(f"items[{index}] is nested more than {MAX_ITEM_NESTING} "
                                  "levels deep")
         return items
@@ -372,19 +372,49 @@ reads, and far from where encoding it would run out of stack."""
 
 
 def nesting(value: Any) -> int:
-    """How deep ``value`` nests lists and objects (a scalar: 0), counted without recursion."""
-    deepest = 0
-    stack = [(value, 0)]
-    while stack:
-        current, depth = stack.pop()
-        if isinstance(current, dict):
-            current = list(current.values())
-        if isinstance(current, list):
-            deepest = max(deepest, depth + 1)
-            if deepest > MAX_ITEM_NESTING:
-                break
-            stack.extend((child, depth + 1) for child in current)
-    return deepest
+    """How deep ``value`` nests lists and objects (a scalar: 0; deeper than MAX_ITEM_NESTING:
+    MAX_ITEM_NESTING + 1), counted without recursion."""
+    return next(_nestings([value]))
+
+
+def _nestings(values: list[Any]) -> Iterator[int]:
+    """The nesting of each of ``values``, as :func:`nesting` says it, in work linear in the
+    distinct lists and objects they hold: one that recurs (YAML aliases share them) is looked
+    into once, not once for each place it is in, and one that contains itself is too deep."""
+    known: dict[int, int] = {}  # by id: the nesting of each list or object looked into
+    for value in values:
+        yield _nesting(value, known) if isinstance(value, (dict, list)) else 0
+
+
+def _nesting(value: dict[Any, Any] | list[Any], known: dict[int, int]) -> int:
+    too_deep = MAX_ITEM_NESTING + 1
+    # From value down to the list or object being looked into, each with its children not yet
+    # looked at and the deepest nesting of those that were.
+    path: list[tuple[Any, Iterator[Any], list[int]]] = []
+
+    def enter(container: dict[Any, Any] | list[Any]) -> None:
+        children = container.values() if isinstance(container, dict) else container
+        path.append((container, iter(children), [0]))
+
+    enter(value)
+    while path:
+        container, children, deepest = path[-1]
+        for child in children:
+            if not isinstance(child, (dict, list)):
+                continue
+            if id(child) in known:
+                deepest[0] = max(deepest[0], known[id(child)])
+                continue
+            if len(path) == MAX_ITEM_NESTING or any(child is c for c, _, _ in path):
+                return too_deep  # deeper than the limit, or it contains itself
+            enter(child)
+            break
+        else:
+            path.pop()
+            known[id(container)] = min(deepest[0] + 1, too_deep)
+            if path:
+                path[-1][2][0] = max(path[-1][2][0], known[id(container)])
+    return known[id(value)]
 
 
 class Toleration(ApiModel):

@@ -19,6 +19,7 @@ from controller.models import WorkflowPhase, WorkflowStatus, parse_workflow
 from controller.store import MemoryStore
 from tests.conftest import workflow_doc
 from tests.unit.fake_backend import Behaviour, FakeBackend
+from tests.unit.test_manifests import ALIAS_BOMB
 from tests.unit.test_engine import attempt_of, index_of
 
 REPOSITORY = Path(__file__).resolve().parents[2]
@@ -174,6 +175,11 @@ UNUSABLE = [
                  id="list-instead-of-mapping"),
     pytest.param("just some text\n", "a manifest is a mapping, not a str", id="plain-text"),
     pytest.param("# nothing but a comment\n", "no manifest in it", id="empty-file"),
+    pytest.param(ALIAS_BOMB, "not valid YAML (line 9, column 311): excessive aliasing",
+                 id="alias-bomb"),
+    pytest.param(VALID_WORKFLOW.replace('{items: ["a b", "c"]}', "{items: &r [a, *r]}"),
+                 "not valid YAML (line 8, column 30): the alias *r is inside the node &r",
+                 id="recursive-alias"),
 ]
 
 
@@ -183,6 +189,7 @@ def unusable_path(tmp_path: Path, content: str | None) -> str:
     return write(tmp_path, content)
 
 
+@pytest.mark.timeout(20)
 @pytest.mark.parametrize(("command", "code"), [("validate", 1), ("run", 2)])
 @pytest.mark.parametrize(("content", "words"), UNUSABLE)
 def test_a_file_that_is_not_a_manifest_gets_one_line_and_a_failing_exit_code(

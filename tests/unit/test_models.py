@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
 
 from controller.errors import InvalidSpecError
-from controller.models import Resources, parse_agent_pool, parse_workflow
+from controller.models import (
+    MAX_ITEM_NESTING,
+    Resources,
+    nesting,
+    parse_agent_pool,
+    parse_workflow,
+)
 
 IMAGE = "agentainer/busybox:latest"
 
@@ -390,6 +397,45 @@ def test_default_dependency_is_the_previous_step_and_an_empty_list_makes_a_root(
         "reduce": ["map", "side"],
         "report": ["reduce"],
     }
+
+
+# --- items: how deep they nest, checked in bounded work -----------------------------------------
+
+
+def nested(depth: int) -> Any:
+    """An item of lists and objects ``depth`` levels deep."""
+    item: Any = "leaf"
+    for level in range(depth):
+        item = [item] if level % 2 else {"in": item}
+    return item
+
+
+def test_items_nesting_up_to_the_limit_are_accepted_and_deeper_ones_refused_by_index() -> None:
+    parse_workflow(workflow(step("map", parallel={"items": [nested(MAX_ITEM_NESTING)]})))
+    problems = problems_of(workflow(step("map", parallel={
+        "items": ["a", nested(MAX_ITEM_NESTING), nested(MAX_ITEM_NESTING + 1)]})))
+    assert_reported(problems, "spec.steps[0].parallel.items",
+                    ("items[2] is nested more than 64 levels deep",))
+
+
+def test_an_item_that_contains_itself_is_refused_as_too_deep() -> None:
+    in_itself: list[Any] = ["a"]
+    in_itself.append({"again": in_itself})
+    problems = problems_of(workflow(step("map", parallel={"items": [1, in_itself]})))
+    assert_reported(problems, "spec.steps[0].parallel.items", ("items[1] is nested more than",))
+    assert nesting(in_itself) == MAX_ITEM_NESTING + 1
+
+
+@pytest.mark.timeout(10)
+def test_items_that_share_their_parts_are_checked_in_work_linear_in_the_parts() -> None:
+    # Nine levels of nine references to one list stand for 9**11 leaves, as YAML aliases may.
+    shared: Any = ["x"] * 9
+    for _ in range(10):
+        shared = [shared] * 9
+    started = time.monotonic()
+    parse_workflow(workflow(step("map", parallel={"items": [shared] * 1000})))
+    assert nesting(shared) == 11
+    assert time.monotonic() - started < 1
 
 
 # --- resources ----------------------------------------------------------------------------------
