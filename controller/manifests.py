@@ -41,10 +41,11 @@ which kubectl reads manifests with, refuses excessive aliasing too."""
 
 
 class _Loader(yaml.SafeLoader):
-    """Safe YAML read as kubectl reads it, with errors where PyYAML would go on: an alias inside
-    the node it names (a structure that contains itself, which no walk of it ends), and aliases
-    standing for more than MAX_ALIASED_NODES (a "billion laughs" file of a few lines, which
-    PyYAML reads at once as shared objects but which hangs anything that walks it)."""
+    """Safe YAML read as kubectl reads it, with errors where PyYAML would go on: a mapping key
+    given twice (PyYAML keeps the last, silently), an alias inside the node it names (a
+    structure that contains itself, which no walk of it ends), and aliases standing for more
+    than MAX_ALIASED_NODES (a "billion laughs" file of a few lines, which PyYAML reads at once
+    as shared objects but which hangs anything that walks it)."""
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
@@ -83,6 +84,20 @@ class _Loader(yaml.SafeLoader):
         if self.aliased > MAX_ALIASED_NODES:
             raise ComposerError(None, None, "excessive aliasing: the aliases stand for more "
                                 f"than {MAX_ALIASED_NODES:,} nodes", alias.start_mark)
+
+    def compose_mapping_node(self, anchor: Any) -> yaml.MappingNode:
+        node = super().compose_mapping_node(anchor)
+        # Keys compare as written, as Go's YAML compares them (1 and "1" are one JSON key), and
+        # before merge keys (<<) add theirs, which the mapping's own may override.
+        lines: dict[str, int] = {}
+        for key, _ in node.value:
+            if not isinstance(key, yaml.ScalarNode):
+                continue  # a list or mapping as a key: the constructor refuses it
+            if key.value in lines:
+                raise ComposerError(None, None, f"mapping key {key.value!r} already defined at "
+                                    f"line {lines[key.value]}", key.start_mark)
+            lines[key.value] = key.start_mark.line + 1
+        return node
 
 
 def manifest_files(paths: list[str]) -> list[str]:

@@ -180,6 +180,9 @@ UNUSABLE = [
     pytest.param(VALID_WORKFLOW.replace('{items: ["a b", "c"]}', "{items: &r [a, *r]}"),
                  "not valid YAML (line 8, column 30): the alias *r is inside the node &r",
                  id="recursive-alias"),
+    pytest.param(VALID_WORKFLOW.replace("  - name: reduce\n", "  - name: reduce\n    name: sum\n"),
+                 "not valid YAML (line 11, column 5): mapping key 'name' already defined at "
+                 "line 10", id="duplicate-key"),
 ]
 
 

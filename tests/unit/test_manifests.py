@@ -92,3 +92,22 @@ def test_aliases_and_merge_keys_within_the_bound_are_read_as_kubectl_reads_them(
     first, second = body["spec"]["steps"]
     assert second["env"] == first["env"] == [{"name": "A", "value": "1"}]
     assert second["pod"] == {"nodeSelector": {"disk": "ssd"}, "runAsUser": 2000}
+
+
+@pytest.mark.parametrize(("text", "refused"), [
+    pytest.param(HEAD.replace("    parallel:\n", "    name: b\n"),
+                 "(line 8, column 5): mapping key 'name' already defined at line 6",
+                 id="key-of-a-step"),
+    pytest.param(HEAD.replace("metadata: {name: laughs}", "metadata: {name: a, 'name': b}"),
+                 "(line 3, column 21): mapping key 'name' already defined at line 3",
+                 id="key-quoted-the-second-time"),
+    pytest.param(HEAD + "      replicas: 2\nspec: {}\n",
+                 "(line 10, column 1): mapping key 'spec' already defined at line 4",
+                 id="top-level-key"),
+    pytest.param('{"apiVersion": "v1", "kind": "Workflow", "kind": "AgentPool"}',
+                 "(line 1, column 42): mapping key 'kind' already defined at line 1",
+                 id="json"),
+])
+def test_a_mapping_key_given_twice_is_refused_naming_the_key_and_its_lines(
+        tmp_path: Path, text: str, refused: str) -> None:
+    assert refused in refusal(tmp_path, text)
