@@ -159,6 +159,10 @@ async def _run(workflow: Workflow, agent_pools: list[AgentPool], settings: Setti
         print(f"{title}: {len(steps)} steps, {run.units_total} agents, uid {run.uid}, "
               f"state in {settings.store}", file=progress_out, flush=True)
         _cancel_on_signals(run, progress_out)
+        if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+            # Ctrl-C before the handlers above were in place (asyncio's own cancels this
+            # task), and a call since let it pass unraised: nothing has started yet.
+            raise asyncio.CancelledError
         try:
             status = await run.execute()
         except AgentainerError:

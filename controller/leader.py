@@ -97,7 +97,8 @@ class LeaderElection:
             # A little jitter, as client-go has, so that standbys do not try in step.
             pause = self.timing.retry_period * (1 + 0.2 * random.random())
             try:
-                await asyncio.wait_for(stopping.wait(), pause)
+                async with asyncio.timeout(pause):
+                    await stopping.wait()
             except TimeoutError:
                 pass
         return False
@@ -212,9 +213,9 @@ class LeaderElection:
 
     async def _request(self, function: Callable[..., Any], *args: Any) -> Any:
         try:
-            return await asyncio.wait_for(asyncio.to_thread(
-                function, *args, _request_timeout=REQUEST_TIMEOUT_SECONDS),
-                REQUEST_TIMEOUT_SECONDS + 1)
+            async with asyncio.timeout(REQUEST_TIMEOUT_SECONDS + 1):
+                return await asyncio.to_thread(
+                    function, *args, _request_timeout=REQUEST_TIMEOUT_SECONDS)
         except ApiException as error:
             if error.status == 404:
                 raise _Missing from error

@@ -67,7 +67,8 @@ class Health:
         """Why this controller is stuck, or None. A blocked event loop does not answer at all,
         which the probe's timeout catches."""
         try:
-            await asyncio.wait_for(asyncio.to_thread(lambda: None), THREADS_DEADLINE_SECONDS)
+            async with asyncio.timeout(THREADS_DEADLINE_SECONDS):
+                await asyncio.to_thread(lambda: None)
         except TimeoutError:
             return f"no worker thread free for {THREADS_DEADLINE_SECONDS:.0f} s"
         election = self.election
@@ -161,7 +162,8 @@ async def _lead(election: LeaderElection, options: Options, metrics: Metrics, he
     logger.error("lost the lease: stopping at once; the new leader adopts the agents")
     stopping.set()
     try:
-        await asyncio.wait_for(operating, LOST_LEASE_EXIT_SECONDS)
+        async with asyncio.timeout(LOST_LEASE_EXIT_SECONDS):
+            await operating
     except TimeoutError:
         logger.error("the operator did not stop in %.0f s: exiting", LOST_LEASE_EXIT_SECONDS)
     return EXIT_LOST_LEASE

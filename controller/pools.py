@@ -229,7 +229,8 @@ class PoolManager:
             if remaining <= 0:
                 raise self._all_busy(state)
             try:  # a return in this process wakes us at once; other processes' in the pause
-                await asyncio.wait_for(state.returned.wait(), min(pause, remaining))
+                async with asyncio.timeout(min(pause, remaining)):
+                    await state.returned.wait()
                 pause = FIRST_LOOK_SECONDS
             except TimeoutError:
                 pause = min(pause * 2, LOOK_CAP_SECONDS)

@@ -67,8 +67,8 @@ class DockerAttachChannel(RunnerChannel):
             if out:
                 return out
             try:
-                chunk = await asyncio.wait_for(loop.sock_recv(self._sock, RECEIVE_BYTES),
-                                               timeout)
+                async with asyncio.timeout(timeout):
+                    chunk = await loop.sock_recv(self._sock, RECEIVE_BYTES)
             except TimeoutError:
                 return b""
             except OSError as error:

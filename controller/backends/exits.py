@@ -160,7 +160,8 @@ class ContainerExits(LoopFollower):
                     expected.connection = connection
             while True:
                 try:
-                    await asyncio.wait_for(asyncio.shield(future), RECHECK_SECONDS)
+                    async with asyncio.timeout(RECHECK_SECONDS):
+                        await asyncio.shield(future)
                     break
                 except TimeoutError:
                     if not await running():
@@ -189,7 +190,8 @@ class ContainerExits(LoopFollower):
             if remaining <= 0:
                 raise BackendUnavailableError(f"{self._why} (for {READY_SECONDS:g} s)")
             try:
-                await asyncio.wait_for(self._news.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await self._news.wait()
             except TimeoutError:
                 pass
 

@@ -338,8 +338,8 @@ class KubernetesBackend:
             return phase == "Running"
 
         try:
-            await asyncio.wait_for(self.pods.until(namespace, name, running),
-                                   START_TIMEOUT_SECONDS)
+            async with asyncio.timeout(START_TIMEOUT_SECONDS):
+                await self.pods.until(namespace, name, running)
         except TimeoutError:
             pending = self.pods.cached(namespace, name)
             unscheduled = _unscheduled(pending) if pending is not None else None

@@ -110,7 +110,8 @@ class PodWatch(LoopFollower):
         future = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(key, set()).add(future)
         try:
-            await asyncio.wait_for(future, timeout)
+            async with asyncio.timeout(timeout):
+                await future
             return True
         except TimeoutError:
             return False

@@ -451,9 +451,9 @@ class _Started(_Place):
 
         try:
             remaining = None if self._deadline is None else max(0.0, self._deadline - loop.time())
-            result = await asyncio.wait_for(
-                self.attempts.retrying(f"watching agent {agent.name}",
-                                       lambda: backend.wait(handle, waiting)), remaining)
+            async with asyncio.timeout(remaining):
+                result = await self.attempts.retrying(f"watching agent {agent.name}",
+                                                      lambda: backend.wait(handle, waiting))
         except TimeoutError:
             await self.attempts.retrying(f"stopping agent {agent.name}",
                                          lambda: backend.stop(handle, 0))

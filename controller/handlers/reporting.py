@@ -335,7 +335,8 @@ class StatusWriter:
         if seconds <= 0:
             return
         try:
-            await asyncio.wait_for(self._hurry.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await self._hurry.wait()
         except TimeoutError:
             pass
 

@@ -273,9 +273,15 @@ class RedisStore:
     @asynccontextmanager
     async def _errors(self, action: str) -> AsyncIterator[None]:
         """Waits for a turn (``CONNECTION_WAIT_SECONDS`` at the most), then says any failure
-        of Redis as the store being unavailable, with what was being done."""
+        of Redis as the store being unavailable, with what was being done. A cancellation
+        asked for during the call is raised, also one the client dropped: it bounds its socket
+        writes with ``asyncio.wait_for``, which in Python 3.11 drops one that comes as the
+        write completes (the call, and whatever was being cancelled, would go on)."""
+        task = asyncio.current_task()
+        asked = task.cancelling() if task is not None else 0
         try:
-            await asyncio.wait_for(self._turns.acquire(), CONNECTION_WAIT_SECONDS)
+            async with asyncio.timeout(CONNECTION_WAIT_SECONDS):
+                await self._turns.acquire()
         except TimeoutError:
             raise StoreUnavailableError(
                 f"Redis at {redacted(self._url)}: no free connection in "
@@ -298,6 +304,8 @@ class RedisStore:
             ) from error
         finally:
             self._turns.release()
+        if task is not None and task.cancelling() > asked:
+            raise asyncio.CancelledError(f"cancelled while {action}")
 
     async def record(self, uid: str, change: Change) -> None:
         # On Redis Cluster the index lives in another slot than the workflow: it is written

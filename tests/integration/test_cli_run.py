@@ -104,6 +104,31 @@ def test_ctrl_c_stops_the_agents_and_exits_130(tmp_path: Path, redis_env: dict[s
     client.close()
 
 
+def test_ctrl_c_before_the_run_has_its_handlers_still_interrupts_it(
+        tmp_path: Path, redis_env: dict[str, str]) -> None:
+    """Ctrl-C in the moment before the run's own handlers are in place (asyncio's cancels the
+    run then) interrupts it at once, also when a Redis call comes next: the process is made to
+    get its SIGINT in that moment, just before the handlers go in."""
+    document = workflow_doc({"name": "wait", "parallel": {"replicas": 2},
+                             "command": sh("sleep 120")}, cleanup="Always")
+    early = ("import os, signal, sys; import controller.cli as cli; "
+             "handlers = cli._cancel_on_signals; "
+             "cli._cancel_on_signals = lambda *a: (os.kill(os.getpid(), signal.SIGINT), "
+             "handlers(*a)); sys.exit(cli.main())")
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", early, "run", write(tmp_path, document)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=100,
+                            env={**os.environ, **redis_env})
+
+    assert result.returncode == 130, result.stderr
+    assert time.monotonic() - started < 30  # not after its agents' 120 s
+    assert "Traceback" not in result.stderr
+    client = docker.from_env()
+    assert client.containers.list(all=True, filters={
+        "label": f"{LABEL_WORKFLOW}={document['metadata']['name']}"}) == []
+    client.close()
+
+
 def test_unreachable_redis_is_reported_clearly() -> None:
     url = f"redis://127.0.0.1:{free_port()}/0"
 

@@ -388,3 +388,28 @@ def test_keys_of_the_older_layout_are_moved_and_read(redis_url: str) -> None:
     assert not client.exists(old, f"{old}:outputs:map", f"agentainer:pool:{pool}:lease:a1")
     assert 0 < client.ttl(Keys.outputs(uid, "map")) <= 500
     assert client.get(Keys.layout) == "2"
+
+
+def test_a_store_call_cancelled_at_any_moment_ends_cancelled(redis_url: str) -> None:
+    """Cancelled after any number of turns of the event loop (taking its turn, writing the
+    command, reading the reply), a call ends cancelled and does not go on: the client bounds
+    its writes with ``asyncio.wait_for``, which in Python 3.11 drops a cancellation that comes
+    as the write completes; Ctrl-C of ``agentainer run`` was lost so."""
+    async def cancelled_after(moment: int) -> bool | None:
+        """Whether the call ended cancelled (None: it had ended before)."""
+        store = await RedisStore.connect(redis_url)
+        try:
+            task = asyncio.create_task(store.workflow(str(uuid.uuid4())))
+            for _ in range(moment):
+                await asyncio.sleep(0)
+            if not task.cancel():
+                return None
+            await asyncio.wait({task})
+            return task.cancelled()
+        finally:
+            await store.close()
+
+    outcomes: list[bool] = []
+    while (outcome := run(lambda: cancelled_after(len(outcomes)))) is not None:
+        outcomes.append(outcome)
+    assert len(outcomes) >= 3 and all(outcomes), outcomes
