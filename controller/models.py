@@ -8,6 +8,7 @@ with its field path.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterator
 from decimal import Decimal, InvalidOperation
@@ -15,7 +16,17 @@ from enum import StrEnum
 from functools import cached_property
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from controller import templating
@@ -146,7 +157,13 @@ class ConditionType(StrEnum):
 
 
 class ApiModel(BaseModel):
-    """camelCase on the wire, snake_case in Python; unknown fields are mistakes, not ignored."""
+    """camelCase on the wire, snake_case in Python; unknown fields are mistakes, not ignored.
+
+    Integers, numbers and booleans of the spec are strict (StrictInt, StrictFloat, StrictBool)
+    where pydantic would coerce: ``"5"`` and ``true`` are not integers, nor ``"yes"`` or ``1``
+    booleans, as the CRD's schema says; ``5.0`` is refused too, as counts are written whole.
+    The model as a whole is not strict: that would refuse enums given as their strings.
+    """
 
     model_config = ConfigDict(
         alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
@@ -162,7 +179,7 @@ class KeyRef(ApiModel):
     name: str = Field(pattern=DNS_SUBDOMAIN, max_length=253,
                       description="Name of the Secret or ConfigMap.")
     key: str = Field(pattern=r"^[-._a-zA-Z0-9]+$", max_length=253, description="Its key.")
-    optional: bool = Field(default=False,
+    optional: StrictBool = Field(default=False,
                            description="A missing Secret, ConfigMap or key leaves the variable "
                                        "unset instead of failing the agent.")
 
@@ -303,13 +320,13 @@ class Resources(ApiModel):
 class RetryPolicy(ApiModel):
     """How failed agents are run again."""
 
-    limit: int = Field(
+    limit: StrictInt = Field(
         default=0, ge=0, le=100, description="How many times a failed agent is run again."
     )
-    backoff_seconds: float = Field(
+    backoff_seconds: StrictFloat = Field(
         default=1.0, ge=0, le=3600, description="Seconds to wait before the first retry."
     )
-    backoff_factor: float = Field(
+    backoff_factor: StrictFloat = Field(
         default=2.0, ge=1, le=10, description="Each further wait is the last one times this."
     )
 
@@ -338,10 +355,10 @@ class Parallel(ApiModel):
                     "{{ steps.NAME.output }} (or .outputs, the list of a fan-out's outputs). "
                     "Elements become items exactly as parallel.items would; not an array, or "
                     "more than AGENTAINER_MAX_ITEMS_FROM of them, fails the step.")
-    replicas: int | None = Field(
+    replicas: StrictInt | None = Field(
         default=None, ge=1, le=10000, description="Run this many identical agents."
     )
-    max_workers: int | None = Field(
+    max_workers: StrictInt | None = Field(
         default=None,
         ge=1,
         le=1000,
@@ -425,7 +442,7 @@ class Toleration(ApiModel):
     value: str | None = Field(default=None, description="Taint value, with Equal.")
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
         default=None, description="Taint effect to tolerate; empty: all.")
-    toleration_seconds: int | None = Field(
+    toleration_seconds: StrictInt | None = Field(
         default=None, description="With NoExecute: how long the pod may stay.")
 
 
@@ -441,12 +458,12 @@ class PodOptions(ApiModel):
                                           description="Taints the pods tolerate.")
     image_pull_secrets: list[str] = Field(default_factory=list,
                                           description="Names of Secrets to pull images with.")
-    run_as_non_root: bool | None = Field(
+    run_as_non_root: StrictBool | None = Field(
         default=None,
         description="Refuse to start agents whose user is root. Unset with runAsUser unset, "
                     "an agent's pod runs as user 65532 and passes the Pod Security Standard "
                     "restricted; false runs the image's own user, root included.")
-    run_as_user: int | None = Field(default=None, ge=0,
+    run_as_user: StrictInt | None = Field(default=None, ge=0,
                                     description="User id the agent runs as; 0 (root) only "
                                                 "when asked for.")
     runtime_class_name: str | None = Field(
@@ -458,7 +475,7 @@ class PodOptions(ApiModel):
 class ContinueOn(ApiModel):
     """What a step's end does not stop."""
 
-    failed: bool = Field(default=False,
+    failed: StrictBool = Field(default=False,
                          description="Its failure does not fail the workflow: the steps after "
                                      "it run, and read {{ steps.NAME.phase }}.")
 
@@ -508,7 +525,7 @@ class Step(ApiModel):
     )
     resources: Resources | None = Field(default=None, description="Limits of each agent.")
     retries: RetryPolicy | None = Field(default=None, description="Retries of failed agents.")
-    timeout_seconds: int | None = Field(
+    timeout_seconds: StrictInt | None = Field(
         default=None,
         ge=1,
         description="An agent running longer than this is killed; each attempt has its own.",
@@ -632,7 +649,7 @@ class WorkflowSpec(ApiModel):
             "are kept to debug), or Never."
         ),
     )
-    timeout_seconds: int | None = Field(
+    timeout_seconds: StrictInt | None = Field(
         default=None, ge=1, description="The whole workflow fails past this many seconds."
     )
     params: list[Param] = Field(default_factory=list, max_length=100,
@@ -640,7 +657,7 @@ class WorkflowSpec(ApiModel):
     env: list[EnvVar] = Field(default_factory=list, description="Environment of every agent.")
     capabilities: Capabilities | None = Field(
         default=None, description="Linux capabilities every agent gets beyond the defaults.")
-    ttl_seconds_after_finished: int | None = Field(
+    ttl_seconds_after_finished: StrictInt | None = Field(
         default=None, ge=0,
         description="Delete the Workflow (and what it left: kept agents, its workspace, its "
                     "state) this many seconds after it finished; default: the controller's "
@@ -651,7 +668,7 @@ class WorkflowSpec(ApiModel):
                     "for the workflow, on Kubernetes a PersistentVolumeClaim it owns (or "
                     "claimName's); removed with the workflow as cleanup says. Pooled steps "
                     "cannot use it (pool agents serve other workflows too).")
-    suspend: bool = Field(
+    suspend: StrictBool = Field(
         default=False,
         description="While true, no new agent starts (running ones finish); false resumes. "
                     "The workflow's timeout keeps counting.")
@@ -742,13 +759,13 @@ class AgentPoolSpec(ApiModel):
 
     backend: BackendKind | None = Field(default=None, description="Where the pool's agents run.")
     image: str = Field(min_length=1, description="Image of every agent in the pool.")
-    min_size: int = Field(default=1, ge=0, le=1000, description="Warm agents kept at least.")
-    max_size: int = Field(default=10, ge=1, le=1000, description="Agents the pool grows to.")
-    warm_up: bool = Field(default=True, description="Start minSize agents before any step asks.")
-    idle_timeout_seconds: int = Field(
+    min_size: StrictInt = Field(default=1, ge=0, le=1000, description="Warm agents kept at least.")
+    max_size: StrictInt = Field(default=10, ge=1, le=1000, description="Agents the pool grows to.")
+    warm_up: StrictBool = Field(default=True, description="Start minSize agents before any step asks.")
+    idle_timeout_seconds: StrictInt = Field(
         default=300, ge=0, description="Seconds an idle agent above minSize is kept."
     )
-    max_uses: int = Field(
+    max_uses: StrictInt = Field(
         default=100, ge=1, description="An agent is replaced after this many tasks."
     )
     reset_command: list[str] | None = Field(
@@ -756,15 +773,15 @@ class AgentPoolSpec(ApiModel):
         description="An extra hook run as the task user after each task (the agent is cleaned "
                     "without it); an agent whose reset fails is replaced.",
     )
-    run_as_user: int | None = Field(
+    run_as_user: StrictInt | None = Field(
         default=None, ge=0, le=2147483647,
         description=f"User id that tasks run as, never the task runner's own. Default "
                     f"{DEFAULT_TASK_USER} (or pod.runAsUser); 0 runs tasks as root, which gives "
                     "up the guarantees on files between tasks.")
-    run_as_group: int | None = Field(
+    run_as_group: StrictInt | None = Field(
         default=None, ge=0, le=2147483647,
         description="Group id that tasks run as; default: the user id.")
-    lease_timeout_seconds: int = Field(
+    lease_timeout_seconds: StrictInt = Field(
         default=60, ge=0, le=3600,
         description="How long a task waits for an agent when all maxSize agents are busy.",
     )
@@ -941,8 +958,23 @@ def _problems_from_validation_error(error: ValidationError) -> list[Problem]:
             message = f"must be {detail['ctx']['expected']}, not {detail['input']!r}"
         elif detail["type"] == "value_error":
             message = message.removeprefix("Value error, ")
+        elif detail["type"] in EXPECTED_TYPES:
+            message = f"must be {EXPECTED_TYPES[detail['type']]}, not {_as_written(detail['input'])}"
         problems.append(Problem(path, message))
     return problems
+
+
+EXPECTED_TYPES = {"int_type": "an integer", "float_type": "a number", "bool_type": "a boolean",
+                  "string_type": "a string"}
+
+
+def _as_written(value: Any) -> str:
+    """A value refused for its type, as a YAML or JSON file writes it: "5" (a string), 5.0."""
+    if isinstance(value, (dict, list)):
+        return "an object" if isinstance(value, dict) else "a list"
+    scalar = isinstance(value, (str, int, float, bool, type(None)))
+    text = json.dumps(value, ensure_ascii=False) if scalar else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _pattern_reason(pattern: str) -> str:

@@ -161,6 +161,27 @@ def test_validate_checks_every_file_and_fails_if_any_is_invalid(
     assert f"error: {missing}: no such file" in captured.err
 
 
+@pytest.mark.parametrize(("command", "first_line", "code"), [
+    ("validate", "{path}: invalid", 1), ("run", "error: {path} is invalid:", 2)])
+def test_integers_and_booleans_not_written_as_such_are_refused_not_coerced(
+    command: str, first_line: str, code: int, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = write(tmp_path, VALID_WORKFLOW.replace(
+        "  - name: reduce\n", "    timeoutSeconds: true\n    retries: {limit: false}\n"
+        "  - name: reduce\n    timeoutSeconds: 5.0\n    continueOn: {failed: \"yes\"}\n"))
+    assert main([command, path]) == code
+    captured = capsys.readouterr()
+    assert_no_traceback(captured.out, captured.err)
+    assert captured.err.splitlines() == [
+        first_line.format(path=path),
+        "  spec.steps[0].retries.limit: must be an integer, not false",
+        "  spec.steps[0].timeoutSeconds: must be an integer, not true",
+        "  spec.steps[1].timeoutSeconds: must be an integer, not 5.0",
+        '  spec.steps[1].continueOn.failed: must be a boolean, not "yes"',
+    ]
+
+
 # --- files that are not manifests: one line, no traceback ---------------------------------------
 
 UNUSABLE = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -10,7 +11,9 @@ import pytest
 from controller.errors import InvalidSpecError
 from controller.models import (
     MAX_ITEM_NESTING,
+    AgentPoolSpec,
     Resources,
+    WorkflowSpec,
     nesting,
     parse_agent_pool,
     parse_workflow,
@@ -555,3 +558,89 @@ def test_invalid_pool_is_refused_at_the_field_path(
     with pytest.raises(InvalidSpecError) as caught:
         parse_agent_pool(document)
     assert_reported([(p.path, p.message) for p in caught.value.problems], path, words)
+
+
+# --- types: integers and booleans as the CRD's schema has them, not as pydantic would coerce ----
+
+NOT_AN_INTEGER = ['"5"', "true", "5.0"]
+NOT_A_BOOLEAN = ['"yes"', '"true"', "1"]
+NOT_A_NUMBER = ['"1.5"', "true"]
+
+
+def loose(field: str, written: list[str], kind: str) -> list[Any]:
+    """One row for each way of writing ``field``'s value that its kind is not."""
+    return [pytest.param(field, json.loads(value), f"must be {kind}, not {value}",
+                         id=f"{field}={value}") for value in written]
+
+
+@pytest.mark.parametrize(("path", "value", "message"), [
+    *loose("spec.timeoutSeconds", NOT_AN_INTEGER, "an integer"),
+    *loose("spec.ttlSecondsAfterFinished", NOT_AN_INTEGER, "an integer"),
+    *loose("spec.suspend", NOT_A_BOOLEAN, "a boolean"),
+    *loose("spec.steps[0].timeoutSeconds", NOT_AN_INTEGER, "an integer"),
+    *loose("spec.steps[0].continueOn.failed", NOT_A_BOOLEAN, "a boolean"),
+    *loose("spec.steps[0].parallel.replicas", NOT_AN_INTEGER, "an integer"),
+    *loose("spec.steps[0].parallel.maxWorkers", NOT_AN_INTEGER, "an integer"),
+    *loose("spec.steps[0].retries.limit", ["false", '"2"', "2.0"], "an integer"),
+    *loose("spec.steps[0].retries.backoffSeconds", NOT_A_NUMBER, "a number"),
+    *loose("spec.steps[0].retries.backoffFactor", NOT_A_NUMBER, "a number"),
+    *loose("spec.steps[0].pod.runAsUser", NOT_AN_INTEGER, "an integer"),
+    *loose("spec.steps[0].pod.runAsNonRoot", NOT_A_BOOLEAN, "a boolean"),
+    *loose("spec.steps[0].env[0].valueFrom.secretKeyRef.optional", NOT_A_BOOLEAN, "a boolean"),
+    *loose("spec.steps[0].env[0].value", ["5", "true"], "a string"),
+])
+def test_a_value_of_the_wrong_type_is_refused_not_coerced(path: str, value: Any,
+                                                          message: str) -> None:
+    document = workflow(step("map", parallel={"replicas": 2}, retries={"limit": 1},
+                             continueOn={"failed": True}, pod={},
+                             env=[{"name": "X", "valueFrom": {"secretKeyRef": {
+                                 "name": "s", "key": "k"}}}]))
+    if path.endswith(".value"):
+        del document["spec"]["steps"][0]["env"][0]["valueFrom"]
+    set_at(document, path, value)
+    assert (path, message) in problems_of(document)
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    *loose("minSize", NOT_AN_INTEGER, "an integer"),
+    *loose("maxSize", NOT_AN_INTEGER, "an integer"),
+    *loose("idleTimeoutSeconds", NOT_AN_INTEGER, "an integer"),
+    *loose("maxUses", NOT_AN_INTEGER, "an integer"),
+    *loose("leaseTimeoutSeconds", NOT_AN_INTEGER, "an integer"),
+    *loose("runAsUser", NOT_AN_INTEGER, "an integer"),
+    *loose("runAsGroup", NOT_AN_INTEGER, "an integer"),
+    *loose("warmUp", NOT_A_BOOLEAN, "a boolean"),
+])
+def test_a_pool_value_of_the_wrong_type_is_refused_not_coerced(field: str, value: Any,
+                                                               message: str) -> None:
+    with pytest.raises(InvalidSpecError) as caught:
+        parse_agent_pool(pool(**{field: value}))
+    assert (f"spec.{field}", message) in [(p.path, p.message) for p in caught.value.problems]
+
+
+def set_at(document: dict[str, Any], path: str, value: Any) -> None:
+    """Set the field at ``path`` (spec.steps[0].pod.runAsUser), making objects on the way."""
+    parts = [int(part) if part.isdigit() else part
+             for part in path.replace("[", ".").replace("]", "").split(".")]
+    where: Any = document
+    for part in parts[:-1]:
+        where = where[part] if isinstance(part, int) else where.setdefault(part, {})
+    where[parts[-1]] = value
+
+
+def test_enums_numbers_and_booleans_written_as_such_are_read_the_same_from_yaml_and_json() -> None:
+    document = workflow(
+        step("map", parallel={"replicas": 2, "maxWorkers": 1}, timeoutSeconds=5,
+             retries={"limit": 2, "backoffSeconds": 1, "backoffFactor": 1.5},
+             continueOn={"failed": True}, pod={"runAsNonRoot": False, "runAsUser": 0}),
+        backend="docker", cleanup="Always", shutdown="Stop", suspend=False, timeoutSeconds=60,
+        ttlSecondsAfterFinished=0)
+    spec = parse_workflow(document).spec
+    assert (spec.backend, spec.cleanup, spec.shutdown) == ("docker", "Always", "Stop")
+    assert spec.steps[0].retries is not None and spec.steps[0].retries.backoff_seconds == 1.0
+    # As the store keeps a run's spec, and as the API server sends it back: JSON.
+    stored = spec.model_dump_json(by_alias=True, exclude_none=True)
+    assert WorkflowSpec.model_validate(json.loads(stored)) == spec
+    assert WorkflowSpec.model_validate_json(stored) == spec
+    agent_pool = parse_agent_pool(pool(backend="kubernetes", minSize=0, warmUp=False)).spec
+    assert AgentPoolSpec.model_validate_json(agent_pool.model_dump_json(by_alias=True)) == agent_pool
