@@ -151,9 +151,10 @@ class Settings:
 
     agent_log_bytes: int = 16 * 1024 * 1024
     """Bytes of a Docker agent's log the engine keeps on disk (json-file, one file): an agent
-    that prints without end does not fill the disk. What an agent printed comes from the
-    runner's own files first, so this cuts only the engine's copy. On Kubernetes the
-    kubelet's ``containerLogMaxSize`` does this."""
+    that prints without end does not fill the disk. Past this size the engine would drop the
+    log's start, the head of stdout with it: the runner logs no more than it holds, says so
+    last on stderr, and the output's head (and stderr's tail) then come from its own files.
+    On Kubernetes the kubelet's ``containerLogMaxSize`` does this."""
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:

@@ -304,7 +304,7 @@ class DockerBackend:
         has_home = "HOME" in spec.env or any(str(e).startswith("HOME=")
                                              for e in image.get("Env") or [])
         return runner.Exec(argv, self._settings.output_limit_bytes, str(image.get("User") or ""),
-                           set_home=not has_home)
+                           set_home=not has_home, log_limit=self._settings.agent_log_bytes)
 
     def _inspect_image(self, image: str, action: str) -> dict[str, Any]:
         """The image's inspection, pulled first when it is missing and the policy allows."""
@@ -465,6 +465,8 @@ class DockerBackend:
             self._stopping.discard(agent.id)
             if not kept:
                 stdout, stderr = self._read_logs(agent.id, limit)
+                if stderr.ends_with(runner.LOG_FULL.encode() + b"\n"):
+                    stdout, stderr = self._kept_instead(agent.id, stdout, stderr)
         return AgentResult(
             exit_code=exit_code,
             stdout=stdout.text(),
@@ -483,6 +485,16 @@ class DockerBackend:
         except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError):
             self._outages += 1
             raise
+
+    def _kept_instead(self, agent_id: str, stdout: output.Head,
+                      stderr: output.Tail) -> tuple[output.Head, output.Tail]:
+        """The runner's files in place of a log the runner stopped writing, full: the head of
+        stdout and the tail of stderr, whole. The log's if they are gone."""
+        limit = self._settings.output_limit_bytes
+        kept_out, kept_err = output.Head(limit), output.Tail(limit)
+        if self._read_kept(agent_id, kept_out, kept_err)[0]:
+            return kept_out, kept_err
+        return stdout, stderr
 
     def _read_kept(self, agent_id: str, stdout: output.Head,
                    stderr: output.Tail) -> tuple[bool, Ending | None]:

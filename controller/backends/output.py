@@ -71,6 +71,16 @@ class Tail:
             self._dropped = True
         return True
 
+    def ends_with(self, suffix: bytes) -> bool:
+        """Whether the stream's last bytes are ``suffix`` (the last pieces joined, not all)."""
+        last, size = [], 0
+        for piece in reversed(self._pieces):
+            last.append(piece)
+            size += len(piece)
+            if size >= len(suffix):
+                break
+        return b"".join(reversed(last)).endswith(suffix)
+
     def text(self) -> str:
         """The tail as text; a character cut in two by the limit is left out."""
         data = b"".join(self._pieces)[-self.limit:]

@@ -63,12 +63,22 @@ class Exec:
     user: str = ""
     set_home: bool = False
     """HOME is the user's, from the image's /etc/passwd (nobody else set it)."""
+    log_limit: int = 0
+    """The size of the container's log, past which the engine would drop its start (0: none):
+    the runner logs no more than it holds, and says so last on stderr (LOG_FULL)."""
 
     def command(self) -> list[str]:
         options = ["--out", OUT_DIR, "--limit", str(self.limit)]
+        options += ["--log-limit", str(self.log_limit)] if self.log_limit else []
         options += ["--user", self.user] if self.user else []
         options += ["--set-home"] if self.set_home else []
         return [RUNNER_PATH, "exec", *options, "--", *self.argv]
+
+
+LOG_FULL = "agentainer-runner: the log is full: the rest of the output is not logged"
+"""The runner's last line on stderr when it stopped logging the output, which would have
+taken more than the container's log holds (a json-file log past its max-size keeps only what
+came after, losing the head of stdout): the head and tail are then read from its files."""
 
 
 def hello_line(nonce: str) -> bytes:

@@ -35,7 +35,7 @@
  *   runner serve [--uid N] [--gid N]   run tasks (as PID 1 of the agent)
  *   runner workspace DIR              make DIR (a workflow's shared workspace volume, new and
  *                                      empty) writable by every agent's user: mode 1777
- *   runner exec --out DIR --limit N [--user USER] [--set-home] -- COMMAND...
+ *   runner exec --out DIR --limit N [--log-limit M] [--user USER] [--set-home] -- COMMAND...
  *                                      run one command (an agent of its own): its output goes to
  *                                      the container's log as ever, and its head (stdout) and
  *                                      tail (stderr) to DIR with its exit code and the signal
@@ -43,7 +43,10 @@
  *                                      they outlive a container engine that was down when the
  *                                      command ended. Started as root, it runs the command as
  *                                      USER (the image's, as the runtime would), so the command
- *                                      cannot touch DIR
+ *                                      cannot touch DIR. It logs no more than the engine's log
+ *                                      of M bytes holds (which past that would drop its start,
+ *                                      the head of stdout with it): a last line on stderr then
+ *                                      says the rest was not logged (LOG_FULL)
  *   runner install PATH                copy itself to PATH (an init container's job)
  *   runner version                     print the protocol
  */
@@ -1210,6 +1213,24 @@ struct kept_file {
     char *path;
 };
 
+/* Said last on stderr when the log holds no more: then DIR has the output's head and tail. */
+#define LOG_FULL "agentainer-runner: the log is full: the rest of the output is not logged"
+#define LOG_ROOM 4096u  /* bytes of the log left for that line */
+
+/* At least the bytes Docker's json-file log takes for these bytes of output: each byte
+ * escaped at worst as \u00XX, and each line (one cut at 16 KiB too) an entry of its own with
+ * its stream's name and time, under 100 bytes more. */
+static uint64_t logged_bound(const char *data, size_t n) {
+    uint64_t bound = 0, entries = 1 + n / (16u << 10);
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)data[i];
+        entries += c == '\n';
+        bound += (c < 0x20 || c >= 0x7f || c == '<' || c == '>' || c == '&') ? 6
+               : (c == '"' || c == '\\') ? 2 : 1;
+    }
+    return bound + entries * 100;
+}
+
 static void keep_in_file(struct kept_file *f, const char *data, size_t n) {
     if (f->fd < 0) return;
     if (!f->tail) {
@@ -1338,11 +1359,15 @@ static int run_exec(int argc, char **argv) {
     const char *out = NULL, *user = NULL;
     bool set_home = false;
     size_t limit = 1 << 20;
+    uint64_t log_limit = 0, logged = 0;  /* 0: no limit to watch */
+    bool logging = true;
     int first = argc;
     for (int i = 2; i < argc; i++) {
         if (!strcmp(argv[i], "--out") && i + 1 < argc) out = argv[++i];
         else if (!strcmp(argv[i], "--limit") && i + 1 < argc)
             limit = (size_t)strtoull(argv[++i], NULL, 10);
+        else if (!strcmp(argv[i], "--log-limit") && i + 1 < argc)
+            log_limit = strtoull(argv[++i], NULL, 10);
         else if (!strcmp(argv[i], "--user") && i + 1 < argc) user = argv[++i];
         else if (!strcmp(argv[i], "--set-home")) set_home = true;
         else if (!strcmp(argv[i], "--")) { first = i + 1; break; }
@@ -1420,7 +1445,13 @@ static int run_exec(int argc, char **argv) {
                 fds[i] = -1;
                 continue;
             }
-            write_all(i == 0 ? STDOUT_FILENO : STDERR_FILENO, buffer, (size_t)n);
+            uint64_t cost = log_limit && logging ? logged_bound(buffer, (size_t)n) : 0;
+            if (logging && log_limit && logged + cost + LOG_ROOM > log_limit) {
+                logging = false;
+                dprintf(STDERR_FILENO, "\n%s\n", LOG_FULL);
+            }
+            if (logging) write_all(i == 0 ? STDOUT_FILENO : STDERR_FILENO, buffer, (size_t)n);
+            logged += cost;
             keep_in_file(&files[i], buffer, (size_t)n);
             quiet_since = now_us();
         }

@@ -257,6 +257,36 @@ def test_a_chatty_fan_out_keeps_its_outputs_within_the_workflows_limit_and_redis
     assert used < 6 * MiB, used
 
 
+def test_output_more_than_the_containers_log_holds_is_read_from_its_start(
+        tmp_path: Path, redis_url: str) -> None:
+    """Short lines (and bytes JSON escapes) take the engine's json-file log many times their
+    size: past its max-size it drops its start. 60,000 lines of `seq` (389 kB) take a 1 MiB
+    log past that: the output is still whole from its first line, and a failure says its
+    stderr's last line; the log says where it stopped."""
+    document = workflow_doc(
+        {"name": "count", "command": ["seq", "1", "60000"]},
+        {"name": "zeros", "command": sh("head -c 600000 /dev/zero; seq 1 20000 >&2; exit 3"),
+         "continueOn": {"failed": True}}, cleanup="OnSuccess")
+    env = {"AGENTAINER_REDIS_URL": redis_url, "AGENTAINER_AGENT_LOG_BYTES": str(MiB)}
+    result = agentainer("run", write(tmp_path, document), "--output", "json", env=env)
+
+    assert result.returncode == 0, result.stderr
+    steps = {step["name"]: step for step in json.loads(result.stdout)["steps"]}
+    assert steps["count"]["output"] == "\n".join(str(n) for n in range(1, 60001))
+    assert not steps["count"]["agents"][0].get("outputTruncated")
+    assert steps["zeros"]["phase"] == "Failed"
+    assert steps["zeros"]["message"].endswith("exited with code 3: 20000")  # its last line
+    client = docker.from_env()
+    (kept,) = client.containers.list(all=True, filters={  # failed: kept, as OnSuccess says
+        "label": f"{LABEL_WORKFLOW}={document['metadata']['name']}"})
+    try:
+        assert kept.logs(stdout=False, stderr=True).endswith(
+            b"agentainer-runner: the log is full: the rest of the output is not logged\n")
+    finally:
+        kept.remove(force=True)
+        client.close()
+
+
 def test_an_agent_printing_200_mb_has_its_output_cut_at_the_limit_in_bounded_memory(
         tmp_path: Path, redis_url: str) -> None:
     document = workflow_doc({"name": "loud", "command": sh(
