@@ -341,8 +341,11 @@ class StatusWriter:
             pass
 
     async def flush(self, urgency: Urgency = Urgency.LAST_WORD) -> None:
-        if self._status is None:
-            return  # the run has not begun
+        if self._status is None or self._status.phase is WorkflowPhase.PENDING and \
+                self._status.started_at is None:
+            # The run has not begun (its store away as it read what was done): its empty
+            # status would put the resource's, a running workflow's, back to Pending.
+            return
         made: dict[str, Any] | None = None
 
         def sent() -> dict[str, Any] | None:

@@ -281,10 +281,11 @@ def test_a_runs_first_status_then_its_progress_then_its_last_word_are_told_apart
     async def run() -> None:
         writer = StatusWriter(services, "team", "wf", "uid-1")  # type: ignore[arg-type]
         writer.start()
-        writer(Event(EventKind.WORKFLOW_STARTED, "started"), WorkflowStatus())
+        writer(Event(EventKind.WORKFLOW_STARTED, "started"),
+               WorkflowStatus(phase=WorkflowPhase.RUNNING))
         await until(lambda: len(services.patched) == 1)
         writer(Event(EventKind.STEP_STARTED, "step a started"),
-               WorkflowStatus(phase=WorkflowPhase.RUNNING))
+               WorkflowStatus(phase=WorkflowPhase.RUNNING, progress="0/1"))
         await until(lambda: len(services.patched) == 2)
         writer(Event(EventKind.WORKFLOW_FINISHED, "done"),
                WorkflowStatus(phase=WorkflowPhase.SUCCEEDED))
@@ -294,6 +295,23 @@ def test_a_runs_first_status_then_its_progress_then_its_last_word_are_told_apart
 
     assert services.urgencies[:2] == [Urgency.FIRST, Urgency.PROGRESS]
     assert services.urgencies[-1] is Urgency.LAST_WORD
+
+
+def test_a_run_that_never_began_writes_no_status_over_the_resources() -> None:
+    """A run whose store was away as it read what was done has begun nothing: its empty status
+    (Pending, no steps) written as its last word would put a running workflow's back, its
+    conditions gone, until the store came back."""
+    services = FlakyServices()
+
+    async def run() -> None:
+        writer = StatusWriter(services, "team", "wf", "uid-1")  # type: ignore[arg-type]
+        writer.follow(WorkflowStatus())
+        writer.start()
+        await writer.stop()
+
+    asyncio.run(run())
+
+    assert services.patched == []
 
 
 class PacedServices(FlakyServices):
