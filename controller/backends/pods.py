@@ -44,6 +44,14 @@ def agent_user(options: PodOptions) -> dict[str, Any]:
     return {"runAsNonRoot": True} if options.run_as_non_root else {}
 
 
+def _literal(text: str) -> str:
+    """``text`` as the kubelet will pass it: it expands ``$(NAME)`` in a container's command,
+    args and env values (and makes ``$$`` one ``$``), which would read any variable of the
+    agent (a Secret's too) into an output that has one, and change data. Every ``$`` doubled is
+    one ``$`` again, so the agent gets the text exactly, as on Docker."""
+    return text.replace("$", "$$")
+
+
 def build_pod(spec: AgentSpec, runner_image: str = "") -> dict[str, Any]:
     """The pod of one agent: restrictive by default, limits as requests and limits, the
     workflow as owner (so that the garbage collector removes it with the workflow).
@@ -66,7 +74,7 @@ def build_pod(spec: AgentSpec, runner_image: str = "") -> dict[str, Any]:
         "image": spec.image,
         # Agent images are often built locally and tagged latest: never pull what is there.
         "imagePullPolicy": "IfNotPresent",
-        "env": [{"name": name, "value": value} for name, value in spec.env.items()]
+        "env": [{"name": name, "value": _literal(value)} for name, value in spec.env.items()]
         # Secrets and ConfigMaps: the kubelet reads them; the pod spec holds only where.
         + [{"name": name, "valueFrom": source.model_dump(by_alias=True, exclude_none=True)}
            for name, source in spec.env_refs.items()],
@@ -110,9 +118,9 @@ def build_pod(spec: AgentSpec, runner_image: str = "") -> dict[str, Any]:
                                {"name": TASKS_VOLUME, "emptyDir": {}}]
     else:
         if spec.command is not None:
-            container["command"] = list(spec.command)
+            container["command"] = [_literal(word) for word in spec.command]
         if spec.args is not None:
-            container["args"] = list(spec.args)
+            container["args"] = [_literal(word) for word in spec.args]
         # The pod's pause process is its PID 1, as the runner is a Docker agent's: the command
         # is not, so a SIGTERM (its timeout, a stop) ends it as it would anywhere else rather
         # than being ignored until the grace period's SIGKILL, and its orphans are reaped.

@@ -43,10 +43,14 @@ def test_a_secret_reaches_pods_pooled_tasks_and_docker_agents_and_is_kept_nowher
             "metadata": {"name": "warm", "namespace": NAMESPACE},
             "spec": {"image": "agentainer/busybox:latest", "backend": "kubernetes",
                      "minSize": 1, "maxSize": 1, "pod": {"runAsNonRoot": True}}}
+    # An output that asks for $(KEY) is handed on as text: the kubelet, which expands it in a
+    # pod's command, args and env, must not read the Secret into the next step's output.
+    asking = {"name": "asking", "command": sh('D=$(printf "\\x24"); echo "${D}(KEY) ${D}${D}5"')}
+    handed = {"name": "handed", "command": ["echo", "{{ steps.asking.output }}"], "env": env}
     on_pods = workflow_doc({"name": "fresh", "command": sh(DIGEST), "env": env},
                            {"name": "pooled", "pool": "warm", "command": sh(DIGEST),
-                            "env": env}, name="secret-pods", backend="kubernetes",
-                           cleanup="Never")
+                            "env": env}, asking, handed, name="secret-pods",
+                           backend="kubernetes", cleanup="Never")
     on_docker = workflow_doc({"name": "docker", "command": sh(DIGEST), "env": env},
                              name="secret-docker", backend="docker", cleanup="Always")
     try:
@@ -59,7 +63,8 @@ def test_a_secret_reaches_pods_pooled_tasks_and_docker_agents_and_is_kept_nowher
         for body in bodies:
             assert body["status"]["phase"] == "Succeeded", body["status"]
             for step in body["status"]["steps"]:
-                assert step["output"] == expected, step
+                assert step["output"] == ("$(KEY) $$5" if step["name"] in ("asking", "handed")
+                                          else expected), step
         pods = kubectl("get", "pods", "-n", NAMESPACE, "-o", "json").stdout
         fresh = [p for p in json.loads(pods)["items"]
                  if p["metadata"]["labels"].get("agentainer.dev/step") == "fresh"]

@@ -55,6 +55,22 @@ def test_a_step_reads_secrets_by_reference_and_its_spec_never_holds_them() -> No
     assert "env=" not in repr(spec)  # a spec in a log line shows no env at all
 
 
+def test_a_pods_command_args_and_env_reach_it_verbatim_never_expanded_by_the_kubelet() -> None:
+    """The kubelet expands $(NAME) in a container's command, args and env values, and makes
+    $$ one $: an output holding "$(KEY)" would read the Secret into the next step's output.
+    Every $ is doubled in the pod, which the kubelet makes the text as written again."""
+    text = "price $$5, ask $(KEY) $(AGENTAINER_STEP) $"
+    workflow = parse_workflow(with_uid(workflow_doc(
+        {"name": "call", "command": ["sh", "-c", text], "args": [text],
+         "env": [{"name": "TEXT", "value": text},
+                 {"name": "KEY", "valueFrom": secret("llm", "api-key")}]})))
+    container = build_pod(build_agent_spec(workflow, "uid", workflow.spec.steps[0], 0, 1, {}))[
+        "spec"]["containers"][0]
+    doubled = text.replace("$", "$$")
+    assert container["command"] == ["sh", "-c", doubled] and container["args"] == [doubled]
+    assert {"name": "TEXT", "value": doubled} in container["env"]
+
+
 def test_a_pool_pod_reads_its_own_env_from_secrets_too() -> None:
     pool = parse_agent_pool({"apiVersion": "agentainer.dev/v1alpha1", "kind": "AgentPool",
                              "metadata": {"name": "warm", "uid": "p"},
