@@ -401,8 +401,10 @@ ACTIONS = {
     "suspend": Action(lambda: {"spec": {"suspend": True}},
                       "suspended: no new agent starts until `agentainer resume`"),
     "resume": Action(lambda: {"spec": {"suspend": False}}, "resumed"),
+    # A stop or terminate that ended the run would stop the retry at once: it goes with it.
     "retry": Action(lambda: {"metadata": {"annotations": {
-        RETRY_ANNOTATION: f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"}}},
+        RETRY_ANNOTATION: f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"}},
+        "spec": {"shutdown": None}},
         "retrying: the steps that did not succeed run again", needs_running=False),
 }
 

@@ -337,6 +337,9 @@ async def _retry(services: Services, body: kopf.Body, new: str, logger: kopf.Log
         return await refuse("the workflow has not finished")
     if status.get("phase") == WorkflowPhase.SUCCEEDED.value:
         return await refuse("it succeeded: nothing to run again (resubmit runs it anew)")
+    if shutdown := (body.get("spec") or {}).get("shutdown"):
+        return await refuse(f"spec.shutdown is {shutdown}, which would stop the run again at "
+                            "once: remove it, then retry (agentainer retry does both)")
     try:
         workflow = parse_workflow(dict(body), f"workflow {name}")
     except InvalidSpecError as error:

@@ -214,6 +214,34 @@ def test_retry_runs_again_only_what_did_not_succeed(cli: Cli, tmp_path: Path) ->
     cli("delete", name)
 
 
+def test_a_stopped_workflow_is_retried_once_its_stop_is_gone(cli: Cli, kubectl: Kubectl,
+                                                               tmp_path: Path) -> None:
+    """A retry with spec.shutdown still set would stop at once: the annotation alone is refused
+    saying so; `agentainer retry` removes the stop with it, and the rest runs."""
+    name = f"cli-stopped-{uuid.uuid4().hex[:6]}"
+    cli("submit", written(tmp_path, workflow_doc(
+        {"name": "first", "command": sh("sleep 4; echo first")},
+        {"name": "then", "command": sh("echo then")}, name=name)))
+    cli.until(name, lambda b: b.get("status", {}).get("phase") == "Running", seconds=60)
+    cli("stop", name)
+    stopped = cli.until(name, lambda b: b.get("status", {}).get("phase") == "Stopped",
+                        seconds=60)
+    assert step(stopped, "then")["phase"] == "Skipped"
+    kubectl("annotate", "workflow", name, "workflows.agentainer.dev/retry=by-hand")
+    refused = cli.until(name, lambda b: b.get("status", {}).get("retried") == "by-hand",
+                        seconds=60)
+    assert refused["status"]["phase"] == "Stopped"
+    events = json.loads(kubectl("get", "events", "--field-selector",
+                                f"involvedObject.name={name}", "-o", "json").stdout)["items"]
+    assert any(e["reason"] == "RetryRefused" and "spec.shutdown is Stop" in e["message"]
+               for e in events), [e["message"] for e in events]
+    cli("retry", name, "--wait")
+    body = cli.get(name)
+    assert body["status"]["phase"] == "Succeeded", body["status"]
+    assert step(body, "then")["output"] == "then" and "shutdown" not in body["spec"]
+    cli("delete", name)
+
+
 def test_logs_follow_a_pod_live_and_a_finished_workflow_expires(cli: Cli, tmp_path: Path) -> None:
     name = f"cli-pod-{uuid.uuid4().hex[:6]}"
     cli("submit", written(tmp_path, workflow_doc(

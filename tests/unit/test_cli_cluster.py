@@ -182,6 +182,7 @@ def test_retry_annotates_a_failed_workflow_with_a_new_value_and_refuses_the_othe
         (patched, patch), = cluster().patches
         assert patched == name
         values.append(patch["metadata"]["annotations"]["workflows.agentainer.dev/retry"])
+        assert patch["spec"] == {"shutdown": None}  # a stop that ended it would stop it again
     assert len(set(values)) == 3  # each retry a value of its own: each is acted on once
     capsys.readouterr()
     assert main(["retry", "run"]) == 1
