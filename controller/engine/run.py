@@ -337,6 +337,11 @@ class WorkflowRun:
                   and step.phase in (StepPhase.FAILED, StepPhase.CANCELLED)]
         succeeded = self.stop_reason is None and self.failed_step is None and not failed
         self._outcome = ("Succeeded" if succeeded else "Failed", failed)
+        # They may read every other step's output: one that did not succeed (failed, skipped,
+        # cancelled, never started) gave none, and reads empty; its phase says why.
+        for name in self.steps:
+            if name not in self._finally:
+                self.outputs.setdefault(name, [])
         self.state.stop_reason, self.failed_step = None, None
         if self.suspended:  # the grace period is short: finally steps are not held back
             self._unsuspended.set()
@@ -675,7 +680,9 @@ class WorkflowRun:
                 if step.phase in (StepPhase.SUCCEEDED, StepPhase.FAILED, StepPhase.SKIPPED)}
 
     def _skip_reason(self, step: Step) -> str | None:
-        phases = {status.name: status.phase for status in self.status.steps}
+        # A finally step reads any other step's output, however that step ended.
+        phases = {status.name: status.phase for status in self.status.steps
+                  if step.name not in self._finally or status.name in self._finally}
         return skip_reason(step, phases, self._context())
 
     async def _step_skipped(self, step: Step, reason: str) -> bool:

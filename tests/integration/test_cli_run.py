@@ -18,7 +18,7 @@ import yaml
 
 from controller.backends.base import LABEL_WORKFLOW
 from controller.store import Keys
-from tests.conftest import ROOT, free_port, sh, start_redis, workflow_doc
+from tests.conftest import IMAGE, ROOT, free_port, sh, start_redis, workflow_doc
 
 pytestmark = pytest.mark.integration
 
@@ -127,6 +127,20 @@ def test_ctrl_c_before_the_run_has_its_handlers_still_interrupts_it(
     assert client.containers.list(all=True, filters={
         "label": f"{LABEL_WORKFLOW}={document['metadata']['name']}"}) == []
     client.close()
+
+
+def test_a_finally_step_quoting_a_failed_steps_output_runs(tmp_path: Path) -> None:
+    document = workflow_doc({"name": "work", "command": sh("echo partial; exit 4")},
+                            cleanup="Always", **{"finally": [{
+                                "name": "notify", "image": IMAGE,
+                                "command": sh('echo "out=$OUT $PHASE"'),
+                                "env": [{"name": "OUT", "value": "{{ steps.work.output }}"},
+                                        {"name": "PHASE", "value": "{{ steps.work.phase }}"}]}]})
+    result = agentainer("run", write(tmp_path, document), "--store", "memory", "-o", "json")
+
+    assert result.returncode == 1, result.stderr
+    steps = {step["name"]: step for step in json.loads(result.stdout)["steps"]}
+    assert steps["notify"]["output"] == "out= Failed", steps["notify"]
 
 
 def test_unreachable_redis_is_reported_clearly() -> None:

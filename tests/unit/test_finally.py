@@ -59,6 +59,29 @@ def test_finally_steps_run_after_a_failure_which_stays_the_workflows() -> None:
     assert status.step("notify").phase is StepPhase.SUCCEEDED
 
 
+def test_a_finally_step_reads_the_output_of_any_step_however_it_ended() -> None:
+    """A notifier that quotes outputs runs in the very case it is for: the output of a step
+    that failed, was skipped by its condition or never started reads empty (its phase says
+    why), and one that succeeded reads whole."""
+    reads = "{{ steps.made.output }}|{{ steps.broke.output }}|{{ steps.skipped.outputs }}|" \
+            "{{ steps.after.output }}|{{ steps.broke.phase }}"
+    document = with_uid(workflow_doc(
+        {"name": "made"}, {"name": "broke", "dependsOn": ["made"]},
+        {"name": "skipped", "dependsOn": [], "parallel": {"replicas": 2},
+         "when": [{"input": "a", "operator": "in", "values": ["b"]}]},
+        {"name": "after", "dependsOn": ["broke"]},
+        **{"finally": [{"name": "notify", "image": IMAGE,
+                        "env": [{"name": "READ", "value": reads}]}]}))
+    status, fake = run(document, lambda spec: Behaviour(
+        stdout="partial", exit_code=4) if spec.env.get("AGENTAINER_STEP") == "broke"
+        else Behaviour(stdout="made"))
+
+    assert status.phase is WorkflowPhase.FAILED
+    assert status.step("notify").phase is StepPhase.SUCCEEDED, status.step("notify").message
+    (notify,) = [a for a in fake.started if a.step == "notify"]  # type: ignore[attr-defined]
+    assert notify.spec.env["READ"] == "made||[]||Failed"
+
+
 def test_a_failing_finally_step_fails_the_workflow_but_not_the_other_finally_steps() -> None:
     status, _ = run(with_finally({"name": "build"}),
                     by_step({"cleanup": Behaviour(exit_code=1)}))
