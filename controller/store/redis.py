@@ -21,6 +21,8 @@ import redis.asyncio
 import redis.asyncio.cluster
 import redis.asyncio.sentinel
 import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from controller.errors import StoreUnavailableError
 from controller.models import StepStatus
@@ -176,6 +178,9 @@ def client_for(url: str, connections: int, password: str | None) -> Any:
     scheme = urlsplit(url).scheme
     extra: dict[str, Any] = {"password": password} if password is not None else {}
     extra["socket_timeout"] = SOCKET_TIMEOUT_SECONDS
+    # A connection whose server went away (Redis restarted) fails its next command: that is
+    # sent again, once, on a new one, rather than failing a run. Only then: a timeout stands.
+    extra["retry"] = Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,))
     if scheme not in ("redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster"):
         pool = redis.asyncio.BlockingConnectionPool.from_url(
             url, decode_responses=True, max_connections=connections,

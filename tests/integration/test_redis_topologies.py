@@ -413,3 +413,31 @@ def test_a_store_call_cancelled_at_any_moment_ends_cancelled(redis_url: str) -> 
     while (outcome := run(lambda: cancelled_after(len(outcomes)))) is not None:
         outcomes.append(outcome)
     assert len(outcomes) >= 3 and all(outcomes), outcomes
+
+
+def test_the_first_call_after_redis_restarted_does_not_fail(tmp_path: Path) -> None:
+    """Every pooled connection of the store is to the server that went away: the next call
+    is sent again on a new one, rather than failing (a run letting go, a daemon backing off)."""
+    server, port = start_redis(tmp_path)
+
+    async def scenario() -> list[Any]:
+        store = await RedisStore.connect(f"redis://127.0.0.1:{port}/0")
+        try:
+            await asyncio.gather(*(store.workflow(str(uuid.uuid4())) for _ in range(8)))
+            server.terminate()
+            server.wait(timeout=10)
+            again = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                                      "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+                                     stdout=subprocess.DEVNULL)
+            try:
+                wait_until(lambda: subprocess.run(["redis-cli", "-p", str(port), "ping"],
+                                                  capture_output=True).returncode == 0,
+                           "Redis back")
+                return await asyncio.gather(*(store.workflow(str(uuid.uuid4()))
+                                              for _ in range(8)), return_exceptions=True)
+            finally:
+                again.kill()
+        finally:
+            await store.close()
+
+    assert run(scenario) == [None] * 8
