@@ -378,6 +378,9 @@ class StatusWriter:
         settings = self.services.settings
         status = compact_status(self._status, settings.status_output_limit,
                                 settings.status_agent_limit)
+        # A merge patch keeps what it does not name: the message of before ("retrying ...",
+        # written with the retry) would stay on a run that ended without one.
+        status.setdefault("message", None)
         if self.body is not None:
             self._observe_controls(self.body, self._status)
             ignored = spec_change_ignored(self.body, self._status.observed_generation)

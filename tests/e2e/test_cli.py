@@ -206,6 +206,7 @@ def test_retry_runs_again_only_what_did_not_succeed(cli: Cli, tmp_path: Path) ->
     assert "retrying" in cli("retry", name, "--wait").stdout
     body = cli.get(name)
     assert body["status"]["phase"] == "Succeeded" and body["status"]["retries"] == 1
+    assert "message" not in body["status"]  # the retry's "retrying fan, last" is gone
     assert [a["id"] for a in step(body, "first")["agents"]] == ["first.0.1"]  # not run again
     fan = sorted(a["id"] for a in step(body, "fan")["agents"])
     assert fan == ["fan.0.1", "fan.1.1", "fan.2.1", "fan.2.2"]  # only the failed one again

@@ -297,6 +297,21 @@ def test_a_runs_first_status_then_its_progress_then_its_last_word_are_told_apart
     assert services.urgencies[-1] is Urgency.LAST_WORD
 
 
+def test_a_status_without_a_message_removes_the_one_the_resource_had() -> None:
+    """A merge patch keeps what it does not name: a retried workflow's "retrying ..." would
+    stay on it once the run succeeded."""
+    services = FlakyServices()
+
+    async def run() -> None:
+        writer = StatusWriter(services, "team", "wf", "uid-1")  # type: ignore[arg-type]
+        writer.follow(WorkflowStatus(phase=WorkflowPhase.SUCCEEDED))
+        await writer.stop()
+
+    asyncio.run(run())
+
+    assert services.patched[-1]["message"] is None
+
+
 def test_a_run_that_never_began_writes_no_status_over_the_resources() -> None:
     """A run whose store was away as it read what was done has begun nothing: its empty status
     (Pending, no steps) written as its last word would put a running workflow's back, its
