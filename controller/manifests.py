@@ -100,6 +100,16 @@ class _Loader(yaml.SafeLoader):
         return node
 
 
+def _number(loader: _Loader, node: yaml.ScalarNode) -> float | int:
+    """A number written with a point: whole (``5.0``), the integer it is, as kubectl sends it
+    (its YAML turns into JSON ``5``), which the schema's integers take."""
+    value = loader.construct_yaml_float(node)
+    return int(value) if value.is_integer() else value
+
+
+_Loader.add_constructor("tag:yaml.org,2002:float", _number)
+
+
 def manifest_files(paths: list[str]) -> list[str]:
     """The files named, a folder standing for its YAML and JSON files (its subfolders' too),
     ``-`` for standard input."""

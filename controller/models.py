@@ -161,7 +161,8 @@ class ApiModel(BaseModel):
 
     Integers, numbers and booleans of the spec are strict (StrictInt, StrictFloat, StrictBool)
     where pydantic would coerce: ``"5"`` and ``true`` are not integers, nor ``"yes"`` or ``1``
-    booleans, as the CRD's schema says; ``5.0`` is refused too, as counts are written whole.
+    booleans, as the CRD's schema says. (A file's ``5.0`` is read as ``5``, as kubectl sends
+    it: :mod:`controller.manifests`.)
     The model as a whole is not strict: that would refuse enums given as their strings.
     """
 

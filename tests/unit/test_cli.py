@@ -169,7 +169,7 @@ def test_integers_and_booleans_not_written_as_such_are_refused_not_coerced(
 ) -> None:
     path = write(tmp_path, VALID_WORKFLOW.replace(
         "  - name: reduce\n", "    timeoutSeconds: true\n    retries: {limit: false}\n"
-        "  - name: reduce\n    timeoutSeconds: 5.0\n    continueOn: {failed: \"yes\"}\n"))
+        "  - name: reduce\n    timeoutSeconds: 5.5\n    continueOn: {failed: \"yes\"}\n"))
     assert main([command, path]) == code
     captured = capsys.readouterr()
     assert_no_traceback(captured.out, captured.err)
@@ -177,7 +177,7 @@ def test_integers_and_booleans_not_written_as_such_are_refused_not_coerced(
         first_line.format(path=path),
         "  spec.steps[0].retries.limit: must be an integer, not false",
         "  spec.steps[0].timeoutSeconds: must be an integer, not true",
-        "  spec.steps[1].timeoutSeconds: must be an integer, not 5.0",
+        "  spec.steps[1].timeoutSeconds: must be an integer, not 5.5",
         '  spec.steps[1].continueOn.failed: must be a boolean, not "yes"',
     ]
 

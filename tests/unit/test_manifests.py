@@ -111,3 +111,17 @@ def test_aliases_and_merge_keys_within_the_bound_are_read_as_kubectl_reads_them(
 def test_a_mapping_key_given_twice_is_refused_naming_the_key_and_its_lines(
         tmp_path: Path, text: str, refused: str) -> None:
     assert refused in refusal(tmp_path, text)
+
+
+def test_a_whole_number_written_with_a_point_is_the_integer_as_kubectl_sends_it(
+        tmp_path: Path) -> None:
+    """kubectl's YAML becomes JSON in which 5.0 is 5, an integer to the schema: the same file
+    is read the same here. A fraction stays one (and an integer field refuses it)."""
+    [body] = read(tmp_path, HEAD + "      replicas: 2.0\n    timeoutSeconds: 5.5\n"
+                  "    retries: {limit: 3.0, backoffSeconds: .inf}\n")
+    assert isinstance(body, dict)
+    step = body["spec"]["steps"][0]
+    assert step["parallel"]["replicas"] == 2 and isinstance(step["parallel"]["replicas"], int)
+    assert step["timeoutSeconds"] == 5.5
+    assert step["retries"]["limit"] == 3 and isinstance(step["retries"]["limit"], int)
+    assert step["retries"]["backoffSeconds"] == float("inf")

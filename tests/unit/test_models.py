@@ -562,7 +562,7 @@ def test_invalid_pool_is_refused_at_the_field_path(
 
 # --- types: integers and booleans as the CRD's schema has them, not as pydantic would coerce ----
 
-NOT_AN_INTEGER = ['"5"', "true", "5.0"]
+NOT_AN_INTEGER = ['"5"', "true", "5.5"]
 NOT_A_BOOLEAN = ['"yes"', '"true"', "1"]
 NOT_A_NUMBER = ['"1.5"', "true"]
 
@@ -581,7 +581,7 @@ def loose(field: str, written: list[str], kind: str) -> list[Any]:
     *loose("spec.steps[0].continueOn.failed", NOT_A_BOOLEAN, "a boolean"),
     *loose("spec.steps[0].parallel.replicas", NOT_AN_INTEGER, "an integer"),
     *loose("spec.steps[0].parallel.maxWorkers", NOT_AN_INTEGER, "an integer"),
-    *loose("spec.steps[0].retries.limit", ["false", '"2"', "2.0"], "an integer"),
+    *loose("spec.steps[0].retries.limit", ["false", '"2"', "2.5"], "an integer"),
     *loose("spec.steps[0].retries.backoffSeconds", NOT_A_NUMBER, "a number"),
     *loose("spec.steps[0].retries.backoffFactor", NOT_A_NUMBER, "a number"),
     *loose("spec.steps[0].pod.runAsUser", NOT_AN_INTEGER, "an integer"),
