@@ -1242,6 +1242,9 @@ def _reference_problems(
     template = f"{{{{ steps.{ref.step}.{ref.kind.value} }}}}"
     if ref.step not in steps_by_name:
         return [Problem(where, f"{template} names unknown step '{ref.step}'")]
+    if ref.step == step.name:
+        return [Problem(where, f"{template}: a step cannot read its own "
+                               f"{ref.kind.value}, which exists only once it has ended")]
     if ref.step not in upstream:
         return [Problem(
             where,

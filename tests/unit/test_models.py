@@ -133,6 +133,12 @@ REFUSED = [
         id="template-reads-a-step-outside-its-ancestors",
     ),
     pytest.param(
+        workflow(step("map", env=[{"name": "X", "value": "{{ steps.map.output }}"}])),
+        "spec.steps[0].env[0].value",
+        ("{{ steps.map.output }}", "a step cannot read its own output"),
+        id="template-reads-its-own-step",
+    ),
+    pytest.param(
         workflow(step("map"), step("reduce", args=["{{ steps.mapp.outputs }}"])),
         "spec.steps[1].args[0]", ("{{ steps.mapp.outputs }}", "unknown step 'mapp'"),
         id="template-names-unknown-step",
