@@ -390,6 +390,7 @@ class WorkflowRun:
         if self.stop_reason is StopReason.CANCELLED and self._cancel_cause != "cancelled":
             reason = "Terminated"
         message = status.message or "all steps succeeded"
+        suspended = [c for c in status.conditions if c.type == ConditionType.SUSPENDED.value]
         status.conditions = [Condition(
             type=ConditionType.COMPLETED.value, status=ConditionStatus.TRUE, reason=reason,
             message=message, last_transition_time=status.finished_at,
@@ -397,7 +398,7 @@ class WorkflowRun:
             type=ConditionType.SUCCEEDED.value, reason=reason, message=message,
             status=ConditionStatus.TRUE if status.phase is WorkflowPhase.SUCCEEDED
             else ConditionStatus.FALSE, last_transition_time=status.finished_at,
-        )]
+        ), *suspended]  # whether it was held back stays said
 
     def _take_up(self, restored: Restored) -> None:
         """Take up what an earlier process recorded. The run goes on with the spec it started

@@ -189,6 +189,8 @@ def test_suspend_holds_new_agents_back_until_resume(cli: Cli, tmp_path: Path) ->
     cli("resume", name)
     assert cli("watch", name, "--timeout", "60").stdout.splitlines()[-1].startswith(
         f"{name}: Succeeded")
+    ended = {c["type"]: (c["status"], c["reason"]) for c in cli.get(name)["status"]["conditions"]}
+    assert ended["Suspended"] == ("False", "Resumed") and ended["Succeeded"][0] == "True"
     cli("delete", name)
 
 

@@ -66,7 +66,9 @@ def test_a_suspended_run_starts_no_agent_until_resumed_and_running_ones_finish()
     assert held == [2, 0]
     assert status.phase is WorkflowPhase.SUCCEEDED
     assert len(fake.starts("first")) == 4 and len(fake.starts("second")) == 1
-    assert condition(status, ConditionType.SUSPENDED) is None  # the outcome's conditions only
+    # The outcome's conditions, and the Suspended one as it was last: it was held back.
+    assert condition(status, ConditionType.SUSPENDED) == ("False", "Resumed")
+    assert [c.type for c in status.conditions][:2] == ["Completed", "Succeeded"]
 
 
 def test_a_run_suspended_before_it_starts_waits_for_its_resume() -> None:
