@@ -179,7 +179,14 @@ class WorkflowRun:
     def steer(self, suspend: bool, shutdown: Shutdown | None) -> None:
         """Follow the run's controls as they are now (``spec.suspend``, ``spec.shutdown``)."""
         self.suspend(suspend)
-        if shutdown is Shutdown.TERMINATE:
+        if shutdown is not None and self._outcome is not None:
+            # The other steps have ended: what a stop or terminate ends is over, and the finally
+            # steps running now are what it runs next. They finish, within their grace period;
+            # the outcome stays the one the other steps made.
+            self.emit(EventKind.WORKFLOW_STOPPING,
+                      f"workflow {self.workflow.metadata.name}: spec.shutdown {shutdown.value} "
+                      "came as its finally steps ran: they finish")
+        elif shutdown is Shutdown.TERMINATE:
             self.cancel(cause="terminated (spec.shutdown: Terminate)")
         elif shutdown is Shutdown.STOP:
             self.stop()

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from controller.models import StepPhase, WorkflowPhase, parse_workflow
+from controller.models import Shutdown, StepPhase, WorkflowPhase, parse_workflow
 from controller.store import MemoryStore
 from tests.conftest import IMAGE, workflow_doc
 from tests.unit.test_models import assert_reported, problems_of
@@ -111,6 +111,28 @@ def test_finally_steps_run_after_a_cancellation_or_the_timeout(how: str) -> None
     assert told(fake)["status"] == "Failed"
     assert status.step("cleanup").phase is StepPhase.SUCCEEDED
     assert status.step("notify").phase is StepPhase.SUCCEEDED
+
+
+@pytest.mark.parametrize("shutdown", [Shutdown.TERMINATE, Shutdown.STOP])
+def test_a_stop_or_terminate_that_comes_as_the_finally_steps_run_lets_them_finish(
+        shutdown: Shutdown) -> None:
+    """What a stop or terminate ends is over once the finally steps run, and they are what it
+    runs next: they finish, and the workflow ends as its other steps made it end."""
+    document = with_finally({"name": "build"}, {"name": "test"})
+    fake = FakeBackend(by_step({"build": Behaviour(exit_code=2), "cleanup": Behaviour(0.1)}))
+
+    async def play() -> Any:
+        workflow_run = new_run(document, fake, MemoryStore())
+        execution = asyncio.ensure_future(workflow_run.execute())
+        await until(lambda: any(a.step == "cleanup" for a in fake.running()))  # type: ignore
+        workflow_run.steer(False, shutdown)
+        return await execution
+
+    status = scenario(play())
+    assert status.step("cleanup").phase is StepPhase.SUCCEEDED
+    assert not any(a.killed for a in fake.started)
+    assert status.phase is WorkflowPhase.FAILED
+    assert status.message and status.message.startswith("step build failed")
 
 
 def test_a_restart_during_the_finally_steps_runs_nothing_twice() -> None:
