@@ -66,6 +66,19 @@ def skip_reason(step: Step, phases: dict[str, StepPhase],
     return None
 
 
+def _not_json(name: str) -> float:
+    """NaN and Infinity, which Python's JSON reads and JSON has not."""
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    """A number that a float holds: 1e400 would be Infinity, handed on as no JSON has it."""
+    number = float(text)
+    if number in (float("inf"), float("-inf")):
+        raise ValueError(f"{text} is too large a number")
+    return number
+
+
 def items_of(step: Step, context: templating.Context, limit: int) -> list[object]:
     """The items of an ``itemsFrom`` step: the elements of the JSON array its upstream step
     printed. The same output always gives the same items, so a resumed run resolves them
@@ -74,7 +87,7 @@ def items_of(step: Step, context: templating.Context, limit: int) -> list[object
     text = templating.render(step.items_from, context)
     where = f"step {step.name}: parallel.itemsFrom ({step.items_from.strip()})"
     try:
-        items = json.loads(text)
+        items = json.loads(text, parse_constant=_not_json, parse_float=_finite)
     except (ValueError, RecursionError):
         raise ItemsError(f"{where} is not JSON: {quote(text)}") from None
     if not isinstance(items, list):

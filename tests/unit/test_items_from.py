@@ -69,7 +69,9 @@ def test_one_item_is_still_a_fan_out_and_none_succeeds_with_no_agents() -> None:
     ('{"tasks": ["read"]}', "is not a JSON array: '{\"tasks\": [\"read\"]}'"),
     ("[" * 5000 + "]" * 5000, "is not JSON"),
     (json.dumps(list(range(11))), "has 11 items, more than AGENTAINER_MAX_ITEMS_FROM (10)"),
-], ids=["prose", "object", "too-deep", "too-many"])
+    ("[1, 1e400]", "is not JSON: '[1, 1e400]'"),  # Infinity, which no JSON has
+    ("[NaN]", "is not JSON: '[NaN]'"),
+], ids=["prose", "object", "too-deep", "too-many", "too-large-a-number", "nan"])
 def test_an_output_that_cannot_be_items_fails_the_step_quoting_it(plan: str,
                                                                   words: str) -> None:
     fake = FakeBackend(echo_items(plan))
