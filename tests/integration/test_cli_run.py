@@ -143,6 +143,22 @@ def test_a_finally_step_quoting_a_failed_steps_output_runs(tmp_path: Path) -> No
     assert steps["notify"]["output"] == "out= Failed", steps["notify"]
 
 
+@pytest.mark.parametrize("after", [0.1, 0.3, 0.6])
+def test_ctrl_c_while_the_command_starts_says_interrupted_without_a_traceback(
+        after: float) -> None:
+    """Ctrl-C at any moment of the command's start (its modules still being imported, or its
+    run beginning) ends it with 130 and one word."""
+    process = subprocess.Popen([str(Path(sys.executable).parent / "agentainer"), "run",
+                                "examples/mapreduce.yaml", "--store", "memory"], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(after)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+
+
 def test_unreachable_redis_is_reported_clearly() -> None:
     url = f"redis://127.0.0.1:{free_port()}/0"
 
