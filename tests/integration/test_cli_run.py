@@ -104,6 +104,13 @@ def test_ctrl_c_stops_the_agents_and_exits_130(tmp_path: Path, redis_env: dict[s
     client.close()
 
 
+def as_in_a_terminal() -> None:
+    """Ctrl-C as a terminal's command gets it: a test run started in the background (`make test
+    &`) ignores SIGINT, and so would the commands it starts, their interpreter then taking none
+    until the command sets its own handlers."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_before_the_run_has_its_handlers_still_interrupts_it(
         tmp_path: Path, redis_env: dict[str, str]) -> None:
     """Ctrl-C in the moment before the run's own handlers are in place (asyncio's cancels the
@@ -118,7 +125,7 @@ def test_ctrl_c_before_the_run_has_its_handlers_still_interrupts_it(
     started = time.monotonic()
     result = subprocess.run([sys.executable, "-c", early, "run", write(tmp_path, document)],
                             capture_output=True, text=True, cwd=ROOT, timeout=100,
-                            env={**os.environ, **redis_env})
+                            env={**os.environ, **redis_env}, preexec_fn=as_in_a_terminal)
 
     assert result.returncode == 130, result.stderr
     assert time.monotonic() - started < 30  # not after its agents' 120 s
@@ -150,7 +157,8 @@ def test_ctrl_c_while_the_command_starts_says_interrupted_without_a_traceback(
     run beginning) ends it with 130 and one word."""
     process = subprocess.Popen([str(Path(sys.executable).parent / "agentainer"), "run",
                                 "examples/mapreduce.yaml", "--store", "memory"], cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=as_in_a_terminal)
     time.sleep(after)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
