@@ -495,25 +495,6 @@ state = "{runtime}/state"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
       SystemdCgroup = false
 """)
-    pids = [_spawn(["containerd", "--config", str(runtime / "config.toml")],
-                   logs / "containerd.log")]
-    _wait(lambda: Path(socket_path).exists(), "containerd", logs / "containerd.log", 30)
-    _build_pause_image(directory)
-    import_images(socket_path, [PAUSE_IMAGE.removeprefix("docker.io/"), *AGENT_IMAGES])
-
-    kubeconfig = plane.kubeconfig
-    common = [f"--kubeconfig={kubeconfig}", f"--authentication-kubeconfig={kubeconfig}",
-              f"--authorization-kubeconfig={kubeconfig}", "--leader-elect=false",
-              "--bind-address=127.0.0.1"]
-    pids.append(_spawn([str(bin_dir / "kube-controller-manager"), *common,
-                        f"--secure-port={free_port()}",
-                        f"--service-account-private-key-file={directory / 'sa.key'}",
-                        f"--root-ca-file={directory / 'certs' / 'apiserver.crt'}",
-                        "--use-service-account-credentials=false"],
-                       logs / "kube-controller-manager.log"))
-    pids.append(_spawn([str(bin_dir / "kube-scheduler"), *common,
-                        f"--secure-port={free_port()}"], logs / "kube-scheduler.log"))
-
     kubelet_dir = directory / "kubelet"
     kubelet_dir.mkdir(exist_ok=True)
     (kubelet_dir / "config.yaml").write_text(f"""apiVersion: kubelet.config.k8s.io/v1beta1
@@ -540,10 +521,33 @@ evictionHard: {{memory.available: "50Mi", nodefs.available: "1%", imagefs.availa
 # A fork bomb in an agent stays inside its pod.
 podPidsLimit: 1024
 """)
-    pids.append(_spawn([str(bin_dir / "kubelet"), f"--config={kubelet_dir / 'config.yaml'}",
-                        f"--kubeconfig={kubeconfig}", f"--root-dir={kubelet_dir / 'root'}",
-                        f"--cert-dir={kubelet_dir / 'pki'}", f"--hostname-override={NODE_NAME}"],
-                       logs / "kubelet.log"))
+    pids = [_spawn(["containerd", "--config", str(runtime / "config.toml")],
+                   logs / "containerd.log")]
+    try:  # until the plane knows these processes, stopping it would leave them running
+        _wait(lambda: Path(socket_path).exists(), "containerd", logs / "containerd.log", 30)
+        _build_pause_image(directory)
+        import_images(socket_path, [PAUSE_IMAGE.removeprefix("docker.io/"), *AGENT_IMAGES])
+
+        kubeconfig = plane.kubeconfig
+        common = [f"--kubeconfig={kubeconfig}", f"--authentication-kubeconfig={kubeconfig}",
+                  f"--authorization-kubeconfig={kubeconfig}", "--leader-elect=false",
+                  "--bind-address=127.0.0.1"]
+        pids.append(_spawn([str(bin_dir / "kube-controller-manager"), *common,
+                            f"--secure-port={free_port()}",
+                            f"--service-account-private-key-file={directory / 'sa.key'}",
+                            f"--root-ca-file={directory / 'certs' / 'apiserver.crt'}",
+                            "--use-service-account-credentials=false"],
+                           logs / "kube-controller-manager.log"))
+        pids.append(_spawn([str(bin_dir / "kube-scheduler"), *common,
+                            f"--secure-port={free_port()}"], logs / "kube-scheduler.log"))
+
+        pids.append(_spawn([str(bin_dir / "kubelet"), f"--config={kubelet_dir / 'config.yaml'}",
+                            f"--kubeconfig={kubeconfig}", f"--root-dir={kubelet_dir / 'root'}",
+                            f"--cert-dir={kubelet_dir / 'pki'}", f"--hostname-override={NODE_NAME}"],
+                           logs / "kubelet.log"))
+    except BaseException:
+        _terminate(*pids)
+        raise
     plane.node_pids = pids
     plane.save()
     _wait(lambda: _node_ready(plane), "the node", logs / "kubelet.log", 120)
