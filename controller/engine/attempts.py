@@ -72,11 +72,10 @@ class RunState:
     units_total: int
     agents_at_once: asyncio.Semaphore
     """Held by each agent (with its retries) while it runs: the run's cap on agents at once."""
+    output_room: int
+    """Bytes of outputs the run may still keep whole (its workflow's limit less what it kept)."""
     units_done: int = 0
     stop_reason: StopReason | None = None
-    output_room: int | None = None
-    """Bytes of outputs the run may still keep whole (its workflow's limit less what it kept);
-    None: no limit."""
     outputs_cut: bool = False
     """An output was cut for want of room (said once)."""
 
@@ -229,8 +228,6 @@ class Attempts:
         """``output`` as the run keeps it: whole while the workflow's outputs fit in their
         limit, else its head as the status shows it, the agent's output marked truncated."""
         state = self.state
-        if state.output_room is None:
-            return output
         size = len(output.encode())
         if size > state.output_room and \
                 len(output) > (shown := self.settings.status_output_limit):

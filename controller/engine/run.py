@@ -431,9 +431,8 @@ class WorkflowRun:
             step.message = state.message
             step.attempts_before_retry = state.attempts_before_retry
             kept = restored.outputs.get(name, {})
-            if self.state.output_room is not None:
-                self.state.output_room = max(0, self.state.output_room - sum(
-                    len(output.encode()) for output in kept.values()))
+            self.state.output_room = max(0, self.state.output_room - sum(
+                len(output.encode()) for output in kept.values()))
             outputs = {index: self._kept(name, output) for index, output in kept.items()}
             self._restored_outputs[name] = outputs
             self.state.units_done += len(outputs)
